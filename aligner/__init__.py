@@ -1,0 +1,17 @@
+"""Aligner (Zhou et al. 2023): N global tokens shared by every layer, read through each layer's frozen
+key/value projections and added through a zero-initialised per-head gate; on TransformerLens 4."""
+
+from aligner.config import AlignerConfig, ModelShape
+from aligner.loading import DEFAULT_MODEL, from_hf, load_model, model_fingerprint, tiny_model
+from aligner.model import Aligner
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Aligner",
+    "AlignerConfig",
+    "ModelShape",
+    "from_hf",
+    "load_model",
+    "model_fingerprint",
+    "tiny_model",
+]
