@@ -4,6 +4,7 @@ key/value projections and added through a zero-initialised per-head gate; on Tra
 from aligner.config import AlignerConfig, ModelShape
 from aligner.loading import DEFAULT_MODEL, from_hf, load_model, model_fingerprint, tiny_model
 from aligner.model import Aligner
+from aligner.paper import import_paper_checkpoint
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -11,6 +12,7 @@ __all__ = [
     "AlignerConfig",
     "ModelShape",
     "from_hf",
+    "import_paper_checkpoint",
     "load_model",
     "model_fingerprint",
     "tiny_model",

@@ -1,0 +1,21 @@
+"""Shared fixtures: a tiny random Llama for unit tests, SmolLM2-135M-Instruct (offline) for `slow` ones."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+import aligner
+
+PAPER_ALIGNERS = Path(__file__).resolve().parents[1].parent / "shared" / "paper_aligners"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the real model must load with no network at all
+    return aligner.load_model()
+
+
+@pytest.fixture()
+def tiny():
+    return aligner.tiny_model()
