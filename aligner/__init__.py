@@ -2,18 +2,23 @@
 key/value projections and added through a zero-initialised per-head gate; on TransformerLens 4."""
 
 from aligner.config import AlignerConfig, ModelShape
+from aligner.generation import generate
 from aligner.loading import DEFAULT_MODEL, from_hf, load_model, model_fingerprint, tiny_model
 from aligner.model import Aligner
 from aligner.paper import import_paper_checkpoint
+from aligner.train import TrainConfig, train_sft
 
 __all__ = [
     "DEFAULT_MODEL",
     "Aligner",
     "AlignerConfig",
     "ModelShape",
+    "TrainConfig",
     "from_hf",
+    "generate",
     "import_paper_checkpoint",
     "load_model",
     "model_fingerprint",
     "tiny_model",
+    "train_sft",
 ]

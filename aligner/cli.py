@@ -1,0 +1,162 @@
+"""The command line: `aligner train`, `aligner generate`, `aligner info` (also `python -m aligner ...`).
+
+Bad files, settings and model names end in one `Error: ...` line and exit code 1, not a traceback.
+"""
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from torch import nn
+
+from aligner.loading import DEFAULT_MODEL, load_model, tiny_model
+from aligner.model import Aligner
+from aligner.train import TrainConfig, train_sft
+
+app = typer.Typer(
+    help="Aligner (one global token, shared by every layer) on TransformerLens 4: train, generate, inspect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+TINY = "tiny"  # the model name that means `tiny_model()`: a random 4-layer Llama, for tests and quick tries
+MODEL_HELP = f"base model: {DEFAULT_MODEL} (packaged, offline), a Hugging Face id, a local directory, or {TINY!r}"
+
+
+def open_model(name: str) -> nn.Module:
+    """`load_model(name)`, or `tiny_model()` for "tiny"; the tiny model is named "tiny" so that the runs trained
+    on it record a name this function opens again."""
+    if name != TINY:
+        return load_model(name)
+    model = tiny_model()
+    model.cfg.model_name = TINY
+    return model
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Print what went wrong with a file, a setting or a model as one line, and exit with status 1."""
+    try:
+        yield
+    except (OSError, ValueError, ImportError, FloatingPointError) as err:
+        typer.secho(f"Error: {err}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="JSONL or Alpaca JSON file, local dataset directory, or cached HF dataset")],
+    out: Annotated[Path, typer.Option(help="run directory, e.g. runs/NAME; refused if it exists, unless --resume")],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = DEFAULT_MODEL,
+    n_tokens: Annotated[int, typer.Option(help="prefix tokens N")] = TrainConfig.n_tokens,
+    start_layer: Annotated[int, typer.Option(help="first adapted layer")] = TrainConfig.start_layer,
+    shared: Annotated[
+        bool, typer.Option(help="one prefix for every layer (Aligner); --no-shared: one per layer (LLaMA-Adapter)")
+    ] = TrainConfig.shared,
+    steps: Annotated[int, typer.Option(help="optimizer steps in all")] = TrainConfig.steps,
+    batch_size: Annotated[int, typer.Option(help="examples per forward pass")] = TrainConfig.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="forward passes per optimizer step")] = TrainConfig.grad_accum,
+    lr: Annotated[float, typer.Option(help="learning rate after warm-up")] = TrainConfig.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = TrainConfig.weight_decay,
+    warmup_steps: Annotated[int, typer.Option(help="steps of linear warm-up")] = TrainConfig.warmup_steps,
+    max_length: Annotated[int, typer.Option(help="tokens per example; longer ones are cut")] = TrainConfig.max_length,
+    seed: Annotated[int, typer.Option(help="seeds the initial tokens and the data order")] = TrainConfig.seed,
+    log_every: Annotated[int, typer.Option(help="steps between lines of metrics.jsonl")] = TrainConfig.log_every,
+    save_every: Annotated[int, typer.Option(help="steps between checkpoints")] = TrainConfig.save_every,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (default: the model's own)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    prompt_field: Annotated[str, typer.Option(help="the prompt's field in each row")] = "prompt",
+    response_field: Annotated[str, typer.Option(help="the response's field in each row")] = "response",
+) -> None:
+    """Train an aligner on (prompt, response) examples, the base model frozen; writes the run directory."""
+    from aligner.data import load_examples
+
+    with one_line_errors():
+        examples = load_examples(data, prompt_field=prompt_field, response_field=response_field)
+        config = TrainConfig(
+            n_tokens=n_tokens,
+            start_layer=start_layer,
+            shared=shared,
+            steps=steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            max_length=max_length,
+            seed=seed,
+            log_every=log_every,
+            save_every=save_every,
+            system=system,
+            data=data,
+        )
+        base = open_model(model)
+        typer.echo(f"{len(examples)} examples from {data}; base model {model}")
+        al = train_sft(base, examples, config, run_dir=out, resume=resume)
+    record = al.provenance["training"]
+    typer.echo(f"{al.num_parameters():,} trainable parameters ({describe(al)})")
+    typer.echo(f"trained {record['step']} steps in {record['elapsed_s']:.1f} s; final loss {record['loss']:.4f}")
+    typer.echo(f"saved to {out}")
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="one or more prompts")],
+    run: Annotated[Optional[Path], typer.Option(help="run directory of an aligner; without it, the base model")] = None,
+    model: Annotated[Optional[str], typer.Option(help=MODEL_HELP + "; default: the run's base model")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 32,
+    gate_scale: Annotated[float, typer.Option(help="multiplies every gate (0: base, 1: as trained)")] = 1.0,
+    sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="seed for sampling")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (default: the model's own)")] = None,
+) -> None:
+    """Answer each prompt with the base model and, given --run, with its aligner attached."""
+    from aligner.generation import generate as generate_text
+
+    with one_line_errors():
+        al = Aligner.load(run) if run is not None else None
+        if model is None:
+            model = (al.base_model.get("name") if al is not None else None) or DEFAULT_MODEL
+        base = open_model(model)
+        options = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p)
+        options.update(seed=seed, system=system)
+        outputs = {"base": generate_text(base, prompts, **options)}
+        if al is not None:
+            outputs["aligned"] = generate_text(base, prompts, aligner=al, gate_scale=gate_scale, **options)
+    for i, prompt in enumerate(prompts):
+        typer.echo(f"--- {prompt}")
+        for label, texts in outputs.items():
+            typer.echo(f"{label + ':':9}" + texts[i].replace("\n", "\n" + " " * 9))
+
+
+@app.command()
+def info(run: Annotated[Path, typer.Argument(help="run directory (or any directory holding an aligner)")]) -> None:
+    """Print a saved aligner's config, parameter count, base model, training and provenance."""
+    with one_line_errors():
+        al = Aligner.load(run)
+    provenance = dict(al.provenance)
+    training = provenance.pop("training", None)
+    typer.echo(f"run          {run}")
+    typer.echo(f"aligner      {describe(al)}")
+    typer.echo(f"parameters   {al.num_parameters():,}")
+    typer.echo(f"base model   {al.base_model.get('name')} (weights sha256 {al.base_model.get('fingerprint')})")
+    if training is not None:
+        config = training["config"]
+        typer.echo(
+            f"training     step {training['step']} of {config['steps']}, loss {training['loss']:.4f}, "
+            f"{training['elapsed_s']:.1f} s, {training['examples']} examples from {config['data']}"
+        )
+        typer.echo("config       " + " ".join(f"{key}={value}" for key, value in config.items()))
+    typer.echo("provenance   " + json.dumps(provenance, indent=2, sort_keys=True).replace("\n", "\n             "))
+
+
+def describe(al: Aligner) -> str:
+    """The aligner's shape in a few words, e.g. "Aligner, N=1, layers 2-29 x 9 heads"."""
+    kind = "Aligner" if al.config.shared else "LLaMA-Adapter (a prefix per layer)"
+    layers = f"{al.config.start_layer}-{al.shape.n_layers - 1}"
+    return f"{kind}, N={al.config.n_tokens}, layers {layers} x {al.shape.n_heads} heads"

@@ -1,0 +1,117 @@
+"""Answering prompts with a base model, with or without an aligner: batched, greedy or sampled, chat-formatted.
+
+Decoding is Hugging Face's `generate` on `model.original_model`, whose modules the bridge has replaced by its
+own components, so every bridge hook (the aligner's included) fires at every step, with the KV cache.
+Checked numerically: greedy answers equal an argmax loop over the bridge's full-sequence logits, and a
+left-padded batch equals each prompt alone (tests/test_generation.py; on SmolLM2 too, with an aligner).
+The cache needs transformers < 5.24: from 5.24 attention receives it as `cache=`, which transformer-lens 4.3's
+attention bridge does not read (each cached step then attends to itself alone); pyproject.toml pins it.
+The decoding options are given in full (`GenerationConfig`), so no checkpoint default (top-k 50, a repetition
+penalty) slips in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformer_lens.hook_points import HookPoint
+from transformers import GenerationConfig
+
+from aligner.chat import end_of_turn_id, prompt_ids
+from aligner.model import Aligner
+
+
+def generate(
+    model: nn.Module,
+    prompts: list[str],
+    aligner: Aligner | None = None,
+    max_new_tokens: int = 32,
+    gate_scale: float = 1.0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    system: str | None = None,
+    chat_template: bool = True,
+    batch_size: int = 16,
+) -> list[str]:
+    """The new text only, one per prompt, in order, without special tokens: each prompt answered by `model`
+    (a TransformerBridge) with `aligner` attached for the call (`None`: the base model).
+
+    Prompts go through the model's chat template (`system` replaces its default system prompt;
+    `chat_template=False` feeds the raw text). Decoding is greedy unless `do_sample`, then it samples from
+    softmax(logits / temperature) cut to the top-p nucleus; with `seed`, the same call gives the same text,
+    and the global RNG is left alone. Each answer stops at the end-of-turn token or after `max_new_tokens`.
+    `gate_scale` multiplies every gate of the aligner through its `hook_gate` hook points (0: the base model,
+    1: the aligner as trained), to see how the answers move with the aligner's strength.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] is a {type(prompt).__name__}, expected a str")
+    if gate_scale != 1.0 and aligner is None:
+        raise ValueError(f"gate_scale={gate_scale} needs an aligner to scale; aligner is None")
+    if aligner is None and isinstance(getattr(model, "aligner", None), Aligner):
+        raise ValueError(
+            "aligner=None asks for the base model, but the model has an aligner attached: pass it as aligner= or detach it"
+        )
+    if batch_size < 1 or max_new_tokens < 0:
+        raise ValueError(f"need batch_size >= 1 and max_new_tokens >= 0, got {batch_size} and {max_new_tokens}")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    if not prompts:
+        return []
+
+    tokenizer = model.tokenizer
+    ids = [prompt_ids(tokenizer, prompt, system=system, chat_template=chat_template) for prompt in prompts]
+    for i, prompt_tokens in enumerate(ids):
+        if not prompt_tokens:
+            raise ValueError(f"prompts[{i}] is empty once tokenized; there is nothing to answer")
+    decoding = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=0 if do_sample else None,  # no top-k cut: only what the arguments say
+        eos_token_id=end_of_turn_id(tokenizer),
+        pad_token_id=end_of_turn_id(tokenizer),
+    )
+
+    def scale_gate(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        return gate * gate_scale
+
+    batches = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+    with contextlib.ExitStack() as stack:
+        if aligner is not None and getattr(model, "aligner", None) is not aligner:
+            stack.enter_context(aligner.attached(model))
+        if gate_scale != 1.0:
+            gate_hooks = [(lambda name: name.endswith("aligner.hook_gate"), scale_gate)]  # every adapted layer
+            stack.enter_context(model.hooks(fwd_hooks=gate_hooks))
+        stack.enter_context(torch.no_grad())
+        if seed is not None:  # seeded sampling that leaves the caller's random state alone
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            torch.manual_seed(seed)
+        answers = [
+            answer
+            for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) <= 1)
+            for answer in generate_batch(model, batch, decoding)
+        ]
+    return tokenizer.batch_decode(answers, skip_special_tokens=True)
+
+
+def generate_batch(model: nn.Module, batch: list[list[int]], decoding: GenerationConfig) -> list[list[int]]:
+    """The new token ids of each prompt in `batch`, up to (without) the end-of-turn token; prompts are
+    left-padded so that every row's next token is read at the last position."""
+    device = next(model.parameters()).device
+    length = max(map(len, batch))
+    pad = decoding.pad_token_id  # never attended to (mask 0)
+    ids = torch.tensor([[pad] * (length - len(p)) + p for p in batch], device=device)  # (B, T)
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in batch], device=device)
+    if decoding.max_new_tokens == 0:
+        return [[] for _ in batch]
+    rows = model.original_model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
+    stop = decoding.eos_token_id
+    return [row[: row.index(stop)] if stop in row else row for row in rows[:, length:].tolist()]

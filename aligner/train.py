@@ -1,0 +1,346 @@
+"""Supervised fine-tuning of an Aligner on (prompt, response) pairs, the base model frozen.
+
+As the authors' code (lit-llama's `finetune/adapter.py`, which the Aligner paper builds on): AdamW over the
+prefix tokens and gates alone, lr 9e-3, weight decay 0.02, a linear warm-up then a constant rate, and the loss
+on the response tokens only. A run directory holds the aligner, `metrics.jsonl` and a training state from
+which `resume=True` continues exactly where the run stopped:
+
+    runs/NAME/aligner.safetensors, aligner.json   the aligner (provenance: this config, data, step, loss)
+    runs/NAME/metrics.jsonl                       one line per logged step
+    runs/NAME/state.json                          step, data position, time, checks; names the file below
+    runs/NAME/state-STEP.safetensors              tokens, gates, AdamW moments and the torch RNG state
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load, save
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from aligner.chat import example_ids
+from aligner.config import AlignerConfig
+from aligner.data import Example
+from aligner.files import atomic_write_bytes, atomic_write_json, read_json
+from aligner.model import Aligner
+
+STATE_FORMAT = "aligner-workbench/train-state/1"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+IGNORE_INDEX = -100  # label of a position that takes no loss (prompt and padding), as in HF and PyTorch
+# What may change between a run and its resumption: none of it alters the steps already taken.
+RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    n_tokens: int = 1  # N prefix tokens (AlignerConfig.n_tokens)
+    start_layer: int = 2  # first adapted layer (AlignerConfig.start_layer)
+    shared: bool = True  # one prefix for every layer (Aligner); False: one per layer (LLaMA-Adapter v1)
+    steps: int = 1000  # optimizer steps in all; a resumed run counts the steps already taken
+    batch_size: int = 8  # examples per forward pass
+    grad_accum: int = 1  # forward passes per optimizer step: a step sees batch_size * grad_accum examples
+    lr: float = 9e-3  # learning rate after warm-up (the authors')
+    weight_decay: float = 0.02  # AdamW's decoupled weight decay on tokens and gates (the authors')
+    warmup_steps: int = 100  # the rate rises linearly to `lr` over these steps, then stays constant (lit-llama)
+    max_length: int = 512  # tokens per example, prompt and response; longer ones are cut, with a warning
+    seed: int = 0  # seeds the initial tokens and the order of the examples (a new permutation each epoch)
+    log_every: int = 10  # steps between lines of metrics.jsonl and loss updates on the bar; the last step always
+    save_every: int = 100  # steps between checkpoints in the run directory; the last step always
+    system: str | None = None  # system prompt of the chat template; None: the model's default
+    chat_template: bool = True  # False: raw prompt text, no chat template (base models)
+    data: str | None = None  # where the examples came from (file or dataset name), recorded in provenance
+
+    def __post_init__(self) -> None:
+        positive = ("n_tokens", "steps", "batch_size", "grad_accum", "max_length", "log_every", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("start_layer", "warmup_steps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+
+    def aligner_config(self) -> AlignerConfig:
+        return AlignerConfig(n_tokens=self.n_tokens, start_layer=self.start_layer, shared=self.shared)
+
+
+def train_sft(
+    model: nn.Module,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    aligner: Aligner | None = None,
+) -> Aligner:
+    """Train an aligner on `examples` with `model` frozen, and return it (detached).
+
+    A fresh aligner is made from `config` (seeded by `config.seed`) unless `aligner` is given to continue.
+    With `run_dir`, checkpoints and metrics are written there; a directory that is not empty is refused
+    unless `resume=True`, which continues its saved state: 3 steps, then resuming to 6, give the aligner that
+    6 steps straight give. The base model is left with `requires_grad=False` on every weight.
+    """
+    run_dir = None if run_dir is None else Path(run_dir)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir to resume")
+    if resume and aligner is not None:
+        raise ValueError("resume=True continues the run's own aligner; do not pass one")
+    if not resume and run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir}: run directory exists; resume it (resume=True, --resume) or choose another")
+    sequences = tokenize_examples(model.tokenizer, examples, config)
+    data_sha256 = examples_sha256(examples)
+
+    model.requires_grad_(False)  # before attaching: the attached aligner becomes a submodule of the model
+    model.eval()
+    if aligner is None:
+        torch.manual_seed(config.seed)
+        aligner = Aligner.for_model(model, config.aligner_config())
+    elif aligner.config != config.aligner_config():
+        raise ValueError(f"the aligner given has {aligner.config}, the training config {config.aligner_config()}")
+    aligner.requires_grad_(True)
+    optimizer = torch.optim.AdamW(aligner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    run = _Run(step=0, position=0, elapsed_s=0.0, loss=None, saved_step=None)
+    if resume:
+        run = _load_state(run_dir, config, aligner, optimizer, data_sha256)
+        _drop_metrics_after(run_dir / METRICS_FILE, run.step)
+    elif run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    per_step = config.batch_size * config.grad_accum
+    started = time.perf_counter() - run.elapsed_s
+    logged_at, logged_tokens = time.perf_counter(), 0
+    with aligner.attached(model), tqdm(total=config.steps, initial=run.step, desc="train", unit="step") as bar:
+        while run.step < config.steps:
+            lr = learning_rate(run.step + 1, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = [sequences[i] for i in stream_order(len(sequences), config.seed, run.position, per_step)]
+            optimizer.zero_grad(set_to_none=True)
+            loss = accumulate_gradients(model, batch, config.batch_size, pad_id)
+            if not math.isfinite(loss):
+                kept = "no checkpoint yet" if run.saved_step is None else f"checkpoint of step {run.saved_step} kept"
+                raise FloatingPointError(f"loss is {loss} at step {run.step + 1}; training stopped ({kept})")
+            optimizer.step()
+            run.step, run.position, run.loss = run.step + 1, run.position + per_step, loss
+            run.elapsed_s = time.perf_counter() - started
+            logged_tokens += sum(len(ids) for ids, _ in batch)
+            bar.update()
+            if run.step % config.log_every == 0 or run.step == config.steps:
+                now = time.perf_counter()
+                tokens_per_s = logged_tokens / (now - logged_at)
+                logged_at, logged_tokens = now, 0
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                if run_dir is not None:
+                    row = {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({**row, "elapsed_s": run.elapsed_s}) + "\n")
+            if run_dir is not None and (run.step % config.save_every == 0 or run.step == config.steps):
+                aligner.provenance["training"] = _training_record(config, run, len(examples), data_sha256)
+                _save_state(run_dir, aligner, optimizer, config, run, data_sha256)
+    aligner.provenance["training"] = _training_record(config, run, len(examples), data_sha256)
+    return aligner
+
+
+@dataclass
+class _Run:
+    """Where a run stands; what `state.json` records."""
+
+    step: int  # optimizer steps taken
+    position: int  # examples consumed from the seeded stream of epochs
+    elapsed_s: float  # training time so far, over every resumption
+    loss: float | None  # the last step's loss
+    saved_step: int | None  # the step of the last checkpoint written
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """The rate of optimizer step `step` (from 1): linear warm-up over `warmup_steps`, then constant."""
+    return config.lr * min(1.0, step / config.warmup_steps) if config.warmup_steps else config.lr
+
+
+def accumulate_gradients(
+    model: nn.Module, sequences: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int
+) -> float:
+    """Forward and backward over `sequences`, `batch_size` at a time, adding to the gradients of the mean loss
+    per response token over all of them (so that the split into forward passes does not weigh examples);
+    returns that loss."""
+    batches = [make_batch(sequences[k : k + batch_size], pad_id) for k in range(0, len(sequences), batch_size)]
+    n_targets = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches)
+    device = next(model.parameters()).device
+    total = 0.0
+    for input_ids, labels in batches:
+        loss = response_loss(model(input_ids.to(device)), labels.to(device)) / n_targets
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def tokenize_examples(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], config: TrainConfig
+) -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per example, through the chat template, cut to `max_length`.
+    An example whose response is cut away entirely is left out: it would teach nothing."""
+    sequences, truncated = [], 0
+    for example in examples:
+        ids, n_prompt = example_ids(
+            tokenizer, example.prompt, example.response, system=config.system, chat_template=config.chat_template
+        )
+        if len(ids) > config.max_length:
+            truncated += 1
+            ids = ids[: config.max_length]
+        if len(ids) > n_prompt:
+            sequences.append((ids, n_prompt))
+    if truncated:
+        dropped = len(examples) - len(sequences)
+        warnings.warn(
+            f"{truncated} of {len(examples)} examples are longer than max_length={config.max_length} tokens and were "
+            f"truncated; {dropped} of them lost their whole response and are left out",
+            stacklevel=2,
+        )
+    if not sequences:
+        raise ValueError(f"no example keeps a response token within max_length={config.max_length}")
+    return sequences
+
+
+def make_batch(sequences: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, labels), both (B, T). labels[b, t] is the token at t where it belongs to the
+    response (its end-of-turn token included) and IGNORE_INDEX on prompt and padding; the loss shifts by one,
+    as in HF. Right padding needs no attention mask: causal attention never looks ahead to the padding."""
+    length = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    for b, (ids, n_prompt) in enumerate(sequences):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        labels[b, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+    return input_ids, labels
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions; logits (B, T, vocab), labels (B, T)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def stream_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Example indices at positions [start, start + count) of an endless stream of epochs, each a permutation
+    drawn from (seed, epoch) alone: any position is found again without replaying the ones before it."""
+    indices: list[int] = []
+    position = start
+    while position < start + count:
+        epoch, offset = divmod(position, n)
+        take = min(n - offset, start + count - position)
+        indices += np.random.default_rng([seed, epoch]).permutation(n)[offset : offset + take].tolist()
+        position += take
+    return indices
+
+
+def examples_sha256(examples: Sequence[Example]) -> str:
+    """A digest of the training data, so that a run is never resumed on other data."""
+    return hashlib.sha256(json.dumps([[e.prompt, e.response] for e in examples]).encode()).hexdigest()
+
+
+def _training_record(config: TrainConfig, run: _Run, n_examples: int, data_sha256: str) -> dict[str, Any]:
+    """What the aligner's provenance says about its training."""
+    return {
+        "config": asdict(config),
+        "step": run.step,
+        "loss": run.loss,
+        "elapsed_s": run.elapsed_s,
+        "examples": n_examples,
+        "data_sha256": data_sha256,
+    }
+
+
+def _save_state(
+    run_dir: Path, aligner: Aligner, optimizer: torch.optim.Optimizer, config: TrainConfig, run: _Run, data_sha256: str
+) -> None:
+    """Write the aligner, then the training state. `state.json` is written last and names its tensor file, so
+    that an interruption at any moment leaves the previous checkpoint whole."""
+    aligner.save(run_dir)
+    tensors = {"tokens": aligner.tokens, "gates": aligner.gates, "rng.torch": torch.get_rng_state()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{index}.{key}"] = value
+    data = save({name: value.detach().cpu().contiguous() for name, value in tensors.items()})
+    tensors_file = f"state-{run.step:08d}.safetensors"
+    atomic_write_bytes(run_dir / tensors_file, data)
+    run.saved_step = run.step
+    atomic_write_json(
+        run_dir / STATE_FILE,
+        {
+            "format": STATE_FORMAT,
+            **asdict(run),
+            "config": asdict(config),
+            "data_sha256": data_sha256,
+            "base_fingerprint": aligner.base_model["fingerprint"],
+            "tensors": tensors_file,
+            "tensors_sha256": hashlib.sha256(data).hexdigest(),
+        },
+    )
+    for old in run_dir.glob("state-*.safetensors"):
+        if old.name != tensors_file:
+            old.unlink()
+
+
+def _load_state(
+    run_dir: Path, config: TrainConfig, aligner: Aligner, optimizer: torch.optim.Optimizer, data_sha256: str
+) -> _Run:
+    """Restore tokens, gates, optimizer and RNG from `run_dir`, refusing a state that belongs to other settings,
+    other data or another base model."""
+    state_path = run_dir / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{state_path}: no training state to resume")
+    state = read_json(state_path)
+    expected = {"format", "config", "data_sha256", "base_fingerprint", "tensors", "tensors_sha256"}
+    expected |= {f.name for f in fields(_Run)}
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not expected <= set(state):
+        raise ValueError(f"{state_path}: not a training state of format {STATE_FORMAT!r}, or fields are missing")
+    saved = state["config"]
+    changed = [
+        f"{f.name}: {saved.get(f.name)!r} -> {getattr(config, f.name)!r}"
+        for f in fields(TrainConfig)
+        if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)
+    ]
+    if changed:
+        raise ValueError(f"{state_path}: cannot resume with other settings ({'; '.join(changed)})")
+    if state["data_sha256"] != data_sha256:
+        raise ValueError(f"{state_path}: the run was trained on other data (examples differ)")
+    if state["base_fingerprint"] != aligner.base_model["fingerprint"]:
+        raise ValueError(f"{state_path}: the run was trained on another base model (weights fingerprint differs)")
+    tensors_path = run_dir / state["tensors"]
+    data = tensors_path.read_bytes() if tensors_path.is_file() else b""
+    if hashlib.sha256(data).hexdigest() != state["tensors_sha256"]:
+        raise ValueError(f"{tensors_path}: missing or does not match 'tensors_sha256' in {state_path}")
+    tensors = load(data)
+    aligner.load_tensors({"tokens": tensors.pop("tokens"), "gates": tensors.pop("gates")}, source=str(tensors_path))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".")
+        optimizer_state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return _Run(state["step"], state["position"], state["elapsed_s"], state["loss"], state["step"])
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metrics logged after the checkpoint being resumed: those steps are taken again."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, "".join(kept).encode())

@@ -1,0 +1,81 @@
+"""The command line end to end on the tiny model: train, info, generate, and one-line errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from aligner import Aligner
+from aligner.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "bananas.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": "Bananas."}) + "\n" for i in range(4)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "bananas"
+    args = ["train", "--data", str(data), "--out", str(out), "--model", "tiny", "--steps", "3", "--batch-size", "2"]
+    result = runner.invoke(app, [*args, "--lr", "0.05", "--warmup-steps", "0", "--no-shared", "--n-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_train_writes_a_run_and_reports_it(run):
+    out, output = run
+    al = Aligner.load(out)
+    assert (al.config.n_tokens, al.config.shared) == (2, False)
+    assert al.base_model["name"] == "tiny"
+    assert al.provenance["training"]["config"]["lr"] == 0.05
+    assert f"{al.num_parameters():,} trainable parameters" in output
+    assert "trained 3 steps in" in output and "final loss" in output
+
+
+def test_info_prints_config_parameters_base_and_provenance(run):
+    out, _ = run
+    result = runner.invoke(app, ["info", str(out)])
+    assert result.exit_code == 0, result.output
+    al = Aligner.load(out)
+    expected = ["LLaMA-Adapter", "N=2", f"{al.num_parameters():,}", "base model   tiny", "step 3 of 3", "git_commit"]
+    assert all(text in result.output for text in expected), result.output
+
+
+def test_generate_prints_base_and_aligned_answers(run):
+    out, _ = run
+    result = runner.invoke(app, ["generate", "Q1?", "Hello", "--run", str(out), "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("base:") == 2 and result.output.count("aligned:") == 2
+    assert "--- Q1?" in result.output and "--- Hello" in result.output
+
+
+def test_existing_run_is_refused_and_resume_continues_it(run, data):
+    out, _ = run
+    args = ["train", "--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "2"]
+    args += ["--lr", "0.05", "--warmup-steps", "0", "--no-shared", "--n-tokens", "2"]
+    refused = runner.invoke(app, [*args, "--steps", "4"])
+    assert refused.exit_code == 1 and "Error:" in refused.output and "run directory exists" in refused.output
+    resumed = runner.invoke(app, [*args, "--steps", "4", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert Aligner.load(out).provenance["training"]["step"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/r"], "missing.jsonl: no such file"),
+        (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r"], "row 1: missing field 'response'"),
+        (["info", "{tmp}/nothing"], "not an aligner directory"),
+        (["generate", "Hi", "--run", "{tmp}/nothing"], "not an aligner directory"),
+    ],
+)
+def test_bad_input_gives_one_error_line_not_a_traceback(tmp_path, args, message):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "Hi"}\n')
+    result = runner.invoke(app, [arg.format(tmp=tmp_path) for arg in args])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output and result.output.startswith("Error: ") and message in result.output
