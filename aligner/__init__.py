@@ -2,6 +2,7 @@
 key/value projections and added through a zero-initialised per-head gate; on TransformerLens 4."""
 
 from aligner.config import AlignerConfig, ModelShape
+from aligner.dpo import DPOConfig, train_dpo
 from aligner.generation import generate
 from aligner.loading import DEFAULT_MODEL, from_hf, load_model, model_fingerprint, tiny_model
 from aligner.model import Aligner
@@ -12,6 +13,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "Aligner",
     "AlignerConfig",
+    "DPOConfig",
     "ModelShape",
     "TrainConfig",
     "from_hf",
@@ -20,5 +22,6 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "tiny_model",
+    "train_dpo",
     "train_sft",
 ]

@@ -5,12 +5,15 @@ Bad files, settings and model names end in one `Error: ...` line and exit code 1
 
 import contextlib
 import json
+from enum import Enum
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from torch import nn
 
+from aligner.dpo import DPOConfig, train_dpo
 from aligner.loading import DEFAULT_MODEL, load_model, tiny_model
 from aligner.model import Aligner
 from aligner.train import TrainConfig, train_sft
@@ -38,12 +41,23 @@ def open_model(name: str) -> nn.Module:
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Print what went wrong with a file, a setting or a model as one line, and exit with status 1."""
+    """Print what went wrong with a file, a setting or a model as one line, and exit with status 1.
+    (NotImplementedError: a model whose layers the aligner cannot read.)"""
     try:
         yield
-    except (OSError, ValueError, ImportError, FloatingPointError) as err:
+    except (OSError, ValueError, ImportError, FloatingPointError, NotImplementedError) as err:
         typer.secho(f"Error: {err}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
+
+
+class Objective(str, Enum):
+    sft = "sft"  # supervised fine-tuning on (prompt, response) examples
+    dpo = "dpo"  # direct preference optimisation on (prompt, chosen, rejected) pairs
+
+
+class Preference(str, Enum):  # which PKU-SafeRLHF judgement picks the chosen response
+    safer = "safer"
+    better = "better"
 
 
 @app.command()
@@ -70,13 +84,29 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     prompt_field: Annotated[str, typer.Option(help="the prompt's field in each row")] = "prompt",
     response_field: Annotated[str, typer.Option(help="the response's field in each row")] = "response",
+    objective: Annotated[
+        Objective, typer.Option(help="sft: (prompt, response) rows; dpo: {prompt, chosen, rejected} or PKU-SafeRLHF rows")
+    ] = Objective.sft,
+    reference: Annotated[
+        Optional[str], typer.Option(help="dpo: run directory of the reference aligner, where the policy starts")
+    ] = None,
+    beta: Annotated[Optional[float], typer.Option(help=f"dpo: β (default {DPOConfig.beta})")] = None,
+    label_smoothing: Annotated[
+        Optional[float], typer.Option(help=f"dpo: label smoothing ε (default {DPOConfig.label_smoothing})")
+    ] = None,
+    prefer: Annotated[
+        Optional[Preference], typer.Option(help="dpo, PKU-SafeRLHF rows: chosen is the safer (default) or the better")
+    ] = None,
 ) -> None:
-    """Train an aligner on (prompt, response) examples, the base model frozen; writes the run directory."""
-    from aligner.data import load_examples
+    """Train an aligner, the base model frozen, by SFT on (prompt, response) examples or by DPO on preference
+    pairs; writes the run directory."""
+    from aligner.data import load_examples, load_pairs
 
+    dpo_options = {"beta": beta, "label_smoothing": label_smoothing, "reference": reference}
     with one_line_errors():
-        examples = load_examples(data, prompt_field=prompt_field, response_field=response_field)
-        config = TrainConfig(
+        if objective is Objective.sft and (prefer is not None or any(v is not None for v in dpo_options.values())):
+            raise ValueError("--reference, --beta, --label-smoothing and --prefer need --objective dpo")
+        settings = dict(
             n_tokens=n_tokens,
             start_layer=start_layer,
             shared=shared,
@@ -93,9 +123,17 @@ def train(
             system=system,
             data=data,
         )
+        if objective is Objective.dpo:
+            items = load_pairs(data, prefer=(prefer or Preference.safer).value)
+            config = DPOConfig(**settings, **{name: v for name, v in dpo_options.items() if v is not None})
+            trainer, noun = train_dpo, "pairs"
+        else:
+            items = load_examples(data, prompt_field=prompt_field, response_field=response_field)
+            config = TrainConfig(**settings)
+            trainer, noun = train_sft, "examples"
         base = open_model(model)
-        typer.echo(f"{len(examples)} examples from {data}; base model {model}")
-        al = train_sft(base, examples, config, run_dir=out, resume=resume)
+        typer.echo(f"{len(items)} {noun} from {data}; base model {model}")
+        al = trainer(base, items, config, run_dir=out, resume=resume)
     record = al.provenance["training"]
     typer.echo(f"{al.num_parameters():,} trainable parameters ({describe(al)})")
     typer.echo(f"trained {record['step']} steps in {record['elapsed_s']:.1f} s; final loss {record['loss']:.4f}")
@@ -146,13 +184,23 @@ def info(run: Annotated[Path, typer.Argument(help="run directory (or any directo
     typer.echo(f"parameters   {al.num_parameters():,}")
     typer.echo(f"base model   {al.base_model.get('name')} (weights sha256 {al.base_model.get('fingerprint')})")
     if training is not None:
-        config = training["config"]
-        typer.echo(
-            f"training     step {training['step']} of {config['steps']}, loss {training['loss']:.4f}, "
-            f"{training['elapsed_s']:.1f} s, {training['examples']} examples from {config['data']}"
-        )
-        typer.echo("config       " + " ".join(f"{key}={value}" for key, value in config.items()))
+        for line in describe_training(training):
+            typer.echo(line)
     typer.echo("provenance   " + json.dumps(provenance, indent=2, sort_keys=True).replace("\n", "\n             "))
+
+
+def describe_training(training: Any) -> list[str]:
+    """`info`'s lines about a training record; the record as JSON if it is not laid out as train.py writes it
+    (provenance is free-form, and a hand-edited one must not end `info` in a traceback)."""
+    try:
+        config = training["config"]
+        return [
+            f"training     step {training['step']} of {config['steps']}, loss {training['loss']:.4f}, "
+            f"{training['elapsed_s']:.1f} s, {training['examples']} examples from {config['data']}",
+            "config       " + " ".join(f"{key}={value}" for key, value in config.items()),
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ["training     " + json.dumps(training, sort_keys=True)]
 
 
 def describe(al: Aligner) -> str:
@@ -160,3 +208,73 @@ def describe(al: Aligner) -> str:
     kind = "Aligner" if al.config.shared else "LLaMA-Adapter (a prefix per layer)"
     layers = f"{al.config.start_layer}-{al.shape.n_layers - 1}"
     return f"{kind}, N={al.config.n_tokens}, layers {layers} x {al.shape.n_heads} heads"
+
+
+def _names(values: list[str]) -> tuple[str, ...]:
+    """Repeated or comma-separated option values as one tuple."""
+    return tuple(name.strip() for value in values for name in value.split(",") if name.strip())
+
+
+@app.command()
+def sweep(
+    out: Annotated[Path, typer.Option(help="results directory: cells/, sweep.csv, sweep.json, sweep.html")] = Path("results"),
+    quick: Annotated[bool, typer.Option(help="the quick suite: tiny random model, two tasks, a few steps (tests)")] = False,
+    model: Annotated[Optional[str], typer.Option(help=MODEL_HELP)] = None,
+    tasks: Annotated[Optional[list[str]], typer.Option(help="tasks (names or a .jsonl with --checker), comma-separated")] = None,
+    methods: Annotated[Optional[list[str]], typer.Option(help="methods, comma-separated, e.g. base,aligner-1,lora-8")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="training seeds, comma-separated")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="step budget of every trained method")] = None,
+    checker: Annotated[Optional[str], typer.Option(help="regex a good answer of a user's .jsonl task matches")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads; 1 is fastest on a shared 2-core machine")] = 1,
+    tables_only: Annotated[bool, typer.Option(help="only rebuild the tables and figure from OUT/cells")] = False,
+) -> None:
+    """Run methods x tasks x seeds on one frozen model (cells already in OUT are skipped) and write the tables
+    and the figure."""
+    import torch
+
+    from aligner.suite import QUICK, SuiteConfig, summarise, sweep as run_sweep
+
+    if tables_only:
+        typer.echo(f"{len(summarise(out))} summary rows in {out / 'sweep.csv'}")
+        return
+    torch.set_num_threads(threads)
+    config = QUICK if quick else SuiteConfig()
+    changes = dict(model=model, tasks=_names(tasks or []) or None, methods=_names(methods or []) or None, steps=steps)
+    changes.update(seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None, checker=checker)
+    with one_line_errors():
+        config = replace(config, **{k: v for k, v in changes.items() if v is not None})
+        rows = run_sweep(open_model(config.model), config, out)
+    last = json.loads((out / "sweep_log.jsonl").read_text().splitlines()[-1])
+    typer.echo(f"{last['cells_run']} cells run in {last['wall_s']:.0f} s; {len(rows)} summary rows in {out / 'sweep.csv'}")
+
+
+@app.command(name="eval")
+def evaluate(
+    task: Annotated[str, typer.Option(help="a suite task (json, caps, inject, value, ...) or a .jsonl file with --checker")],
+    run: Annotated[Optional[Path], typer.Option(help="run directory of an aligner or method; without it, the base model")] = None,
+    model: Annotated[Optional[str], typer.Option(help=MODEL_HELP + "; default: the run's base model")] = None,
+    checker: Annotated[Optional[str], typer.Option(help="regex a good answer of a .jsonl task matches in full")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (default: the model's own)")] = None,
+    show: Annotated[int, typer.Option(help="answers to print per split")] = 3,
+) -> None:
+    """Score the base model, or a trained aligner or method, on a task's evaluation splits (a .jsonl task: every
+    row) with the task's checkers; greedy, batched."""
+    from aligner.loading import model_fingerprint
+    from aligner.methods import load_method
+    from aligner.suite import SuiteConfig, evaluate as evaluate_splits, task_data
+    from aligner.tasks import Sizes, get_task
+
+    with one_line_errors():
+        method = load_method(run) if run is not None else None
+        name = model or (method.base_model.get("name") if method is not None else None) or DEFAULT_MODEL
+        base = open_model(name)
+        spec = get_task(task, checker)
+        sizes = Sizes(train=0, valid=0, eval=10**9) if spec.family == "custom" else Sizes()
+        fingerprint = model_fingerprint(base)
+        data = task_data(base, fingerprint, spec, SuiteConfig(model=name, sizes=sizes, system=system), {})
+        metrics, outputs = evaluate_splits(base, fingerprint, spec, data.eval, method, system, spec.max_new_tokens)
+    typer.echo(f"task {spec.name} ({spec.description}); {'base model' if run is None else run} on {name}")
+    for split, values in metrics.items():
+        typer.echo(f"{split:16} n={len(outputs[split]):<4} " + "  ".join(f"{k}={v:.3f}" for k, v in values.items()))
+        for row in outputs[split][:show]:
+            typer.echo(f"    {row['prompt']!r} -> {row['answer']!r}")

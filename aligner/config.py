@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Collection, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class AlignerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "AlignerConfig":
-        return cls(**_exact_fields(cls, data, source))
+        return from_json_object(cls, data, source)
 
 
 @dataclass(frozen=True)
@@ -34,27 +36,62 @@ class ModelShape:
     n_layers: int
     n_heads: int  # query heads: one gate per query head
 
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelShape.{name} must be >= 1, got {getattr(self, name)}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "model shape") -> "ModelShape":
-        return cls(**_exact_fields(cls, data, source))
+        return from_json_object(cls, data, source)
 
 
-def _exact_fields(cls: type, data: Any, source: str) -> dict[str, Any]:
-    """The dataclass fields of `data`, refusing missing, extra and mistyped ones by name."""
+# JSON value types by the annotation that names them; "int | None" allows either. bool is not an int here.
+JSON_TYPES = {"int": int, "bool": bool, "float": float, "str": str, "dict": dict, "list": list, "None": type(None)}
+
+
+def check_fields(
+    data: Any, spec: dict[str, str], source: str, kind: str, optional: Collection[str] = ()
+) -> dict[str, Any]:
+    """`data` if it is a JSON object with exactly the fields of `spec` (name -> annotation such as "int" or
+    "str | None"), each of its type; `optional` fields may be absent. Errors name `source`, the field, and
+    what was expected and found."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a JSON object for {cls.__name__}, found {type(data).__name__}")
-    names = {f.name: f for f in fields(cls)}
-    missing = sorted(set(names) - set(data))
-    extra = sorted(set(data) - set(names))
+        raise ValueError(f"{source}: expected a JSON object ({kind}), found {type(data).__name__}")
+    missing = sorted(set(spec) - set(data) - set(optional))
+    extra = sorted(set(data) - set(spec))
     if missing or extra:
-        raise ValueError(f"{source}: {cls.__name__} fields missing {missing}, unexpected {extra}")
+        raise ValueError(
+            f"{source}: {kind} fields missing {missing}, unexpected {extra} (expected the fields {sorted(spec)})"
+        )
     for name, value in data.items():
-        expected = int if names[name].type == "int" else bool
-        if type(value) is not expected:
+        allowed = [JSON_TYPES[part.strip()] for part in spec[name].split("|")]
+        # An integer is a valid float in JSON ("lr": 1); a bool is neither.
+        if not (type(value) in allowed or (float in allowed and type(value) is int)):
             raise ValueError(
-                f"{source}: field {name!r} must be {expected.__name__}, found {value!r} ({type(value).__name__})"
+                f"{source}: field {name!r} must be {spec[name]}, found {short_repr(value)} ({type(value).__name__})"
             )
     return data
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: a message quotes what it found without pasting a whole file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def dataclass_spec(cls: type) -> dict[str, str]:
+    """The `check_fields` spec of a dataclass: its fields and their annotations."""
+    return {f.name: f.type for f in fields(cls)}
+
+
+def from_json_object(cls: type[T], data: Any, source: str) -> T:
+    """Dataclass `cls` from a JSON object with exactly its fields; its own checks' errors also name `source`."""
+    values = check_fields(data, dataclass_spec(cls), source, cls.__name__)
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err

@@ -11,32 +11,51 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a synced temporary file and `os.replace`: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
+    """Write several files that belong together (an aligner's tensors and the JSON holding their sha256): each
+    goes to a synced temporary file first, then all are renamed into place back to back. Each file is old or
+    new, never half; the pair is mixed only if the process dies between two renames (microseconds), and a
+    reader that checks the sha256 then refuses it rather than reading wrong data."""
+    staged: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    for directory in {path.parent for _, path in staged}:  # the renames themselves survive a power cut
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The one JSON layout of every file written here: indented, keys sorted, a final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -48,6 +67,8 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not valid UTF-8 JSON ({err})") from err
+    except RecursionError as err:  # json's parser recurses once per level of nesting
+        raise ValueError(f"{path}: JSON nested too deeply to read") from err
 
 
 def provenance(**extra: Any) -> dict[str, Any]:

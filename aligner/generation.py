@@ -7,20 +7,24 @@ left-padded batch equals each prompt alone (tests/test_generation.py; on SmolLM2
 The cache needs transformers < 5.24: from 5.24 attention receives it as `cache=`, which transformer-lens 4.3's
 attention bridge does not read (each cached step then attends to itself alone); pyproject.toml pins it.
 The decoding options are given in full (`GenerationConfig`), so no checkpoint default (top-k 50, a repetition
-penalty) slips in.
+penalty) slips in. The aligner's prefix keys and values are computed once per batch of prompts and kept beside
+the KV cache (`fixed_prefix`); `aligners=` answers each prompt with its own aligner, all in one batch (bank.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from tqdm import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformers import GenerationConfig
 
+from aligner.bank import AlignerBank
 from aligner.chat import end_of_turn_id, prompt_ids
-from aligner.model import Aligner
+from aligner.model import Aligner, AlignerHooks
 
 
 def generate(
@@ -36,6 +40,7 @@ def generate(
     system: str | None = None,
     chat_template: bool = True,
     batch_size: int = 16,
+    aligners: Sequence[Aligner] | None = None,
 ) -> list[str]:
     """The new text only, one per prompt, in order, without special tokens: each prompt answered by `model`
     (a TransformerBridge) with `aligner` attached for the call (`None`: the base model).
@@ -46,15 +51,25 @@ def generate(
     and the global RNG is left alone. Each answer stops at the end-of-turn token or after `max_new_tokens`.
     `gate_scale` multiplies every gate of the aligner through its `hook_gate` hook points (0: the base model,
     1: the aligner as trained), to see how the answers move with the aligner's strength.
+    `aligners` (instead of `aligner`) gives each prompt its own aligner, all of one configuration: prompts[i]
+    is answered with aligners[i], in the same batches as with one aligner (an `AlignerBank`).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{i}] is a {type(prompt).__name__}, expected a str")
-    if gate_scale != 1.0 and aligner is None:
+    if aligners is not None:
+        if aligner is not None:
+            raise ValueError("pass one aligner for every prompt (aligner=) or one per prompt (aligners=), not both")
+        if len(aligners) != len(prompts):
+            raise ValueError(f"aligners= needs one aligner per prompt: {len(aligners)} aligners, {len(prompts)} prompts")
+        for i, each in enumerate(aligners):
+            if not isinstance(each, Aligner):
+                raise TypeError(f"aligners[{i}] is a {type(each).__name__}, expected an Aligner")
+    if gate_scale != 1.0 and aligner is None and aligners is None:
         raise ValueError(f"gate_scale={gate_scale} needs an aligner to scale; aligner is None")
-    if aligner is None and isinstance(getattr(model, "aligner", None), Aligner):
+    if aligner is None and isinstance(getattr(model, "aligner", None), AlignerHooks):
         raise ValueError(
             "aligner=None asks for the base model, but the model has an aligner attached: pass it as aligner= or detach it"
         )
@@ -83,10 +98,16 @@ def generate(
     def scale_gate(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         return gate * gate_scale
 
-    batches = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+    bank, rows = None, []
+    if aligners is not None:  # each distinct aligner once in the bank; rows[i]: the one prompts[i] reads
+        position: dict[int, int] = {}
+        rows = [position.setdefault(id(a), len(position)) for a in aligners]
+        bank = AlignerBank(list({id(a): a for a in aligners}.values()))
+    adapter = aligner if bank is None else bank
+    starts = range(0, len(ids), batch_size)
     with contextlib.ExitStack() as stack:
-        if aligner is not None and getattr(model, "aligner", None) is not aligner:
-            stack.enter_context(aligner.attached(model))
+        if adapter is not None and getattr(model, "aligner", None) is not adapter:
+            stack.enter_context(adapter.attached(model))
         if gate_scale != 1.0:
             gate_hooks = [(lambda name: name.endswith("aligner.hook_gate"), scale_gate)]  # every adapted layer
             stack.enter_context(model.hooks(fwd_hooks=gate_hooks))
@@ -94,11 +115,14 @@ def generate(
         if seed is not None:  # seeded sampling that leaves the caller's random state alone
             stack.enter_context(torch.random.fork_rng(devices=[]))
             torch.manual_seed(seed)
-        answers = [
-            answer
-            for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) <= 1)
-            for answer in generate_batch(model, batch, decoding)
-        ]
+        answers = []
+        for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) <= 1):
+            with contextlib.ExitStack() as batch_stack:
+                if bank is not None:
+                    batch_stack.enter_context(bank.selected(rows[start : start + batch_size]))
+                if adapter is not None:  # the prefix depends on no token: computed at the prompt, kept for the answer
+                    batch_stack.enter_context(adapter.fixed_prefix())
+                answers += generate_batch(model, ids[start : start + batch_size], decoding)
     return tokenizer.batch_decode(answers, skip_special_tokens=True)
 
 

@@ -12,6 +12,17 @@ Aligning Large Language Models" (arXiv 2312.05503), whose code is lit-llama's LL
                                                         g starts at zero, so an untrained aligner is a no-op
 
 As in lit-llama the gate is used as is (LLaMA-Adapter's own code takes tanh of it).
+
+How it is computed, so that it costs next to nothing beside the frozen model (benchmarks/RESULTS.md); each
+shortcut is exact and pinned against the equations in tests/test_performance_correctness.py:
+- K_p and V_p do not depend on the input: `prefix` runs once per forward, or once per generation
+  (`Aligner.fixed_prefix`), never once per new token.
+- g A V_p = A (g V_p): the gate scales the N prefix values, not the (B, T) outputs.
+- A itself is formed only when a hook reads or patches `hook_pattern`. Otherwise all heads' prefix attention
+  is one fused `scaled_dot_product_attention` call, and with N = 1 there is none: a softmax over one slot is 1,
+  so every query receives g V_p (which is also why `Aligner.merge_into` can fold it into a bias).
+- A bank of aligners (aligner/bank.py) gives each row b of the batch its own P and g: the same equations
+  with a leading batch axis on P, K_p, V_p and g.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
@@ -32,34 +44,49 @@ class AlignerLayer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        # A bank of aligners (bank.py) puts a batch axis first on hook_k, hook_v (B, N, H, d_head) and hook_gate (B, H).
         self.hook_k = HookPoint()  # (N, H, d_head) prefix keys, key heads expanded to query heads
         self.hook_v = HookPoint()  # (N, H, d_head) prefix values
         self.hook_pattern = HookPoint()  # (B, H, T, N) attention of each query onto the prefix slots
         self.hook_gate = HookPoint()  # (H,) this layer's gates
         self.hook_z = HookPoint()  # (B, T, H, d_head) the gated contribution added to attn.hook_z
 
+    def prefix(
+        self,
+        tokens: torch.Tensor,  # (N, d_model), or (B, N, d_model) in a bank
+        k_proj: nn.Linear,  # the layer's key projection, weight (H_kv * d_head, d_model)
+        v_proj: nn.Linear,  # the layer's value projection
+        n_heads: int,
+        d_head: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K_p and V_p, each (N, H, d_head), or (B, N, H, d_head) in a bank."""
+        tokens = tokens.to(k_proj.weight.dtype)
+        k = F.linear(tokens, k_proj.weight, k_proj.bias).unflatten(-1, (-1, d_head))  # (..., N, H_kv, d_head)
+        v = F.linear(tokens, v_proj.weight, v_proj.bias).unflatten(-1, (-1, d_head))
+        # Grouped-query attention: query head h reads key/value head h // (H / H_kv), as the model does.
+        group = n_heads // k.shape[-2]
+        return self.hook_k(k.repeat_interleave(group, dim=-2)), self.hook_v(v.repeat_interleave(group, dim=-2))
+
     def forward(
         self,
         q: torch.Tensor,  # (B, T, H, d_head) rotary queries
-        tokens: torch.Tensor,  # (N, d_model)
-        gate: torch.Tensor,  # (H,)
-        W_K: torch.Tensor,  # (H_kv, d_model, d_head)
-        W_V: torch.Tensor,  # (H_kv, d_model, d_head)
-        b_K: torch.Tensor | None,  # (H_kv, d_head)
-        b_V: torch.Tensor | None,  # (H_kv, d_head)
+        k: torch.Tensor,  # (N, H, d_head), or (B, N, H, d_head) in a bank
+        v: torch.Tensor,  # (N, H, d_head), or (B, N, H, d_head) in a bank
+        gate: torch.Tensor,  # (H,), or (B, H) in a bank
     ) -> torch.Tensor:
-        n_heads, n_kv_heads, d_head = q.shape[2], W_K.shape[0], q.shape[3]
-        tokens = tokens.to(W_K.dtype)
-        k = torch.einsum("nm,gmd->ngd", tokens, W_K)  # (N, H_kv, d_head)
-        v = torch.einsum("nm,gmd->ngd", tokens, W_V)
-        if b_K is not None:
-            k = k + b_K
-        if b_V is not None:
-            v = v + b_V
-        # Grouped-query attention: query head h reads key/value head h // (H / H_kv), as the model does.
-        k = self.hook_k(k.repeat_interleave(n_heads // n_kv_heads, dim=1))  # (N, H, d_head)
-        v = self.hook_v(v.repeat_interleave(n_heads // n_kv_heads, dim=1))
-        scores = torch.einsum("bthd,nhd->bhtn", q, k) / math.sqrt(d_head)  # (B, H, T, N)
-        pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(q.dtype))
+        """The gated prefix attention of every query, (B, T, H, d_head): what this layer adds to its z."""
+        B, T, H, d_head = q.shape
+        q = q.transpose(1, 2)  # (B, H, T, d_head)
         gate = self.hook_gate(gate.to(q.dtype))
-        return self.hook_z(torch.einsum("bhtn,nhd->bthd", pattern, v) * gate[:, None])  # (B, T, H, d_head)
+        v = v * gate[..., None, :, None]  # g A V_p = A (g V_p)
+        # Each row's prefix as (B, H, N, d_head); an aligner's single prefix is broadcast to every row, not copied.
+        k, v = (torch.broadcast_to(x.transpose(-3, -2), (B, H, x.shape[-3], d_head)) for x in (k, v))
+        if self.hook_pattern.has_hooks():  # a hook reads or patches A: form it, as the equations say
+            scores = q @ k.transpose(-1, -2) / math.sqrt(d_head)  # (B, H, T, N)
+            pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(q.dtype))
+            out = pattern @ v
+        elif k.shape[-2] == 1:  # one slot: the softmax is 1 for every query, so A (g V_p) = g V_p
+            out = v.expand(B, H, T, d_head)
+        else:  # the same attention, all heads in one fused kernel; A is never formed
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.hook_z(out.transpose(1, 2))  # (B, T, H, d_head)

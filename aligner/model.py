@@ -4,42 +4,60 @@ The math is in `layer.py`. Here the prefix tokens and gates are held, the per-la
 hooked into the host model through its own hook points (`blocks.{l}.attn.hook_rot_q` is read,
 `blocks.{l}.attn.hook_z` is added to), and the aligner's hook points are registered under
 `aligner.hook_tokens` and `blocks.{l}.aligner.hook_*`, so that `run_with_cache`, `run_with_hooks` and
-`hooks()` reach them like any other hook of the model.
+`hooks()` reach them like any other hook of the model. That machinery (`AlignerHooks`) is shared with a bank
+of aligners (`bank.py`). An aligner with one token can instead be folded into the model's output biases for
+inference (`merge_into`), as a LoRA is merged into its weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from torch import nn
 from transformer_lens.hook_points import HookPoint, LensHandle
 
-from aligner.config import AlignerConfig, ModelShape
-from aligner.files import atomic_write_bytes, atomic_write_json, provenance, read_json
+from aligner.config import AlignerConfig, ModelShape, check_fields
+from aligner.files import atomic_write_files, json_bytes, provenance, read_json
 from aligner.layer import AlignerLayer
 
 FORMAT = "aligner-workbench/aligner/1"
 TENSORS_FILE = "aligner.safetensors"
 CONFIG_FILE = "aligner.json"
+# The fields of aligner.json, and of its "base_model": what the aligner was made for. "architecture" is the
+# bridge's (e.g. "LlamaForCausalLM"); files written before it was recorded lack it and read as None.
+FILE_FIELDS = {
+    "format": "str",
+    "config": "dict",
+    "shape": "dict",
+    "base_model": "dict",
+    "num_parameters": "int",
+    "tensors_sha256": "str",
+    "provenance": "dict",
+}
+BASE_MODEL_FIELDS = {"name": "str | None", "fingerprint": "str | None", "architecture": "str | None"}
+# Tensor dtypes accepted in a file; each converts to the aligner's float32 exactly.
+FILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class Aligner(nn.Module):
-    """N prefix tokens (shared by all adapted layers, or one set per layer) and one gate per layer and head."""
+class AlignerHooks(nn.Module):
+    """How an aligner, or a bank of aligners (aligner/bank.py), is hooked into a TransformerBridge.
 
-    def __init__(
-        self,
-        config: AlignerConfig,
-        shape: ModelShape,
-        base_model: dict[str, Any] | None = None,
-    ) -> None:
+    Each adapted layer gets an `AlignerLayer` whose hook points join the model's; the layer's rotary queries are
+    read at `blocks.{l}.attn.hook_rot_q` and its prefix attention is added at `blocks.{l}.attn.hook_z`. A
+    subclass holds the tokens and gates and says which of them a forward reads (`_tokens_and_gates`).
+    """
+
+    def __init__(self, config: AlignerConfig, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
         super().__init__()
         if config.start_layer >= shape.n_layers:
             raise ValueError(
@@ -50,48 +68,27 @@ class Aligner(nn.Module):
         self.shape = shape
         # What the aligner was made for: {"name": ..., "fingerprint": ...}; saved with it.
         self.base_model = dict(base_model or {"name": None, "fingerprint": None})
-        self.provenance: dict[str, Any] = {}
-        n_active = shape.n_layers - config.start_layer
-        tokens_shape = (config.n_tokens, shape.d_model)
-        if not config.shared:
-            tokens_shape = (n_active, *tokens_shape)
-        # Standard normal, as the authors' nn.Embedding initialises the prefix.
-        self.tokens = nn.Parameter(torch.randn(tokens_shape))
-        self.gates = nn.Parameter(torch.zeros(n_active, shape.n_heads))  # zero: attaching changes nothing
-        self.hook_tokens = HookPoint()  # (N, d_model), or (n_active, N, d_model) when not shared
-        self.layers = nn.ModuleList(AlignerLayer() for _ in range(n_active))
+        self.hook_tokens = HookPoint()  # (N, d_model), or (n_active, N, d_model) when not shared; a bank adds a batch axis first
+        self.layers = nn.ModuleList(AlignerLayer() for _ in range(shape.n_layers - config.start_layer))
         self._model: nn.Module | None = None
         self._handles: list[tuple[HookPoint, LensHandle]] = []
         self._hook_names: list[str] = []
+        self._projections: list[tuple[nn.Linear, nn.Linear]] = []  # key and value projections, by adapted layer
         self._queries: dict[int, torch.Tensor] = {}  # rotary queries of the current forward, by adapted layer
         self._tokens_this_forward: torch.Tensor | None = None
-
-    @classmethod
-    def for_model(cls, model: nn.Module, config: AlignerConfig | None = None) -> "Aligner":
-        """A fresh aligner shaped for `model` (a TransformerBridge), on its device."""
-        from aligner.loading import model_fingerprint
-
-        aligner = cls(
-            config or AlignerConfig(),
-            shape_of(model),
-            base_model={"name": model.cfg.model_name, "fingerprint": model_fingerprint(model)},
-        )
-        return aligner.to(next(model.parameters()).device)
+        self._gates_this_forward: torch.Tensor | None = None
+        self._keep_prefix = False  # inside fixed_prefix()
+        self._prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # K_p, V_p kept by fixed_prefix(), by adapted layer
 
     @property
     def layer_indices(self) -> range:
         """The model layers this aligner adapts."""
         return range(self.config.start_layer, self.shape.n_layers)
 
-    def num_parameters(self) -> int:
-        """N * d_model (times the layer count when not shared) + adapted layers * heads."""
-        return self.tokens.numel() + self.gates.numel()
-
-    def layer_tokens(self) -> torch.Tensor:
-        """The prefix each adapted layer reads, (n_active, N, d_model), whether shared or not."""
-        if self.config.shared:
-            return self.tokens.expand(len(self.layers), *self.tokens.shape)
-        return self.tokens
+    def _tokens_and_gates(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This forward's tokens, read through `hook_tokens`, and gates (n_active, ..., H). The tokens are
+        (..., N, d_model) when shared, else (n_active, ..., N, d_model); `...` is the batch in a bank, else nothing."""
+        raise NotImplementedError
 
     # ---- attaching to a model ----
 
@@ -99,7 +96,7 @@ class Aligner(nn.Module):
         """Hook this aligner into `model`; `detach` undoes it. Prefer `with aligner.attached(model):`."""
         if self._model is not None:
             raise RuntimeError("this aligner is already attached to a model; detach it first")
-        if isinstance(getattr(model, "aligner", None), Aligner):
+        if isinstance(getattr(model, "aligner", None), AlignerHooks):
             raise RuntimeError("the model already has an aligner attached; detach that one first")
         check_fits(self, model)
         if self.base_model.get("name") not in (None, model.cfg.model_name):
@@ -118,9 +115,11 @@ class Aligner(nn.Module):
                 for name in ("hook_k", "hook_v", "hook_pattern", "hook_gate", "hook_z"):
                     self._register_hook_point(f"blocks.{layer_index}.aligner.{name}", getattr(self.layers[i], name))
                 attn = block.attn
+                # The modules themselves, not their weights: read at each forward, they stay right after model.to().
+                self._projections.append((projection(attn.k), projection(attn.v)))
                 queries = attn.hook_rot_q if hasattr(attn, "hook_rot_q") else attn.hook_q
                 self._add_hook(queries, partial(self._keep_queries, i))
-                self._add_hook(attn.hook_z, partial(self._add_prefix_attention, i, attn))
+                self._add_hook(attn.hook_z, partial(self._add_prefix_attention, i))
         except BaseException:
             self.detach()
             raise
@@ -140,19 +139,33 @@ class Aligner(nn.Module):
                 del model.blocks[layer_index].aligner
         if "aligner" in model._modules:
             del model.aligner
-        self._handles, self._hook_names = [], []
+        self._handles, self._hook_names, self._projections = [], [], []
         object.__setattr__(self, "_model", None)
         self._queries.clear()
-        self._tokens_this_forward = None
+        self._prefix.clear()
+        self._tokens_this_forward = self._gates_this_forward = None
 
     @contextlib.contextmanager
-    def attached(self, model: nn.Module) -> Iterator["Aligner"]:
+    def attached(self, model: nn.Module) -> Iterator["AlignerHooks"]:
         """Attach for the duration of a `with` block; detaches on exit, also on error."""
         self.attach(model)
         try:
             yield self
         finally:
             self.detach()
+
+    @contextlib.contextmanager
+    def fixed_prefix(self) -> Iterator["AlignerHooks"]:
+        """Inside, each layer's prefix keys and values are computed at the first forward and kept for the next
+        ones, since they do not depend on the input: for generation, where each new token is one more forward,
+        and for serving many batches. Under autograd nothing is kept. `hook_tokens`, `hook_k` and `hook_v` fire at
+        that first forward alone."""
+        self._keep_prefix = True
+        try:
+            yield self
+        finally:
+            self._keep_prefix = False
+            self._prefix.clear()
 
     def _add_hook(self, hook_point: HookPoint, fn: Any) -> None:
         # Permanent, so that reset_hooks() leaves the aligner in place; first, so that hooks a user adds on
@@ -167,13 +180,108 @@ class Aligner(nn.Module):
         self._hook_names.append(name)
 
     def _keep_queries(self, i: int, q: torch.Tensor, hook: HookPoint) -> None:
-        if i == 0:  # the first adapted layer runs first: read the tokens once per forward, through their hook
-            self._tokens_this_forward = self.hook_tokens(self.tokens)
+        # The first adapted layer runs first: tokens and gates are read there, once per forward.
+        if i == 0 and not (self._keep_prefix and self._prefix):
+            self._tokens_this_forward, self._gates_this_forward = self._tokens_and_gates(q.shape[0])
         self._queries[i] = q
 
-    def _add_prefix_attention(self, i: int, attn: nn.Module, z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
-        return z + self.layers[i](self._queries.pop(i), tokens, self.gates[i], attn.W_K, attn.W_V, attn.b_K, attn.b_V)
+    def _add_prefix_attention(self, i: int, z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        q = self._queries.pop(i)
+        k_v = self._prefix.get(i)
+        if k_v is None:
+            tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
+            k_v = self.layers[i].prefix(tokens, *self._projections[i], n_heads=q.shape[2], d_head=q.shape[3])
+            if self._keep_prefix and not torch.is_grad_enabled():  # a graph is used once: never kept
+                self._prefix[i] = k_v
+        return z + self.layers[i](q, *k_v, self._gates_this_forward[i])
+
+
+class Aligner(AlignerHooks):
+    """N prefix tokens (shared by all adapted layers, or one set per layer) and one gate per layer and head."""
+
+    def __init__(
+        self,
+        config: AlignerConfig,
+        shape: ModelShape,
+        base_model: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(config, shape, base_model)
+        self.provenance: dict[str, Any] = {}
+        shapes = parameter_shapes(config, shape)
+        # Standard normal, as the authors' nn.Embedding initialises the prefix.
+        self.tokens = nn.Parameter(torch.randn(shapes["tokens"]))
+        self.gates = nn.Parameter(torch.zeros(shapes["gates"]))  # zero: attaching changes nothing
+        self._merged: list[tuple[nn.Linear, nn.Parameter | None]] = []  # output projections and their own biases
+        object.__setattr__(self, "_merged_model", None)  # as with _model: not a submodule
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: AlignerConfig | None = None) -> "Aligner":
+        """A fresh aligner shaped for `model` (a TransformerBridge), on its device."""
+        from aligner.loading import model_fingerprint
+
+        aligner = cls(
+            config or AlignerConfig(),
+            shape_of(model),
+            base_model={
+                "name": model.cfg.model_name,
+                "fingerprint": model_fingerprint(model),
+                "architecture": model.cfg.architecture,
+            },
+        )
+        return aligner.to(next(model.parameters()).device)
+
+    def num_parameters(self) -> int:
+        """N * d_model (times the layer count when not shared) + adapted layers * heads."""
+        return self.tokens.numel() + self.gates.numel()
+
+    def layer_tokens(self) -> torch.Tensor:
+        """The prefix each adapted layer reads, (n_active, N, d_model), whether shared or not."""
+        if self.config.shared:
+            return self.tokens.expand(len(self.layers), *self.tokens.shape)
+        return self.tokens
+
+    def _tokens_and_gates(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.hook_tokens(self.tokens), self.gates  # one prefix for every row of any batch
+
+    # ---- merging into a model, for inference ----
+
+    @torch.no_grad()
+    def merge_into(self, model: nn.Module) -> None:
+        """Fold this aligner into `model`'s attention output biases, so that the model runs at its own speed;
+        `unmerge` restores the model exactly. For N = 1 only: a softmax over one slot is 1, so each adapted
+        layer adds the same g V_p to z at every position, and the output projection maps it to one vector,
+        W_O (g V_p), that joins the bias. Merged, the aligner's hook points do not fire."""
+        if self.config.n_tokens != 1:
+            raise ValueError(
+                f"only an aligner with one token folds into a bias; this one has {self.config.n_tokens}: attach it"
+            )
+        if self._merged_model is not None or self._model is not None:
+            raise RuntimeError("this aligner is already merged or attached; unmerge or detach it first")
+        if getattr(model, "_merged_aligner", None) is not None:
+            raise RuntimeError("the model already has an aligner merged into it; unmerge that one first")
+        check_fits(self, model)
+        for i, layer_index in enumerate(self.layer_indices):
+            attn = model.blocks[layer_index].attn
+            o_proj = projection(attn.o)
+            tokens = self.tokens if self.config.shared else self.tokens[i]
+            _, v = self.layers[i].prefix(tokens, projection(attn.k), projection(attn.v), self.shape.n_heads, model.cfg.d_head)
+            gated = (v[0].float() * self.gates[i, :, None]).flatten()  # g V_p, (H * d_head): what z gains
+            shift = F.linear(gated, o_proj.weight.float())  # W_O (g V_p), in float32 before the one rounding
+            self._merged.append((o_proj, o_proj.bias))
+            bias = shift if o_proj.bias is None else o_proj.bias.float() + shift
+            o_proj.bias = nn.Parameter(bias.to(o_proj.weight.dtype), requires_grad=False)
+        object.__setattr__(model, "_merged_aligner", self)
+        object.__setattr__(self, "_merged_model", model)
+
+    def unmerge(self) -> None:
+        """Undo `merge_into`: each output projection gets its own bias (or none) back, the very tensor."""
+        if self._merged_model is None:
+            return
+        for o_proj, bias in self._merged:
+            o_proj.bias = bias
+        object.__setattr__(self._merged_model, "_merged_aligner", None)
+        object.__setattr__(self, "_merged_model", None)
+        self._merged = []
 
     # ---- files ----
 
@@ -183,41 +291,44 @@ class Aligner(nn.Module):
         tensors = {"tokens": self.tokens.detach().cpu().contiguous(), "gates": self.gates.detach().cpu().contiguous()}
         data = save(tensors)
         self.provenance = {**provenance(), **self.provenance, **provenance_extra}
-        atomic_write_bytes(path / TENSORS_FILE, data)
-        atomic_write_json(
-            path / CONFIG_FILE,
-            {
-                "format": FORMAT,
-                "config": self.config.to_dict(),
-                "shape": self.shape.to_dict(),
-                "base_model": self.base_model,
-                "num_parameters": self.num_parameters(),
-                "tensors_sha256": hashlib.sha256(data).hexdigest(),
-                "provenance": self.provenance,
-            },
-        )
+        meta = {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "shape": self.shape.to_dict(),
+            "base_model": self.base_model,
+            "num_parameters": self.num_parameters(),
+            "tensors_sha256": hashlib.sha256(data).hexdigest(),
+            "provenance": self.provenance,
+        }
+        atomic_write_files({path / TENSORS_FILE: data, path / CONFIG_FILE: json_bytes(meta)})
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Aligner":
-        """Read an aligner saved by `save`; every field and tensor is checked, and errors name the file."""
+        """Read an aligner saved by `save`; every field and tensor is checked, and errors name the file, the
+        field, and what was expected and found. Nothing is allocated before the tensors match the config."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: not an aligner directory (expected {CONFIG_FILE} and {TENSORS_FILE})")
         config_path, tensors_path = path / CONFIG_FILE, path / TENSORS_FILE
-        meta = read_json(config_path)
-        if not isinstance(meta, dict):
-            raise ValueError(f"{config_path}: expected a JSON object")
-        expected_keys = {"format", "config", "shape", "base_model", "num_parameters", "tensors_sha256", "provenance"}
-        if set(meta) != expected_keys:
-            raise ValueError(
-                f"{config_path}: fields missing {sorted(expected_keys - set(meta))}, "
-                f"unexpected {sorted(set(meta) - expected_keys)}"
-            )
+        meta = check_fields(read_json(config_path), FILE_FIELDS, str(config_path), "aligner file")
         if meta["format"] != FORMAT:
             raise ValueError(f"{config_path}: field 'format' is {meta['format']!r}, expected {FORMAT!r}")
         config = AlignerConfig.from_dict(meta["config"], f"{config_path}: field 'config'")
         shape = ModelShape.from_dict(meta["shape"], f"{config_path}: field 'shape'")
+        base_model = check_fields(
+            meta["base_model"], BASE_MODEL_FIELDS, f"{config_path}: field 'base_model'", "base model", ("architecture",)
+        )
+        try:
+            shapes = parameter_shapes(config, shape)
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from err
+        num_parameters = sum(math.prod(dims) for dims in shapes.values())
+        if meta["num_parameters"] != num_parameters:
+            raise ValueError(
+                f"{config_path}: field 'num_parameters' is {meta['num_parameters']}, expected {num_parameters} "
+                f"for {config} on {shape}"
+            )
         if not tensors_path.is_file():
             raise FileNotFoundError(f"{tensors_path}: no such file")
         data = tensors_path.read_bytes()
@@ -227,51 +338,98 @@ class Aligner(nn.Module):
                 "(the file was changed or a save was interrupted)"
             )
         try:
-            tensors = load_file(tensors_path)
+            tensors = load(data)
         except SafetensorError as err:
             raise ValueError(f"{tensors_path}: not a readable safetensors file ({err})") from err
-        aligner = cls(config, shape, base_model=meta["base_model"])
+        # Checked before the aligner is made: a config asking for 10^12 parameters is refused, not allocated.
+        check_tensors(tensors, config, shape, str(tensors_path))
+        aligner = cls(config, shape, base_model={"architecture": None, **base_model})
         aligner.provenance = meta["provenance"]
         aligner.load_tensors(tensors, source=str(tensors_path))
         return aligner.to(device)
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Copy `tokens` and `gates` in, checking names, shapes, dtypes and values against this aligner."""
-        expected = {"tokens": self.tokens, "gates": self.gates}
-        if set(tensors) != set(expected):
-            raise ValueError(
-                f"{source}: tensors missing {sorted(set(expected) - set(tensors))}, "
-                f"unexpected {sorted(set(tensors) - set(expected))}"
-            )
-        for name, param in expected.items():
-            value = tensors[name]
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"{source}: tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)} "
-                    f"for {self.config} on {self.shape}"
-                )
-            if not value.is_floating_point():
-                raise ValueError(f"{source}: tensor {name!r} has dtype {value.dtype}, expected a floating dtype")
-            if not torch.isfinite(value).all():
-                raise ValueError(f"{source}: tensor {name!r} contains NaN or inf")
-            with torch.no_grad():
-                param.copy_(value.to(param.dtype))
+        """Copy `tokens` and `gates` in, in place (an optimizer over them stays valid), after `check_tensors`."""
+        check_tensors(tensors, self.config, self.shape, source)
+        with torch.no_grad():
+            self.tokens.copy_(tensors["tokens"])
+            self.gates.copy_(tensors["gates"])
 
 
 def shape_of(model: nn.Module) -> ModelShape:
     return ModelShape(d_model=model.cfg.d_model, n_layers=model.cfg.n_layers, n_heads=model.cfg.n_heads)
 
 
-def check_fits(aligner: Aligner, model: nn.Module) -> None:
-    """Refuse, naming each mismatch, an aligner whose tensors do not fit `model`."""
+def parameter_shapes(config: AlignerConfig, shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """The shapes of an aligner's tensors: tokens (N, d_model), or (n_active, N, d_model) when not shared,
+    and gates (n_active, n_heads), for the n_active = n_layers - start_layer adapted layers."""
+    n_active = shape.n_layers - config.start_layer
+    if n_active < 1:
+        raise ValueError(
+            f"AlignerConfig.start_layer={config.start_layer} leaves no layer to adapt in a "
+            f"{shape.n_layers}-layer model"
+        )
+    tokens = (config.n_tokens, shape.d_model)
+    return {"tokens": tokens if config.shared else (n_active, *tokens), "gates": (n_active, shape.n_heads)}
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], config: AlignerConfig, shape: ModelShape, source: str) -> None:
+    """Refuse tensors that an aligner of `config` on `shape` cannot take: names, shapes, dtypes (FILE_DTYPES)
+    and finite values are checked, and the error names `source`, the tensor, and what was expected and found."""
+    expected = parameter_shapes(config, shape)
+    if set(tensors) != set(expected):
+        raise ValueError(
+            f"{source}: tensors missing {sorted(set(expected) - set(tensors))}, "
+            f"unexpected {sorted(set(tensors) - set(expected))} (expected exactly {sorted(expected)})"
+        )
+    for name, dims in expected.items():
+        value = tensors[name]
+        if tuple(value.shape) != dims:
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(value.shape)}, expected {dims} for {config} on {shape}"
+            )
+        if value.dtype not in FILE_DTYPES:
+            raise ValueError(
+                f"{source}: tensor {name!r} has dtype {value.dtype}, expected one of "
+                + ", ".join(str(dtype) for dtype in FILE_DTYPES)
+            )
+        not_finite = int((~torch.isfinite(value)).sum())
+        if not_finite:
+            raise ValueError(
+                f"{source}: tensor {name!r} has {not_finite} NaN or inf values of {value.numel()}, expected all finite"
+            )
+
+
+def check_fits(aligner: AlignerHooks, model: nn.Module) -> None:
+    """Refuse, naming each mismatch, an aligner whose tensors do not fit `model`, or that was made for another
+    architecture: the same d_model, layer and head counts in another model family (Llama-2-7B and Mistral-7B)
+    would run, reading its tokens through projections that were never trained on them."""
     have = shape_of(model)
     mismatches = [
         f"{field}: aligner {getattr(aligner.shape, field)}, model {getattr(have, field)}"
         for field in ("d_model", "n_layers", "n_heads")
         if getattr(aligner.shape, field) != getattr(have, field)
     ]
+    architecture = aligner.base_model.get("architecture")
+    if architecture is not None and architecture != model.cfg.architecture:
+        mismatches.append(
+            f"architecture: aligner {architecture!r}, model {model.cfg.architecture!r} (to attach it anyway, "
+            "set aligner.base_model['architecture'] = None)"
+        )
     if mismatches:
         raise ValueError(
             f"aligner for {aligner.base_model.get('name')!r} does not fit model {model.cfg.model_name!r}: "
             + "; ".join(mismatches)
         )
+
+
+def projection(component: nn.Module) -> nn.Linear:
+    """The nn.Linear that a bridge component (`attn.k`, `attn.v`, `attn.o`) wraps: the aligner applies the
+    layer's own projections to its tokens, through the weight as stored, with no per-forward reshaping."""
+    linear = getattr(component, "original_component", component)
+    if not isinstance(linear, nn.Linear):
+        raise NotImplementedError(
+            f"{getattr(component, 'name', component)}: the aligner reads attention projections stored as "
+            f"nn.Linear; this model has {type(linear).__name__}"
+        )
+    return linear

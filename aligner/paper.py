@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 
 from aligner.config import AlignerConfig, ModelShape
-from aligner.model import Aligner
+from aligner.model import FILE_DTYPES, Aligner
 
-# The base models of the released files, by (d_model, n_layers); the files do not name them.
+# The base models of the released files, by (d_model, n_layers); the files do not name them. All are
+# lit-llama LLaMA-2 models, which a TransformerBridge calls "LlamaForCausalLM".
 KNOWN_BASES = {(4096, 32): "meta-llama/Llama-2-7b-hf", (5120, 40): "meta-llama/Llama-2-13b-hf"}
+PAPER_ARCHITECTURE = "LlamaForCausalLM"
 _LAYER_KEY = re.compile(r"transformer\.h\.(\d+)\.attn\.(gating_factor|adapter_wte\.weight)")
 SHARED_KEY = "global_value_embedding.weight"
 
@@ -32,14 +34,28 @@ def import_paper_checkpoint(path: str | Path) -> Aligner:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message: advice on weights_only=False, then what it stopped at, then how to allow that: the
+        # middle part alone, since neither piece of advice is taken here.
+        stopped_at = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        detail = " ".join(stopped_at.split(" Please use ")[0].split())
         raise ValueError(
-            f"{path}: refused: the file is not a plain tensor checkpoint; it asks to run code or build objects "
-            f"that weights_only loading does not allow ({str(err).splitlines()[0]})"
+            f"{path}: refused: not a plain tensor checkpoint; weights-only loading, which never runs code or "
+            f"builds other objects, stopped at: {detail}"
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a flat dict of tensors in lit-llama naming")
+    except Exception as err:  # torch's readers meet a damaged file with IndexError, KeyError, struct.error, ...
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a flat dict of tensors in lit-llama naming, found {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{path}: expected a flat dict of tensors in lit-llama naming, found {type(value).__name__} "
+                f"under key {key!r}"
+            )
+        if value.dtype not in FILE_DTYPES:
+            raise ValueError(
+                f"{path}: {key!r} has dtype {value.dtype}, expected one of " + ", ".join(map(str, FILE_DTYPES))
+            )
 
     gates: dict[int, torch.Tensor] = {}
     layer_tokens: dict[int, torch.Tensor] = {}
@@ -55,8 +71,15 @@ def import_paper_checkpoint(path: str | Path) -> Aligner:
         raise ValueError(f"{path}: no 'transformer.h.{{l}}.attn.gating_factor' keys: not an aligner checkpoint")
     layers = sorted(gates)
     start_layer, n_layers = layers[0], layers[-1] + 1
-    if layers != list(range(start_layer, n_layers)) or sorted(layer_tokens) not in ([], layers):
-        raise ValueError(f"{path}: gates for layers {layers} and prefixes for {sorted(layer_tokens)} do not match")
+    if len(layers) != n_layers - start_layer:
+        raise ValueError(
+            f"{path}: gates for layers {layers}, expected one for every layer from {start_layer} to {n_layers - 1}"
+        )
+    if sorted(layer_tokens) not in ([], layers):
+        raise ValueError(
+            f"{path}: per-layer prefixes ('adapter_wte.weight') for layers {sorted(layer_tokens)}, expected none "
+            f"or one for each gated layer {layers}"
+        )
     n_heads = gates[start_layer].numel()
     for layer, gate in gates.items():
         if tuple(gate.shape) != (1, n_heads, 1, 1):
@@ -77,18 +100,30 @@ def import_paper_checkpoint(path: str | Path) -> Aligner:
     else:
         if not layer_tokens:
             raise ValueError(f"{path}: neither {SHARED_KEY!r} nor per-layer 'adapter_wte.weight' prefixes found")
+        first = layer_tokens[start_layer]
+        for layer, prefix in layer_tokens.items():
+            if prefix.shape != first.shape or prefix.dtype != first.dtype:
+                raise ValueError(
+                    f"{path}: 'transformer.h.{layer}.attn.adapter_wte.weight' is {tuple(prefix.shape)} {prefix.dtype}, "
+                    f"expected {tuple(first.shape)} {first.dtype} as in layer {start_layer}"
+                )
         tokens = torch.stack([layer_tokens[layer] for layer in layers])
     if tokens.ndim != (2 if shared else 3):
         raise ValueError(f"{path}: prefix has shape {tuple(tokens.shape)}, expected (N, d_model) per layer")
     n_tokens, d_model = tokens.shape[-2:]
 
+    try:
+        config = AlignerConfig(n_tokens=n_tokens, start_layer=start_layer, shared=shared)
+        shape = ModelShape(d_model=d_model, n_layers=n_layers, n_heads=n_heads)
+    except ValueError as err:  # an empty prefix or gate
+        raise ValueError(f"{path}: {err}") from err
     aligner = Aligner(
-        AlignerConfig(n_tokens=n_tokens, start_layer=start_layer, shared=shared),
-        ModelShape(d_model=d_model, n_layers=n_layers, n_heads=n_heads),
-        base_model={"name": KNOWN_BASES.get((d_model, n_layers)), "fingerprint": None},
+        config,
+        shape,
+        base_model={"name": KNOWN_BASES.get((d_model, n_layers)), "fingerprint": None, "architecture": PAPER_ARCHITECTURE},
     )
     aligner.load_tensors(
-        {"tokens": tokens.float(), "gates": torch.stack([gates[layer].flatten() for layer in layers]).float()},
+        {"tokens": tokens.float(), "gates": torch.stack([gates[layer].flatten().float() for layer in layers])},
         source=str(path),
     )
     aligner.provenance = {"imported_from": path.name, "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}

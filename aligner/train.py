@@ -16,25 +16,30 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from aligner.chat import example_ids
-from aligner.config import AlignerConfig
+from aligner.config import AlignerConfig, check_fields, dataclass_spec
 from aligner.data import Example
 from aligner.files import atomic_write_bytes, atomic_write_json, read_json
 from aligner.model import Aligner
+
+if TYPE_CHECKING:
+    from aligner.methods import Method
 
 STATE_FORMAT = "aligner-workbench/train-state/1"
 STATE_FILE = "state.json"
@@ -42,6 +47,7 @@ METRICS_FILE = "metrics.jsonl"
 IGNORE_INDEX = -100  # label of a position that takes no loss (prompt and padding), as in HF and PyTorch
 # What may change between a run and its resumption: none of it alters the steps already taken.
 RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data"}
+STATE_TENSORS_FILE = re.compile(r"state-\d{8}\.safetensors")  # the tensors of the checkpoint of one step
 
 
 @dataclass(frozen=True)
@@ -84,32 +90,70 @@ def train_sft(
     config: TrainConfig,
     run_dir: str | Path | None = None,
     resume: bool = False,
-    aligner: Aligner | None = None,
-) -> Aligner:
+    aligner: Method | None = None,
+    on_step: Callable[[int, float], bool] | None = None,
+) -> Method:
     """Train an aligner on `examples` with `model` frozen, and return it (detached).
 
     A fresh aligner is made from `config` (seeded by `config.seed`) unless `aligner` is given to continue.
     With `run_dir`, checkpoints and metrics are written there; a directory that is not empty is refused
     unless `resume=True`, which continues its saved state: 3 steps, then resuming to 6, give the aligner that
     6 steps straight give. The base model is left with `requires_grad=False` on every weight.
+    `aligner` may be any `aligner.methods.Method` (LoRA, prompt tuning, a bias), trained the same way, without
+    a run directory. `on_step(step, loss)`, called after each step while the method is attached, ends training
+    there by returning True (the suite's early stopping).
     """
-    run_dir = None if run_dir is None else Path(run_dir)
-    if resume and run_dir is None:
-        raise ValueError("resume=True needs the run_dir to resume")
+    run_dir = check_run_dir(run_dir, resume)
+    if aligner is not None and not isinstance(aligner, Aligner) and run_dir is not None:
+        raise ValueError(f"run directories hold aligners; train a {type(aligner).__name__} without run_dir")
     if resume and aligner is not None:
         raise ValueError("resume=True continues the run's own aligner; do not pass one")
-    if not resume and run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir}: run directory exists; resume it (resume=True, --resume) or choose another")
     sequences = tokenize_examples(model.tokenizer, examples, config)
-    data_sha256 = examples_sha256(examples)
-
-    model.requires_grad_(False)  # before attaching: the attached aligner becomes a submodule of the model
-    model.eval()
     if aligner is None:
         torch.manual_seed(config.seed)
         aligner = Aligner.for_model(model, config.aligner_config())
-    elif aligner.config != config.aligner_config():
+    elif isinstance(aligner, Aligner) and aligner.config != config.aligner_config():
         raise ValueError(f"the aligner given has {aligner.config}, the training config {config.aligner_config()}")
+    pad_id = pad_token_id(model.tokenizer)
+
+    def sft_gradients(indices: list[int]) -> tuple[dict[str, float], int]:
+        batch = [sequences[i] for i in indices]
+        loss = accumulate_gradients(model, batch, config.batch_size, pad_id)
+        return {"loss": loss}, sum(len(ids) for ids, _ in batch)
+
+    data_sha256 = examples_sha256(examples)
+    return optimize(model, aligner, config, sft_gradients, len(sequences), data_sha256, run_dir, resume, on_step)
+
+
+def check_run_dir(run_dir: str | Path | None, resume: bool) -> Path | None:
+    """`run_dir` as a Path, refused before any work if it cannot be resumed or would be overwritten."""
+    run_dir = None if run_dir is None else Path(run_dir)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs the run_dir to resume")
+    if not resume and run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir}: run directory exists; resume it (resume=True, --resume) or choose another")
+    return run_dir
+
+
+def optimize(
+    model: nn.Module,
+    aligner: Method,
+    config: TrainConfig,
+    gradients: Callable[[list[int]], tuple[dict[str, float], int]],
+    n_items: int,
+    data_sha256: str,
+    run_dir: Path | None,
+    resume: bool,
+    on_step: Callable[[int, float], bool] | None = None,
+) -> Method:
+    """The training loop of every objective: AdamW on `aligner` attached to `model` frozen, `config.steps` steps.
+
+    Each step, `gradients(indices)` adds to the aligner's gradients for the items (examples, pairs) at those
+    positions of the seeded stream over `n_items`, and returns the step's metrics ("loss" among them) and the
+    number of tokens it read. Metrics, checkpoints and resumption as described at the top of this file.
+    """
+    model.requires_grad_(False)  # before attaching: the attached aligner becomes a submodule of the model
+    model.eval()
     aligner.requires_grad_(True)
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     run = _Run(step=0, position=0, elapsed_s=0.0, loss=None, saved_step=None)
@@ -119,7 +163,6 @@ def train_sft(
     elif run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     per_step = config.batch_size * config.grad_accum
     started = time.perf_counter() - run.elapsed_s
     logged_at, logged_tokens = time.perf_counter(), 0
@@ -128,31 +171,44 @@ def train_sft(
             lr = learning_rate(run.step + 1, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = [sequences[i] for i in stream_order(len(sequences), config.seed, run.position, per_step)]
             optimizer.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(model, batch, config.batch_size, pad_id)
+            metrics, n_tokens = gradients(stream_order(n_items, config.seed, run.position, per_step))
+            loss = metrics["loss"]
             if not math.isfinite(loss):
-                kept = "no checkpoint yet" if run.saved_step is None else f"checkpoint of step {run.saved_step} kept"
-                raise FloatingPointError(f"loss is {loss} at step {run.step + 1}; training stopped ({kept})")
+                raise FloatingPointError(f"loss is {loss} at step {run.step + 1}; {_stopped(run)}")
             optimizer.step()
+            if not all(bool(torch.isfinite(p).all()) for p in aligner.parameters()):  # before any save could keep it
+                raise FloatingPointError(
+                    f"the trained parameters became NaN or inf in the update of step {run.step + 1} (its loss was "
+                    f"finite: the gradients overflowed); {_stopped(run)}"
+                )
             run.step, run.position, run.loss = run.step + 1, run.position + per_step, loss
             run.elapsed_s = time.perf_counter() - started
-            logged_tokens += sum(len(ids) for ids, _ in batch)
+            logged_tokens += n_tokens
             bar.update()
-            if run.step % config.log_every == 0 or run.step == config.steps:
+            stop = on_step is not None and on_step(run.step, loss)
+            if run.step % config.log_every == 0 or run.step == config.steps or stop:
                 now = time.perf_counter()
                 tokens_per_s = logged_tokens / (now - logged_at)
                 logged_at, logged_tokens = now, 0
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
                 if run_dir is not None:
-                    row = {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+                    row = {"step": run.step, **metrics, "lr": lr, "tokens_per_s": tokens_per_s}
                     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                         f.write(json.dumps({**row, "elapsed_s": run.elapsed_s}) + "\n")
-            if run_dir is not None and (run.step % config.save_every == 0 or run.step == config.steps):
-                aligner.provenance["training"] = _training_record(config, run, len(examples), data_sha256)
+            if run_dir is not None and (run.step % config.save_every == 0 or run.step == config.steps or stop):
+                aligner.provenance["training"] = _training_record(config, run, n_items, data_sha256)
                 _save_state(run_dir, aligner, optimizer, config, run, data_sha256)
-    aligner.provenance["training"] = _training_record(config, run, len(examples), data_sha256)
+            if stop:
+                break
+    aligner.provenance["training"] = _training_record(config, run, n_items, data_sha256)
     return aligner
+
+
+def _stopped(run: _Run) -> str:
+    """The end of a message that stops training: what is kept on disk."""
+    kept = "no checkpoint yet" if run.saved_step is None else f"checkpoint of step {run.saved_step} kept"
+    return f"training stopped ({kept})"
 
 
 @dataclass
@@ -164,6 +220,18 @@ class _Run:
     elapsed_s: float  # training time so far, over every resumption
     loss: float | None  # the last step's loss
     saved_step: int | None  # the step of the last checkpoint written
+
+
+# The fields of state.json: where the run stands, and what it must be resumed with.
+STATE_FIELDS = {
+    "format": "str",
+    "config": "dict",  # the TrainConfig (or DPOConfig) of the run
+    "data_sha256": "str",
+    "base_fingerprint": "str | None",
+    "tensors": "str",  # the file of this checkpoint's tensors, state-STEP.safetensors
+    "tensors_sha256": "str",
+    **dataclass_spec(_Run),
+}
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -193,21 +261,22 @@ def tokenize_examples(
 ) -> list[tuple[list[int], int]]:
     """(token ids, number of prompt tokens) per example, through the chat template, cut to `max_length`.
     An example whose response is cut away entirely is left out: it would teach nothing."""
-    sequences, truncated = [], 0
-    for example in examples:
+    sequences, truncated = [], []
+    for position, example in enumerate(examples, start=1):
         ids, n_prompt = example_ids(
             tokenizer, example.prompt, example.response, system=config.system, chat_template=config.chat_template
         )
         if len(ids) > config.max_length:
-            truncated += 1
+            truncated.append(f"row {example.row}" if example.row is not None else f"example {position}")
             ids = ids[: config.max_length]
         if len(ids) > n_prompt:
             sequences.append((ids, n_prompt))
     if truncated:
         dropped = len(examples) - len(sequences)
+        shown = ", ".join(truncated[:10]) + (f" and {len(truncated) - 10} more" if len(truncated) > 10 else "")
         warnings.warn(
-            f"{truncated} of {len(examples)} examples are longer than max_length={config.max_length} tokens and were "
-            f"truncated; {dropped} of them lost their whole response and are left out",
+            f"{len(truncated)} of {len(examples)} examples are longer than max_length={config.max_length} tokens and "
+            f"were truncated ({shown}); {dropped} of them lost their whole response and are left out",
             stacklevel=2,
         )
     if not sequences:
@@ -230,9 +299,20 @@ def make_batch(sequences: Sequence[tuple[list[int], int]], pad_id: int) -> tuple
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled positions; logits (B, T, vocab), labels (B, T)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return -response_logprobs(logits, labels).sum()
+
+
+def response_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(response | prompt) of each sequence, (B,): the log-probabilities of its labelled tokens, summed."""
+    token_losses = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B * (T - 1),), zero where ignored
+    return -token_losses.view(labels.shape[0], -1).sum(dim=1)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills batches out to one length: the pad token, else end of sequence (never read: right padding)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def stream_order(n: int, seed: int, start: int, count: int) -> list[int]:
@@ -304,16 +384,17 @@ def _load_state(
     state_path = run_dir / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path}: no training state to resume")
-    state = read_json(state_path)
-    expected = {"format", "config", "data_sha256", "base_fingerprint", "tensors", "tensors_sha256"}
-    expected |= {f.name for f in fields(_Run)}
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or not expected <= set(state):
-        raise ValueError(f"{state_path}: not a training state of format {STATE_FORMAT!r}, or fields are missing")
-    saved = state["config"]
+    state = check_fields(read_json(state_path), STATE_FIELDS, str(state_path), "training state")
+    if state["format"] != STATE_FORMAT:
+        raise ValueError(f"{state_path}: field 'format' is {state['format']!r}, expected {STATE_FORMAT!r}")
+    for name in ("step", "position"):
+        if state[name] < 0:
+            raise ValueError(f"{state_path}: field {name!r} is {state[name]}, expected >= 0")
+    saved = check_fields(state["config"], dataclass_spec(type(config)), f"{state_path}: field 'config'", type(config).__name__)
     changed = [
-        f"{f.name}: {saved.get(f.name)!r} -> {getattr(config, f.name)!r}"
-        for f in fields(TrainConfig)
-        if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)
+        f"{f.name}: {saved[f.name]!r} -> {getattr(config, f.name)!r}"
+        for f in fields(config)
+        if f.name not in RESUMABLE_CHANGES and saved[f.name] != getattr(config, f.name)
     ]
     if changed:
         raise ValueError(f"{state_path}: cannot resume with other settings ({'; '.join(changed)})")
@@ -321,15 +402,41 @@ def _load_state(
         raise ValueError(f"{state_path}: the run was trained on other data (examples differ)")
     if state["base_fingerprint"] != aligner.base_model["fingerprint"]:
         raise ValueError(f"{state_path}: the run was trained on another base model (weights fingerprint differs)")
+    if not STATE_TENSORS_FILE.fullmatch(state["tensors"]):
+        raise ValueError(
+            f"{state_path}: field 'tensors' is {state['tensors']!r}, expected a file name like 'state-00000100.safetensors'"
+        )
     tensors_path = run_dir / state["tensors"]
     data = tensors_path.read_bytes() if tensors_path.is_file() else b""
     if hashlib.sha256(data).hexdigest() != state["tensors_sha256"]:
         raise ValueError(f"{tensors_path}: missing or does not match 'tensors_sha256' in {state_path}")
-    tensors = load(data)
-    aligner.load_tensors({"tokens": tensors.pop("tokens"), "gates": tensors.pop("gates")}, source=str(tensors_path))
-    torch.set_rng_state(tensors.pop("rng.torch"))
+    try:
+        tensors = load(data)
+    except SafetensorError as err:
+        raise ValueError(f"{tensors_path}: not a readable safetensors file ({err})") from err
+    # What _save_state writes: tokens, gates, the torch RNG state, and AdamW's moments and step per parameter.
+    expected = {"rng.torch": (tuple(torch.get_rng_state().shape), torch.uint8)}
+    for index, param in enumerate(aligner.parameters()):
+        expected |= {f"optimizer.{index}.{key}": (tuple(param.shape), torch.float32) for key in ("exp_avg", "exp_avg_sq")}
+        expected[f"optimizer.{index}.step"] = ((), torch.float32)
+    found = {name: tensors[name] for name in tensors if name not in ("tokens", "gates")}
+    if set(found) != set(expected):
+        raise ValueError(
+            f"{tensors_path}: tensors missing {sorted(set(expected) - set(found))}, "
+            f"unexpected {sorted(set(found) - set(expected))}"
+        )
+    for name, (dims, dtype) in expected.items():
+        value = found[name]
+        if (tuple(value.shape), value.dtype) != (dims, dtype):
+            raise ValueError(
+                f"{tensors_path}: tensor {name!r} is {tuple(value.shape)} {value.dtype}, expected {dims} {dtype}"
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{tensors_path}: tensor {name!r} has NaN or inf values, expected all finite")
+    aligner.load_tensors({name: tensors[name] for name in ("tokens", "gates") if name in tensors}, str(tensors_path))
+    torch.set_rng_state(found.pop("rng.torch"))
     optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
+    for name, value in found.items():
         _, index, key = name.split(".")
         optimizer_state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]})
@@ -337,10 +444,20 @@ def _load_state(
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
-    """Forget metrics logged after the checkpoint being resumed: those steps are taken again."""
+    """Forget metrics logged after the checkpoint being resumed: those steps are taken again. A last line cut
+    short (the run was killed while appending it) is dropped too; a bad line before it is an error."""
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            logged_after = json.loads(line)["step"] > step
+        except (ValueError, TypeError, KeyError) as err:
+            if number == len(lines) and not line.endswith(b"\n"):
+                continue
+            raise ValueError(f"{path}, line {number}: not a metrics row with a 'step' ({type(err).__name__}: {err})") from err
+        if not logged_after:
+            kept.append(line)
     if len(kept) != len(lines):
-        atomic_write_bytes(path, "".join(kept).encode())
+        atomic_write_bytes(path, b"".join(kept))

@@ -1,0 +1,220 @@
+"""Direct preference optimisation (DPO; Rafailov et al. 2023, arXiv 2305.18290) of an aligner, the base model frozen.
+
+The Aligner paper aligned values this way on PKU-SafeRLHF ("Beaver"): the reference is an aligner trained by SFT
+on the safe answers, and the policy starts from it. For a pair (prompt x, chosen y_w, rejected y_l), with
+log π(y|x) the summed log-probabilities of the response's tokens (its end-of-turn token included):
+
+    h         = [log π(y_w|x) - log π_ref(y_w|x)] - [log π(y_l|x) - log π_ref(y_l|x)]
+    loss      = -(1 - ε) log σ(β h) - ε log σ(-β h)       ε: label smoothing (cDPO); ε = 0 is plain DPO
+    reward(y) = β [log π(y|x) - log π_ref(y|x)]           the implicit reward; accuracy: reward(y_w) > reward(y_l)
+
+averaged over the pairs of a step: with ε = 0, trl's `DPOTrainer` loss "sigmoid"; with ε > 0, conservative DPO
+(Mitchell 2023), which earlier trl versions computed under "sigmoid" too.
+
+The policy and the reference are two `Aligner`s (or two copies of another method of aligner.methods, such as
+LoRA) on one model; only one is attached at a time. Before training,
+one pass under `torch.no_grad()` with the reference attached (nothing attached when the base model is the
+reference) computes every pair's reference log-probabilities, kept as an (n_pairs, 2) tensor indexed by the
+pair's position. The reference is frozen, so they never change: each training step is then one policy pass,
+chosen and rejected responses in one batch, and no second copy of the model is ever made. Steps, checkpoints,
+metrics.jsonl and resumption are train.py's (`optimize`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from aligner.data import Example, Pair
+from aligner.methods import Method, load_method, prompts_for
+from aligner.model import Aligner
+from aligner.train import (
+    TrainConfig,
+    check_run_dir,
+    make_batch,
+    optimize,
+    pad_token_id,
+    response_logprobs,
+    tokenize_examples,
+)
+
+Tokenized = tuple[list[int], int]  # (token ids, number of prompt tokens), as `tokenize_examples` makes them
+# What each DPO step logs besides the learning rate and speed: means over the step's pairs.
+METRICS = (
+    "loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected"
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainConfig):
+    """TrainConfig's settings (aligner shape, steps, batch_size and grad_accum counted in pairs, AdamW lr, weight
+    decay and warm-up, seed, max_length per response, log and save intervals, chat template), and DPO's own."""
+
+    beta: float = 0.1  # β: scales the implicit reward; the larger, the closer the policy is held to the reference
+    label_smoothing: float = 0.0  # ε: the assumed chance that a pair's preference is flipped (cDPO); 0: plain DPO
+    # Directory of the reference aligner (a run directory) or other saved method (aligner.methods, e.g. LoRA), which
+    # the policy starts from (the paper: the SFT aligner); None: the base model is the reference and the policy a
+    # fresh aligner (zero gates: equal to it at step 0).
+    reference: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta > 0:
+            raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def train_dpo(
+    model: nn.Module,
+    pairs: Sequence[Pair],
+    config: DPOConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+) -> Method:
+    """Train by DPO on preference `pairs` against `config.reference`, `model` frozen; return the policy, detached.
+
+    The policy starts as a copy of the reference (a fresh aligner seeded by `config.seed` when the reference is
+    the base model); a reference aligner must have the shape `config` gives. With `run_dir` (aligners only),
+    checkpoints and metrics are written there as `train_sft` writes them; `resume=True` continues a run,
+    refusing other settings, other pairs or a changed reference.
+    """
+    run_dir = check_run_dir(run_dir, resume)
+    device = next(model.parameters()).device
+    if config.reference is None:
+        reference = None
+        torch.manual_seed(config.seed)
+        policy = Aligner.for_model(model, config.aligner_config())
+    else:
+        reference = load_method(config.reference, device=device)
+        if isinstance(reference, Aligner) and reference.config != config.aligner_config():
+            raise ValueError(
+                f"{config.reference}: the reference aligner has {reference.config}, the training config "
+                f"{config.aligner_config()}; the policy starts from the reference, so they must agree"
+            )
+        if not isinstance(reference, Aligner) and run_dir is not None:
+            raise ValueError(f"run directories hold aligners; train a {type(reference).__name__} without run_dir")
+        policy = load_method(config.reference, device=device)  # tensors of its own: the reference stays as it is
+        policy.provenance = {"initialised_from": config.reference}
+    # The user's turns as the policy reads them (prompt tuning puts its placeholders in front; others keep them).
+    prompts = prompts_for(policy, [pair.prompt for pair in pairs])
+    sequences = tokenize_pairs(model.tokenizer, [replace(p, prompt=q) for p, q in zip(pairs, prompts)], config)
+    pad_id = pad_token_id(model.tokenizer)
+    reference_logps = pair_logprobs(model, reference, sequences, config.batch_size, pad_id)  # (n_pairs, 2)
+
+    def dpo_gradients(indices: list[int]) -> tuple[dict[str, float], int]:
+        batch = [sequences[i] for i in indices]
+        metrics = accumulate_dpo_gradients(model, batch, reference_logps[indices], config, pad_id)
+        return metrics, sum(len(ids) for pair in batch for ids, _ in pair)
+
+    data_sha256 = pairs_sha256(pairs, reference)
+    return optimize(model, policy, config, dpo_gradients, len(sequences), data_sha256, run_dir, resume)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward) of each pair, all (B,), from summed response log-probabilities (B,);
+    the rewards carry no gradient."""
+    h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def accumulate_dpo_gradients(
+    model: nn.Module,
+    pairs: Sequence[tuple[Tokenized, Tokenized]],
+    reference_logps: torch.Tensor,
+    config: DPOConfig,
+    pad_id: int,
+) -> dict[str, float]:
+    """Forward and backward over `pairs` with the policy attached, `config.batch_size` pairs at a time, adding to
+    the gradients of the mean DPO loss over all of them; returns the means of METRICS. `reference_logps`
+    (len(pairs), 2) holds each pair's reference log-probabilities of (chosen, rejected)."""
+    totals = dict.fromkeys(METRICS, 0.0)
+    for k in range(0, len(pairs), config.batch_size):
+        chosen, rejected = _pair_logprobs(model, pairs[k : k + config.batch_size], pad_id)
+        reference = reference_logps[k : k + config.batch_size].to(chosen.device)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, reference[:, 0], reference[:, 1], config.beta, config.label_smoothing
+        )
+        (losses.sum() / len(pairs)).backward()
+        values = {
+            "loss": losses.detach(),
+            "reward_chosen": chosen_rewards,
+            "reward_rejected": rejected_rewards,
+            "reward_margin": chosen_rewards - rejected_rewards,
+            "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
+            "logp_chosen": chosen.detach(),
+            "logp_rejected": rejected.detach(),
+        }
+        for name, value in values.items():
+            totals[name] += value.sum().item()
+    return {name: total / len(pairs) for name, total in totals.items()}
+
+
+def pair_logprobs(
+    model: nn.Module,
+    aligner: Method | None,
+    pairs: Sequence[tuple[Tokenized, Tokenized]],
+    batch_size: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """(log π(chosen|x), log π(rejected|x)) of each pair, (n_pairs, 2) on the CPU, by `model` with `aligner` (or
+    another method) attached for the call (None: the base model), without gradients."""
+    if isinstance(getattr(model, "aligner", None), Aligner):
+        raise ValueError("the model has an aligner attached; detach it and pass the one to score with as aligner=")
+    rows = []
+    with torch.no_grad(), aligner.attached(model) if aligner is not None else contextlib.nullcontext():
+        for k in tqdm(range(0, len(pairs), batch_size), desc="log-probs", unit="batch"):
+            chosen, rejected = _pair_logprobs(model, pairs[k : k + batch_size], pad_id)
+            rows.append(torch.stack([chosen, rejected], dim=1).cpu())  # (b, 2)
+    return torch.cat(rows)
+
+
+def _pair_logprobs(
+    model: nn.Module, pairs: Sequence[tuple[Tokenized, Tokenized]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probabilities (b,) of the chosen and of the rejected responses, in one forward pass."""
+    input_ids, labels = make_batch([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], pad_id)
+    device = next(model.parameters()).device
+    logps = response_logprobs(model(input_ids.to(device)), labels.to(device))  # (2b,): chosen rows, then rejected
+    return logps[: len(pairs)], logps[len(pairs) :]
+
+
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], config: TrainConfig
+) -> list[tuple[Tokenized, Tokenized]]:
+    """(chosen, rejected) token sequences of each pair, made as `tokenize_examples` makes SFT examples (chat
+    template, cut to `config.max_length`). Both responses follow the same prompt tokens, so a prompt that leaves
+    no room drops both of them, never one: the sequences stay in (chosen, rejected) order, a pair at a time."""
+    examples = [Example(pair.prompt, response, pair.row) for pair in pairs for response in (pair.chosen, pair.rejected)]
+    flat = tokenize_examples(tokenizer, examples, config)
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+def pairs_sha256(pairs: Sequence[Pair], reference: Method | None) -> str:
+    """A digest of what the policy is trained against: the pairs and the reference's tensors (its
+    log-probabilities are part of each pair's target), so that a run is never resumed on other data."""
+    digest = hashlib.sha256(json.dumps([[p.prompt, p.chosen, p.rejected] for p in pairs]).encode())
+    if reference is not None:
+        for name, tensor in sorted(reference.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,190 @@
+"""Form tasks (answer known facts in a new form) and the knowledge-injection task (learn facts the base model
+does not know), both over a knowledge set of `knowledge.py`.
+
+A form is a deterministic transform of the gold answer (the training target) and a deterministic checker (the
+form metric). Two kinds on purpose: `json`, `terse` and `bracket` give the answer alone, while `caps` and
+`frame` keep the base model's sentence ("The capital of Chad is ..."), which restates the question before the
+answer; whether content survives a new form may depend on that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from aligner.tasks.knowledge import KNOWLEDGE_SETS, Fact, KnowledgeSet
+from aligner.tasks.spec import Item, Sizes, Task, TaskData, shuffled, take
+
+
+@dataclass(frozen=True)
+class Form:
+    name: str
+    render: Callable[[str, str], str]  # (gold answer, the fact as the base model's sentence) -> training target
+    check: Callable[[str, Item], bool]  # (answer, item) -> whether the answer is in this form
+    instruction: str  # the form told in words: the system prompt of the prompting baseline
+    gold: Callable[[str], str] = str  # the gold answer as it appears in this form (all caps: upper-cased)
+    description: str = ""
+
+
+def is_json_answer(text: str, item: Item) -> bool:
+    """A JSON object with the one key "answer", whose value is a string."""
+    try:
+        value = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and list(value) == ["answer"] and isinstance(value["answer"], str)
+
+
+def is_caps_sentence(text: str, item: Item) -> bool:
+    """At least three words, and every letter a capital."""
+    return len(text.split()) >= 3 and any(c.isalpha() for c in text) and text == text.upper()
+
+
+def is_terse(text: str, item: Item) -> bool:
+    """One line of no more words than the longest gold answer has, plus one ("Paris." and "Paris, France" pass;
+    "The capital is Paris." does not)."""
+    longest = max((len(answer.split()) for answer in item.answers), default=1)
+    return "\n" not in text.strip() and 1 <= len(text.split()) <= longest + 1
+
+
+FRAME_START, FRAME_END = ">>> ", " <<<"
+
+
+def is_framed(text: str, item: Item) -> bool:
+    """Starts with ">>> ", ends with " <<<", with something in between."""
+    text = text.strip()
+    return text.startswith(FRAME_START.strip()) and text.endswith(FRAME_END.strip()) and len(text) > 8
+
+
+def is_bracketed(text: str, item: Item) -> bool:
+    """Only "[[...]]", one line, no brackets inside."""
+    return re.fullmatch(r"\[\[[^\[\]\n]+\]\]", text.strip()) is not None
+
+
+FORMS = {
+    form.name: form
+    for form in (
+        Form(
+            "json",
+            lambda answer, sentence: json.dumps({"answer": answer}, ensure_ascii=False),
+            is_json_answer,
+            'Reply with only a JSON object of the form {"answer": "..."} and nothing else.',
+            description='{"answer": "N\'Djamena"}',
+        ),
+        Form(
+            "caps",
+            lambda answer, sentence: sentence.upper(),
+            is_caps_sentence,
+            "Answer in one full sentence written entirely in capital letters.",
+            gold=str.upper,
+            description="THE CAPITAL OF CHAD IS N'DJAMENA.",
+        ),
+        Form(
+            "terse",
+            lambda answer, sentence: answer,
+            is_terse,
+            "Reply with the answer alone: no sentence, nothing else.",
+            description="N'Djamena",
+        ),
+        Form(
+            "frame",
+            lambda answer, sentence: f"{FRAME_START}{sentence}{FRAME_END}",
+            is_framed,
+            'Start your reply with ">>> " and end it with " <<<", with one sentence in between.',
+            description=">>> The capital of Chad is N'Djamena. <<<",
+        ),
+        Form(
+            "bracket",
+            lambda answer, sentence: f"[[{answer}]]",
+            is_bracketed,
+            "Reply with only the answer inside double square brackets, like [[answer]].",
+            description="[[N'Djamena]]",
+        ),
+    )
+}
+
+
+def form_task(form: Form, knowledge: KnowledgeSet) -> Task:
+    """Answer known facts of `knowledge` in `form`: trained on some, evaluated on held-out facts asked with the
+    trained question template (`test`) and with the held-out one (`test_template`)."""
+
+    def item(fact: Fact, template: int) -> Item:
+        sentence = knowledge.sentence(fact)
+        response = form.render(fact.answers[0], sentence)
+        return Item(knowledge.question(fact, template), response, fact.answers, sentence, fact.labels)
+
+    def build(known: frozenset[str] | None, sizes: Sizes) -> TaskData:
+        facts = [f for f in shuffled(knowledge.facts()) if known is None or f.subject in known]
+        train, valid, test = take(facts, sizes.train, sizes.valid, sizes.eval, what=f"known facts of {knowledge.name}")
+        return TaskData(
+            [item(f, 0) for f in train],
+            [item(f, 0) for f in valid],
+            {"test": [item(f, 0) for f in test], "test_template": [item(f, 1) for f in test]},
+        )
+
+    def content(item: Item, text: str) -> bool:
+        return knowledge.contains_answer(text, [form.gold(answer) for answer in item.answers])
+
+    def form_ok(item: Item, text: str) -> bool:
+        return form.check(text, item)
+
+    name = form.name if knowledge.name == "capitals" else f"{form.name}@{knowledge.name}"
+    return Task(
+        name,
+        "form",
+        f"known {knowledge.name} answered as {form.description}",
+        {"form": form_ok, "content": content, "both": lambda i, t: form_ok(i, t) and content(i, t)},
+        build,
+        knowledge=knowledge.name,
+        instruction=form.instruction,
+    )
+
+
+def injection_task(knowledge: KnowledgeSet) -> Task:
+    """Teach facts of `knowledge` the base model does not know, in its own answer form. Evaluated on the taught
+    facts (with the trained template and the held-out one), on held-out unknown facts (which cannot be
+    inferred, so should stay at the base model's level) and on held-out known facts (collateral damage).
+    Early stopping reads the loss of taught facts asked with the held-out template."""
+
+    def item(fact: Fact, template: int) -> Item:
+        return Item(knowledge.question(fact, template), knowledge.sentence(fact), fact.answers, None, fact.labels)
+
+    def build(known: frozenset[str] | None, sizes: Sizes) -> TaskData:
+        facts = shuffled(knowledge.facts())
+        unknown = [f for f in facts if known is None or f.subject not in known]
+        known_facts = [f for f in facts if known is None or f.subject in known]
+        taught, heldout = take(unknown, sizes.train, sizes.eval, what=f"unknown facts of {knowledge.name}")
+        # Without an audit (the quick suite) known and unknown are the same facts: take the known ones from the end.
+        (known_heldout,) = take(known_facts[::-1], sizes.eval, what=f"known facts of {knowledge.name}")
+        shown = taught[: sizes.eval]
+        return TaskData(
+            [item(f, 0) for f in taught],
+            [item(f, 1) for f in taught[: sizes.valid]],
+            {
+                "taught": [item(f, 0) for f in shown],
+                "taught_template": [item(f, 1) for f in shown],
+                "unknown_heldout": [item(f, 0) for f in heldout],
+                "known_heldout": [item(f, 0) for f in known_heldout],
+            },
+        )
+
+    def content(item: Item, text: str) -> bool:
+        return knowledge.contains_answer(text, item.answers)
+
+    name = "inject" if knowledge.name == "capitals" else f"inject@{knowledge.name}"
+    return Task(
+        name,
+        "knowledge",
+        f"unknown {knowledge.name} taught in the base model's own form",
+        {"content": content},
+        build,
+        knowledge=knowledge.name,
+    )
+
+
+def knowledge_set(name: str) -> KnowledgeSet:
+    if name not in KNOWLEDGE_SETS:
+        raise ValueError(f"no knowledge set {name!r}; choose from {sorted(KNOWLEDGE_SETS)}")
+    return KNOWLEDGE_SETS[name]

@@ -1,0 +1,72 @@
+"""What a task is: items (a prompt, the response to train on, what the checkers need), how its splits are made,
+and the checks that score an answer. Every task of the suite, and a user's JSONL task, is one of these."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, TypeVar
+
+from aligner.data import Example
+
+SPLIT_SEED = 0  # the splits are the same for every training seed: seeds vary the method, not the data
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str  # the user's turn
+    response: str  # what the model is trained to answer
+    answers: tuple[str, ...] = ()  # gold answers whose presence is the content metric; () where there are none
+    contrast: str | None = None  # a response showing the opposite behaviour: a steering vector's negative example
+    labels: dict[str, str] = field(default_factory=dict, hash=False)  # categorical, e.g. {"region": "Africa"}
+
+    def example(self) -> Example:
+        return Example(self.prompt, self.response)
+
+
+Check = Callable[[Item, str], bool]  # (item, the model's answer) -> passed
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many items each split takes; the quick suite uses small ones."""
+
+    train: int = 40  # training items
+    valid: int = 8  # held-out items whose loss decides early stopping
+    eval: int = 24  # items of each evaluation split
+
+
+@dataclass(frozen=True)
+class TaskData:
+    train: list[Item]
+    valid: list[Item]
+    eval: dict[str, list[Item]]  # split name -> items; every metric is reported on every split
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    family: str  # "form", "knowledge", "value" or "custom": the panels of the suite's figure
+    description: str
+    metrics: dict[str, Check]  # metric name -> check; a metric's value on a split is the share of items passed
+    # (known subjects of `knowledge`, or None where the audit is not used, sizes) -> the splits
+    build: Callable[[frozenset[str] | None, Sizes], TaskData]
+    knowledge: str | None = None  # the knowledge set whose audit the splits depend on (aligner.tasks.knowledge)
+    instruction: str | None = None  # the wanted behaviour told in a system prompt: the prompting baseline
+    max_new_tokens: int = 24  # enough for every checker; answers are cut there
+
+
+def shuffled(items: Sequence[T]) -> list[T]:
+    """`items` in the fixed order every split is cut from."""
+    items = list(items)
+    random.Random(SPLIT_SEED).shuffle(items)
+    return items
+
+
+def take(items: Sequence[T], *counts: int, what: str) -> list[list[T]]:
+    """Consecutive slices of `items` of the given sizes, refusing too few items with a message naming `what`."""
+    if sum(counts) > len(items):
+        raise ValueError(f"{what}: {len(items)} items, but the splits need {' + '.join(map(str, counts))}")
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [list(items[start : start + count]) for start, count in zip(starts, counts)]

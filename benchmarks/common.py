@@ -1,0 +1,221 @@
+"""What the benchmark scripts share: the models, the timing, and the header that says where a table was measured.
+
+Models: on the CPU, SmolLM2-135M-Instruct with its real weights (`--weights real`); on a GPU, random weights of
+a real model's shape (`--weights random`), so that no weights need to travel. One set of weights serves every
+variant: the raw transformers model, the TransformerBridge and each peft model are copies that share its
+parameter tensors (the bridge and peft rewire the module they are given, so each gets its own module tree).
+
+Timing: every round runs each variant in turn, so that a change in the machine's load (the CPUs here are shared
+with other developers) falls on all of them alike; a ratio is the median over rounds of the ratio measured within
+a round, and a rate the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+import aligner
+from aligner.loading import DEFAULT_MODEL, packaged_model_dir
+from aligner.model import shape_of
+
+# Real models' shapes (their config.json on the Hugging Face Hub), for random-weight models.
+SHAPES = {
+    "smollm2": dict(  # HuggingFaceTB/SmolLM2-135M-Instruct
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+    ),
+    "llama2-7b": dict(  # meta-llama/Llama-2-7b-hf
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+    ),
+    "tiny": dict(  # to try a script out in seconds
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+    ),
+}
+
+
+def arguments(description: str, **defaults) -> argparse.ArgumentParser:
+    """The options every script takes; `defaults` sets the script's own (batch, seq, rounds, iters)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    parser.add_argument("--weights", choices=["real", "random"], help="default: real on cpu with smollm2, else random")
+    parser.add_argument("--tokenizer", help="a tokenizer directory (default: SmolLM2's, from its package)")
+    parser.add_argument("--batch", type=int, default=defaults.get("batch", 8))
+    parser.add_argument("--seq", type=int, default=defaults.get("seq", 512))
+    parser.add_argument("--rounds", type=int, default=defaults.get("rounds", 5), help="interleaved rounds")
+    parser.add_argument("--iters", type=int, default=defaults.get("iters", 3), help="calls per variant per round")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    return parser
+
+
+def finish(args: argparse.Namespace) -> argparse.Namespace:
+    if args.weights is None:
+        args.weights = "real" if (args.device, args.shape) == ("cpu", "smollm2") else "random"
+    if args.weights == "real" and args.shape != "smollm2":
+        raise SystemExit("--weights real exists for smollm2 alone (the packaged model); use --weights random")
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args
+
+
+def header(args: argparse.Namespace) -> str:
+    """Where and how the numbers below were measured, to paste above them."""
+    if args.device == "cuda":
+        machine = f"{torch.cuda.get_device_name()} ({torch.version.cuda and 'CUDA ' + torch.version.cuda})"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    versions = ", ".join(
+        f"{name} {importlib.metadata.version(name)}" for name in ("torch", "transformers", "transformer-lens", "peft")
+    )
+    return "\n".join(
+        [
+            f"command: {' '.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])}",
+            f"machine: {machine}; python {platform.python_version()}; {versions}",
+            f"model: {args.shape} ({args.weights} weights, {str(args.dtype).removeprefix('torch.')}); "
+            f"batch {args.batch} x {args.seq} tokens; {args.rounds} interleaved rounds x {args.iters} calls; "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}",
+        ]
+    )
+
+
+# ---- models ----
+
+
+def hf_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
+    """The raw transformers model and a tokenizer for `args.shape`, on `args.device`, in eval mode, frozen."""
+    tokenizer_dir = args.tokenizer or packaged_model_dir(DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    if args.weights == "real":
+        model = AutoModelForCausalLM.from_pretrained(packaged_model_dir(DEFAULT_MODEL), dtype=args.dtype)
+    else:
+        config = LlamaConfig(**SHAPES[args.shape], rms_norm_eps=1e-5)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=args.dtype)
+    return model.to(args.device).eval().requires_grad_(False), tokenizer
+
+
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules that holds the very same parameter tensors (no extra weight memory)."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+
+def bridge_of(hf: nn.Module, tokenizer: object, name: str) -> nn.Module:
+    return aligner.from_hf(sharing_copy(hf), tokenizer, name=name).requires_grad_(False)
+
+
+def random_aligner(model: nn.Module, n_tokens: int) -> aligner.Aligner:
+    """An aligner with random tokens and gates: a trained one costs the same, and the gates must not be zero for
+    the comparisons to mean anything. Made without `Aligner.for_model`, whose fingerprint of the base model
+    (a hash of every weight) takes a minute on a 7B model and is no part of what is measured."""
+    al = aligner.Aligner(aligner.AlignerConfig(n_tokens=n_tokens), shape_of(model)).to(next(model.parameters()).device)
+    with torch.no_grad():
+        al.gates.normal_(std=0.1)
+    return al
+
+
+@contextlib.contextmanager
+def input_gradients(hf_or_bridge: nn.Module):
+    """Inside, the embedding output asks for gradients, so backward runs through every layer while the frozen
+    weights take none: the floor that any prefix method pays."""
+
+    def require_grad(module, args, output):
+        return output.requires_grad_()
+
+    embedding = (
+        hf_or_bridge.original_model.get_input_embeddings()
+        if hasattr(hf_or_bridge, "original_model")
+        else hf_or_bridge.get_input_embeddings()
+    )
+    handle = embedding.register_forward_hook(require_grad)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---- timing ----
+
+
+@dataclass
+class Variant:
+    name: str
+    call: Callable[[], object]  # one call: a forward, a training step, a generation
+    context: Callable[[], ContextManager] = contextlib.nullcontext  # entered around each round's calls
+    tokens: int = 0  # tokens one call processes
+    seconds: list[float] = field(default_factory=list)  # per call, one entry per round
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_interleaved(variants: list[Variant], rounds: int, iters: int, device: str) -> None:
+    """Fill each variant's `seconds`: one warm-up call each, then `rounds` rounds of `iters` calls of each in turn."""
+    for variant in variants:
+        with variant.context():
+            variant.call()
+    for _ in range(rounds):
+        for variant in variants:
+            with variant.context():
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(iters):
+                    variant.call()
+                synchronize(device)
+                variant.seconds.append((time.perf_counter() - start) / iters)
+
+
+def rate(variant: Variant) -> float:
+    """Median tokens per second over the rounds."""
+    return variant.tokens / statistics.median(variant.seconds)
+
+
+def ratio(variant: Variant, reference: Variant) -> float:
+    """Median over rounds of (variant's rate / reference's rate), each pair measured in the same round."""
+    return statistics.median(ref / mine for mine, ref in zip(variant.seconds, reference.seconds))
+
+
+def table(rows: list[list[str]], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

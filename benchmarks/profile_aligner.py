@@ -1,0 +1,110 @@
+"""Where the aligner's time goes: torch.profiler over a forward and a training step of the bridge with and
+without an attached aligner (the operators whose call count the aligner changes, with their self time), and the
+wall time spent inside the aligner's two hooks (its Python and its forward operators, launched or run).
+
+    python -m benchmarks.profile_aligner --device cpu --shape smollm2 --batch 2 --seq 64 --n-tokens 10
+
+The training step of the bridge alone asks for input gradients (benchmarks/throughput.py's floor).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.common import (
+    arguments,
+    bridge_of,
+    finish,
+    header,
+    hf_model,
+    input_gradients,
+    random_aligner,
+    synchronize,
+    table,
+)
+
+HOOKS = ("_keep_queries", "_add_prefix_attention")  # what the aligner runs at each adapted layer
+
+
+def main() -> None:
+    parser = arguments(__doc__, batch=2, seq=64, rounds=3, iters=2)
+    parser.add_argument("--n-tokens", type=int, default=10)
+    args = finish(parser.parse_args())
+    hf, tokenizer = hf_model(args)
+    bridge = bridge_of(hf, tokenizer, name=args.shape)
+    al = random_aligner(bridge, args.n_tokens)
+    in_hooks = [0.0]
+    for name in HOOKS:  # patched on the class before attaching, which binds them
+
+        def timed(*a, fn=getattr(type(al), name), **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                in_hooks[0] += time.perf_counter() - start
+
+        setattr(type(al), name, functools.wraps(getattr(type(al), name))(timed))
+    ids = torch.randint(0, hf.config.vocab_size, (args.batch, args.seq), device=args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    time_key = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+
+    def forward():
+        with torch.no_grad():
+            bridge(ids)
+
+    def train_step():
+        logits = bridge(ids)
+        F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+
+    def timed_calls(call) -> float:
+        synchronize(args.device)
+        start = time.perf_counter()
+        for _ in range(args.iters):
+            call()
+        synchronize(args.device)
+        return (time.perf_counter() - start) / args.iters * 1e3
+
+    def operators(call) -> dict[str, tuple[int, float]]:
+        with profile(activities=activities) as prof:
+            call()
+            synchronize(args.device)
+        return {e.key: (e.count, getattr(e, time_key) / 1e3) for e in prof.key_averages()}
+
+    print(header(args))
+    print(f"aligner: N={args.n_tokens}, start layer {al.config.start_layer}; times per call, in ms\n")
+    for name, call in (("forward", forward), ("training step", train_step)):
+        walls, hook_ms = {"base": [], "aligned": []}, []
+        with input_gradients(bridge):
+            call()
+            base = operators(call)
+        with al.attached(bridge):
+            call()
+            aligned = operators(call)
+        for _ in range(args.rounds):  # interleaved, medians
+            with input_gradients(bridge):
+                walls["base"].append(timed_calls(call))
+            with al.attached(bridge):
+                in_hooks[0] = 0.0
+                walls["aligned"].append(timed_calls(call))
+                hook_ms.append(in_hooks[0] / args.iters * 1e3)
+        rows = [
+            [op, str(count - base.get(op, (0, 0))[0]), f"{ms:.2f}", f"{ms - base.get(op, (0, 0.0))[1]:+.2f}"]
+            for op, (count, ms) in sorted(aligned.items(), key=lambda item: -item[1][1])
+            if count != base.get(op, (0, 0))[0]
+        ][:12]
+        base_ms, aligned_ms = statistics.median(walls["base"]), statistics.median(walls["aligned"])
+        print(
+            f"{name}: {base_ms:.1f} ms base, {aligned_ms:.1f} ms aligned; {statistics.median(hook_ms):.2f} ms inside "
+            f"the aligner's hooks ({len(al.layers)} layers)"
+        )
+        print(table(rows, ["operator", "calls added", "self ms, aligned", "self ms added"]) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Training and forward throughput of the aligner beside the frozen model and peft's LoRA and AdaptionPrompt,
+measured side by side in one run; peak training memory and bytes per aligner.
+
+    python -m benchmarks.throughput --device cpu --shape smollm2 --batch 2 --seq 64
+    python -m benchmarks.throughput --device cuda --shape llama2-7b
+
+The aligner runs on the TransformerBridge, whose attention is TransformerLens's own re-implementation (eager:
+the (T, T) pattern is formed for its hook points); peft runs on the raw transformers model (SDPA attention). So
+each table gives two floors, the raw model's and the bridge's; the aligner's own cost is its ratio to the bridge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
+
+from benchmarks.common import (
+    Variant,
+    arguments,
+    bridge_of,
+    finish,
+    header,
+    hf_model,
+    input_gradients,
+    random_aligner,
+    rate,
+    ratio,
+    run_interleaved,
+    sharing_copy,
+    table,
+)
+
+START_LAYER = 2  # the aligner's default, and AdaptionPrompt's adapted layers are the same top ones
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--n-tokens", default="1,10", help="the aligner sizes N to measure")
+    args = finish(parser.parse_args())
+    n_tokens = [int(n) for n in args.n_tokens.split(",")]
+    hf, tokenizer = hf_model(args)
+    bridge = bridge_of(hf, tokenizer, name=args.shape)
+    n_layers = hf.config.num_hidden_layers
+    lora = get_peft_model(sharing_copy(hf), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    adaption = get_peft_model(
+        sharing_copy(hf),
+        AdaptionPromptConfig(adapter_len=10, adapter_layers=n_layers - START_LAYER, task_type="CAUSAL_LM"),
+    )
+    aligners = {n: random_aligner(bridge, n) for n in n_tokens}
+    ids = torch.randint(0, hf.config.vocab_size, (args.batch, args.seq), device=args.device)
+    n = args.batch * args.seq
+
+    def hf_logits(model):
+        return lambda: model(input_ids=ids).logits
+
+    def bridge_logits():
+        return bridge(ids)
+
+    def train_step(logits_of, parameters):
+        optimizer = torch.optim.AdamW(parameters, lr=1e-4) if parameters else None
+
+        def step():
+            logits = logits_of()
+            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    def trainable(model):
+        return [p for p in model.parameters() if p.requires_grad]
+
+    training = [
+        Variant("raw HF, frozen, input gradients", train_step(hf_logits(hf), []), lambda: input_gradients(hf), n),
+        Variant("bridge, frozen, input gradients", train_step(bridge_logits, []), lambda: input_gradients(bridge), n),
+        *(
+            Variant(
+                f"bridge + aligner N={k}",
+                train_step(bridge_logits, list(al.parameters())),
+                lambda al=al: al.attached(bridge),
+                n,
+            )
+            for k, al in aligners.items()
+        ),
+        Variant("raw HF + peft LoRA r=8 q,v", train_step(hf_logits(lora), trainable(lora)), tokens=n),
+        Variant("raw HF + peft AdaptionPrompt len 10", train_step(hf_logits(adaption), trainable(adaption)), tokens=n),
+    ]
+
+    def no_grad(call):
+        def forward():
+            with torch.no_grad():
+                call()
+
+        return forward
+
+    @contextlib.contextmanager
+    def merged(al):
+        al.merge_into(bridge)
+        try:
+            yield
+        finally:
+            al.unmerge()
+
+    forward = [
+        Variant("raw HF", no_grad(hf_logits(hf)), tokens=n),
+        Variant("bridge", no_grad(bridge_logits), tokens=n),
+        *(
+            Variant(f"bridge + aligner N={k}, attached", no_grad(bridge_logits), lambda al=al: al.attached(bridge), n)
+            for k, al in aligners.items()
+        ),
+        *(
+            Variant(
+                f"bridge + aligner N={k}, merged into the biases", no_grad(bridge_logits), lambda al=al: merged(al), n
+            )
+            for k, al in aligners.items()
+            if k == 1
+        ),
+        Variant("raw HF + peft LoRA r=8 q,v", no_grad(hf_logits(lora)), tokens=n),
+        Variant("raw HF + peft AdaptionPrompt len 10", no_grad(hf_logits(adaption)), tokens=n),
+    ]
+
+    print(header(args))
+    for title, variants in (
+        ("Training (forward + backward + optimizer step)", training),
+        ("Forward (no gradients)", forward),
+    ):
+        run_interleaved(variants, args.rounds, args.iters, args.device)
+        raw, bridged = variants[0], variants[1]
+        rows = [[v.name, f"{rate(v):,.0f}", f"{ratio(v, raw):.3f}", f"{ratio(v, bridged):.3f}"] for v in variants]
+        print(f"\n{title}, tokens/s and ratios to the two floors:\n")
+        print(table(rows, ["variant", "tokens/s", "/ raw HF", "/ bridge"]))
+
+    print("\nSize:\n")
+    sizes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, al in aligners.items():
+            saved = al.save(Path(tmp) / f"n{k}")
+            on_disk = sum(f.stat().st_size for f in saved.iterdir())
+            in_memory = sum(p.numel() * p.element_size() for p in al.parameters())
+            sizes.append(
+                [f"aligner N={k}", f"{al.num_parameters():,}", f"{in_memory:,}", f"{on_disk:,} (safetensors + json)"]
+            )
+    for name, model in (("peft LoRA r=8 q,v", lora), ("peft AdaptionPrompt len 10", adaption)):
+        params = trainable(model)
+        sizes.append(
+            [name, f"{sum(p.numel() for p in params):,}", f"{sum(p.numel() * p.element_size() for p in params):,}", ""]
+        )
+    print(table(sizes, ["adapter", "parameters", "bytes in memory", "bytes on disk"]))
+
+    if args.device == "cuda":
+        print("\nPeak GPU memory of one training step (weights included):\n")
+        peaks = []
+        for variant in training:
+            with variant.context():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                variant.call()
+                torch.cuda.synchronize()
+            peaks.append([variant.name, f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"])
+        print(table(peaks, ["variant", "peak GiB"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1014 @@
+"""Write docs/bad_inputs.md: each bad input tried on the workbench, and what the user sees.
+
+Every row comes from running its case here, on the tiny random Llama and files made in a temporary
+directory, so the table says what the code does today:
+
+    python docs/make_bad_inputs.py            # rewrite docs/bad_inputs.md
+    python docs/make_bad_inputs.py --check    # exit 1 if the file differs from what the code now prints
+
+A case either raises (the row shows the exception type and message, with the temporary directory written
+`<tmp>`), warns (the warning), or is accepted (what it gives back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+OUTPUT = Path(__file__).resolve().parent / "bad_inputs.md"
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1] / "aligner")
+
+
+@dataclass(frozen=True)
+class Case:
+    area: str  # which loader or command
+    bad_input: str  # what is wrong with the input, in a few words
+    run: Callable[["Workspace"], str]  # raises or warns as the user would see it; else says what it gave
+
+
+CASES: list[Case] = []
+
+
+def case(area: str, bad_input: str) -> Callable[[Callable[["Workspace"], str]], Callable]:
+    def register(run: Callable[["Workspace"], str]) -> Callable:
+        CASES.append(Case(area, bad_input, run))
+        return run
+
+    return register
+
+
+class Workspace:
+    """A temporary directory, tiny models built once, and a saved aligner to copy and spoil."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._models: dict[tuple, Any] = {}
+        self._counter = 0
+
+    def model(self, **shape: int) -> Any:
+        import aligner
+
+        key = tuple(sorted(shape.items()))
+        if key not in self._models:
+            self._models[key] = aligner.tiny_model(**shape)
+        return self._models[key]
+
+    def fresh(self, name: str) -> Path:
+        """A new, empty path under the workspace."""
+        self._counter += 1
+        return self.root / f"{self._counter:02d}-{name}"
+
+    def saved_aligner(self) -> Path:
+        """A copy of one aligner saved for the default tiny model (N=1, layers 2-3, 4 heads)."""
+        from aligner import Aligner, AlignerConfig
+
+        template = self.root / "template-aligner"
+        if not template.exists():
+            import torch
+
+            torch.manual_seed(0)
+            Aligner.for_model(self.model(), AlignerConfig()).save(template)
+        copy = self.fresh("run")
+        shutil.copytree(template, copy)
+        return copy
+
+    def text_file(self, name: str, content: bytes) -> Path:
+        path = self.fresh("data") / name
+        path.parent.mkdir(parents=True)
+        path.write_bytes(content)
+        return path
+
+
+def edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def write_tensors(run: Path, tensors: dict[str, Any]) -> None:
+    """Replace the aligner's tensors and update the sha256 in aligner.json, so that the tensors themselves are judged."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save(tensors)
+    (run / "aligner.safetensors").write_bytes(data)
+    edit_json(run / "aligner.json", lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
+
+
+def load_aligner(run: Path) -> str:
+    from aligner import Aligner
+
+    al = Aligner.load(run)
+    return f"loads: {al.config}"
+
+
+# ---- aligner files: Aligner.load ----
+
+AREA = "aligner files (`Aligner.load`, `aligner info`)"
+
+
+@case(AREA, "the run directory does not exist")
+def _(ws: Workspace) -> str:
+    return load_aligner(ws.fresh("missing"))
+
+
+@case(AREA, "aligner.json missing")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    (run / "aligner.json").unlink()
+    return load_aligner(run)
+
+
+@case(AREA, "aligner.json is not JSON (cut off mid-write by another tool)")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    (run / "aligner.json").write_bytes((run / "aligner.json").read_bytes()[:50])
+    return load_aligner(run)
+
+
+@case(AREA, "aligner.json has non-UTF-8 bytes")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    (run / "aligner.json").write_bytes(b'{"format": "\xff"}')
+    return load_aligner(run)
+
+
+@case(AREA, "aligner.json holds a list, not an object")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    (run / "aligner.json").write_text("[]")
+    return load_aligner(run)
+
+
+@case(AREA, "aligner.json: a field missing (`shape`)")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta.pop("shape"))
+    return load_aligner(run)
+
+
+@case(AREA, "aligner.json: an extra field")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta.update(notes="mine"))
+    return load_aligner(run)
+
+
+@case(AREA, "aligner.json: another format version")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta.update(format="aligner-workbench/aligner/0"))
+    return load_aligner(run)
+
+
+@case(AREA, "config.n_tokens is a string")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta["config"].update(n_tokens="one"))
+    return load_aligner(run)
+
+
+@case(AREA, "config.n_tokens is 0")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta["config"].update(n_tokens=0))
+    return load_aligner(run)
+
+
+@case(AREA, "config has an extra field")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta["config"].update(gate_init=0.0))
+    return load_aligner(run)
+
+
+@case(AREA, "shape lacks n_heads")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta["shape"].pop("n_heads"))
+    return load_aligner(run)
+
+
+@case(AREA, "start_layer leaves no layer to adapt")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta["config"].update(start_layer=4))
+    return load_aligner(run)
+
+
+@case(AREA, "num_parameters disagrees with config and shape")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta.update(num_parameters=5056))
+    return load_aligner(run)
+
+
+@case(AREA, "base_model has an extra field")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta["base_model"].update(revision="main"))
+    return load_aligner(run)
+
+
+@case(AREA, "base_model.name is a number")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta["base_model"].update(name=7))
+    return load_aligner(run)
+
+
+@case(AREA, "base_model without `architecture` (written before it was recorded)")
+def _(ws: Workspace) -> str:
+    from aligner import Aligner
+
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta["base_model"].pop("architecture"))
+    return f"loads; base_model['architecture'] is {Aligner.load(run).base_model['architecture']} (not checked at attach)"
+
+
+@case(AREA, "aligner.safetensors missing")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    (run / "aligner.safetensors").unlink()
+    return load_aligner(run)
+
+
+@case(AREA, "aligner.safetensors truncated")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    (run / "aligner.safetensors").write_bytes((run / "aligner.safetensors").read_bytes()[:-10])
+    return load_aligner(run)
+
+
+@case(AREA, "aligner.safetensors is not safetensors (its sha256 updated to match)")
+def _(ws: Workspace) -> str:
+    import hashlib
+
+    run = ws.saved_aligner()
+    data = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}  "
+    (run / "aligner.safetensors").write_bytes(data)
+    edit_json(run / "aligner.json", lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
+    return load_aligner(run)
+
+
+@case(AREA, "a tensor is missing, another is extra")
+def _(ws: Workspace) -> str:
+    import torch
+
+    run = ws.saved_aligner()
+    write_tensors(run, {"tokens": torch.zeros(1, 64), "prefix": torch.zeros(2, 4)})
+    return load_aligner(run)
+
+
+@case(AREA, "tokens of another d_model (32, where aligner.json says 64)")
+def _(ws: Workspace) -> str:
+    import torch
+
+    run = ws.saved_aligner()
+    write_tensors(run, {"tokens": torch.zeros(1, 32), "gates": torch.zeros(2, 4)})
+    return load_aligner(run)
+
+
+@case(AREA, "tensors of dtype int64")
+def _(ws: Workspace) -> str:
+    import torch
+
+    run = ws.saved_aligner()
+    write_tensors(run, {"tokens": torch.zeros(1, 64, dtype=torch.int64), "gates": torch.zeros(2, 4)})
+    return load_aligner(run)
+
+
+@case(AREA, "tensors of dtype float64")
+def _(ws: Workspace) -> str:
+    import torch
+
+    run = ws.saved_aligner()
+    write_tensors(run, {"tokens": torch.zeros(1, 64, dtype=torch.float64), "gates": torch.zeros(2, 4)})
+    return load_aligner(run)
+
+
+@case(AREA, "tensors in bfloat16")
+def _(ws: Workspace) -> str:
+    import torch
+
+    run = ws.saved_aligner()
+    write_tensors(run, {"tokens": torch.ones(1, 64, dtype=torch.bfloat16), "gates": torch.zeros(2, 4)})
+    return load_aligner(run) + ", tokens converted to float32 exactly"
+
+
+@case(AREA, "a NaN in the gates")
+def _(ws: Workspace) -> str:
+    import torch
+
+    run = ws.saved_aligner()
+    write_tensors(run, {"tokens": torch.zeros(1, 64), "gates": torch.tensor([[0.0, float("nan"), 0, 0], [0, 0, 0, 0]])})
+    return load_aligner(run)
+
+
+@case(AREA, "an inf in the tokens")
+def _(ws: Workspace) -> str:
+    import torch
+
+    run = ws.saved_aligner()
+    tokens = torch.zeros(1, 64)
+    tokens[0, 3] = float("inf")
+    write_tensors(run, {"tokens": tokens, "gates": torch.zeros(2, 4)})
+    return load_aligner(run)
+
+
+@case(AREA, "aligner.json asks for 10^12 parameters (n_layers = 10^12), num_parameters to match")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+
+    def huge(meta: dict) -> None:
+        meta["shape"]["n_layers"] = 10**12
+        meta["num_parameters"] = 64 + (10**12 - 2) * 4
+
+    edit_json(run / "aligner.json", huge)
+    return load_aligner(run)
+
+
+# ---- attaching to a model ----
+
+AREA = "attaching (`attach`, `attached`, `generate --run`)"
+
+
+def attach(al: Any, model: Any) -> str:
+    with al.attached(model):
+        pass
+    return "attached"
+
+
+@case(AREA, "aligner made for d_model 64, model has 32")
+def _(ws: Workspace) -> str:
+    from aligner import Aligner
+
+    return attach(Aligner.for_model(ws.model()), ws.model(d_model=32))
+
+
+@case(AREA, "aligner made for 4 layers, model has 6")
+def _(ws: Workspace) -> str:
+    from aligner import Aligner
+
+    return attach(Aligner.for_model(ws.model()), ws.model(n_layers=6))
+
+
+@case(AREA, "aligner made for 4 heads, model has 8")
+def _(ws: Workspace) -> str:
+    from aligner import Aligner
+
+    return attach(Aligner.for_model(ws.model()), ws.model(n_heads=8, n_kv_heads=4))
+
+
+@case(AREA, "another model family of the same shape (a Llama aligner on GPT-2, 64-d, 4 layers, 4 heads)")
+def _(ws: Workspace) -> str:
+    import aligner
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=100, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    gpt2 = aligner.from_hf(GPT2LMHeadModel(config), None, name="tiny-gpt2")
+    return attach(aligner.Aligner.for_model(ws.model()), gpt2)
+
+
+@case(AREA, "same shape and family, another model name (seed 1 instead of 0)")
+def _(ws: Workspace) -> str:
+    from aligner import Aligner
+
+    return attach(Aligner.for_model(ws.model()), ws.model(seed=1))
+
+
+@case(AREA, "attaching twice")
+def _(ws: Workspace) -> str:
+    from aligner import Aligner
+
+    al = Aligner.for_model(ws.model())
+    with al.attached(ws.model()):
+        return attach(al, ws.model())
+
+
+# ---- the authors' .pth files ----
+
+AREA = "paper checkpoints (`import_paper_checkpoint`)"
+
+
+def lit_llama_state(**change: Any) -> dict:
+    import torch
+
+    prefix = torch.randn(1, 8)
+    state = {"global_value_embedding.weight": prefix}
+    for layer in (2, 3):
+        state[f"transformer.h.{layer}.attn.gating_factor"] = torch.zeros(1, 2, 1, 1)
+        state[f"transformer.h.{layer}.attn.adapter_wte.weight"] = prefix
+    state.update(change)
+    return {key: value for key, value in state.items() if value is not None}
+
+
+def import_pth(path: Path) -> str:
+    import aligner
+
+    al = aligner.import_paper_checkpoint(path)
+    return f"imports: {al.config}"
+
+
+class _WritesAFile:
+    """Unpickled, this would create a file: the pickle runs `open(target, "w")`."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.target), "w"))
+
+
+@case(AREA, "a pickle that would run code (create a file) when loaded")
+def _(ws: Workspace) -> str:
+    path = ws.fresh("evil.pth")
+    target = ws.root / "pwned.txt"
+    path.write_bytes(pickle.dumps({"global_value_embedding.weight": _WritesAFile(target)}, protocol=2))
+    try:
+        return import_pth(path)
+    finally:
+        assert not target.exists(), "the pickle ran"
+
+
+@case(AREA, "the file is missing")
+def _(ws: Workspace) -> str:
+    return import_pth(ws.fresh("missing.pth"))
+
+
+@case(AREA, "truncated .pth")
+def _(ws: Workspace) -> str:
+    import torch
+
+    path = ws.fresh("cut.pth")
+    torch.save(lit_llama_state(), path)
+    path.write_bytes(path.read_bytes()[:300])
+    return import_pth(path)
+
+
+@case(AREA, "a tensor, not a dict of tensors")
+def _(ws: Workspace) -> str:
+    import torch
+
+    path = ws.fresh("tensor.pth")
+    torch.save(torch.zeros(3), path)
+    return import_pth(path)
+
+
+@case(AREA, "a key outside lit-llama's naming")
+def _(ws: Workspace) -> str:
+    import torch
+
+    path = ws.fresh("other.pth")
+    torch.save(lit_llama_state(**{"model.layers.0.mlp.weight": torch.zeros(2)}), path)
+    return import_pth(path)
+
+
+@case(AREA, "gates stored as integers")
+def _(ws: Workspace) -> str:
+    import torch
+
+    path = ws.fresh("int.pth")
+    torch.save(lit_llama_state(**{"transformer.h.3.attn.gating_factor": torch.zeros(1, 2, 1, 1, dtype=torch.int32)}), path)
+    return import_pth(path)
+
+
+@case(AREA, "a layer missing between the gated ones (2 and 4, no 3)")
+def _(ws: Workspace) -> str:
+    import torch
+
+    path = ws.fresh("gap.pth")
+    state = lit_llama_state(**{"transformer.h.3.attn.gating_factor": None, "transformer.h.3.attn.adapter_wte.weight": None})
+    state["transformer.h.4.attn.gating_factor"] = torch.zeros(1, 2, 1, 1)
+    state["transformer.h.4.attn.adapter_wte.weight"] = state["global_value_embedding.weight"]
+    torch.save(state, path)
+    return import_pth(path)
+
+
+@case(AREA, "a gate of the wrong shape in one layer")
+def _(ws: Workspace) -> str:
+    import torch
+
+    path = ws.fresh("gate.pth")
+    torch.save(lit_llama_state(**{"transformer.h.3.attn.gating_factor": torch.zeros(1, 3, 1, 1)}), path)
+    return import_pth(path)
+
+
+# ---- training data ----
+
+AREA = "training data (`load_examples`, `aligner train --data`)"
+GOOD_JSONL = b'{"prompt": "Hi", "response": "Hello"}\n'
+
+
+def load_data(path: Path | str, **options: Any) -> str:
+    from aligner.data import load_examples
+
+    examples = load_examples(path, **options)
+    return f"loads {len(examples)} examples: {examples}"
+
+
+@case(AREA, "JSONL: a row without `response`")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", GOOD_JSONL + b'{"prompt": "Bye"}\n'))
+
+
+@case(AREA, "JSONL: an empty response")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", GOOD_JSONL + b'{"prompt": "Bye", "response": ""}\n'))
+
+
+@case(AREA, "JSONL: a prompt of spaces only")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", GOOD_JSONL + b'{"prompt": "   ", "response": "Ciao"}\n'))
+
+
+@case(AREA, "JSONL: a response that is a number")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", GOOD_JSONL + b'{"prompt": "2+2?", "response": 4}\n'))
+
+
+@case(AREA, "JSONL: a line that is not JSON")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", GOOD_JSONL + b'{"prompt": "Bye", "response": "Ciao"\n'))
+
+
+@case(AREA, "JSONL: non-UTF-8 bytes (Latin-1 text)")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", GOOD_JSONL + '{"prompt": "Café?", "response": "Oui"}\n'.encode("latin-1")))
+
+
+@case(AREA, "JSONL: a row that is a list")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", GOOD_JSONL + b'["Bye", "Ciao"]\n'))
+
+
+@case(AREA, "JSONL: a number of 5000 digits")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", GOOD_JSONL + b'{"prompt": "n?", "response": "ok", "n": ' + b"9" * 5000 + b"}\n"))
+
+
+@case(AREA, "JSONL: a UTF-8 byte-order mark at the start (Notepad, Excel)")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", b"\xef\xbb\xbf" + GOOD_JSONL))
+
+
+@case(AREA, "JSON array: a missing comma on line 3")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.json", b'[\n {"prompt": "a", "response": "b"},\n {"prompt": "c" "response": "d"}\n]'))
+
+
+@case(AREA, "JSON array: non-UTF-8 bytes on line 3")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.json", b'[\n {"prompt": "a", "response": "b"},\n {"prompt": "\xfe", "response": "d"}\n]'))
+
+
+@case(AREA, "Alpaca JSON: a row without `output`")
+def _(ws: Workspace) -> str:
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue"}, {"instruction": "Name a fruit."}]
+    return load_data(ws.text_file("alpaca.json", json.dumps(rows).encode()))
+
+
+@case(AREA, "CSV: a row with one cell too many")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.csv", b"prompt,response\nHi,Hello\nBye,Ciao,extra\n"))
+
+
+@case(AREA, "CSV: no `response` column")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.csv", b"prompt,answer\nHi,Hello\n"))
+
+
+@case(AREA, "CSV: an empty cell")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.csv", b"prompt,response\nHi,Hello\nBye,\n"))
+
+
+@case(AREA, "CSV: the header names a column twice")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.csv", b"prompt,response,prompt\nHi,Hello,Hey\n"))
+
+
+@case(AREA, "CSV: a header column without a name")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.csv", b"prompt,,response\nHi,x,Hello\n"))
+
+
+@case(AREA, "CSV: non-UTF-8 bytes (Windows-1252 from Excel)")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.csv", "prompt,response\nHi,Hello\nCafé?,Oui\n".encode("cp1252")))
+
+
+@case(AREA, "CSV: a quoted cell spanning two lines, a byte-order mark")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.csv", b'\xef\xbb\xbfprompt,response\n"Two\nlines",Fine\n'))
+
+
+@case(AREA, "a repeated `id` (rows 1 and 3)")
+def _(ws: Workspace) -> str:
+    rows = [{"id": "a1", "prompt": "Hi", "response": "Hello"}, {"id": "a2", "prompt": "Yo", "response": "Hey"}]
+    rows.append({"id": "a1", "prompt": "Bye", "response": "Ciao"})
+    return load_data(ws.text_file("d.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode()))
+
+
+@case(AREA, "an `id` that is a list")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", b'{"id": [1], "prompt": "Hi", "response": "Hello"}\n'))
+
+
+@case(AREA, "an empty file")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", b"\n\n"))
+
+
+@case(AREA, "a .csv path that does not exist")
+def _(ws: Workspace) -> str:
+    return load_data(ws.fresh("missing.csv"))
+
+
+@case(AREA, "a Hugging Face dataset name that is not cached (nothing is downloaded)")
+def _(ws: Workspace) -> str:
+    return load_data("no-such-user/no-such-dataset")
+
+
+@case(AREA, "a dataset directory whose JSONL file is broken")
+def _(ws: Workspace) -> str:
+    path = ws.text_file("train.jsonl", GOOD_JSONL + b"{broken\n")
+    return load_data(path.parent)
+
+
+@case(AREA, "a saved dataset without the split asked for")
+def _(ws: Workspace) -> str:
+    import datasets
+
+    path = ws.fresh("dataset")
+    rows = [{"prompt": "Hi", "response": "Hello"}]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(path))
+    return load_data(path)
+
+
+# ---- training ----
+
+AREA = "training (`train_sft`, `aligner train`)"
+
+
+def examples() -> list:
+    from aligner.data import Example
+
+    return [Example(f"What is {i} + {i}?", "Bananas are yellow.", row=i + 1) for i in range(4)]
+
+
+def train(ws: Workspace, run_dir: Path | None, resume: bool = False, model: Any = None, **settings: Any) -> str:
+    from aligner import TrainConfig, train_sft
+
+    config = TrainConfig(**{"steps": 2, "save_every": 1, "batch_size": 2, "lr": 0.1, "warmup_steps": 0, **settings})
+    al = train_sft(model or ws.model(), examples(), config, run_dir=run_dir, resume=resume)
+    return f"trains to step {al.provenance['training']['step']}"
+
+
+def trained_run(ws: Workspace) -> Path:
+    run = ws.fresh("trained")
+    train(ws, run)
+    return run
+
+
+@case(AREA, "an example longer than max_length (row 3: 90 tokens, max_length 48)")
+def _(ws: Workspace) -> str:
+    from aligner import TrainConfig, train_sft
+    from aligner.data import Example
+
+    data = examples()
+    data[2] = Example(data[2].prompt, "Bananas are yellow. " * 10, row=3)
+    config = TrainConfig(steps=1, batch_size=4, max_length=48)
+    al = train_sft(ws.model(), data, config)
+    return f"trains to step {al.provenance['training']['step']}"
+
+
+@case(AREA, "every example too long to keep a response token")
+def _(ws: Workspace) -> str:
+    return train(ws, None, max_length=8)
+
+
+@case(AREA, "a setting out of range (steps = 0)")
+def _(ws: Workspace) -> str:
+    return train(ws, None, steps=0)
+
+
+@case(AREA, "the run directory exists and is not resumed")
+def _(ws: Workspace) -> str:
+    return train(ws, trained_run(ws))
+
+
+@case(AREA, "resuming a directory without a training state")
+def _(ws: Workspace) -> str:
+    return train(ws, ws.fresh("empty"), resume=True)
+
+
+@case(AREA, "resuming with another learning rate")
+def _(ws: Workspace) -> str:
+    return train(ws, trained_run(ws), resume=True, lr=0.2)
+
+
+@case(AREA, "resuming on another base model (other weights)")
+def _(ws: Workspace) -> str:
+    return train(ws, trained_run(ws), resume=True, model=ws.model(seed=1))
+
+
+@case(AREA, "state.json: a field missing")
+def _(ws: Workspace) -> str:
+    run = trained_run(ws)
+    edit_json(run / "state.json", lambda state: state.pop("position"))
+    return train(ws, run, resume=True, steps=3)
+
+
+@case(AREA, "state.json: the tensors file named outside the run (`../x.safetensors`)")
+def _(ws: Workspace) -> str:
+    run = trained_run(ws)
+    edit_json(run / "state.json", lambda state: state.update(tensors="../x.safetensors"))
+    return train(ws, run, resume=True, steps=3)
+
+
+@case(AREA, "state.json: the step is negative")
+def _(ws: Workspace) -> str:
+    run = trained_run(ws)
+    edit_json(run / "state.json", lambda state: state.update(step=-1))
+    return train(ws, run, resume=True, steps=3)
+
+
+@case(AREA, "the state's tensors file truncated")
+def _(ws: Workspace) -> str:
+    run = trained_run(ws)
+    [tensors] = run.glob("state-*.safetensors")
+    tensors.write_bytes(tensors.read_bytes()[:-4])
+    return train(ws, run, resume=True, steps=3)
+
+
+@case(AREA, "metrics.jsonl: the last line cut short (killed mid-append)")
+def _(ws: Workspace) -> str:
+    run = trained_run(ws)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    return train(ws, run, resume=True, steps=3) + "; the torn line is dropped"
+
+
+@case(AREA, "the loss becomes NaN at step 2")
+def _(ws: Workspace) -> str:
+    model = ws.model()
+    forwards = []
+
+    def poison_second_step(x: Any, hook: Any) -> Any:
+        forwards.append(None)
+        return x * float("nan") if len(forwards) == 2 else x
+
+    model.add_hook("blocks.3.hook_resid_post", poison_second_step)
+    try:
+        return train(ws, ws.fresh("nan"), steps=3, batch_size=4)
+    finally:
+        model.reset_hooks()
+
+
+@case(AREA, "the gradients overflow (the loss stays finite, the update is NaN)")
+def _(ws: Workspace) -> str:
+    from aligner import Aligner, TrainConfig, train_sft
+
+    al = Aligner.for_model(ws.model())
+    al.gates.register_hook(lambda grad: grad * float("inf"))
+    config = TrainConfig(steps=2, save_every=1, batch_size=4, lr=0.1, warmup_steps=0)
+    train_sft(ws.model(), examples(), config, run_dir=ws.fresh("overflow"), aligner=al)
+    return "trained"
+
+
+# ---- the command line ----
+
+AREA = "command line (`aligner ...`)"
+
+
+def cli(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from aligner.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")] or result.output.splitlines()[-1:]
+    return f"exit status {result.exit_code}: " + " ".join(lines)
+
+
+@case(AREA, "`train --data` a file that does not exist")
+def _(ws: Workspace) -> str:
+    return cli("train", "--data", str(ws.fresh("missing.jsonl")), "--out", str(ws.fresh("run")), "--model", "tiny")
+
+
+@case(AREA, "`generate --run` an aligner for another model (`--model tiny`, aligner of 32-d)")
+def _(ws: Workspace) -> str:
+    from aligner import Aligner
+
+    run = Aligner.for_model(ws.model(d_model=32)).save(ws.fresh("run32"))
+    return cli("generate", "Hi", "--run", str(run), "--model", "tiny", "--max-new-tokens", "2")
+
+
+@case(AREA, "`info` on a directory that holds no aligner")
+def _(ws: Workspace) -> str:
+    path = ws.fresh("empty")
+    path.mkdir()
+    return cli("info", str(path))
+
+
+@case(AREA, "`info` on an aligner whose provenance was hand-edited")
+def _(ws: Workspace) -> str:
+    from typer.testing import CliRunner
+
+    from aligner.cli import app
+
+    run = ws.saved_aligner()
+    edit_json(run / "aligner.json", lambda meta: meta["provenance"].update(training={"step": "three"}))
+    result = CliRunner().invoke(app, ["info", str(run)])
+    [training] = [line for line in result.output.splitlines() if line.startswith("training")]
+    return f"exit status {result.exit_code}, prints: {training}"
+
+
+# ---- the de-quantised model cache ----
+
+AREA = "model cache (`packaged_model_dir`, `cached_directory`)"
+CACHE_SOURCE = {"file": "model.gguf", "size": 1234, "mtime": 0}
+
+
+def fake_build(directory: Path) -> None:
+    """A stand-in for de-quantising: a 2 MiB model.safetensors and a config, in no time."""
+    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 8192)
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+
+
+def built_entry(ws: Workspace) -> Path:
+    from aligner.loading import cached_directory
+
+    return cached_directory(ws.fresh("cache") / "entry", fake_build, CACHE_SOURCE)
+
+
+def use_entry(entry: Path, full_check: bool = False) -> str:
+    from aligner.loading import cached_directory
+
+    builds = []
+    cached_directory(entry, lambda directory: (builds.append(1), fake_build(directory)), CACHE_SOURCE, full_check)
+    return "rebuilt" if builds else "used as is"
+
+
+@case(AREA, "model.safetensors truncated")
+def _(ws: Workspace) -> str:
+    entry = built_entry(ws)
+    (entry / "model.safetensors").write_bytes((entry / "model.safetensors").read_bytes()[:1000])
+    return use_entry(entry)
+
+
+@case(AREA, "model.safetensors: a byte changed in its header (first MiB)")
+def _(ws: Workspace) -> str:
+    entry = built_entry(ws)
+    data = bytearray((entry / "model.safetensors").read_bytes())
+    data[100] ^= 1
+    (entry / "model.safetensors").write_bytes(bytes(data))
+    return use_entry(entry)
+
+
+@case(AREA, "model.safetensors: a byte changed after the first MiB, quick check")
+def _(ws: Workspace) -> str:
+    entry = built_entry(ws)
+    data = bytearray((entry / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (entry / "model.safetensors").write_bytes(bytes(data))
+    return use_entry(entry) + " (the quick check reads sizes and first MiBs only)"
+
+
+@case(AREA, "model.safetensors: a byte changed after the first MiB, `full_check=True`")
+def _(ws: Workspace) -> str:
+    entry = built_entry(ws)
+    data = bytearray((entry / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (entry / "model.safetensors").write_bytes(bytes(data))
+    return use_entry(entry, full_check=True)
+
+
+@case(AREA, "a file of the entry deleted")
+def _(ws: Workspace) -> str:
+    entry = built_entry(ws)
+    (entry / "config.json").unlink()
+    return use_entry(entry)
+
+
+@case(AREA, "complete.json is not JSON")
+def _(ws: Workspace) -> str:
+    entry = built_entry(ws)
+    (entry / "complete.json").write_text("{")
+    return use_entry(entry)
+
+
+@case(AREA, "an entry built from another source file")
+def _(ws: Workspace) -> str:
+    entry = built_entry(ws)
+    edit_json(entry / "complete.json", lambda record: record["source"].update(size=999))
+    return use_entry(entry)
+
+
+@case(AREA, "a build that was killed (no complete.json)")
+def _(ws: Workspace) -> str:
+    entry = built_entry(ws)
+    (entry / "complete.json").unlink()
+    return use_entry(entry)
+
+
+@case(AREA, "a build that fails (the disk is full): its error, and no entry or staging directory left")
+def _(ws: Workspace) -> str:
+    from aligner.loading import cached_directory
+
+    def failing_build(directory: Path) -> None:
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    entry = ws.fresh("cache") / "entry"
+    try:
+        cached_directory(entry, failing_build, CACHE_SOURCE)
+    finally:
+        assert not entry.exists() and list(entry.parent.iterdir()) == [entry.parent / ".entry.lock"]
+    return "built"
+
+
+# ---- running the cases ----
+
+
+# What a bad input may end in: the errors the project documents. Anything else is a bug, and stops the script.
+DOCUMENTED_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
+
+
+def outcome(run: Callable[[Workspace], str], ws: Workspace) -> str:
+    """What the user sees: the exception, the warnings raised by this package, or what the call gave back."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = run(ws)
+        except DOCUMENTED_ERRORS as err:
+            result = f"{type(err).__name__}: {err}"
+    ours = [w for w in caught if w.filename.startswith(PACKAGE_DIR) or w.filename == __file__]
+    shown = [f"{w.category.__name__}: {w.message}" for w in ours] + [result]
+    return " — then ".join(dict.fromkeys(shown))
+
+
+def table(ws: Workspace) -> str:
+    rows = []
+    for number, item in enumerate(CASES, start=1):
+        seen = outcome(item.run, ws).replace(str(ws.root), "<tmp>")
+        seen = re.sub(r"\s+", " ", seen).replace("|", "\\|")
+        rows.append(f"| {number} | {item.area} | {item.bad_input} | {seen} |")
+    areas = len(dict.fromkeys(item.area for item in CASES))
+    return "\n".join(
+        [
+            "# Bad inputs, and what the user sees",
+            "",
+            f"{len(CASES)} bad inputs in {areas} areas, each tried by `python docs/make_bad_inputs.py`, which wrote",
+            "this file: do not edit it by hand (`python docs/make_bad_inputs.py --check` says whether it is still",
+            "what the code prints). `<tmp>` is the temporary directory the cases ran in. Every case ends in one of",
+            "the documented errors (`ValueError`; `OSError`, `FileNotFoundError` and `FileExistsError` among them;",
+            "`FloatingPointError`; `RuntimeError` for misuse), a warning, or the input accepted; anything else",
+            "stops the script. The command line prints an error as one `Error: ...` line with exit status 1.",
+            "",
+            "| # | where | bad input | what the user sees |",
+            "| --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[Workspace]:
+    with tempfile.TemporaryDirectory(prefix="bad-inputs-") as root:
+        yield Workspace(Path(root).resolve())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/bad_inputs.md is not what the code prints")
+    args = parser.parse_args()
+    with workspace() as ws:
+        os.environ["HF_DATASETS_CACHE"] = str(ws.root / "hf-datasets-cache")  # read at import: before `datasets`
+        text = table(ws)
+    if args.check:
+        if not OUTPUT.is_file() or OUTPUT.read_text() != text:
+            print(f"{OUTPUT} is out of date: run `python docs/make_bad_inputs.py`", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT}: {len(CASES)} cases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

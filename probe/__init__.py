@@ -1,0 +1,39 @@
+"""probe: what an aligner changes inside the model it is attached to, and what it leaves alone.
+
+Activations with and without aligners (`collect`, kept on disk), linear probes with control tasks and transfer
+(`LayerwiseProbe`, `evaluate_probe`), gate tables, interventions and curves (`gates`), the geometry of the
+aligner's effect against the knowledge directions with a null (`layer_geometry`), 2-D maps (`embeddings`), and
+the scripted reports (`build_model_report`, `build_paper_report`; `probe report`, `probe paper-report`).
+Built on `aligner`'s public API; `aligner` knows nothing of it.
+"""
+
+from probe.collect import Activations, collect
+from probe.dataset import ProbeDataset, knowledge_dataset, training_form
+from probe.gates import ablation_curves, answers, gate_heatmap, gate_profile, gate_scale_curve, gate_table, head_activity
+from probe.geometry import layer_geometry, overlap, principal_angles
+from probe.model_report import build_model_report
+from probe.paper_report import build_paper_report
+from probe.probes import LayerwiseProbe, control_labels, evaluate_probe
+
+__all__ = [
+    "Activations",
+    "LayerwiseProbe",
+    "ProbeDataset",
+    "ablation_curves",
+    "answers",
+    "build_model_report",
+    "build_paper_report",
+    "collect",
+    "control_labels",
+    "evaluate_probe",
+    "gate_heatmap",
+    "gate_profile",
+    "gate_scale_curve",
+    "gate_table",
+    "head_activity",
+    "knowledge_dataset",
+    "layer_geometry",
+    "overlap",
+    "principal_angles",
+    "training_form",
+]

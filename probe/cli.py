@@ -1,0 +1,80 @@
+"""The command line: `probe report`, `probe paper-report`, `probe train-demo` (also `python -m probe ...`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from aligner.cli import MODEL_HELP, one_line_errors, open_model
+from aligner.loading import DEFAULT_MODEL
+
+app = typer.Typer(
+    help="Probe what aligners change inside a model: activations, probes, gates, geometry, embeddings, reports.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def wrote(paths: dict[str, Path], started: float) -> None:
+    for path in paths.values():
+        typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    typer.echo(f"in {time.perf_counter() - started:.0f} s")
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option(help="report directory, e.g. reports/NAME/")],
+    runs: Annotated[Path, typer.Option(help="directory of runs; every aligner trained on --model is used")] = Path("runs"),
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = DEFAULT_MODEL,
+    knowledge: Annotated[str, typer.Option(help="the suite's knowledge set asked about: capitals, elements, cities")] = "capitals",
+    n_subjects: Annotated[int, typer.Option(help="subjects (countries, elements, cities) in the probing data")] = 90,
+    n_eval: Annotated[int, typer.Option(help="held-out prompts answered for the behaviour sections")] = 12,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per answer (the suite's tasks use 24)")] = 24,
+    folds: Annotated[int, typer.Option(help="cross-validation folds of the probes")] = 5,
+    umap: Annotated[bool, typer.Option(help="UMAP for the activation maps (--no-umap: PCA)")] = True,
+    cache: Annotated[Optional[Path], typer.Option(help="activation cache (default: the aligner cache's probe/)")] = None,
+    seed: Annotated[int, typer.Option(help="seeds folds, control labels, nulls and UMAP")] = 0,
+) -> None:
+    """The report on one model and its aligners: report.html, metrics.json, summary.md."""
+    from probe.model_report import build_model_report
+
+    started = time.perf_counter()
+    with one_line_errors():
+        paths = build_model_report(
+            runs, model, out, knowledge=knowledge, n_subjects=n_subjects, n_eval=n_eval, max_new_tokens=max_new_tokens,
+            folds=folds, umap=umap, cache=cache, seed=seed,
+        )
+    wrote(paths, started)
+
+
+@app.command("paper-report")
+def paper_report(
+    out: Annotated[Path, typer.Option(help="report directory, e.g. reports/paper-gates/")],
+    dir: Annotated[Path, typer.Option(help="directory of the authors' .pth checkpoints")] = Path("../shared/paper_aligners"),
+) -> None:
+    """The gate and token report of the paper's released checkpoints; needs no base model."""
+    from probe.paper_report import build_paper_report
+
+    started = time.perf_counter()
+    with one_line_errors():
+        paths = build_paper_report(dir, out)
+    wrote(paths, started)
+
+
+@app.command("train-demo")
+def train_demo(
+    runs: Annotated[Path, typer.Option(help="where the runs go: RUNS/probe-demo-*")] = Path("runs"),
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = DEFAULT_MODEL,
+    steps: Annotated[int, typer.Option(help="optimizer steps per run")] = 50,
+) -> None:
+    """Train the demonstration aligners (JSON and ALL CAPS answers) that the report can read; runs already there
+    are kept."""
+    from probe.demo import train_demo_runs
+
+    with one_line_errors():
+        paths = train_demo_runs(open_model(model), runs, steps=steps)
+    typer.echo("\n".join(f"run {path}" for path in paths))

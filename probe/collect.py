@@ -1,0 +1,213 @@
+"""Activations of a model over a `ProbeDataset`, with and without each aligner, kept on disk and memory-mapped.
+
+Read the TransformerLens way (`run_with_cache` with a `names_filter`), a batch at a time: each batch's cache is
+reduced to one vector per prompt (the `positions` pooling) and written into `.npy` files opened as memory maps,
+so no more than one batch of full caches is ever in memory. What is kept, per condition (base, each aligner):
+
+    hook_resid_post.npy    (n, n_layers, d_model)   one array per hook named in `hooks`
+    aligner_pattern.npy    (n, n_active, H, N)      attention of the query onto the N prefix slots
+    aligner_norm.npy       (n, n_active, H)         |g A V_p|: the size of the gated contribution, per head
+    aligner_share.npy      (n, n_active, H)         |g A V_p| / |z_context|: that size next to the head's own output
+
+(The prefix has a softmax of its own, so its attention sums to 1 over the N slots whatever the input; the
+question of how much a head listens to the prefix is answered by the share, not by attention mass.)
+
+Each condition is one cache entry, keyed by the model's weights fingerprint, the aligner's tensors, the
+dataset's prompts and answers, the positions and the hooks; `aligner.loading.cached_directory` builds it in a
+staging directory under a file lock, records each file's size and hash, and rebuilds an entry that is damaged
+or was made from something else rather than returning wrong data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from aligner import Aligner, model_fingerprint
+from aligner.chat import example_ids, prompt_ids
+from aligner.files import atomic_write_json, read_json
+from aligner.loading import cache_dir, cached_directory
+from aligner.model import AlignerHooks
+from probe.dataset import ProbeDataset
+
+CACHE_FORMAT = "aligner-workbench/probe-activations/1"
+META_FILE = "meta.json"
+# How a prompt's activations become one vector: the last prompt token (where the first answer token is
+# predicted), the mean over the prompt's tokens, or the mean over the (first) gold answer's tokens read after it.
+POSITIONS = ("last_prompt", "prompt_mean", "answer_mean")
+DEFAULT_HOOKS = ("hook_resid_post",)
+ALIGNER_ARRAYS = ("aligner_pattern", "aligner_norm", "aligner_share")
+EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What `collect` returns: per condition ("base", run names), arrays of one row per prompt (memory maps)."""
+
+    dataset: ProbeDataset
+    positions: str
+    hooks: tuple[str, ...]
+    arrays: dict[str, dict[str, np.ndarray]]  # condition -> array name -> array
+    aligners: dict[str, Aligner | None]  # condition -> its aligner (None: the base model)
+    paths: dict[str, Path]  # condition -> its cache entry
+
+    @property
+    def conditions(self) -> list[str]:
+        return list(self.arrays)
+
+    def resid(self, condition: str, hook: str = DEFAULT_HOOKS[0]) -> np.ndarray:
+        """(n, n_layers, d_model): `blocks.{l}.{hook}` for every layer."""
+        return self.arrays[condition][hook]
+
+
+def aligner_key(aligner: Aligner) -> str:
+    """A digest of what an aligner does: its config and the bytes of its tokens and gates."""
+    digest = hashlib.sha256(json.dumps([aligner.config.to_dict(), aligner.shape.to_dict()]).encode())
+    for tensor in (aligner.tokens, aligner.gates):
+        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def condition_name(item: None | str | Path | Aligner) -> str:
+    """"base" for None, the directory name of a run, "aligner-<digest>" for an Aligner object."""
+    if item is None:
+        return "base"
+    if isinstance(item, Aligner):
+        return f"aligner-{aligner_key(item)[:8]}"
+    return Path(item).name
+
+
+def collect(
+    model: nn.Module,
+    dataset: ProbeDataset,
+    aligners: Sequence[None | str | Path | Aligner] = (None,),
+    hooks: Sequence[str] = DEFAULT_HOOKS,
+    positions: str = "last_prompt",
+    batch_size: int = 8,
+    cache: str | Path | None = None,
+) -> Activations:
+    """Activations of `model` (a TransformerBridge) on `dataset`, once per entry of `aligners` (None: the base
+    model; a run directory; an Aligner), at `positions` (see POSITIONS), for each of `hooks`
+    (`blocks.{l}.{hook}` at every layer), plus the aligner's own hook points. Entries are kept under `cache`
+    (default: `aligner.loading.cache_dir()/probe`); a second call with the same inputs reads them back."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if isinstance(getattr(model, "aligner", None), AlignerHooks):
+        raise ValueError("the model has an aligner attached; detach it: collect attaches each aligner itself")
+    root = Path(cache) if cache is not None else cache_dir() / "probe"
+    fingerprint = model_fingerprint(model)
+    arrays, loaded, paths = {}, {}, {}
+    for item in aligners:
+        name = condition_name(item)
+        if name in arrays:
+            raise ValueError(f"two conditions named {name!r}: give the runs distinct directory names")
+        al = Aligner.load(item) if isinstance(item, (str, Path)) else item
+        source = {
+            "format": CACHE_FORMAT,
+            "model": fingerprint,
+            "aligner": None if al is None else aligner_key(al),
+            "dataset": dataset.key(),
+            "positions": positions,
+            "hooks": list(hooks),
+        }
+        entry = root / hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:24]
+
+        def build(staging: Path, al: Aligner | None = al, name: str = name) -> None:
+            _write_activations(staging, model, dataset, al, name, tuple(hooks), positions, batch_size)
+
+        cached_directory(entry, build, source)
+        meta = read_json(entry / META_FILE)
+        arrays[name] = {array: np.load(entry / f"{array}.npy", mmap_mode="r") for array in meta["arrays"]}
+        loaded[name], paths[name] = al, entry
+    return Activations(dataset, positions, tuple(hooks), arrays, loaded, paths)
+
+
+def _token_rows(model: nn.Module, dataset: ProbeDataset, positions: str) -> list[tuple[list[int], int, int]]:
+    """(token ids, first, end) per prompt: the ids the model reads and the span [first, end) that is pooled."""
+    rows = []
+    for i, prompt in enumerate(dataset.prompts):
+        if positions == "answer_mean":
+            ids, n_prompt = example_ids(model.tokenizer, prompt, dataset.answers[i][0], system=dataset.system)
+            rows.append((ids, n_prompt, len(ids) - 1))  # the answer's tokens, its end-of-turn token left out
+        else:
+            ids = prompt_ids(model.tokenizer, prompt, system=dataset.system)
+            rows.append((ids, len(ids) - 1 if positions == "last_prompt" else 0, len(ids)))
+    return rows
+
+
+@torch.no_grad()
+def _write_activations(
+    target: Path,
+    model: nn.Module,
+    dataset: ProbeDataset,
+    al: Aligner | None,
+    name: str,
+    hooks: tuple[str, ...],
+    positions: str,
+    batch_size: int,
+) -> None:
+    """Run the model over `dataset` in batches and write the pooled arrays and meta.json into `target`."""
+    n, n_layers = len(dataset), model.cfg.n_layers
+    names = {f"blocks.{layer}.{hook}": (hook, layer) for hook in hooks for layer in range(n_layers)}
+    shapes = {hook: (n, n_layers, model.cfg.d_model) for hook in hooks}
+    active = list(al.layer_indices) if al is not None else []
+    if al is not None:
+        heads = al.shape.n_heads
+        shapes |= {
+            "aligner_pattern": (n, len(active), heads, al.config.n_tokens),
+            "aligner_norm": (n, len(active), heads),
+            "aligner_share": (n, len(active), heads),
+        }
+        for layer in active:
+            names |= {f"blocks.{layer}.aligner.hook_pattern": None, f"blocks.{layer}.aligner.hook_z": None}
+            names[f"blocks.{layer}.attn.hook_z"] = None
+    out = {array: np.lib.format.open_memmap(target / f"{array}.npy", "w+", np.float32, shape) for array, shape in shapes.items()}
+    rows = _token_rows(model, dataset, positions)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    with al.attached(model) if al is not None else contextlib.nullcontext():
+        for start in tqdm(range(0, n, batch_size), desc=f"collect {name}", unit="batch"):
+            batch = rows[start : start + batch_size]
+            length = max(len(ids) for ids, _, _ in batch)
+            # Right padding: causal attention never looks ahead, so the pooled positions never see the padding.
+            ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids, _, _ in batch], device=device)
+            weights = torch.zeros(len(batch), length, device=device)  # (B, T): the pooling of each row
+            for b, (_, first, end) in enumerate(batch):
+                weights[b, first:end] = 1.0 / (end - first)
+            _, cache = model.run_with_cache(ids, names_filter=lambda hook_name: hook_name in names)
+            rows_slice = slice(start, start + len(batch))
+            for hook in hooks:
+                stacked = torch.stack([cache[f"blocks.{layer}.{hook}"] for layer in range(n_layers)], dim=2)  # (B, T, L, d)
+                out[hook][rows_slice] = torch.einsum("bt,btld->bld", weights, stacked.float()).cpu().numpy()
+            for i, layer in enumerate(active):
+                pattern = cache[f"blocks.{layer}.aligner.hook_pattern"].float()  # (B, H, T, N)
+                gated = cache[f"blocks.{layer}.aligner.hook_z"].float()  # (B, T, H, d_head)
+                context = cache[f"blocks.{layer}.attn.hook_z"].float() - gated  # the head's output without the prefix
+                norm = gated.norm(dim=-1)  # (B, T, H)
+                share = norm / (context.norm(dim=-1) + EPS)
+                out["aligner_pattern"][rows_slice, i] = torch.einsum("bt,bhtn->bhn", weights, pattern).cpu().numpy()
+                out["aligner_norm"][rows_slice, i] = torch.einsum("bt,bth->bh", weights, norm).cpu().numpy()
+                out["aligner_share"][rows_slice, i] = torch.einsum("bt,bth->bh", weights, share).cpu().numpy()
+            del cache
+    for array in out.values():
+        array.flush()
+    atomic_write_json(
+        target / META_FILE,
+        {
+            "format": CACHE_FORMAT,
+            "dataset": dataset.name,
+            "n_prompts": n,
+            "positions": positions,
+            "aligner_layers": active,
+            "arrays": sorted(out),
+        },
+    )

@@ -1,0 +1,109 @@
+"""What the probes read: the suite's knowledge facts asked as prompts, with their labels, gold answers and checkers.
+
+A `ProbeDataset` is the one input of every analysis here: prompts (answered through the model's chat template),
+a label array per knowledge property (a country's region, an element's group, a city's continent), the gold
+answers of each prompt, and the entity each prompt is about. Every fact is asked with both of its knowledge set's
+question templates, so entities recur across prompts: Hewitt & Liang's control task gives each entity, not each
+prompt, its random label, and a probe that memorises entities scores on it too.
+
+Facts, question templates, content checks (`KnowledgeSet.contains_answer`) and output forms with their checkers
+(`aligner.tasks.FORMS`) are the task suite's (`aligner.tasks`), so that a probe report and the suite score an
+answer the same way. The form an aligner was trained for is read off its training data (`training_form`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aligner import Aligner
+from aligner.data import load_examples
+from aligner.tasks import FORMS, KNOWLEDGE_SETS, Item, KnowledgeSet
+from aligner.tasks.spec import shuffled
+
+FORM_SHARE = 0.9  # a run has form F when F's checker passes at least this share of its training responses
+
+
+@dataclass(frozen=True)
+class ProbeDataset:
+    name: str
+    knowledge: KnowledgeSet  # the facts' set: its contains_answer scores content
+    prompts: list[str]  # the user turns, without chat template
+    answers: list[tuple[str, ...]]  # each prompt's gold answers, the first one first
+    labels: dict[str, np.ndarray]  # knowledge label name -> one value per prompt
+    entities: np.ndarray  # what each prompt is about (a country, an element); control labels are drawn per entity
+    system: str | None = None  # the chat template's system prompt; None: the model's default
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        columns = {"answers": self.answers, "entities": self.entities, **{f"labels[{k!r}]": v for k, v in self.labels.items()}}
+        for name, values in columns.items():
+            if len(values) != n:
+                raise ValueError(f"ProbeDataset {self.name!r}: {name} has {len(values)} values for {n} prompts")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def key(self) -> str:
+        """A digest of what the model reads (prompts, gold answers, system prompt): the activation cache's dataset
+        key. Labels are left out: they change no activation."""
+        return hashlib.sha256(json.dumps([self.prompts, self.answers, self.system]).encode()).hexdigest()
+
+    def subset(self, indices: np.ndarray | list[int]) -> "ProbeDataset":
+        indices = np.asarray(indices, dtype=int)
+        return ProbeDataset(
+            name=f"{self.name}[{len(indices)}]",
+            knowledge=self.knowledge,
+            prompts=[self.prompts[i] for i in indices],
+            answers=[self.answers[i] for i in indices],
+            labels={k: v[indices] for k, v in self.labels.items()},
+            entities=self.entities[indices],
+            system=self.system,
+        )
+
+    def form_passed(self, outputs: list[str], form: str) -> np.ndarray:
+        """Whether each output is in `form` (an `aligner.tasks.FORMS` name), by the suite's checker."""
+        return np.array([FORMS[form].check(o, Item(p, "", a)) for o, p, a in zip(outputs, self.prompts, self.answers)])
+
+    def content_correct(self, outputs: list[str], form: str | None = None) -> np.ndarray:
+        """Whether each output holds a gold answer, as it appears in `form` (upper-cased for caps) if given."""
+        gold = FORMS[form].gold if form is not None else str
+        return np.array([self.knowledge.contains_answer(o, [gold(a) for a in answers]) for o, answers in zip(outputs, self.answers)])
+
+
+def knowledge_dataset(name: str = "capitals", n_subjects: int = 60) -> ProbeDataset:
+    """`n_subjects` facts of the suite's knowledge set `name` (in the suite's fixed shuffled order), each asked
+    with both question templates, labelled with the facts' labels (capitals: region, subregion; elements:
+    period, group, block; cities: continent)."""
+    if name not in KNOWLEDGE_SETS:
+        raise ValueError(f"no knowledge set {name!r}; choose from {sorted(KNOWLEDGE_SETS)}")
+    knowledge = KNOWLEDGE_SETS[name]
+    facts = shuffled(knowledge.facts())[:n_subjects]
+    rows = [(knowledge.question(fact, template), fact) for template in range(len(knowledge.templates)) for fact in facts]
+    return ProbeDataset(
+        name=f"{name}-{len(facts)}x{len(knowledge.templates)}",
+        knowledge=knowledge,
+        prompts=[prompt for prompt, _ in rows],
+        answers=[fact.answers for _, fact in rows],
+        labels={label: np.array([fact.labels[label] for _, fact in rows]) for label in facts[0].labels},
+        entities=np.array([fact.subject for _, fact in rows]),
+    )
+
+
+def training_form(aligner: Aligner) -> str | None:
+    """The output form an aligner was trained to produce: the `aligner.tasks.FORMS` checker that passes most of
+    its training responses (read from the data file its provenance names), if it passes at least FORM_SHARE of
+    them; None when none does or the data is not here."""
+    data = aligner.provenance.get("training", {}).get("config", {}).get("data")
+    if data is None or not Path(data).exists():
+        return None
+    examples = load_examples(data)
+    shares = {
+        name: np.mean([form.check(e.response, Item(e.prompt, e.response)) for e in examples]) for name, form in FORMS.items()
+    }
+    best = max(shares, key=shares.get)
+    return best if shares[best] >= FORM_SHARE else None

@@ -1,0 +1,155 @@
+"""The gates: tables and profiles of a trained aligner's per-head gates (no model needed), how much each head's
+gated prefix contributes on real prompts, and what the answers do when gates are switched off or scaled.
+
+Interventions go through the aligner's hook points: `blocks.{l}.aligner.hook_gate` is multiplied by a mask
+(layers or heads switched off) with `model.hooks`, and every gate at once by `aligner.generate(gate_scale=s)`.
+Answers are greedy and scored with the task suite's checkers: form compliance (the checker of the form the aligner
+was trained for, `aligner.tasks.FORMS`) and content accuracy (a gold answer in the output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformer_lens.hook_points import HookPoint
+
+from aligner import Aligner, generate
+from probe.collect import Activations
+from probe.dataset import ProbeDataset
+
+DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def gate_table(aligner: Aligner) -> pd.DataFrame:
+    """One row per adapted layer and head: layer, head, gate, abs_gate."""
+    gates = aligner.gates.detach().float().cpu().numpy()  # (n_active, H)
+    layers, heads = np.meshgrid(list(aligner.layer_indices), range(gates.shape[1]), indexing="ij")
+    return pd.DataFrame(
+        {"layer": layers.ravel(), "head": heads.ravel(), "gate": gates.ravel(), "abs_gate": np.abs(gates).ravel()}
+    )
+
+
+def gate_profile(aligner: Aligner) -> pd.DataFrame:
+    """Per adapted layer: mean, max and root-mean-square |gate| over heads, and the layer's relative depth
+    (layer / (n_layers - 1)), so that models of different depths compare on one axis."""
+    table = gate_table(aligner)
+    profile = table.groupby("layer").agg(
+        mean_abs=("abs_gate", "mean"), max_abs=("abs_gate", "max"), rms=("gate", lambda g: float(np.sqrt(np.mean(g**2))))
+    )
+    profile["depth"] = profile.index / (aligner.shape.n_layers - 1)
+    return profile.reset_index()
+
+
+def gate_heatmap(aligner: Aligner, title: str) -> go.Figure:
+    """Layers × heads heatmap of the gates (signed, centred colour scale)."""
+    table = gate_table(aligner).pivot(index="layer", columns="head", values="gate")
+    limit = float(np.abs(table.values).max()) or 1.0
+    fig = px.imshow(
+        table, color_continuous_scale="RdBu_r", zmin=-limit, zmax=limit, aspect="auto", title=title,
+        labels={"x": "head", "y": "layer", "color": "gate"},
+    )
+    return fig
+
+
+def head_activity(activations: Activations, condition: str) -> pd.DataFrame:
+    """Per adapted layer and head, averaged over the prompts: the gated prefix contribution's size (norm), its
+    size relative to the head's own output (share), and the entropy (nats) of the attention over the N slots."""
+    arrays = activations.arrays[condition]
+    layers = list(activations.aligners[condition].layer_indices)
+    pattern = np.asarray(arrays["aligner_pattern"])  # (n, n_active, H, N)
+    entropy = -(pattern * np.log(np.clip(pattern, 1e-12, None))).sum(axis=-1).mean(axis=0)
+    norm, share = np.asarray(arrays["aligner_norm"]).mean(axis=0), np.asarray(arrays["aligner_share"]).mean(axis=0)
+    rows = [
+        (layer, head, norm[i, head], share[i, head], entropy[i, head])
+        for i, layer in enumerate(layers)
+        for head in range(norm.shape[1])
+    ]
+    return pd.DataFrame(rows, columns=["layer", "head", "norm", "share", "slot_entropy"])
+
+
+def gates_off(layers: Sequence[int], heads: Sequence[int] | None = None) -> list[tuple[str, object]]:
+    """`model.hooks` hooks that zero the gates of `layers` (all heads, or only `heads`)."""
+
+    def zero(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        if heads is None:
+            return torch.zeros_like(gate)
+        mask = torch.ones_like(gate)
+        mask[..., list(heads)] = 0
+        return gate * mask
+
+    return [(f"blocks.{layer}.aligner.hook_gate", zero) for layer in layers]
+
+
+def answers(
+    model: nn.Module,
+    dataset: ProbeDataset,
+    aligner: Aligner | None = None,
+    gate_scale: float = 1.0,
+    off: Sequence[int] = (),
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers to `dataset` with `aligner` (None: the base model), its gates scaled by `gate_scale` and
+    those of the layers in `off` switched off."""
+    with contextlib.ExitStack() as stack:
+        if aligner is not None:
+            stack.enter_context(aligner.attached(model))
+            stack.enter_context(model.hooks(fwd_hooks=gates_off(off)))
+        return generate(
+            model, dataset.prompts, aligner=aligner, gate_scale=gate_scale, system=dataset.system,
+            max_new_tokens=max_new_tokens, batch_size=batch_size,
+        )
+
+
+def scores(outputs: list[str], dataset: ProbeDataset, form: str) -> dict[str, float]:
+    """{"form": share of `outputs` in `form`, "content": share holding a gold answer}, by the suite's checkers."""
+    return {"form": float(dataset.form_passed(outputs, form).mean()), "content": float(dataset.content_correct(outputs, form).mean())}
+
+
+def gate_scale_curve(
+    model: nn.Module, dataset: ProbeDataset, aligner: Aligner, form: str, scales: Sequence[float] = DEFAULT_SCALES, **options
+) -> pd.DataFrame:
+    """Form compliance, content accuracy and the outputs with every gate multiplied by s, for s in `scales`."""
+    rows = []
+    for scale in tqdm(scales, desc="gate scale", unit="scale"):
+        outputs = answers(model, dataset, aligner, gate_scale=scale, **options)
+        rows.append({"scale": scale, **scores(outputs, dataset, form), "outputs": outputs})
+    return pd.DataFrame(rows)
+
+
+def ablation_curves(
+    model: nn.Module, dataset: ProbeDataset, aligner: Aligner, form: str, cumulative_points: int = 4, **options
+) -> pd.DataFrame:
+    """Form compliance and content accuracy with gates switched off: each adapted layer alone ("single"), and
+    the top or bottom k layers together ("from_top", "from_bottom") for `cumulative_points` values of k up to
+    all of them. Columns: mode, layer (the layer switched off alone; for the cumulative modes the last one
+    added), n_off, form, content."""
+    layers = list(aligner.layer_indices)
+    counts = sorted({int(np.ceil(k)) for k in np.linspace(0, len(layers), cumulative_points + 1)[1:]})
+    plans = [("single", [layer]) for layer in layers]
+    plans += [("from_top", layers[len(layers) - k :]) for k in counts]
+    plans += [("from_bottom", layers[:k]) for k in counts]
+    scored: dict[frozenset[int], dict[str, float]] = {}  # all layers off is reached from both ends: scored once
+    rows = []
+    for mode, off in tqdm(plans, desc="gate ablation", unit="condition"):
+        if frozenset(off) not in scored:
+            scored[frozenset(off)] = scores(answers(model, dataset, aligner, off=off, **options), dataset, form)
+        last = off[0] if mode == "from_top" else off[-1]
+        rows.append({"mode": mode, "layer": last, "n_off": len(off), **scored[frozenset(off)]})
+    return pd.DataFrame(rows)
+
+
+def rank_layers(ablation: pd.DataFrame, reference: dict[str, float]) -> pd.DataFrame:
+    """Adapted layers by the drop in form compliance (then content) when switched off alone, largest first."""
+    single = ablation[ablation["mode"] == "single"].copy()
+    single["form_drop"] = reference["form"] - single["form"]
+    single["content_drop"] = reference["content"] - single["content"]
+    return single.sort_values(["form_drop", "content_drop"], ascending=False)[["layer", "form", "content", "form_drop", "content_drop"]]

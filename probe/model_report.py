@@ -1,0 +1,449 @@
+"""The report on a base model and the aligners trained on it (`probe report`): does an aligner change the form
+of the answers and leave the model's knowledge alone?
+
+Read from the runs directory: every aligner trained on this very model (same weights fingerprint), with the
+output form it was trained for (`training_form`). The evidence, one section each: behaviour (form compliance
+and content accuracy of greedy answers), the gate-scale curve, gate ablations, the gates and how much each
+head's prefix contributes on real prompts, linear probes (form, knowledge, control, transfer from base to
+aligned), the geometry of the aligner's effect against the knowledge probes' directions with a null, and
+embeddings. The verdict (`verdict`) combines four tests, each with its threshold below.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from torch import nn
+
+from aligner import Aligner, model_fingerprint
+from aligner.cli import open_model
+from aligner.data import load_examples
+from aligner.runs import list_runs
+from probe.collect import Activations, collect, condition_name
+from aligner.tasks import FORMS
+from probe.dataset import ProbeDataset, knowledge_dataset, training_form
+from probe.embeddings import embedding_frame, prefix_frame, scatter, token_frame
+from probe.gates import (
+    DEFAULT_SCALES,
+    ablation_curves,
+    answers,
+    gate_heatmap,
+    gate_scale_curve,
+    gate_table,
+    head_activity,
+    rank_layers,
+)
+from probe.geometry import layer_geometry
+from probe.probes import LayerwiseProbe, evaluate_probe, selectivity
+from probe.report import Report
+
+# The verdict's tests (see `verdict`).
+FORM_LEARNED = 0.5  # form compliance gained over the base model, at least
+CONTENT_TOLERANCE = 0.1  # content accuracy lost against the base model, at most
+TRANSFER_TOLERANCE = 0.05  # mean accuracy lost by base-trained knowledge probes on aligned activations, at most
+WITHIN_NULL = 0.8  # share of adapted layers whose overlap is within the covariance null's 95% quantile, at least
+SCORE_COLUMNS = (*(f"form:{form}" for form in FORMS), "content", "n")  # what `form_scores` gives
+
+
+def build_model_report(
+    runs: str | Path,
+    model_name: str,
+    out: str | Path,
+    knowledge: str = "capitals",
+    n_subjects: int = 90,
+    n_eval: int = 12,
+    max_new_tokens: int = 24,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    cumulative_points: int = 4,
+    folds: int = 5,
+    umap: bool = True,
+    cache: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write report.html, metrics.json and summary.md about `model_name` and its aligners under `runs` into `out`."""
+    started = time.perf_counter()
+    model = open_model(model_name)
+    fingerprint = model_fingerprint(model)
+    aligners, skipped = usable_runs(runs, fingerprint)
+    forms = {name: training_form(al) for name, al in aligners.items()}
+    dataset = knowledge_dataset(knowledge, n_subjects)
+    evaluation = dataset.subset(evaluation_rows(dataset, aligners, n_eval))
+    report = Report(f"Aligner probe report: {model_name}")
+    report.metrics["setup"] = setup_section(report, model_name, fingerprint, aligners, forms, skipped, dataset, evaluation)
+
+    activations = collect(model, dataset, [None, *(Path(runs) / name for name in aligners)], cache=cache)
+    names = {name: condition_name(Path(runs) / name) for name in aligners}  # run -> its condition in `activations`
+    outputs = {"base": answers(model, evaluation, max_new_tokens=max_new_tokens, batch_size=len(evaluation))}
+    report.metrics["behaviour"] = behaviour_sections(
+        report, model, evaluation, aligners, forms, outputs, scales, cumulative_points, max_new_tokens
+    )
+    report.metrics["gates"] = gates_section(report, aligners, activations, names)
+    report.metrics["probes"] = probes_section(report, activations, names, folds, seed)
+    report.metrics["geometry"] = geometry_section(report, activations, aligners, names, seed)
+    report.metrics["embeddings"] = embeddings_section(report, model, aligners, activations, names, evaluation, outputs, umap, seed)
+    report.metrics["verdict"] = {name: verdict(report.metrics, name, forms[name]) for name in aligners}
+    report.metrics["wall_time_s"] = round(time.perf_counter() - started, 1)
+    return report.write(out, model_summary(report, aligners))
+
+
+def usable_runs(runs: str | Path, fingerprint: str) -> tuple[dict[str, Aligner], list[tuple[str, str]]]:
+    """The aligners under `runs` trained on the model with `fingerprint`, and (run, reason) for the others."""
+    usable, skipped = {}, []
+    for run in list_runs(runs):
+        if run.error is not None:
+            skipped.append((run.name, run.error))
+            continue
+        al = Aligner.load(run.path)
+        if al.base_model.get("fingerprint") != fingerprint:
+            skipped.append((run.name, f"trained on another base model ({al.base_model.get('name')})"))
+        else:
+            usable[run.name] = al
+    if not usable:
+        raise ValueError(f"{runs}: no aligner trained on this model (weights fingerprint {fingerprint[:12]}...)")
+    return usable, skipped
+
+
+def evaluation_rows(dataset: ProbeDataset, aligners: dict[str, Aligner], n_eval: int) -> np.ndarray:
+    """`n_eval` prompts of the first template, spread over the entities that no run's training prompts name."""
+    trained = []
+    for al in aligners.values():
+        data = al.provenance.get("training", {}).get("config", {}).get("data")
+        if data is not None and Path(data).exists():
+            trained += [example.prompt for example in load_examples(data)]
+    first_prompts = np.sort(np.unique(dataset.entities, return_index=True)[1])  # each entity's first prompt
+    fresh = [i for i in first_prompts if not any(dataset.entities[i] in prompt for prompt in trained)]
+    return np.array(fresh)[np.linspace(0, len(fresh) - 1, min(n_eval, len(fresh))).round().astype(int)]
+
+
+def setup_section(
+    report: Report,
+    model_name: str,
+    fingerprint: str,
+    aligners: dict[str, Aligner],
+    forms: dict[str, str | None],
+    skipped: list[tuple[str, str]],
+    dataset: ProbeDataset,
+    evaluation: ProbeDataset,
+) -> dict[str, Any]:
+    section = report.section("setup", "Setup: model, aligners, data")
+    runs = pd.DataFrame(
+        [
+            {
+                "run": name, "form": forms[name], "n_tokens": al.config.n_tokens, "start_layer": al.config.start_layer,
+                "shared": al.config.shared, "parameters": al.num_parameters(),
+                "steps": al.provenance.get("training", {}).get("step"), "final_loss": al.provenance.get("training", {}).get("loss"),
+                "data": al.provenance.get("training", {}).get("config", {}).get("data"),
+            }
+            for name, al in aligners.items()
+        ]
+    )
+    section.text(
+        f"Base model {model_name} (weights sha256 {fingerprint[:16]}...). Aligners: every run whose base-model "
+        f"fingerprint matches; its form is the output form (of the task suite's) whose checker its training responses "
+        f"pass. Probing data: {dataset.name}, {len(dataset)} prompts about {len(set(dataset.entities))} subjects of the "
+        f"suite's knowledge set {dataset.knowledge.name}, each asked with both question templates and labelled with "
+        f"{', '.join(dataset.labels)}. Behaviour is measured on {len(evaluation)} prompts (first template) about "
+        "subjects that no run was trained on."
+    )
+    section.table(runs)
+    if skipped:
+        section.table(pd.DataFrame(skipped, columns=["run", "why it is left out"]))
+    return {"model": model_name, "fingerprint": fingerprint, "runs": runs, "skipped": skipped,
+            "dataset": dataset.name, "n_prompts": len(dataset), "n_eval": len(evaluation)}
+
+
+def behaviour_sections(
+    report: Report,
+    model: nn.Module,
+    evaluation: ProbeDataset,
+    aligners: dict[str, Aligner],
+    forms: dict[str, str | None],
+    outputs: dict[str, list[str]],
+    scales: Sequence[float],
+    cumulative_points: int,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """§ behaviour, gate scale and ablation; fills `outputs` with each run's answers at gate scale 1."""
+    behaviour_section = report.section("behaviour", "Behaviour: form compliance and content accuracy")
+    scale_section = report.section("gate_scale", "Gate-scale curves")
+    ablation_section = report.section("ablation", "Gate ablations")
+    scale_section.text(
+        "Every gate multiplied by s (0: the base model; 1: the aligner as trained). Where does the form switch on, "
+        "and does content accuracy fall with it?"
+    )
+    ablation_section.text(
+        "Gates switched off one adapted layer at a time, and cumulatively from the top and from the bottom. "
+        "Layers are ranked by the loss of form compliance when switched off alone."
+    )
+    metrics: dict[str, Any] = {"base": form_scores(outputs["base"], evaluation)}
+    for name, al in aligners.items():
+        form = forms[name]
+        if form is None:
+            behaviour_section.text(f"{name}: its training data fits none of the suite's forms ({', '.join(FORMS)}); no behaviour measured.")
+            continue
+        options = {"max_new_tokens": max_new_tokens, "batch_size": len(evaluation)}
+        curve = gate_scale_curve(model, evaluation, al, form, list(scales) if 1.0 in scales else [*scales, 1.0], **options)
+        outputs[name] = curve.loc[curve.scale == 1.0, "outputs"].iloc[0]
+        ablation = ablation_curves(model, evaluation, al, form, cumulative_points, **options)
+        reference = {"form": curve.loc[curve.scale == 1.0, "form"].iloc[0], "content": curve.loc[curve.scale == 1.0, "content"].iloc[0]}
+        ranking = rank_layers(ablation, reference)
+        switch_on = curve[curve.form >= 0.5].scale.min()
+        metrics[name] = {
+            "form": form, **form_scores(outputs[name], evaluation, form),
+            "scale_curve": curve.drop(columns="outputs"), "form_switch_on_scale": switch_on,
+            "ablation": ablation, "layer_ranking": ranking,
+        }
+        long = curve.melt(id_vars="scale", value_vars=["form", "content"], var_name="measure", value_name="share")
+        scale_section.figure(px.line(long, x="scale", y="share", color="measure", markers=True, title=f"{name}: gate scale ({form} form)"))
+        single = ablation[ablation["mode"] == "single"].melt(id_vars="layer", value_vars=["form", "content"], var_name="measure", value_name="share")
+        ablation_section.figure(px.line(single, x="layer", y="share", color="measure", markers=True, title=f"{name}: one layer's gates off"))
+        cumulative = ablation[ablation["mode"] != "single"].melt(id_vars=["mode", "n_off"], value_vars=["form", "content"], var_name="measure", value_name="share")
+        ablation_section.figure(
+            px.line(cumulative, x="n_off", y="share", color="measure", line_dash="mode", markers=True, title=f"{name}: layers' gates off, cumulatively")
+        )
+        ablation_section.table(ranking.head(5), f"{name}: the five layers whose gates matter most for the form.")
+    table = pd.DataFrame(
+        [{"condition": c, "trained form": m.get("form"), **{k: m[k] for k in SCORE_COLUMNS}} for c, m in metrics.items()]
+    )
+    behaviour_section.table(table, "form:F = share of answers that the suite's checker of form F passes; content = share holding a gold answer; n = prompts.")
+    examples = pd.DataFrame({"prompt": evaluation.prompts, "gold": evaluation.answers, **outputs}).head(8)
+    behaviour_section.table(examples, "The first answers, greedy, as generated.")
+    return metrics
+
+
+def form_scores(outputs: list[str], evaluation: ProbeDataset, form: str | None = None) -> dict[str, float]:
+    """Compliance of `outputs` with every form of the suite, and their content accuracy (a gold answer as it
+    appears in `form`, the form the answers were meant to take): the keys of SCORE_COLUMNS."""
+    return {
+        **{f"form:{name}": float(evaluation.form_passed(outputs, name).mean()) for name in FORMS},
+        "content": float(evaluation.content_correct(outputs, form).mean()),
+        "n": len(outputs),
+    }
+
+
+def gates_section(report: Report, aligners: dict[str, Aligner], activations: Activations, names: dict[str, str]) -> dict[str, Any]:
+    section = report.section("gates", "Gates and the prefix's contribution per head")
+    section.text(
+        "Heatmaps of the trained gates; then, on the probing prompts (last prompt token), the size of each head's "
+        "gated prefix contribution next to the head's own output (share = |g A V_p| / |z_context|). The prefix has "
+        "its own softmax, so its attention sums to 1 over its slots whatever the input: the share, not an attention "
+        "mass, says how much a head listens to it."
+    )
+    metrics = {}
+    for name, al in aligners.items():
+        section.figure(gate_heatmap(al, f"{name}: gates"))
+        activity = head_activity(activations, names[name])
+        section.figure(
+            px.imshow(activity.pivot(index="layer", columns="head", values="share"), aspect="auto", color_continuous_scale="Viridis",
+                      title=f"{name}: prefix share per head (mean over prompts)")
+        )
+        top = activity.sort_values("share", ascending=False).head(5).merge(gate_table(al), on=["layer", "head"])
+        section.table(top, f"{name}: the five heads with the largest prefix share.")
+        metrics[name] = {"gates": gate_table(al), "activity": activity}
+    return metrics
+
+
+def probes_section(report: Report, activations: Activations, names: dict[str, str], folds: int, seed: int) -> dict[str, Any]:
+    section = report.section("probes", "Linear probes: form, knowledge, control, transfer")
+    section.text(
+        f"Standardised logistic regression per layer, {folds}-fold cross-validated, on the residual stream after each "
+        "block at the last prompt token; 95% Wilson intervals over the out-of-fold predictions. Control: each "
+        "subject's label replaced by a random one, kept wherever the subject appears (Hewitt & Liang), so a probe that memorises subjects scores on "
+        "it too; selectivity = task - control. Transfer: the probes trained on base activations, scored on the "
+        "aligned activations of the same held-out prompts."
+    )
+    dataset = activations.dataset
+    base = np.asarray(activations.resid("base"))
+    conditions = ["base", *names.values()]
+    stacked = np.concatenate([np.asarray(activations.resid(c)) for c in conditions])
+    form_results = evaluate_probe(
+        stacked, np.repeat(conditions, len(dataset)), np.tile(np.arange(len(dataset)), len(conditions)), folds=folds, seed=seed, desc="form probe"
+    )
+    section.figure(probe_figure(form_results, "Form probe: which condition (base or which aligner) produced the activations"))
+    metrics: dict[str, Any] = {"form": form_results, "form_selectivity": selectivity(form_results), "knowledge": {}, "selectivity": {}}
+    transfer = {run: np.asarray(activations.resid(condition)) for run, condition in names.items()}
+    for label, values in dataset.labels.items():
+        results = evaluate_probe(base, values, dataset.entities, transfer=transfer, folds=folds, seed=seed, desc=f"{label} probe")
+        metrics["selectivity"][label] = selectivity(results)
+        results["scored_on"] = results["scored_on"].replace({"self": "base"})
+        section.figure(probe_figure(results, f"Knowledge probe: {label}, trained on base activations"))
+        metrics["knowledge"][label] = results
+    peak = {label: s.loc[s.selectivity.idxmax()] for label, s in metrics["selectivity"].items()}
+    section.table(
+        pd.DataFrame([{"label": label, "layer": int(row.layer), "selectivity": row.selectivity} for label, row in peak.items()]),
+        "The layer of largest selectivity for each knowledge label.",
+    )
+    return metrics
+
+
+def probe_figure(results: pd.DataFrame, title: str) -> go.Figure:
+    """Accuracy per layer with its interval, one line per (target, scored_on), and the majority-class rate."""
+    frame = results.assign(curve=results.target + " / " + results.scored_on)
+    fig = px.line(
+        frame, x="layer", y="accuracy", color="curve", markers=True, title=title,
+        error_y=frame.ci_high - frame.accuracy, error_y_minus=frame.accuracy - frame.ci_low,
+    )
+    fig.add_hline(y=float(results.chance.iloc[0]), line_dash="dot", annotation_text="majority class")
+    return fig
+
+
+def geometry_section(report: Report, activations: Activations, aligners: dict[str, Aligner], names: dict[str, str], seed: int) -> dict[str, Any]:
+    section = report.section("geometry", "Geometry: the aligner's effect against the knowledge directions")
+    section.text(
+        "Per layer, Δ = aligned - base residual activations of the same prompts; its top singular directions (90% "
+        "of its energy, at most 8) against the subspace of the knowledge probes' weights (all labels, fitted on base "
+        "activations). Overlap = mean squared cosine of the principal angles. Bands: 5-95% of the overlap of random "
+        "subspaces of Δ's dimension, uniform (random) or drawn from the base activations' covariance (covariance)."
+    )
+    dataset = activations.dataset
+    base = np.asarray(activations.resid("base"))
+    probes = {label: LayerwiseProbe().fit(base, values).directions() for label, values in dataset.labels.items()}
+    knowledge = [np.concatenate([probes[label][layer] for label in probes]) for layer in range(base.shape[1])]
+    metrics = {}
+    for name, al in aligners.items():
+        table = layer_geometry(base, np.asarray(activations.resid(names[name])), knowledge, list(al.layer_indices), seed=seed)
+        section.figure(geometry_figure(table, f"{name}: overlap of Δ with the knowledge subspace"))
+        metrics[name] = table
+    return metrics
+
+
+def geometry_figure(table: pd.DataFrame, title: str) -> go.Figure:
+    fig = go.Figure()
+    for null, colour in (("random", "rgba(120,120,120,0.25)"), ("covariance", "rgba(230,120,30,0.25)")):
+        fig.add_trace(go.Scatter(x=table.layer, y=table[f"{null}_q95"], mode="lines", line={"width": 0}, showlegend=False))
+        fig.add_trace(go.Scatter(x=table.layer, y=table[f"{null}_q05"], mode="lines", line={"width": 0}, fill="tonexty", fillcolor=colour, name=f"{null} null, 5-95%"))
+    fig.add_trace(go.Scatter(x=table.layer, y=table.overlap, mode="lines+markers", name="observed", line={"color": "black"}))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="overlap (mean cos² of principal angles)")
+    return fig
+
+
+def embeddings_section(
+    report: Report,
+    model: nn.Module,
+    aligners: dict[str, Aligner],
+    activations: Activations,
+    names: dict[str, str],
+    evaluation: ProbeDataset,
+    outputs: dict[str, list[str]],
+    umap: bool,
+    seed: int,
+) -> dict[str, Any]:
+    section = report.section("embeddings", "Embeddings: tokens, prefix keys and values, activations")
+    tokens = token_frame(aligners, seed=seed)
+    section.figure(scatter(tokens, "run", "PCA of the aligners' tokens", hover=["slot", "n_tokens", "norm"]))
+    prefix = prefix_frame(model, aligners, seed=seed)
+    for kind, frame in prefix.groupby("kind"):
+        section.figure(scatter(frame, "layer", f"PCA of the per-layer prefix {'keys' if kind == 'k' else 'values'}", hover=["run", "slot"], symbol="run"))
+    dataset = activations.dataset
+    layer = model.cfg.n_layers // 2
+    answered = dict(zip(evaluation.prompts, range(len(evaluation))))
+    conditions = {"base": "base", **names}
+    info = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "condition": run, "prompt": dataset.prompts, "entity": dataset.entities,
+                    **{label: values for label, values in dataset.labels.items()},
+                    "output": [outputs[run][answered[p]] if run in outputs and p in answered else "" for p in dataset.prompts],
+                }
+            )
+            for run in conditions
+        ],
+        ignore_index=True,
+    )
+    X = np.concatenate([np.asarray(activations.resid(condition))[:, layer] for condition in conditions.values()])
+    frame = embedding_frame(X, info, "umap" if umap else "pca", seed)
+    method = "UMAP" if umap else "PCA"
+    for colour in ("condition", *dataset.labels):
+        section.figure(scatter(frame, colour, f"{method} of layer {layer} activations, coloured by {colour}", hover=["prompt", "output"], symbol="condition"))
+    section.text(f"Activations: residual stream after block {layer}, last prompt token; hover for the prompt and the answer (answers for the evaluation prompts only).")
+    return {"tokens": tokens, "prefix": prefix, "activations_layer": layer, "activations": frame.drop(columns=["output"])}
+
+
+def verdict(metrics: dict[str, Any], name: str, form: str | None) -> dict[str, Any]:
+    """The claim "this aligner changes the form of the answers and leaves knowledge alone", as four tests:
+    form learned (compliance gain >= FORM_LEARNED), content kept (accuracy loss <= CONTENT_TOLERANCE),
+    knowledge readable as before (mean transfer loss over adapted layers and labels <= TRANSFER_TOLERANCE), and
+    orthogonal (a share >= WITHIN_NULL of adapted layers with overlap within the covariance null's 95% quantile).
+    Supported: all four; partly: form learned and one of the other three failing; else not supported."""
+    geometry = metrics["geometry"][name]
+    layers = set(geometry.layer)
+    losses = []
+    for results in metrics["probes"]["knowledge"].values():
+        task = results[(results.target == "task") & results.layer.isin(layers)].pivot(index="layer", columns="scored_on", values="accuracy")
+        losses.append(float((task["base"] - task[name]).mean()))
+    tests: dict[str, Any] = {
+        "transfer_loss": float(np.mean(losses)),
+        "within_null_share": float((geometry.overlap <= geometry.covariance_q95).mean()),
+        "mean_overlap": float(geometry.overlap.mean()),
+        "mean_covariance_null_median": float(geometry.covariance_q50.mean()),
+    }
+    passed = {
+        "knowledge_readable": tests["transfer_loss"] <= TRANSFER_TOLERANCE,
+        "orthogonal": tests["within_null_share"] >= WITHIN_NULL,
+    }
+    behaviour = metrics["behaviour"].get(name)
+    if behaviour is not None:
+        base = metrics["behaviour"]["base"]
+        tests["form_gain"] = behaviour[f"form:{form}"] - base[f"form:{form}"]
+        tests["content_change"] = behaviour["content"] - base["content"]
+        passed["form_learned"] = tests["form_gain"] >= FORM_LEARNED
+        passed["content_kept"] = tests["content_change"] >= -CONTENT_TOLERANCE
+    if not passed.get("form_learned", False):
+        outcome = "not supported (no form learned)" if behaviour is not None else "untested (no known form)"
+    else:
+        failing = [test for test, ok in passed.items() if not ok]
+        outcome = "supported" if not failing else "partly supported" if len(failing) == 1 else "not supported"
+    return {**tests, "passed": passed, "outcome": outcome}
+
+
+def model_summary(report: Report, aligners: dict[str, Aligner]) -> str:
+    """summary.md: the verdict per aligner, each number with the section it comes from."""
+    m = report.metrics
+    ref = report.ref
+    lines = [f"# {report.title}", "", f"Model {m['setup']['model']}; {len(aligners)} aligners; probing data {m['setup']['dataset']} "
+             f"({m['setup']['n_prompts']} prompts), behaviour on {m['setup']['n_eval']} held-out prompts ({ref('setup')}).", ""]
+    base = m["behaviour"]["base"]
+    lines.append(
+        f"Base model ({ref('behaviour')}): content accuracy {base['content']:.0%}; "
+        + ", ".join(f"{form} form {base[f'form:{form}']:.0%}" for form in FORMS) + "."
+    )
+    for name in aligners:
+        v = m["verdict"][name]
+        lines += ["", f"## {name}: {v['outcome']}"]
+        b = m["behaviour"].get(name)
+        if b is not None:
+            lines.append(
+                f"- Form ({ref('behaviour')}): {b['form']} compliance {b['form:' + b['form']]:.0%} (gain {v['form_gain']:+.0%}); "
+                f"content {b['content']:.0%} (change {v['content_change']:+.0%})."
+            )
+            switch_on = b["form_switch_on_scale"]
+            reached = f"first reaches 50% at s = {switch_on}" if np.isfinite(switch_on) else "never reaches 50%"
+            curve = b["scale_curve"].set_index("scale")
+            lines.append(
+                f"- Gate scale ({ref('gate_scale')}): form compliance {reached}; content accuracy "
+                + ", ".join(f"{curve.content[s]:.0%} at s = {s}" for s in (curve.index.min(), 1.0, curve.index.max())) + "."
+            )
+            top = b["layer_ranking"].head(3)
+            lines.append(
+                f"- Ablation ({ref('ablation')}): the layers whose gates matter most for the form are "
+                + ", ".join(f"{int(r.layer)} (form -{r.form_drop:.0%})" for r in top.itertuples()) + "."
+            )
+        lines.append(
+            f"- Transfer ({ref('probes')}): base-trained knowledge probes lose {v['transfer_loss']:+.1%} accuracy on "
+            f"its activations, on average over the adapted layers and labels (threshold {TRANSFER_TOLERANCE:.0%})."
+        )
+        lines.append(
+            f"- Geometry ({ref('geometry')}): mean overlap of Δ with the knowledge subspace {v['mean_overlap']:.3f} "
+            f"against a covariance-null median of {v['mean_covariance_null_median']:.3f}; {v['within_null_share']:.0%} "
+            f"of adapted layers within the null's 95% quantile (threshold {WITHIN_NULL:.0%})."
+        )
+        lines.append("- Tests passed: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in v["passed"].items()) + ".")
+    lines += ["", f"Built in {m['wall_time_s']} s. All numbers: metrics.json; figures and tables: report.html."]
+    return "\n".join(lines) + "\n"

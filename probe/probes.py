@@ -1,0 +1,111 @@
+"""Linear probes, one per layer: standardised logistic regression (scikit-learn), cross-validated, with a control
+task for selectivity (Hewitt & Liang 2019, arXiv 1909.03368) and transfer across conditions.
+
+`LayerwiseProbe` is a scikit-learn estimator over activations shaped (n, n_layers, d): `fit`, `predict` and
+`score` work on every layer at once. `evaluate_probe` cross-validates it: the accuracy of its out-of-fold
+predictions per layer with a Wilson interval, the same for a control task (each entity's label replaced by a
+random one of the same label set and balance), and, given activations of the same prompts under other
+conditions, the accuracy there of the very probes trained on the first (a probe trained on the base model,
+scored on aligned activations: if the aligner leaves the knowledge alone, the accuracy holds).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+from scipy.stats import binomtest
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
+
+
+class LayerwiseProbe(ClassifierMixin, BaseEstimator):
+    """One standardised logistic-regression probe per layer of X (n, n_layers, d)."""
+
+    def __init__(self, C: float = 1.0, max_iter: int = 1000) -> None:
+        self.C = C  # inverse L2 strength, on standardised features
+        self.max_iter = max_iter
+
+    def _pipeline(self) -> Pipeline:
+        return make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter))
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "LayerwiseProbe":
+        self.probes_ = [self._pipeline().fit(X[:, layer], y) for layer in range(X.shape[1])]
+        self.classes_ = self.probes_[0].classes_
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """(n, n_layers): each layer's probe's prediction."""
+        return np.stack([probe.predict(X[:, layer]) for layer, probe in enumerate(self.probes_)], axis=1)
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(n_layers,): each layer's accuracy (an array, not sklearn's one number: a probe per layer)."""
+        return (self.predict(X) == np.asarray(y)[:, None]).mean(axis=0)
+
+    def directions(self) -> list[np.ndarray]:
+        """Per layer, the probe's weight vectors in the raw activation space, (n_classes or 1, d): the
+        directions it reads. Standardising divides feature j by its scale, so w_raw = w / scale."""
+        return [p[-1].coef_ / p[0].scale_ for p in self.probes_]
+
+
+def control_labels(labels: np.ndarray, entities: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Hewitt & Liang's control task: each entity gets one random label, kept wherever it appears, drawn from the
+    rows' labels without replacement (so the label set and, in expectation, the balance are those of `labels`)."""
+    unique, index = np.unique(entities, return_inverse=True)
+    drawn = np.random.default_rng(seed).permutation(np.asarray(labels))[: len(unique)]
+    return drawn[index]
+
+
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    ci = binomtest(correct, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def evaluate_probe(
+    X: np.ndarray,
+    y: np.ndarray,
+    entities: np.ndarray,
+    transfer: Mapping[str, np.ndarray] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    C: float = 1.0,
+    desc: str = "probe",
+) -> pd.DataFrame:
+    """Cross-validated accuracy per layer of probes for `y` on X (n, n_layers, d), as a long table with columns
+    layer, target ("task" or "control"), scored_on ("self" or a key of `transfer`), accuracy, ci_low, ci_high,
+    n, chance (the majority class's share). Each `transfer[name]` holds the same prompts' activations under
+    another condition: the probes trained on X's training folds are scored on its test folds. Classes with
+    fewer rows than `folds` are left out (stratified folds need one per fold); n says how many rows remain."""
+    y = np.asarray(y)
+    values, counts = np.unique(y, return_counts=True)
+    keep = np.isin(y, values[counts >= folds])
+    X, y, entities = X[keep], y[keep], np.asarray(entities)[keep]
+    transfer = {name: other[keep] for name, other in (transfer or {}).items()}
+    targets = {"task": y, "control": control_labels(y, entities, seed)}
+    rows = []
+    for target, labels in targets.items():
+        scored_on = {"self": X, **(transfer if target == "task" else {})}  # the control is not transferred
+        predicted = {name: np.empty((len(y), X.shape[1]), dtype=object) for name in scored_on}
+        splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(X[:, 0], labels)
+        for train, test in tqdm(list(splits), desc=f"{desc} ({target})", unit="fold", leave=False):
+            probe = LayerwiseProbe(C=C).fit(X[train], labels[train])
+            for name, activations in scored_on.items():
+                predicted[name][test] = probe.predict(activations[test])
+        chance = float(np.unique(labels, return_counts=True)[1].max() / len(labels))
+        for name, predictions in predicted.items():
+            correct = (predictions == labels[:, None]).sum(axis=0)
+            for layer, k in enumerate(correct):
+                low, high = wilson_interval(int(k), len(labels))
+                rows.append((layer, target, name, k / len(labels), low, high, len(labels), chance))
+    return pd.DataFrame(rows, columns=["layer", "target", "scored_on", "accuracy", "ci_low", "ci_high", "n", "chance"])
+
+
+def selectivity(results: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: task accuracy minus control accuracy of the probes scored on their own condition."""
+    own = results[results.scored_on == "self"].pivot(index="layer", columns="target", values="accuracy")
+    return (own["task"] - own["control"]).rename("selectivity").reset_index()

@@ -1,0 +1,227 @@
+"""The methods the suite compares, on the tiny model: the Method protocol, attaching and detaching without a
+trace, a one-token aligner as a constant bias, peft's LoRA and prompt tuning through the bridge, steering
+vectors, files, and training any method with train_sft."""
+
+import pytest
+import torch
+
+import aligner
+from aligner import Aligner, AlignerConfig, TrainConfig, train_sft
+from aligner.baselines import SteeringConfig, SteeringVector, contrastive_vectors
+from aligner.data import Example
+from aligner.methods import (
+    LoRA,
+    LoRAConfig,
+    Method,
+    PromptTuning,
+    PromptTuningConfig,
+    ZBias,
+    ZBiasConfig,
+    load_method,
+    one_token_aligner_as_bias,
+    prompts_for,
+)
+from aligner.tasks import Item
+
+PROMPTS = ["Hi", "What is the capital of France, and why is it there?", "Tell me a joke."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads spin against each other (30x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return aligner.tiny_model(attention_bias=True)  # b_V matters in the one-token equivalence
+
+
+def logits(model, prompts=PROMPTS, method=None) -> torch.Tensor:
+    from aligner.chat import prompt_ids
+
+    ids = [prompt_ids(model.tokenizer, p) for p in prompts_for(method, prompts)]
+    length = max(map(len, ids))
+    batch = torch.tensor([i + [0] * (length - len(i)) for i in ids])  # right-padded: causal, no mask needed
+    with torch.no_grad():
+        return model(batch)
+
+
+def randomised(method):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.normal_(0, 0.3)
+    return method
+
+
+def make(kind, model):
+    torch.manual_seed(0)
+    return {
+        "aligner": lambda: Aligner.for_model(model),
+        "adapter": lambda: Aligner.for_model(model, AlignerConfig(n_tokens=2, shared=False)),
+        "lora": lambda: LoRA.for_model(model, LoRAConfig(r=2, alpha=2.0)),
+        "prompt": lambda: PromptTuning.for_model(model, PromptTuningConfig(3)),
+        "zbias": lambda: ZBias.for_model(model, ZBiasConfig()),
+    }[kind]()
+
+
+KINDS = ["aligner", "adapter", "lora", "prompt", "zbias"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_method_fits_the_protocol_and_counts_its_trainable_parameters(model, kind):
+    method = make(kind, model)
+    assert isinstance(method, Method)
+    assert method.num_parameters() == sum(p.numel() for p in method.parameters()) > 0
+    base_names = {id(p) for p in model.parameters()}
+    assert not any(id(p) in base_names for p in method.parameters())  # never a base weight
+
+
+def test_parameter_counts_match_the_formulas(model):
+    d, layers, heads, kv = 64, 4, 4, 2 * 16  # tiny: d_model 64, 4 layers, 4 heads of 16, 2 key/value heads
+    assert make("lora", model).num_parameters() == layers * 2 * ((d + d) + (d + kv))  # r=2 on q and v
+    assert make("zbias", model).num_parameters() == (layers - 2) * d
+    assert make("prompt", model).num_parameters() == 3 * d
+    assert make("aligner", model).num_parameters() == d + (layers - 2) * heads
+
+
+@pytest.mark.parametrize("kind", ["lora", "zbias"])
+def test_untrained_lora_and_bias_change_nothing(model, kind):
+    method = make(kind, model)
+    base = logits(model)
+    with method.attached(model):
+        torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attached_methods_change_the_logits_and_detaching_leaves_no_trace(model, kind):
+    fingerprint = aligner.model_fingerprint(model)
+    before = logits(model)
+    method = randomised(make(kind, model))
+    unchanged = logits(model, method=method)  # prompt tuning's placeholders, read as plain tokens
+    with method.attached(model):
+        changed = logits(model, method=method)
+    assert not torch.allclose(changed, unchanged, atol=1e-4)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    assert aligner.model_fingerprint(model) == fingerprint
+    assert not any("lora" in name for name, _ in model.named_modules())
+
+
+def test_a_one_token_aligner_is_a_constant_bias_on_each_heads_output(model):
+    """N = 1: the prefix softmax has one slot, so the aligner adds g[l, h] * (W_V P + b_V) at every position."""
+    al = randomised(Aligner.for_model(model))
+    bias = one_token_aligner_as_bias(al, model)
+    with al.attached(model):
+        by_aligner = logits(model)
+    with bias.attached(model):
+        by_bias = logits(model)
+    assert not torch.allclose(by_aligner, logits(model), atol=1e-3)  # it does something
+    torch.testing.assert_close(by_bias, by_aligner, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="N=2"):
+        one_token_aligner_as_bias(Aligner.for_model(model, AlignerConfig(n_tokens=2)), model)
+
+
+def test_two_tokens_are_not_a_constant(model):
+    """With N >= 2 the softmax over prefix slots depends on the query: no constant bias reproduces it."""
+    al = randomised(Aligner.for_model(model, AlignerConfig(n_tokens=2)))
+    contributions = []
+    with al.attached(model), model.hooks(fwd_hooks=[("blocks.2.aligner.hook_z", lambda z, hook: contributions.append(z))]):
+        logits(model, prompts=PROMPTS[1:2])
+    z = contributions[0][0]  # (T, H, d_head)
+    assert not torch.allclose(z[1:], z[:1].expand_as(z[1:]), atol=1e-4)
+
+
+def test_lora_goes_through_peft_and_leaves_the_linear_components_as_they_were(model):
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    originals = [block.attn.q.original_component for block in model.blocks]
+    lora = randomised(make("lora", model))
+    with lora.attached(model):
+        assert all(isinstance(block.attn.q.original_component, PeftLoraLinear) for block in model.blocks)
+        assert isinstance(model.blocks[0].attn.k.original_component, torch.nn.Linear)  # not a target
+    assert [block.attn.q.original_component for block in model.blocks] == originals
+
+
+def test_prompt_tuning_answers_batched_as_one_at_a_time(model):
+    """Its virtual tokens ride on placeholder tokens, so left padding and the KV cache are the bridge's own."""
+    prompt = randomised(make("prompt", model))
+    from aligner.suite import answer
+
+    batched = answer(model, prompt, PROMPTS, None, max_new_tokens=5, batch_size=3)
+    alone = [answer(model, prompt, [p], None, max_new_tokens=5, batch_size=1)[0] for p in PROMPTS]
+    assert batched == alone
+    assert prompts_for(prompt, ["Hi"]) == ["<|endoftext|>" * 3 + "Hi"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_methods_load_back_equal(model, kind, tmp_path):
+    method = randomised(make(kind, model))
+    method.save(tmp_path / kind)
+    loaded = load_method(tmp_path / kind)
+    assert type(loaded) is type(method)
+    for (name, a), (_, b) in zip(method.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+    with method.attached(model):
+        expected = logits(model, method=method)
+    with loaded.attached(model):
+        torch.testing.assert_close(logits(model, method=loaded), expected, rtol=0, atol=0)
+
+
+def test_steering_vector_is_the_contrastive_mean_difference(model):
+    items = [Item(f"Question {i}?", "YES INDEED.", contrast="no, not at all") for i in range(3)]
+    swapped = [Item(i.prompt, i.contrast, contrast=i.response) for i in items]
+    forward, backward = contrastive_vectors(model, items, batch_size=4), contrastive_vectors(model, swapped, batch_size=2)
+    torch.testing.assert_close(forward, -backward, rtol=1e-5, atol=1e-5)
+    steering = SteeringVector.for_model(model, SteeringConfig(layer=1, multiplier=0.0))
+    steering.vector.copy_(forward[1])
+    assert steering.num_parameters() == 0  # nothing trained
+    base = logits(model)
+    with steering.attached(model):
+        torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
+    steering.config = SteeringConfig(layer=1, multiplier=4.0)
+    with steering.attached(model):
+        assert not torch.allclose(logits(model), base, atol=1e-3)
+    with pytest.raises(ValueError, match="contrast"):
+        contrastive_vectors(model, [Item("Q?", "A")])
+
+
+EXAMPLES = [Example(f"What is {i} + {i}?", "Bananas are yellow.") for i in range(8)]
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt", "zbias", "adapter"])
+def test_train_sft_trains_any_method_and_the_base_stays(model, kind):
+    from aligner.methods import heldout_loss
+
+    fingerprint = aligner.model_fingerprint(model)
+    method = make(kind, model)
+    examples = [Example(p, e.response) for p, e in zip(prompts_for(method, [e.prompt for e in EXAMPLES]), EXAMPLES)]
+    with method.attached(model):
+        before = heldout_loss(model, examples)
+    fields = {"n_tokens": 2, "shared": False} if kind == "adapter" else {}
+    config = TrainConfig(steps=10, batch_size=4, lr=0.02 if kind == "lora" else 0.1, warmup_steps=0, **fields)
+    assert train_sft(model, examples, config, aligner=method) is method
+    with method.attached(model):
+        after = heldout_loss(model, examples)
+    assert after < before - 0.05, (before, after)
+    assert aligner.model_fingerprint(model) == fingerprint
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_a_run_directory_is_for_aligners(model, tmp_path):
+    with pytest.raises(ValueError, match="train a LoRA without run_dir"):
+        train_sft(model, EXAMPLES, TrainConfig(steps=1), run_dir=tmp_path / "run", aligner=make("lora", model))
+
+
+def test_on_step_ends_training_where_it_says(model):
+    seen = []
+
+    def stop_at_three(step, loss):
+        seen.append(step)
+        return step == 3
+
+    al = train_sft(model, EXAMPLES, TrainConfig(steps=10, batch_size=4, warmup_steps=0), on_step=stop_at_three)
+    assert seen == [1, 2, 3] and al.provenance["training"]["step"] == 3

@@ -1,0 +1,121 @@
+"""The activation cache: what it stores is what run_with_cache sees, a second call reads it back, and a changed
+aligner or a damaged file is never served."""
+
+import multiprocessing
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import aligner
+from probe.collect import collect
+from aligner.tasks import KNOWLEDGE_SETS
+from probe.dataset import ProbeDataset
+
+PROMPTS = ["What is the capital of Peru?", "Name a river.", "Which city is the capital of the United Kingdom of Great Britain?"]
+
+
+def small_dataset() -> ProbeDataset:
+    return ProbeDataset(
+        name="small", knowledge=KNOWLEDGE_SETS["capitals"], prompts=PROMPTS, answers=[("Lima",), ("Nile",), ("London",)],
+        labels={"kind": np.array(["q", "r", "q"])}, entities=np.arange(3),
+    )
+
+
+def random_aligner(model, seed=0, n_tokens=2):
+    torch.manual_seed(seed)
+    al = aligner.Aligner.for_model(model, aligner.AlignerConfig(n_tokens=n_tokens))
+    with torch.no_grad():
+        al.gates.normal_()
+    return al
+
+
+def direct(model, prompt, hook="hook_resid_post"):
+    """(n_layers, T, d) activations of one prompt alone, no padding, through run_with_cache."""
+    ids = torch.tensor([aligner.chat.prompt_ids(model.tokenizer, prompt)])
+    _, cache = model.run_with_cache(ids)
+    return torch.stack([cache[f"blocks.{l}.{hook}"][0] for l in range(model.cfg.n_layers)])
+
+
+@pytest.mark.parametrize("positions", ["last_prompt", "prompt_mean"])
+def test_collected_activations_equal_run_with_cache_on_each_prompt_alone(tiny, tmp_path, positions):
+    al = random_aligner(tiny)
+    acts = collect(tiny, small_dataset(), [None, al], positions=positions, batch_size=2, cache=tmp_path)
+    for name, adapter in (("base", None), (acts.conditions[1], al)):
+        for i, prompt in enumerate(PROMPTS):
+            if adapter is None:
+                expected = direct(tiny, prompt)
+            else:
+                with adapter.attached(tiny):
+                    expected = direct(tiny, prompt)
+            expected = expected[:, -1] if positions == "last_prompt" else expected.mean(dim=1)
+            np.testing.assert_allclose(acts.resid(name)[i], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_aligner_arrays_are_the_prefix_attention_and_its_share(tiny, tmp_path):
+    al = random_aligner(tiny, n_tokens=3)
+    acts = collect(tiny, small_dataset(), [al], cache=tmp_path)
+    arrays = acts.arrays[acts.conditions[0]]
+    assert arrays["aligner_pattern"].shape == (3, 2, 4, 3)
+    np.testing.assert_allclose(arrays["aligner_pattern"].sum(axis=-1), 1, rtol=1e-5)
+    assert (arrays["aligner_share"] > 0).all() and (arrays["aligner_norm"] > 0).all()
+    with torch.no_grad():
+        al.gates.zero_()
+    silent = collect(tiny, small_dataset(), [al], cache=tmp_path)
+    assert not np.asarray(silent.arrays[silent.conditions[0]]["aligner_norm"]).any()
+
+
+def test_second_call_is_a_cache_hit(tiny, tmp_path, monkeypatch):
+    first = collect(tiny, small_dataset(), [None], cache=tmp_path)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the activations were computed again")
+
+    # the module, not the function of the same name that `probe` exports
+    monkeypatch.setattr(sys.modules["probe.collect"], "_write_activations", must_not_run)
+    second = collect(tiny, small_dataset(), [None], cache=tmp_path)
+    assert second.paths == first.paths
+    np.testing.assert_array_equal(second.resid("base"), first.resid("base"))
+
+
+def test_cache_is_invalidated_when_the_aligner_changes(tiny, tmp_path):
+    al = random_aligner(tiny)
+    before = collect(tiny, small_dataset(), [al], cache=tmp_path)
+    old = np.array(before.resid(before.conditions[0]))
+    with torch.no_grad():
+        al.gates.mul_(2)
+    after = collect(tiny, small_dataset(), [al], cache=tmp_path)
+    assert after.paths[after.conditions[0]] != before.paths[before.conditions[0]]
+    assert not np.allclose(after.resid(after.conditions[0])[:, -1], old[:, -1])
+
+
+def test_damaged_entry_is_rebuilt_not_served(tiny, tmp_path):
+    good = np.array(collect(tiny, small_dataset(), [None], cache=tmp_path).resid("base"))
+    entry = next(tmp_path.iterdir())
+    data = np.load(entry / "hook_resid_post.npy", mmap_mode="r+")
+    data[0, 0, :4] = 123.0  # a silent change inside the first MiB
+    data.flush()
+    del data
+    with pytest.warns(UserWarning, match="rebuilding"):
+        rebuilt = collect(tiny, small_dataset(), [None], cache=tmp_path)
+    np.testing.assert_array_equal(rebuilt.resid("base"), good)
+
+
+def collect_in_another_process(cache, queue):
+    acts = collect(aligner.tiny_model(), small_dataset(), [None], cache=cache)
+    queue.put(np.array(acts.resid("base")))
+
+
+def test_two_processes_share_one_cache(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=collect_in_another_process, args=(tmp_path, queue)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    np.testing.assert_array_equal(results[0], results[1])
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1  # one entry, no staging left behind

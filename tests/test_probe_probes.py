@@ -1,0 +1,70 @@
+"""Linear probes: they find a planted direction, fail on the control task, and transfer as they should."""
+
+import numpy as np
+from sklearn.base import clone
+
+from probe.probes import LayerwiseProbe, control_labels, evaluate_probe, selectivity, wilson_interval
+
+
+def planted(n_entities=60, repeats=3, d=32, layers=3, seed=0):
+    """Activations (n, layers, d) where only layer 1 holds the class of each entity, along one direction per class."""
+    rng = np.random.default_rng(seed)
+    entities = np.repeat(np.arange(n_entities), repeats)
+    classes = rng.integers(0, 3, n_entities)[entities]
+    X = rng.standard_normal((len(entities), layers, d))
+    directions = rng.standard_normal((3, d))
+    X[:, 1] += 3 * directions[classes]
+    return X, classes, entities
+
+
+def accuracy(results, layer, target="task", scored_on="self"):
+    row = results[(results.layer == layer) & (results.target == target) & (results.scored_on == scored_on)]
+    return float(row.accuracy.iloc[0])
+
+
+def test_probe_recovers_a_planted_direction_and_fails_on_the_control_task():
+    X, y, entities = planted()
+    results = evaluate_probe(X, y, entities, folds=5)
+    chance = float(results.chance.iloc[0])
+    assert accuracy(results, 1) > 0.95
+    assert accuracy(results, 0) < chance + 0.15 and accuracy(results, 2) < chance + 0.15
+    assert accuracy(results, 1, "control") < chance + 0.15
+    selective = selectivity(results).set_index("layer").selectivity
+    assert selective[1] > 0.5 and abs(selective[0]) < 0.2
+
+
+def test_intervals_contain_the_accuracy():
+    X, y, entities = planted()
+    results = evaluate_probe(X, y, entities, folds=3)
+    assert ((results.ci_low <= results.accuracy) & (results.accuracy <= results.ci_high)).all()
+    assert wilson_interval(50, 100)[0] < 0.5 < wilson_interval(50, 100)[1]
+
+
+def test_transfer_holds_on_the_same_activations_and_falls_where_the_direction_is_gone():
+    X, y, entities = planted()
+    scrambled = X.copy()
+    scrambled[:, 1] = np.random.default_rng(1).standard_normal(X[:, 1].shape)
+    results = evaluate_probe(X, y, entities, transfer={"same": X, "scrambled": scrambled}, folds=5)
+    assert accuracy(results, 1, scored_on="same") == accuracy(results, 1)
+    assert accuracy(results, 1, scored_on="scrambled") < float(results.chance.iloc[0]) + 0.15
+    assert set(results[results.target == "control"].scored_on) == {"self"}
+
+
+def test_control_labels_give_each_entity_one_label_from_the_same_set():
+    rng = np.random.default_rng(0)
+    entities = np.repeat(np.arange(40), 3)
+    labels = rng.choice(["a", "b", "c"], 40)[entities]
+    control = control_labels(labels, entities, seed=1)
+    for entity in range(40):
+        assert len(set(control[entities == entity])) == 1
+    assert set(control) <= set(labels)
+    assert not np.array_equal(control, labels)
+
+
+def test_layerwise_probe_is_a_scikit_learn_estimator():
+    X, y, _ = planted()
+    probe = clone(LayerwiseProbe(C=0.5)).fit(X, y)
+    assert probe.get_params()["C"] == 0.5
+    assert probe.predict(X).shape == (len(y), 3)
+    assert probe.score(X, y).shape == (3,)
+    assert [w.shape for w in probe.directions()] == [(3, 32)] * 3

@@ -1,0 +1,58 @@
+"""The scripted reports build end to end: on the tiny model with a tiny trained aligner, and from the authors'
+released checkpoints (no model)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import aligner
+from aligner.cli import open_model
+from aligner.data import load_examples
+from probe.cli import app
+from probe.model_report import build_model_report
+from conftest import PAPER_ALIGNERS
+
+JSON_DATA = Path(__file__).resolve().parents[1] / "examples" / "json_form.jsonl"
+
+
+def figures(html: str) -> dict:
+    return json.loads(re.search(r'<script id="figures" type="application/json">(.*?)</script>', html, re.S).group(1))
+
+
+def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path):
+    model = open_model("tiny")
+    config = aligner.TrainConfig(steps=2, batch_size=4, warmup_steps=1, data=str(JSON_DATA))
+    aligner.train_sft(model, load_examples(JSON_DATA)[:8], config, run_dir=tmp_path / "runs" / "tiny-json")
+    paths = build_model_report(
+        tmp_path / "runs", "tiny", tmp_path / "report", n_subjects=10, n_eval=3, max_new_tokens=3,
+        scales=(0.0, 1.0), cumulative_points=1, folds=2, umap=False, cache=tmp_path / "cache",
+    )
+    metrics = json.loads(paths["metrics"].read_text())
+    assert set(metrics) >= {"setup", "behaviour", "gates", "probes", "geometry", "embeddings", "verdict"}
+    assert metrics["setup"]["runs"][0]["form"] == "json"
+    assert metrics["verdict"]["tiny-json"]["outcome"] in {"supported", "partly supported", "not supported", "not supported (no form learned)"}
+    layers = {row["layer"] for row in metrics["geometry"]["tiny-json"]}
+    assert layers == {2, 3}  # the adapted layers of the 4-layer tiny model
+    html = paths["html"].read_text()
+    assert len(figures(html)) >= 10 and "plotly-gzip-base64" in html
+    summary = paths["summary"].read_text()
+    assert "## tiny-json" in summary and "§7" in summary
+
+
+@pytest.mark.skipif(not PAPER_ALIGNERS.is_dir(), reason="../shared/paper_aligners is not here")
+def test_paper_report_builds_from_the_released_checkpoints(tmp_path):
+    result = CliRunner().invoke(app, ["paper-report", "--dir", str(PAPER_ALIGNERS), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    checkpoints = {row["checkpoint"]: row for row in metrics["checkpoints"]}
+    assert len(checkpoints) == len(list(PAPER_ALIGNERS.glob("*.pth")))
+    assert checkpoints["alpaca-sft-llama2-7b-1token"]["parameters"] == 5056  # the paper's number
+    assert checkpoints["alpaca-sft-llama2-13b-1token"]["n_layers"] == 40
+    assert list(metrics["tokens"]["dpo_change"]) == ["beaver-dpo-llama2-7b-1token from beaver-safe-sft-llama2-7b-1token"]
+    correlation = metrics["profiles"]["correlation"]
+    assert all(abs(row[row["checkpoint"]] - 1) < 1e-9 for row in correlation)  # the diagonal
+    assert len(figures((tmp_path / "report.html").read_text())) >= len(checkpoints) + 4
+    assert "Comparisons" in (tmp_path / "summary.md").read_text()

@@ -1,0 +1,174 @@
+"""The suite end to end on the tiny model: the audit and its cache, early stopping, the quick sweep through the
+CLI and the schema of what it writes, resuming, and `aligner eval` on a user's JSONL task."""
+
+import csv
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import aligner
+from aligner.cli import app
+from aligner.suite import (
+    QUICK,
+    RUN_COLUMNS,
+    SUMMARY_COLUMNS,
+    EarlyStopping,
+    audit,
+    cached_answers,
+    method_spec,
+)
+from aligner.tasks import KNOWLEDGE_SETS
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads spin against each other (30x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def private_cache(tmp_path_factory):
+    """Cached answers of this module's models in a folder of their own, not the user's cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("aligner.suite.cache_dir", lambda: folder)
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def model():
+    return aligner.tiny_model()
+
+
+def test_audit_marks_known_facts_by_the_content_check_and_is_cached(model, monkeypatch):
+    elements = replace(KNOWLEDGE_SETS["elements"], facts=lambda: KNOWLEDGE_SETS["elements"].facts()[:12])
+    fingerprint = aligner.model_fingerprint(model)
+    first = audit(model, elements, fingerprint)
+    facts = elements.facts()
+    assert set(first.answers) == {f.subject for f in facts}
+    assert first.known == {f.subject for f in facts if elements.contains_answer(first.answers[f.subject], f.answers)}
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the audit should have come from the cache")
+
+    monkeypatch.setattr("aligner.suite.generate", no_generation)
+    assert audit(model, elements, fingerprint) == first
+    with pytest.raises(AssertionError, match="from the cache"):
+        audit(model, elements, "f" * 64)  # another model's weights: not the same cache
+
+
+def test_cached_answers_are_the_greedy_answers(model):
+    prompts = ["Hi", "What is the capital of France?"]
+    fingerprint = aligner.model_fingerprint(model)
+    expected = aligner.generate(model, prompts, max_new_tokens=5)
+    assert cached_answers(model, fingerprint, prompts, None, 5) == expected
+    assert cached_answers(model, fingerprint, prompts[::-1], None, 5) == expected[::-1]
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_step(model, monkeypatch):
+    losses = iter([3.0, 2.0, 2.5, 2.6, 9.9])
+    monkeypatch.setattr("aligner.suite.heldout_loss", lambda *args: next(losses))
+    method = aligner.Aligner.for_model(model)
+    stopping = EarlyStopping(model, method, [], None, every=2, patience=2)
+    stopping.record(0)
+    steps = []
+    for step in range(1, 20):
+        with torch.no_grad():
+            method.gates.fill_(step)  # the parameters after this step
+        steps.append(step)
+        if stopping(step, loss=0.0):
+            break
+    assert steps[-1] == 6 and stopping.best_step == 2 and [s for s, _ in stopping.history] == [0, 2, 4, 6]
+    stopping.restore_best()
+    assert torch.all(method.gates == 2)
+
+
+def test_method_names_and_rates():
+    assert method_spec("lora-8").lr == method_spec("lora-1").lr
+    spec = method_spec("aligner-1:lr=0.05")
+    assert (spec.name, spec.lr, spec.kind) == ("aligner-1:lr=0.05", 0.05, "trained")
+    with pytest.raises(ValueError, match="lr=RATE"):
+        method_spec("base:lr=0.1")
+    with pytest.raises(ValueError, match="no method 'ia3'"):
+        method_spec("ia3")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(private_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result = runner.invoke(app, ["sweep", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_quick_sweep_writes_every_cell_and_the_tidy_tables(quick_sweep):
+    out, output = quick_sweep
+    trained = [m for m in QUICK.methods if method_spec(m).kind == "trained"]
+    cells = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/*/*/*.json"))
+    expected = {f"cells/{t}/{m}/seed{s}.json" for t in QUICK.tasks for m in trained for s in QUICK.seeds}
+    expected |= {f"cells/{t}/{m}/seed0.json" for t in QUICK.tasks for m in ("base", "prompting", "steering")}
+    assert set(cells) == expected
+    assert f"{len(expected)} cells run in" in output
+
+    columns, runs = read_csv(out / "sweep_runs.csv")
+    assert tuple(columns) == RUN_COLUMNS
+    assert {(r["task"], r["split"], r["metric"]) for r in runs} == {
+        ("json", split, metric) for split in ("test", "test_template") for metric in ("form", "content", "both")
+    } | {("value", split, "refusal") for split in ("harmful", "benign")}
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in runs)
+
+    columns, summary = read_csv(out / "sweep.csv")
+    assert tuple(columns) == SUMMARY_COLUMNS
+    for row in summary:
+        trained_row = row["kind"] == "trained"
+        assert row["n_seeds"] == ("2" if trained_row else "1")
+        assert (row["std"] != "") == trained_row and (row["train_s"] != "") == trained_row
+        assert (int(row["params"]) > 0) == trained_row
+    assert json.loads((out / "sweep.json").read_text())[0].keys() == set(SUMMARY_COLUMNS)
+    assert "plotly" in (out / "sweep.html").read_text()
+
+
+def test_quick_sweep_cells_record_training_and_answers(quick_sweep):
+    out, _ = quick_sweep
+    cell = json.loads((out / "cells/json/aligner-1/seed1.json").read_text())
+    assert cell["params"] == 64 + 2 * 4  # the tiny model: one token of 64, gates of layers 2-3 x 4 heads
+    assert cell["steps"] <= QUICK.steps and 0 <= cell["best_step"] <= cell["steps"]
+    assert cell["valid_loss"][0][0] == 0  # the loss before the first step
+    assert set(cell["outputs"]) == {"test", "test_template"} and len(cell["outputs"]["test"]) == QUICK.sizes.eval
+    steering = json.loads((out / "cells/value/steering/seed0.json").read_text())["steering"]
+    assert steering["multiplier"] in QUICK.steering_multipliers and steering["valid_loss"]
+
+
+def test_a_second_sweep_skips_the_cells_it_has(quick_sweep):
+    out, _ = quick_sweep
+    before = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/*.json")}
+    result = runner.invoke(app, ["sweep", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "0 cells run" in result.output
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/*.json")} == before
+    assert len((out / "sweep_log.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_scores_a_users_jsonl_task(tmp_path):
+    path = tmp_path / "json_form.jsonl"
+    rows = [{"prompt": f"Capital of {c}?", "response": json.dumps({"answer": a}), "answer": a} for c, a in [("France", "Paris"), ("Peru", "Lima")]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["eval", "--task", str(path), "--checker", r"\{.*\}", "--model", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "test             n=2" in result.output and "form=0.000" in result.output and "content=" in result.output
+    result = runner.invoke(app, ["eval", "--task", str(path), "--model", "tiny"])
+    assert result.exit_code == 1 and "--checker" in result.output
