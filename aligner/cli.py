@@ -5,8 +5,8 @@ Bad files, settings and model names end in one `Error: ...` line and exit code 1
 
 import contextlib
 import json
-from enum import Enum
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
@@ -232,7 +232,8 @@ def sweep(
     and the figure."""
     import torch
 
-    from aligner.suite import QUICK, SuiteConfig, summarise, sweep as run_sweep
+    from aligner.suite import QUICK, SuiteConfig, summarise
+    from aligner.suite import sweep as run_sweep
 
     if tables_only:
         typer.echo(f"{len(summarise(out))} summary rows in {out / 'sweep.csv'}")
@@ -261,7 +262,8 @@ def evaluate(
     row) with the task's checkers; greedy, batched."""
     from aligner.loading import model_fingerprint
     from aligner.methods import load_method
-    from aligner.suite import SuiteConfig, evaluate as evaluate_splits, task_data
+    from aligner.suite import SuiteConfig, task_data
+    from aligner.suite import evaluate as evaluate_splits
     from aligner.tasks import Sizes, get_task
 
     with one_line_errors():

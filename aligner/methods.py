@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from transformer_lens.hook_points import HookPoint, LensHandle
 
 from aligner.config import ModelShape
-from aligner.files import atomic_write_json, provenance, read_json
+from aligner.files import atomic_write_bytes, atomic_write_json, provenance, read_json
 from aligner.model import CONFIG_FILE as ALIGNER_CONFIG_FILE
 from aligner.model import Aligner, projection, shape_of
 
@@ -122,7 +122,7 @@ class HookedMethod(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.provenance = {**provenance(), **self.provenance}
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path / TENSORS_FILE)
+        atomic_write_bytes(path / TENSORS_FILE, save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}))
         atomic_write_json(
             path / CONFIG_FILE,
             {

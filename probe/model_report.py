@@ -256,7 +256,9 @@ def probes_section(report: Report, activations: Activations, names: dict[str, st
         "block at the last prompt token; 95% Wilson intervals over the out-of-fold predictions. Control: each "
         "subject's label replaced by a random one, kept wherever the subject appears (Hewitt & Liang), so a probe that memorises subjects scores on "
         "it too; selectivity = task - control. Transfer: the probes trained on base activations, scored on the "
-        "aligned activations of the same held-out prompts."
+        "aligned activations of the same held-out prompts; 'centred': those activations moved by the difference of "
+        "the two conditions' means first, so that a constant shift (which moves every probe's bias) is taken out and "
+        "what is left is whether the classes still lie where the probe looks."
     )
     dataset = activations.dataset
     base = np.asarray(activations.resid("base"))
@@ -267,7 +269,11 @@ def probes_section(report: Report, activations: Activations, names: dict[str, st
     )
     section.figure(probe_figure(form_results, "Form probe: which condition (base or which aligner) produced the activations"))
     metrics: dict[str, Any] = {"form": form_results, "form_selectivity": selectivity(form_results), "knowledge": {}, "selectivity": {}}
-    transfer = {run: np.asarray(activations.resid(condition)) for run, condition in names.items()}
+    transfer = {}
+    for run, condition in names.items():
+        aligned = np.asarray(activations.resid(condition))
+        transfer[run] = aligned
+        transfer[f"{run} (centred)"] = aligned - aligned.mean(axis=0) + base.mean(axis=0)  # per layer and feature
     for label, values in dataset.labels.items():
         results = evaluate_probe(base, values, dataset.entities, transfer=transfer, folds=folds, seed=seed, desc=f"{label} probe")
         metrics["selectivity"][label] = selectivity(results)
@@ -369,23 +375,27 @@ def embeddings_section(
 def verdict(metrics: dict[str, Any], name: str, form: str | None) -> dict[str, Any]:
     """The claim "this aligner changes the form of the answers and leaves knowledge alone", as four tests:
     form learned (compliance gain >= FORM_LEARNED), content kept (accuracy loss <= CONTENT_TOLERANCE),
-    knowledge readable as before (mean transfer loss over adapted layers and labels <= TRANSFER_TOLERANCE), and
+    knowledge readable as before (mean loss of the base-trained probes over adapted layers and labels, on the
+    aligned activations centred on the base mean, <= TRANSFER_TOLERANCE: a constant shift is the geometry test's
+    business; the raw loss is reported beside it), and
     orthogonal (a share >= WITHIN_NULL of adapted layers with overlap within the covariance null's 95% quantile).
     Supported: all four; partly: form learned and one of the other three failing; else not supported."""
     geometry = metrics["geometry"][name]
     layers = set(geometry.layer)
-    losses = []
+    losses: dict[str, list[float]] = {name: [], f"{name} (centred)": []}
     for results in metrics["probes"]["knowledge"].values():
         task = results[(results.target == "task") & results.layer.isin(layers)].pivot(index="layer", columns="scored_on", values="accuracy")
-        losses.append(float((task["base"] - task[name]).mean()))
+        for scored_on in losses:
+            losses[scored_on].append(float((task["base"] - task[scored_on]).mean()))
     tests: dict[str, Any] = {
-        "transfer_loss": float(np.mean(losses)),
+        "transfer_loss": float(np.mean(losses[name])),
+        "centred_transfer_loss": float(np.mean(losses[f"{name} (centred)"])),
         "within_null_share": float((geometry.overlap <= geometry.covariance_q95).mean()),
         "mean_overlap": float(geometry.overlap.mean()),
         "mean_covariance_null_median": float(geometry.covariance_q50.mean()),
     }
     passed = {
-        "knowledge_readable": tests["transfer_loss"] <= TRANSFER_TOLERANCE,
+        "knowledge_readable": tests["centred_transfer_loss"] <= TRANSFER_TOLERANCE,
         "orthogonal": tests["within_null_share"] >= WITHIN_NULL,
     }
     behaviour = metrics["behaviour"].get(name)
@@ -437,7 +447,8 @@ def model_summary(report: Report, aligners: dict[str, Aligner]) -> str:
             )
         lines.append(
             f"- Transfer ({ref('probes')}): base-trained knowledge probes lose {v['transfer_loss']:+.1%} accuracy on "
-            f"its activations, on average over the adapted layers and labels (threshold {TRANSFER_TOLERANCE:.0%})."
+            f"its activations as they are and {v['centred_transfer_loss']:+.1%} once they are centred on the base mean, "
+            f"on average over the adapted layers and labels (threshold {TRANSFER_TOLERANCE:.0%}, centred)."
         )
         lines.append(
             f"- Geometry ({ref('geometry')}): mean overlap of Δ with the knowledge subspace {v['mean_overlap']:.3f} "
