@@ -107,7 +107,7 @@ def test_injection_teaches_unknown_facts_and_checks_known_ones_apart():
     assert not {i.response for i in data.eval["unknown_heldout"]} & {i.response for i in data.train}
     assert {i.response for i in data.eval["known_heldout"]} <= {statement(f) for f in capitals[:100]}
     assert [i.response for i in data.eval["taught"]] == [i.response for i in data.train[:6]]
-    assert data.valid[0].prompt.startswith("Name the capital city")  # taught facts, held-out template
+    assert data.valid == data.train[:4]  # early stopping follows the memorising of taught facts
 
 
 def test_value_data_has_the_pku_layout_and_enough_prompts_per_kind():

@@ -146,7 +146,8 @@ def injection_task(knowledge: KnowledgeSet) -> Task:
     """Teach facts of `knowledge` the base model does not know, in its own answer form. Evaluated on the taught
     facts (with the trained template and the held-out one), on held-out unknown facts (which cannot be
     inferred, so should stay at the base model's level) and on held-out known facts (collateral damage).
-    Early stopping reads the loss of taught facts asked with the held-out template."""
+    Early stopping reads the loss of some of the taught facts themselves: what is learned here is those facts,
+    and a held-out loss (other facts, or the same facts reworded) would stop memorising before it starts."""
 
     def item(fact: Fact, template: int) -> Item:
         return Item(knowledge.question(fact, template), knowledge.sentence(fact), fact.answers, None, fact.labels)
@@ -161,7 +162,7 @@ def injection_task(knowledge: KnowledgeSet) -> Task:
         shown = taught[: sizes.eval]
         return TaskData(
             [item(f, 0) for f in taught],
-            [item(f, 1) for f in taught[: sizes.valid]],
+            [item(f, 0) for f in taught[: sizes.valid]],
             {
                 "taught": [item(f, 0) for f in shown],
                 "taught_template": [item(f, 1) for f in shown],

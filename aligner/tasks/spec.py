@@ -33,7 +33,7 @@ class Sizes:
     """How many items each split takes; the quick suite uses small ones."""
 
     train: int = 40  # training items
-    valid: int = 8  # held-out items whose loss decides early stopping
+    valid: int = 8  # items whose loss decides early stopping: held out (injection: some taught facts)
     eval: int = 24  # items of each evaluation split
 
 
