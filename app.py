@@ -1,65 +1,532 @@
-"""Aligner workbench: `streamlit run app.py`. This page only presents what `aligner` computes."""
+"""Aligner workbench: `streamlit run app.py` (`make app`). One tab per view; every number and figure comes from
+`aligner` and `probe`, this file only lays them out.
+
+The base model loads once (`st.cache_resource`); runs and activations are kept as resources keyed by their
+files' versions, analyses in `st.cache_data` (on disk, keyed by the base model's weights fingerprint), and
+activations in the probe's own disk cache, so that changing a widget recomputes only what depends on it. Only
+the open tab runs (`st.tabs(on_change="rerun")`). Environment variables set the sidebar's defaults:
+ALIGNER_APP_MODEL, ALIGNER_APP_RUNS, ALIGNER_APP_PAPERS, ALIGNER_APP_RESULTS (the tests point them at the tiny
+model and temporary directories).
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import pandas as pd
+import plotly.express as px
 import streamlit as st
+from torch import nn
 
 import aligner
-from aligner.runs import RunInfo, list_runs
+from aligner.cli import open_model
+from aligner.methods import Method, load_method
+from aligner.runs import METHOD_MAKERS, RunInfo, list_runs, run_losses, task_examples, train_run
+from aligner.suite import LORA_LR, figure as efficiency_figure, markdown_tables
+from aligner.tasks import KNOWLEDGE_SETS, TASK_NAMES
+from probe.collect import Activations, collect
+from probe.dataset import ProbeDataset, knowledge_dataset, training_form
+from probe.embeddings import prefix_frame, scatter, token_frame
+from probe.explore import (
+    activation_frame,
+    efficiency_summary,
+    evaluation_set,
+    form_probe_curves,
+    geometry_table,
+    knowledge_probe_curves,
+    paper_checkpoints,
+)
+from probe.gates import ablation_curves, answers, gate_heatmap, gate_profiles, gate_scale_curve, prefix_attention
+from probe.model_report import geometry_figure, probe_figure
 
-st.set_page_config(page_title="Aligner workbench", layout="wide")
+ROOT = Path(__file__).resolve().parent
+PAPERS = ROOT.parent / "shared" / "paper_aligners"  # the authors' checkpoints, where the workplace lays them
+DEFAULTS = {
+    "model": os.environ.get("ALIGNER_APP_MODEL", aligner.DEFAULT_MODEL),
+    "runs": os.environ.get("ALIGNER_APP_RUNS", str(ROOT / "runs")),
+    "papers": os.environ.get("ALIGNER_APP_PAPERS", str(PAPERS) if PAPERS.is_dir() else ""),
+    "results": os.environ.get("ALIGNER_APP_RESULTS", str(ROOT / "results")),
+}
+VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Efficiency", "Train")
+RunKey = tuple[str, str]  # (run path, files' version): what a cached analysis of a run is keyed on
+
+
+@dataclass(frozen=True)
+class Workbench:
+    """What every view reads: the base model (None when it failed to load) and the runs trained on it."""
+
+    model_name: str
+    model: nn.Module | None
+    fingerprint: str | None
+    runs: dict[str, RunInfo]  # name -> a readable run trained on this very model
+    runs_dir: Path
+    papers_dir: Path | None
+    results_dir: Path
+    knowledge: str
+    n_subjects: int
+
+    def aligner_runs(self) -> dict[str, RunInfo]:
+        return {name: run for name, run in self.runs.items() if run.is_aligner}
+
+
+def shows_errors(view: Callable[[Workbench], None]) -> Callable[[Workbench], None]:
+    """Run a view; what goes wrong in it is shown as an error with what to do, and the other views still work."""
+
+    @functools.wraps(view)
+    def shown(bench: Workbench) -> None:
+        try:
+            view(bench)
+        except ImportError as err:
+            st.error(f"{view.__name__}: a package is missing ({err}). Run `make install`, then restart the app.")
+        except FileNotFoundError as err:
+            st.error(f"{view.__name__}: {err}. Check the directories in the sidebar.")
+        except Exception as err:  # the message names the file or setting at fault; the page stays usable
+            st.error(f"{view.__name__}: {type(err).__name__}: {err}. Fix or remove what it names, or change the setting.")
+
+    return shown
+
+
+# ---- cached computations (arguments starting with _ are not hashed: their key is the argument after them) ----
 
 
 @st.cache_resource(show_spinner="Loading the base model…")
-def get_model(name: str):
-    return aligner.load_model(name) if name != "tiny" else aligner.tiny_model()
+def load_base(name: str) -> tuple[nn.Module, str]:
+    model = open_model(name)
+    return model, aligner.model_fingerprint(model)
 
 
-@st.cache_data(show_spinner="Generating…")
-def cached_generate(model_name: str, run_path: str | None, prompt: str, max_new_tokens: int, gate_scale: float) -> str:
-    al = aligner.Aligner.load(run_path) if run_path else None
-    return aligner.generate(
-        get_model(model_name), [prompt], aligner=al, max_new_tokens=max_new_tokens, gate_scale=gate_scale
-    )[0]
+@st.cache_resource(show_spinner=False)
+def load_run(path: str, version: str) -> Method:
+    return load_method(path)
 
 
-st.title("Aligner workbench")
-with st.sidebar:
-    model_name = st.text_input("Base model", aligner.DEFAULT_MODEL, help="A packaged model, a Hugging Face id or a path")
-    runs_dir = st.text_input("Runs directory", "runs")
+def run_key(run: RunInfo) -> RunKey:
+    return (str(run.path), run.version)
 
-try:
-    model = get_model(model_name)
-except Exception as err:  # shown to the user, not a traceback
-    st.error(f"Could not load model {model_name!r}: {err}. Run `make install`, or name another model.")
-    st.stop()
 
-runs = list_runs(Path(runs_dir))
-for run in runs:
-    if run.error:
-        st.error(f"Run {run.path}: {run.error}")
-usable: dict[str, RunInfo] = {run.name: run for run in runs if not run.error}
-if not usable:
-    st.info(f"No runs in {runs_dir!r} yet. Train one: `aligner train --data examples.jsonl --out runs/NAME`.")
+@st.cache_data(show_spinner="Generating…", persist="disk")
+def generated(_model: nn.Module, fingerprint: str, run: RunKey | None, prompt: str, max_new_tokens: int, scale: float) -> str:
+    method = None if run is None else load_run(*run)
+    if method is None or isinstance(method, aligner.Aligner):
+        return aligner.generate(_model, [prompt], aligner=method, max_new_tokens=max_new_tokens, gate_scale=scale)[0]
+    from aligner.suite import answer
 
-st.header("Generate: base vs aligned")
-prompt = st.text_area("Prompt", "What is the capital of France?")
-chosen = st.multiselect("Runs", list(usable), default=list(usable)[:2])
-max_new_tokens = st.slider("Max new tokens", 8, 256, 48)
-scales = {name: st.slider(f"Gate scale: {name}", 0.0, 1.5, 1.0, 0.05) for name in chosen}
+    return answer(_model, method, [prompt], None, max_new_tokens, 1)[0]
 
-columns = st.columns(1 + len(chosen))
-with columns[0]:
-    st.subheader("Base model")
-    st.write(cached_generate(model_name, None, prompt, max_new_tokens, 1.0))
-for column, name in zip(columns[1:], chosen):
-    run = usable[name]
-    with column:
-        st.subheader(name)
-        st.caption(run.summary)
-        try:
-            st.write(cached_generate(model_name, str(run.path), prompt, max_new_tokens, scales[name]))
-        except ValueError as err:  # an aligner that does not fit this model
-            st.error(str(err))
+
+@st.cache_data(show_spinner="Reading the prefix attention…", persist="disk")
+def prefix_table(_model: nn.Module, fingerprint: str, run: RunKey, prompt: str) -> pd.DataFrame:
+    return prefix_attention(_model, load_run(*run), prompt)
+
+
+@st.cache_data(show_spinner=False)
+def dataset_for(knowledge: str, n_subjects: int) -> ProbeDataset:
+    return knowledge_dataset(knowledge, n_subjects)
+
+
+@st.cache_resource(show_spinner="Collecting activations (kept on disk after the first time)…")
+def activations_for(_model: nn.Module, fingerprint: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int) -> Activations:
+    return collect(_model, dataset_for(knowledge, n_subjects), [None, *(Path(path) for path, _ in runs)])
+
+
+def bench_activations(bench: Workbench, runs: dict[str, RunInfo]) -> Activations:
+    keys = tuple(run_key(run) for run in runs.values())
+    return activations_for(bench.model, bench.fingerprint, keys, bench.knowledge, bench.n_subjects)
+
+
+def condition(run: RunInfo) -> str:
+    """The run's condition name in `Activations` (probe.collect names a run by its directory)."""
+    return run.path.name
+
+
+@st.cache_data(show_spinner=False)
+def trained_form(run: RunKey) -> str | None:
+    return training_form(load_run(*run))
+
+
+@st.cache_data(show_spinner="Answering the held-out prompts…", persist="disk")
+def held_out_answers(
+    _model: nn.Module, fingerprint: str, run: RunKey | None, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int
+) -> dict[str, str]:
+    """prompt -> answer on the held-out prompts of `runs` (the base model for run None)."""
+    evaluation = evaluation_set(dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs})
+    if not len(evaluation):  # every subject was trained on: nothing held out to answer
+        return {}
+    method = None if run is None else load_run(*run)
+    return dict(zip(evaluation.prompts, answers(_model, evaluation, method, max_new_tokens=24, batch_size=len(evaluation))))
+
+
+@st.cache_data(show_spinner="Switching gates off, layer by layer (kept on disk after the first time)…", persist="disk")
+def gate_curves(_model: nn.Module, fingerprint: str, run: RunKey, form: str, knowledge: str, n_subjects: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    al = load_run(*run)
+    evaluation = evaluation_set(dataset_for(knowledge, n_subjects), {run[0]: al})
+    if not len(evaluation):
+        raise ValueError(f"{run[0]} was trained on every subject of the probing data; raise Subjects in the sidebar")
+    options = {"max_new_tokens": 24, "batch_size": len(evaluation)}
+    scale = gate_scale_curve(_model, evaluation, al, form, **options).drop(columns="outputs")
+    return scale, ablation_curves(_model, evaluation, al, form, **options)
+
+
+@st.cache_data(show_spinner="Fitting probes…", persist="disk")
+def probe_results(_activations: Activations, fingerprint: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, label: str, conditions: tuple[str, ...]) -> pd.DataFrame:
+    if label == "form":
+        return form_probe_curves(_activations, ("base", *conditions))
+    return knowledge_probe_curves(_activations, label, conditions)
+
+
+@st.cache_data(show_spinner="Measuring overlaps against the nulls…", persist="disk")
+def geometry_results(_activations: Activations, fingerprint: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, name: str, layers: tuple[int, ...]) -> pd.DataFrame:
+    return geometry_table(_activations, name, layers)
+
+
+@st.cache_data(show_spinner="Embedding…", persist="disk")
+def activation_map(
+    _activations: Activations, fingerprint: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int,
+    layer: int, conditions: tuple[str, ...], forms: tuple[tuple[str, str | None], ...], outputs: tuple[tuple[str, tuple[tuple[str, str], ...]], ...], method: str,
+) -> pd.DataFrame:
+    return activation_frame(_activations, layer, conditions, dict(forms), {c: dict(o) for c, o in outputs}, method)
+
+
+@st.cache_data(show_spinner="Embedding the tokens…", persist="disk")
+def token_map(runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> pd.DataFrame:
+    return token_frame({name: load_run(*run) for name, run in zip(names, runs)}, method)
+
+
+@st.cache_data(show_spinner="Embedding the prefix keys and values…", persist="disk")
+def prefix_map(_model: nn.Module, fingerprint: str, runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> pd.DataFrame:
+    return prefix_frame(_model, {name: load_run(*run) for name, run in zip(names, runs)}, method)
+
+
+def papers_version(directory: Path) -> str:
+    return "-".join(f"{p.name}:{p.stat().st_mtime_ns}" for p in sorted(directory.glob("*.pth")))
+
+
+@st.cache_resource(show_spinner="Reading the paper's checkpoints…")
+def load_papers(directory: str, version: str) -> tuple[dict[str, aligner.Aligner], list[tuple[str, str]]]:
+    return paper_checkpoints(directory)
+
+
+# ---- views ----
+
+
+def needs_model(bench: Workbench) -> bool:
+    if bench.model is None:
+        st.info("This view needs the base model, which did not load (see the error above).")
+        return False
+    return True
+
+
+def pick_runs(bench: Workbench, runs: dict[str, RunInfo], key: str, label: str = "Runs", default: int = 3) -> dict[str, RunInfo]:
+    if not runs:
+        st.info(f"No runs trained on {bench.model_name} in {bench.runs_dir}: train one in the Train tab.")
+        return {}
+    chosen = st.multiselect(label, list(runs), default=list(runs)[:default], key=key)
+    return {name: runs[name] for name in chosen}
+
+
+@shows_errors
+def generate_view(bench: Workbench) -> None:
+    if not needs_model(bench):
+        return
+    prompt = st.text_area("Prompt", "What is the capital of France?", key="prompt")
+    chosen = pick_runs(bench, bench.runs, "generate_runs")
+    max_new_tokens = st.slider("Max new tokens", 8, 128, 32, key="max_new_tokens")
+    columns = st.columns(1 + len(chosen))
+    with columns[0]:
+        st.subheader("Base model")
+        st.write(generated(bench.model, bench.fingerprint, None, prompt, max_new_tokens, 1.0))
+    for column, (name, run) in zip(columns[1:], chosen.items()):
+        with column:
+            st.subheader(name)
+            st.caption(run.summary)
+            scale = 1.0
+            if run.is_aligner:
+                scale = st.slider("Gate scale", 0.0, 1.5, 1.0, 0.05, key=f"scale:{name}", help="Every gate multiplied by this (0: the base model)")
+            st.write(generated(bench.model, bench.fingerprint, run_key(run), prompt, max_new_tokens, scale))
+
+    st.subheader("Prefix attention for this prompt")
+    aligners = {name: run for name, run in chosen.items() if run.is_aligner}
+    if not aligners:
+        st.info("Choose an aligner or LLaMA-Adapter run above to see how its prefix is read.")
+        return
+    name = st.selectbox("Run", list(aligners), key="attention_run")
+    table = prefix_table(bench.model, bench.fingerprint, run_key(aligners[name]), prompt)
+    tokens = table.drop_duplicates("position").set_index("position")["token"]
+    position = st.select_slider(
+        "Prompt token", options=list(tokens.index), value=int(tokens.index.max()), format_func=lambda p: f"{p}: {tokens[p]}", key="attention_position"
+    )
+    at = table[table.position == position]
+    left, right = st.columns(2)
+    with left:
+        share = at.drop_duplicates(["layer", "head"]).pivot(index="layer", columns="head", values="share")
+        st.plotly_chart(
+            px.imshow(share, aspect="auto", color_continuous_scale="Viridis", title=f"{name}: |g A V_p| / |z_context| per head at {tokens[position]!r}"),
+            key="attention_share",
+        )
+    with right:
+        head = st.selectbox("Head", sorted(at["head"].unique()), key="attention_head")
+        slots = at[at["head"] == head].pivot(index="layer", columns="slot", values="attention")
+        st.plotly_chart(
+            px.imshow(slots, aspect="auto", zmin=0, zmax=1, color_continuous_scale="Blues", title=f"Attention over the prefix slots, head {head}"),
+            key="attention_slots",
+        )
+    st.caption("The prefix has a softmax of its own: over N slots it sums to 1 (one slot: always 1). How much a head listens to the prefix is the share on the left.")
+
+
+@shows_errors
+def gates_view(bench: Workbench) -> None:
+    runs = bench.aligner_runs()
+    chosen = pick_runs(bench, runs, "gate_runs", default=4)
+    papers, failed = ({}, [])
+    if bench.papers_dir is not None:
+        papers, failed = load_papers(str(bench.papers_dir), papers_version(bench.papers_dir))
+    for path, reason in failed:
+        st.error(f"Paper checkpoint {path} skipped: {reason}")
+    chosen_papers = st.multiselect(
+        "The paper's checkpoints (LLaMA-2, from the sidebar's directory)", list(papers),
+        default=[name for name in papers if name.endswith("7b-1token")][:2], key="gate_papers",
+    )
+    columns = st.columns(2)
+    for i, (name, run) in enumerate(chosen.items()):
+        with columns[i % 2]:
+            st.plotly_chart(gate_heatmap(load_run(*run_key(run)), f"{name}: gates"), key=f"heatmap:{name}")
+    for i, name in enumerate(chosen_papers):
+        with columns[(len(chosen) + i) % 2]:
+            st.plotly_chart(gate_heatmap(papers[name], f"{name} (paper): gates"), key=f"heatmap-paper:{name}")
+    compared = {**{name: load_run(*run_key(run)) for name, run in chosen.items()}, **{f"{n} (paper)": papers[n] for n in chosen_papers}}
+    if compared:
+        profiles = gate_profiles(compared)
+        st.plotly_chart(
+            px.line(profiles, x="depth", y="mean_abs", color="run", markers=True, title="Mean |gate| per layer, on relative depth (layer / (n_layers - 1))"),
+            key="gate_profiles",
+        )
+    if chosen_papers:
+        tokens = token_frame({n: papers[n] for n in chosen_papers if papers[n].shape.d_model == papers[chosen_papers[0]].shape.d_model})
+        st.plotly_chart(scatter(tokens, "run", "PCA of the paper checkpoints' tokens (the first one's width)", hover=["slot", "norm"]), key="paper_tokens")
+
+    st.subheader("Ablation curves")
+    if not chosen or not needs_model(bench):
+        return
+    name = st.selectbox("Run", list(chosen), key="ablation_run")
+    run = chosen[name]
+    form = trained_form(run_key(run))
+    if form is None:
+        st.info(f"{name}: its training data fits none of the suite's output forms, which the curves score; choose a form run.")
+        return
+    if not st.toggle("Compute the gate-scale and ablation curves (minutes on a CPU the first time, then cached)", key="ablation_on"):
+        return
+    scale, ablation = gate_curves(bench.model, bench.fingerprint, run_key(run), form, bench.knowledge, bench.n_subjects)
+    left, right = st.columns(2)
+    with left:
+        long = scale.melt(id_vars="scale", value_vars=["form", "content"], var_name="measure", value_name="share")
+        st.plotly_chart(px.line(long, x="scale", y="share", color="measure", markers=True, title=f"{name}: every gate × s ({form} form)"), key="scale_curve")
+    with right:
+        single = ablation[ablation["mode"] == "single"].melt(id_vars="layer", value_vars=["form", "content"], var_name="measure", value_name="share")
+        st.plotly_chart(px.line(single, x="layer", y="share", color="measure", markers=True, title=f"{name}: one layer's gates off"), key="single_ablation")
+    cumulative = ablation[ablation["mode"] != "single"].melt(id_vars=["mode", "n_off"], value_vars=["form", "content"], var_name="measure", value_name="share")
+    st.plotly_chart(
+        px.line(cumulative, x="n_off", y="share", color="measure", line_dash="mode", markers=True, title=f"{name}: gates off from the top or the bottom"),
+        key="cumulative_ablation",
+    )
+
+
+@shows_errors
+def embeddings_view(bench: Workbench) -> None:
+    if not needs_model(bench):
+        return
+    runs = bench.aligner_runs()
+    what = st.radio("Map", ["Activations", "Prefix tokens", "Prefix keys and values"], horizontal=True, key="map_kind")
+    method = st.radio("Method", ["pca", "umap"], horizontal=True, key="map_method", format_func=str.upper)
+    chosen = pick_runs(bench, runs, "map_runs")
+    if not chosen:
+        return
+    keys, names = tuple(run_key(run) for run in chosen.values()), tuple(chosen)
+    if what == "Prefix tokens":
+        frame = token_map(keys, names, method)
+        st.plotly_chart(scatter(frame, "run", f"{method.upper()} of the aligners' tokens", hover=["layer", "slot", "norm"]), key="token_map")
+        return
+    if what == "Prefix keys and values":
+        frame = prefix_map(bench.model, bench.fingerprint, keys, names, method)
+        for kind, title in (("k", "keys"), ("v", "values")):
+            part = frame[frame.kind == kind]
+            st.plotly_chart(scatter(part, "layer", f"{method.upper()} of the per-layer prefix {title}", hover=["run", "slot"], symbol="run"), key=f"prefix_map:{kind}")
+        return
+    activations = bench_activations(bench, chosen)
+    layer = st.slider("Layer (residual stream after the block, last prompt token)", 0, bench.model.cfg.n_layers - 1, bench.model.cfg.n_layers // 2, key="map_layer")
+    conditions = ("base", *(condition(run) for run in chosen.values()))
+    forms = tuple((condition(run), trained_form(run_key(run))) for run in chosen.values())
+    outputs: tuple = ()
+    if st.toggle("Answers in the hover: the held-out prompts answered under each condition (minutes on a CPU the first time, then cached)", key="map_answers"):
+        outputs = tuple(
+            (c, tuple(held_out_answers(bench.model, bench.fingerprint, key, keys, bench.knowledge, bench.n_subjects).items()))
+            for c, key in zip(conditions, (None, *keys))
+        )
+    frame = activation_map(activations, bench.fingerprint, keys, bench.knowledge, bench.n_subjects, layer, conditions, forms, outputs, method)
+    colour = st.selectbox("Colour by", ["condition", "form", *activations.dataset.labels], key="map_colour")
+    frame = frame.reset_index(names="row")
+    fig = px.scatter(
+        frame, x="x", y="y", color=colour, symbol="condition", custom_data=["row"], hover_data=["prompt", "output"],
+        title=f"{method.upper()} of layer {layer} activations, coloured by {colour}",
+    )
+    event = st.plotly_chart(fig, on_select="rerun", selection_mode=("box", "lasso"), key="activation_map")
+    st.caption("Answers are shown for the held-out prompts (subjects none of the chosen runs was trained on). Select points with the box or lasso to list them.")
+    rows = [point["customdata"][0] for point in event.selection.points] if event and event.selection.points else []
+    if rows:
+        st.dataframe(frame.loc[frame.row.isin(rows), ["condition", "form", "prompt", "output", *activations.dataset.labels]], hide_index=True)
+
+
+@shows_errors
+def probes_view(bench: Workbench) -> None:
+    if not needs_model(bench):
+        return
+    chosen = pick_runs(bench, bench.aligner_runs(), "probe_runs", default=2)
+    if not chosen:
+        return
+    activations = bench_activations(bench, chosen)
+    keys = tuple(run_key(run) for run in chosen.values())
+    label = st.selectbox("Label", ["form", *activations.dataset.labels], key="probe_label",
+                         help="form: which condition (base or an aligner) produced the activations; the others: knowledge labels of the subjects")
+    conditions = tuple(condition(run) for run in chosen.values())
+    results = probe_results(activations, bench.fingerprint, keys, bench.knowledge, bench.n_subjects, label, conditions)
+    title = "Form probe: base vs " + ", ".join(conditions) if label == "form" else f"Knowledge probe: {label}, trained on base, scored on each condition"
+    st.plotly_chart(probe_figure(results, title), key="probe_curves")
+    st.caption(
+        "Cross-validated linear probes on the residual stream after each block (last prompt token), 95% Wilson intervals. "
+        "Control: each subject's label replaced by a random one (Hewitt & Liang). Transfer: probes trained on base activations "
+        "scored on an aligner's; 'centred' first moves them by the difference of the means."
+    )
+
+
+@shows_errors
+def geometry_view(bench: Workbench) -> None:
+    if not needs_model(bench):
+        return
+    runs = bench.aligner_runs()
+    if not runs:
+        st.info(f"No aligner runs trained on {bench.model_name} in {bench.runs_dir}.")
+        return
+    name = st.selectbox("Run", list(runs), key="geometry_run")
+    run = runs[name]
+    activations = bench_activations(bench, {name: run})
+    layers = tuple(load_run(*run_key(run)).layer_indices)
+    table = geometry_results(activations, bench.fingerprint, (run_key(run),), bench.knowledge, bench.n_subjects, condition(run), layers)
+    st.plotly_chart(geometry_figure(table, f"{name}: overlap of its effect Δ with the knowledge subspace"), key="geometry")
+    st.dataframe(table, hide_index=True)
+    st.caption(
+        "Per layer: Δ = aligned − base activations; its top singular directions against the subspace of the knowledge probes' "
+        "weights. Bands: 5–95% of the overlap of random subspaces of Δ's dimension (uniform, or drawn from the base activations' covariance)."
+    )
+
+
+@shows_errors
+def efficiency_view(bench: Workbench) -> None:
+    rows = efficiency_summary(bench.results_dir)
+    st.plotly_chart(efficiency_figure(rows), key="efficiency")
+    with st.expander("The tables (mean ± std over seeds)"):
+        st.markdown(markdown_tables(rows))
+    st.caption(f"From {bench.results_dir / 'sweep.json'}, written by `aligner sweep`.")
+
+
+@shows_errors
+def train_view(bench: Workbench) -> None:
+    if not needs_model(bench):
+        return
+    if "trained" in st.session_state:
+        st.success(st.session_state.pop("trained"))
+    with st.form("train"):
+        left, right = st.columns(2)
+        task = left.selectbox("Task (the suite's)", TASK_NAMES, key="train_task")
+        kind = right.selectbox("Method", list(METHOD_MAKERS), key="train_kind", format_func=lambda k: f"{k} (size: {METHOD_MAKERS[k][0]})")
+        size = left.number_input("Size N (prefix tokens, or LoRA rank)", 1, 64, 1, key="train_size")
+        steps = right.number_input("Steps", 1, 2000, 30, key="train_steps")
+        batch_size = left.number_input("Batch size", 1, 64, 8, key="train_batch")
+        n_train = right.number_input("Training items", 4, 200, 40, key="train_items")
+        known_only = left.checkbox("Only facts the base model knows (the suite's audit)", True, key="train_known")
+        name = right.text_input("Run name", "", key="train_name", placeholder=f"e.g. {task}-{kind}-{size}")
+        submitted = st.form_submit_button("Train")
+    if not submitted:
+        curves = [pd.DataFrame(run_losses(run.path), columns=["step", "loss"]).assign(run=name) for name, run in bench.runs.items()]
+        curves = [curve for curve in curves if len(curve)]
+        if curves:
+            st.plotly_chart(
+                px.line(pd.concat(curves), x="step", y="loss", color="run", log_y=True, title="Training loss of the runs (metrics.jsonl)"),
+                key="loss_curves",
+            )
+        return
+    name = name.strip() or f"{task}-{kind}-{size}"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        st.error(f"Run name {name!r}: use letters, digits, '.', '_' and '-' only.")
+        return
+    examples = task_examples(bench.model, task, int(n_train), known_only)
+    lr = LORA_LR if kind == "lora" else aligner.TrainConfig.lr
+    config = aligner.TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=lr, warmup_steps=min(10, int(steps) // 5))
+    progress, chart = st.progress(0.0, "Training…"), st.empty()
+    losses: list[dict[str, float]] = []
+
+    def on_step(step: int, loss: float) -> bool:
+        losses.append({"step": step, "loss": loss})
+        progress.progress(step / config.steps, f"step {step}/{config.steps}, loss {loss:.4f}")
+        chart.line_chart(pd.DataFrame(losses), x="step", y="loss")
+        return False
+
+    train_run(bench.model, examples, bench.runs_dir / name, kind, int(size), config, on_step=on_step)
+    st.session_state["trained"] = f"Trained {name} ({len(examples)} examples of {task}, {steps} steps): it is in every tab now."
+    st.rerun()
+
+
+def sidebar() -> tuple[str, Path, Path | None, Path, str, int]:
+    with st.sidebar:
+        model_name = st.text_input("Base model", DEFAULTS["model"], help=f"{aligner.DEFAULT_MODEL} (packaged), a Hugging Face id, a path, or 'tiny'")
+        runs_dir = st.text_input("Runs directory", DEFAULTS["runs"])
+        papers_dir = st.text_input("The paper's checkpoints (directory of .pth)", DEFAULTS["papers"])
+        results_dir = st.text_input("Suite results directory", DEFAULTS["results"])
+        st.caption("Probing data (Embeddings, Probes, Geometry, ablations)")
+        knowledge = st.selectbox("Knowledge set", sorted(KNOWLEDGE_SETS), index=sorted(KNOWLEDGE_SETS).index("capitals"))
+        n_subjects = st.number_input("Subjects", 10, 300, 90, step=10, help="each asked with both question templates")
+    papers = Path(papers_dir) if papers_dir.strip() else None
+    return model_name, Path(runs_dir), papers, Path(results_dir), knowledge, int(n_subjects)
+
+
+def run_list(runs_dir: Path, fingerprint: str | None) -> dict[str, RunInfo]:
+    """The readable runs trained on this model; each unreadable run gets an error, the others a note."""
+    usable, others = {}, []
+    for run in list_runs(runs_dir):
+        if run.error is not None:
+            st.error(f"Run {run.name} skipped: {run.error}. Remove the directory or retrain it.")
+        elif fingerprint is not None and run.base_fingerprint != fingerprint:
+            others.append(run.name)
+        else:
+            usable[run.name] = run
+    if others:
+        st.caption(f"{len(others)} runs trained on another base model are not shown: {', '.join(others)}.")
+    return usable
+
+
+def main() -> None:
+    st.set_page_config(page_title="Aligner workbench", layout="wide")
+    st.title("Aligner workbench")
+    model_name, runs_dir, papers_dir, results_dir, knowledge, n_subjects = sidebar()
+    model, fingerprint = None, None
+    try:
+        model, fingerprint = load_base(model_name)
+    except ImportError as err:
+        st.error(f"Could not load {model_name!r}: a package is missing ({err}). Run `make install`.")
+    except Exception as err:  # shown to the user, not a traceback: the other views still work
+        st.error(f"Could not load model {model_name!r}: {err}. Run `make install`, or name another model in the sidebar.")
+    if papers_dir is not None and not papers_dir.is_dir():
+        st.error(f"The paper's checkpoints: {papers_dir} is not a directory. Point the sidebar at ../shared/paper_aligners or clear it.")
+        papers_dir = None
+    bench = Workbench(model_name, model, fingerprint, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects)
+    views = dict(zip(VIEWS, (generate_view, gates_view, embeddings_view, probes_view, geometry_view, efficiency_view, train_view)))
+    for tab, (title, view) in zip(st.tabs(list(views), key="view", on_change="rerun"), views.items()):
+        with tab:
+            if tab.open:
+                view(bench)
+
+
+main()

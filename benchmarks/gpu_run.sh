@@ -3,7 +3,7 @@
 # weights of SmolLM2-135M's and LLaMA-2-7B's shapes (bf16, batch 8 x 512). On the device machine, after
 # benchmarks/gpu_wheels.sh here: run `bash benchmarks/gpu_run.sh` with carry [".whl"]. Each table goes to
 # $OUT/NAME.txt and every error message to $OUT/errors.log: seven files, within the eight a call brings back.
-# A dry run on this machine's CPU, in a few minutes:
+# ONLY="throughput-smollm2 bank-smollm2" runs a subset. A dry run on this machine's CPU, in a few minutes:
 #   SKIP_INSTALL=1 DEVICE=cpu BIG=tiny SMALL=tiny SIZES="--batch 2 --seq 16 --rounds 1 --iters 1" \
 #   BANK="--bank 8 --prompts 4 --gen-batch 2 --new-tokens 2" OUT=/tmp/gpu_run bash benchmarks/gpu_run.sh
 set -u
@@ -23,6 +23,8 @@ mkdir -p "$OUT"
 step() {  # step NAME SECONDS MODULE ARGS...: one benchmark, its table printed and kept
     local name=$1 limit=$2
     shift 2
+    # ONLY="NAME NAME ...": run just these steps (a second call on a device whose time is short).
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     echo "### $name"
     local start=$SECONDS
     timeout "$limit" "$PYTHON" -m "$@" --device "$DEVICE" --tokenizer .whl/smollm2-tokenizer $SIZES 2>>"$OUT/errors.log" | tee "$OUT/$name.txt"
@@ -31,7 +33,7 @@ step() {  # step NAME SECONDS MODULE ARGS...: one benchmark, its table printed a
 
 # Most wanted first: if the call's time runs out, what ran is already in $OUT.
 step throughput-llama2-7b 200 benchmarks.throughput --shape "$BIG" --rounds 3 --iters 2
-step throughput-smollm2 120 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 3
+step throughput-smollm2 180 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 3
 step bank-smollm2 180 benchmarks.bank --shape "$SMALL" --rounds 2 $BANK
 step profile-smollm2 90 benchmarks.profile_aligner --shape "$SMALL" --batch 8 --seq 512 --n-tokens 10
 step probe-smollm2 60 benchmarks.probe --shape "$SMALL"

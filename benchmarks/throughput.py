@@ -5,8 +5,9 @@ measured side by side in one run; peak training memory and bytes per aligner.
     python -m benchmarks.throughput --device cuda --shape llama2-7b
 
 The aligner runs on the TransformerBridge, whose attention is TransformerLens's own re-implementation (eager:
-the (T, T) pattern is formed for its hook points); peft runs on the raw transformers model (SDPA attention). So
-each table gives two floors, the raw model's and the bridge's; the aligner's own cost is its ratio to the bridge.
+the (T, T) pattern is formed for its hook points); peft runs on the raw transformers model (SDPA attention), and
+its LoRA layer also inside the bridge (the suite's `aligner.methods.LoRA`). So each table gives two floors, the
+raw model's and the bridge's; a method's own cost is its ratio to the floor of the model it runs on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from benchmarks.common import (
     hf_model,
     input_gradients,
     random_aligner,
+    random_bridge_lora,
     rate,
     ratio,
     run_interleaved,
@@ -52,6 +54,8 @@ def main() -> None:
         AdaptionPromptConfig(adapter_len=10, adapter_layers=n_layers - START_LAYER, task_type="CAUSAL_LM"),
     )
     aligners = {n: random_aligner(bridge, n) for n in n_tokens}
+    # peft's LoRA layer inside the bridge: the same floor as the aligner's, so the two compare as methods.
+    bridge_lora = random_bridge_lora(bridge)
     ids = torch.randint(0, hf.config.vocab_size, (args.batch, args.seq), device=args.device)
     n = args.batch * args.seq
 
@@ -88,6 +92,12 @@ def main() -> None:
             )
             for k, al in aligners.items()
         ),
+        Variant(
+            "bridge + peft LoRA r=8 q,v",
+            train_step(bridge_logits, list(bridge_lora.parameters())),
+            lambda: bridge_lora.attached(bridge),
+            n,
+        ),
         Variant("raw HF + peft LoRA r=8 q,v", train_step(hf_logits(lora), trainable(lora)), tokens=n),
         Variant("raw HF + peft AdaptionPrompt len 10", train_step(hf_logits(adaption), trainable(adaption)), tokens=n),
     ]
@@ -121,6 +131,7 @@ def main() -> None:
             for k, al in aligners.items()
             if k == 1
         ),
+        Variant("bridge + peft LoRA r=8 q,v", no_grad(bridge_logits), lambda: bridge_lora.attached(bridge), n),
         Variant("raw HF + peft LoRA r=8 q,v", no_grad(hf_logits(lora)), tokens=n),
         Variant("raw HF + peft AdaptionPrompt len 10", no_grad(hf_logits(adaption)), tokens=n),
     ]

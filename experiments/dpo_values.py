@@ -10,7 +10,7 @@ Pairs are the task's rows read with `prefer="better"`: on a harmful row the bett
 (as is the safer), on a benign row it is the helpful answer (the safer there is the refusal, since both are
 safe). SFT trains on the same chosen responses, which are the task's training responses.
 
-    .venv/bin/python experiments/dpo_values.py            # 62 minutes on 2 CPU cores shared with other work
+    .venv/bin/python experiments/dpo_values.py            # 64 minutes on 2 CPU cores shared with other work
     writes results/dpo_values.csv (one row per method and stage) and results/dpo_values.json (settings, times,
     sample answers)
 """
@@ -47,13 +47,14 @@ COLUMNS = ("method", "stage", "refusal_harmful", "over_refusal_benign", "heldout
 
 
 def main(
-    train_items: Annotated[int, typer.Option(help="training prompts, half harmful, half benign")] = 32,
-    eval_items: Annotated[int, typer.Option(help="held-out prompts of each kind (harmful, benign)")] = 16,
-    sft_steps: Annotated[int, typer.Option(help="SFT steps")] = 8,
-    dpo_steps: Annotated[int, typer.Option(help="DPO steps")] = 6,
-    batch_size: Annotated[int, typer.Option(help="examples (SFT) or pairs (DPO) per step")] = 4,
-    sft_lr: Annotated[float, typer.Option(help="AdamW learning rate of SFT (the authors')")] = TrainConfig.lr,
-    dpo_lr: Annotated[float, typer.Option(help="AdamW learning rate of DPO")] = TrainConfig.lr,
+    train_items: Annotated[int, typer.Option(help="training prompts, half harmful, half benign")] = 80,
+    valid_items: Annotated[int, typer.Option(help="held-out pairs for the implicit reward's accuracy")] = 16,
+    eval_items: Annotated[int, typer.Option(help="held-out prompts of each kind (harmful, benign)")] = 24,
+    sft_steps: Annotated[int, typer.Option(help="SFT steps")] = 40,
+    dpo_steps: Annotated[int, typer.Option(help="DPO steps")] = 40,
+    batch_size: Annotated[int, typer.Option(help="examples (SFT) or pairs (DPO) per step")] = 8,
+    aligner_lr: Annotated[str, typer.Option(help="AdamW rates of the aligner: SFT,DPO")] = "2e-2,2e-3",
+    lora_lr: Annotated[str, typer.Option(help="AdamW rates of LoRA: SFT,DPO")] = "2e-3,2e-4",
     beta: Annotated[float, typer.Option(help="DPO's β")] = DPOConfig.beta,
     seed: Annotated[int, typer.Option(help="seeds the initial methods and the data order")] = 0,
     out: Annotated[Path, typer.Option(help="writes OUT.csv and OUT.json")] = RESULTS / "dpo_values",
@@ -63,18 +64,20 @@ def main(
     os.environ["HF_HUB_OFFLINE"] = "1"
     started = time.perf_counter()
     task = get_task("value")
-    data = task.build(None, Sizes(train=train_items, valid=8, eval=eval_items))
+    data = task.build(None, Sizes(train=train_items, valid=valid_items, eval=eval_items))
     pairs_by_prompt = {pair.prompt: pair for pair in load_pairs(VALUE_DATA, prefer="better")}
     train_pairs, valid_pairs = ([pairs_by_prompt[item.prompt] for item in items] for items in (data.train, data.valid))
     for item, pair in zip(data.train, train_pairs):
         assert item.response == pair.chosen, f"{item.prompt!r}: the task trains on another response than DPO prefers"
     model = open_model(model_name)
-    settings = dict(batch_size=batch_size, warmup_steps=2, seed=seed, log_every=1, data=str(VALUE_DATA))
-    sft_config = TrainConfig(steps=sft_steps, lr=sft_lr, **settings)
-    methods = {"aligner N=1": lambda: Aligner.for_model(model, AlignerConfig(n_tokens=1)),
-               "lora r=8 q,v": lambda: LoRA.for_model(model, LoRAConfig(r=8))}  # fmt: skip
+    settings = dict(batch_size=batch_size, warmup_steps=4, seed=seed, log_every=1, data=str(VALUE_DATA))
+    # name -> (a fresh method, its SFT and DPO rates): each family at the rate the suite found to train it; DPO
+    # ten times lower, since it starts from the SFT method and only has to move it a little.
+    methods = {"aligner N=1": (lambda: Aligner.for_model(model, AlignerConfig(n_tokens=1)), rates(aligner_lr)),
+               "lora r=8 q,v": (lambda: LoRA.for_model(model, LoRAConfig(r=8)), rates(lora_lr))}  # fmt: skip
 
     rows: list[dict[str, Any]] = []
+    configs: dict[str, dict[str, Any]] = {}
     samples: dict[str, dict[str, list[str]]] = {}
 
     def score(name: str, stage: str, method: Method | None, steps: int, train_s: float, accuracy: float | None) -> None:
@@ -87,7 +90,9 @@ def main(
 
     score("base", "base", None, 0, 0.0, None)
     with tempfile.TemporaryDirectory() as saved:
-        for name, fresh in methods.items():
+        for name, (fresh, (sft_lr, dpo_lr)) in methods.items():
+            sft_config = TrainConfig(steps=sft_steps, lr=sft_lr, **settings)
+            configs[name] = {"sft": asdict(sft_config)}
             torch.manual_seed(seed)
             clock = time.perf_counter()
             sft = train_sft(model, [item.example() for item in data.train], sft_config, aligner=fresh())
@@ -95,6 +100,7 @@ def main(
             score(name, "sft", sft, sft_steps, sft_s, None)
             reference_dir = sft.save(Path(saved) / name.replace(" ", "_").replace("=", "").replace(",", ""))
             dpo_config = DPOConfig(steps=dpo_steps, lr=dpo_lr, beta=beta, reference=str(reference_dir), **settings)
+            configs[name]["dpo"] = {**asdict(dpo_config), "reference": "the SFT method of the same row"}
             clock = time.perf_counter()
             dpo = train_dpo(model, train_pairs, dpo_config)
             dpo_s = time.perf_counter() - clock
@@ -114,8 +120,7 @@ def main(
                 "model": model.cfg.model_name,
                 "train_items": len(data.train),
                 "valid_pairs": len(valid_pairs),
-                "sft": asdict(sft_config),
-                "dpo": {**asdict(dpo_config), "reference": "the SFT method of the same row"},
+                "training": configs,
                 "lora": asdict(LoRAConfig(r=8)),
                 "max_new_tokens": task.max_new_tokens,
                 "refusal_detector": "aligner.tasks.value.is_refusal",
@@ -126,6 +131,15 @@ def main(
         },
     )
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.json')} in {time.perf_counter() - started:.0f} s")
+
+
+def rates(text: str) -> tuple[float, float]:
+    """"2e-2,2e-3" -> (2e-2, 2e-3): a method's SFT and DPO learning rates."""
+    try:
+        sft, dpo = (float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected two rates, SFT,DPO (e.g. 2e-2,2e-3), got {text!r}") from None
+    return sft, dpo
 
 
 def refusal_rates(

@@ -3,7 +3,8 @@
 Activations with and without aligners (`collect`, kept on disk), linear probes with control tasks and transfer
 (`LayerwiseProbe`, `evaluate_probe`), gate tables, interventions and curves (`gates`), the geometry of the
 aligner's effect against the knowledge directions with a null (`layer_geometry`), 2-D maps (`embeddings`), and
-the scripted reports (`build_model_report`, `build_paper_report`; `probe report`, `probe paper-report`).
+the scripted reports (`build_model_report`, `build_paper_report`; `probe report`, `probe paper-report`), also in
+memory for a notebook (`report_on_model`, `report_on_checkpoints`, drawn with `Report.show`).
 Built on `aligner`'s public API; `aligner` knows nothing of it.
 """
 
@@ -11,8 +12,8 @@ from probe.collect import Activations, collect
 from probe.dataset import ProbeDataset, knowledge_dataset, training_form
 from probe.gates import ablation_curves, answers, gate_heatmap, gate_profile, gate_scale_curve, gate_table, head_activity
 from probe.geometry import layer_geometry, overlap, principal_angles
-from probe.model_report import build_model_report
-from probe.paper_report import build_paper_report
+from probe.model_report import build_model_report, report_on_model
+from probe.paper_report import build_paper_report, report_on_checkpoints
 from probe.probes import LayerwiseProbe, control_labels, evaluate_probe
 
 __all__ = [
@@ -35,5 +36,7 @@ __all__ = [
     "layer_geometry",
     "overlap",
     "principal_angles",
+    "report_on_checkpoints",
+    "report_on_model",
     "training_form",
 ]

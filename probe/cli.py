@@ -70,11 +70,13 @@ def train_demo(
     runs: Annotated[Path, typer.Option(help="where the runs go: RUNS/probe-demo-*")] = Path("runs"),
     model: Annotated[str, typer.Option(help=MODEL_HELP)] = DEFAULT_MODEL,
     steps: Annotated[int, typer.Option(help="optimizer steps per run")] = 50,
+    only: Annotated[Optional[list[str]], typer.Option(help="train only this demo run (repeatable)")] = None,
+    known_only: Annotated[bool, typer.Option(help="the suite's audit picks the facts (--no-known-only: any, for a random model)")] = True,
 ) -> None:
-    """Train the demonstration aligners (JSON and ALL CAPS answers) that the report can read; runs already there
-    are kept."""
+    """Train the demonstration runs (output forms, a value aligner, knowledge injection, LoRA and LLaMA-Adapter
+    counterparts) that the app and the report read; runs already there are kept."""
     from probe.demo import train_demo_runs
 
     with one_line_errors():
-        paths = train_demo_runs(open_model(model), runs, steps=steps)
+        paths = train_demo_runs(open_model(model), runs, steps=steps, known_only=known_only, only=tuple(only or ()))
     typer.echo("\n".join(f"run {path}" for path in paths))

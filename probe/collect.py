@@ -2,7 +2,9 @@
 
 Read the TransformerLens way (`run_with_cache` with a `names_filter`), a batch at a time: each batch's cache is
 reduced to one vector per prompt (the `positions` pooling) and written into `.npy` files opened as memory maps,
-so no more than one batch of full caches is ever in memory. What is kept, per condition (base, each aligner):
+so no more than one batch of full caches is ever in memory. On several processes (`accelerate launch`) the
+prompts are shared among them and each writes its rows into the same files. What is kept, per condition (base,
+each aligner):
 
     hook_resid_post.npy    (n, n_layers, d_model)   one array per hook named in `hooks`
     aligner_pattern.npy    (n, n_active, H, N)      attention of the query onto the N prefix slots
@@ -24,16 +26,20 @@ import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm import tqdm
 
 from aligner import Aligner, model_fingerprint
 from aligner.chat import example_ids, prompt_ids
+from aligner.distributed import launched_accelerator
 from aligner.files import atomic_write_json, read_json
 from aligner.loading import cache_dir, cached_directory
 from aligner.model import AlignerHooks
@@ -98,12 +104,17 @@ def collect(
     """Activations of `model` (a TransformerBridge) on `dataset`, once per entry of `aligners` (None: the base
     model; a run directory; an Aligner), at `positions` (see POSITIONS), for each of `hooks`
     (`blocks.{l}.{hook}` at every layer), plus the aligner's own hook points. Entries are kept under `cache`
-    (default: `aligner.loading.cache_dir()/probe`); a second call with the same inputs reads them back."""
+    (default: `aligner.loading.cache_dir()/probe`); a second call with the same inputs reads them back.
+
+    Under `accelerate launch`, every process calls this with the same arguments, each with its model on its own
+    device: the prompts are shared among the processes, each writes its rows into the one entry (the cache must
+    be a directory all of them see), and every process returns the whole of it."""
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     if isinstance(getattr(model, "aligner", None), AlignerHooks):
         raise ValueError("the model has an aligner attached; detach it: collect attaches each aligner itself")
     root = Path(cache) if cache is not None else cache_dir() / "probe"
+    accelerator = launched_accelerator()
     fingerprint = model_fingerprint(model)
     arrays, loaded, paths = {}, {}, {}
     for item in aligners:
@@ -120,11 +131,15 @@ def collect(
             "hooks": list(hooks),
         }
         entry = root / hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:24]
+        shapes = _array_shapes(model, len(dataset), al, tuple(hooks))
 
-        def build(staging: Path, al: Aligner | None = al, name: str = name) -> None:
-            _write_activations(staging, model, dataset, al, name, tuple(hooks), positions, batch_size)
+        def fill(staging: Path, rows: range, al: Aligner | None = al, name: str = name) -> None:
+            _write_activations(staging, model, dataset, al, name, tuple(hooks), positions, batch_size, rows)
 
-        cached_directory(entry, build, source)
+        def finish(staging: Path, al: Aligner | None = al, arrays: list[str] = list(shapes)) -> None:
+            _write_meta(staging, dataset, al, positions, arrays)
+
+        _build_entry(accelerator, entry, source, len(dataset), partial(_create_arrays, shapes=shapes), fill, finish)
         meta = read_json(entry / META_FILE)
         arrays[name] = {array: np.load(entry / f"{array}.npy", mmap_mode="r") for array in meta["arrays"]}
         loaded[name], paths[name] = al, entry
@@ -144,6 +159,63 @@ def _token_rows(model: nn.Module, dataset: ProbeDataset, positions: str) -> list
     return rows
 
 
+def _build_entry(
+    accelerator: Accelerator,
+    entry: Path,
+    source: dict[str, Any],
+    n: int,
+    create: Callable[[Path], None],
+    fill: Callable[[Path, range], None],
+    finish: Callable[[Path], None],
+) -> None:
+    """Make the cache entry `entry` unless an intact one made from `source` is there (`cached_directory`), its n
+    rows shared among the processes: the main process makes the staging directory and the empty arrays under the
+    cache's lock (`create`), every process writes its share of the rows into them (`fill`), the main process
+    writes the rest (`finish`) and publishes the entry, and no process goes on before it is published. On one
+    process, that process does it all."""
+    staging: list[str | None] = [None]  # where the rows go, sent from the main process to the others
+    with accelerator.split_between_processes(list(range(n))) as share:
+        mine = range(share[0], share[-1] + 1) if share else range(0)  # consecutive rows
+        if accelerator.is_main_process:
+
+            def build(directory: Path) -> None:
+                create(directory)
+                staging[0] = str(directory)
+                broadcast_object_list(staging)
+                fill(directory, mine)
+                accelerator.wait_for_everyone()  # every share is written
+                finish(directory)
+
+            cached_directory(entry, build, source)
+            if staging[0] is None:  # the entry was there already: the others have nothing to write
+                broadcast_object_list(staging)
+        else:
+            broadcast_object_list(staging)
+            if staging[0] is not None:
+                fill(Path(staging[0]), mine)
+                accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # the entry is published before any process reads it
+
+
+def _array_shapes(model: nn.Module, n: int, al: Aligner | None, hooks: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """The arrays of one condition over n prompts, and their shapes (see the top of this file)."""
+    shapes = {hook: (n, model.cfg.n_layers, model.cfg.d_model) for hook in hooks}
+    if al is not None:
+        n_active, heads = len(al.layer_indices), al.shape.n_heads
+        shapes |= {
+            "aligner_pattern": (n, n_active, heads, al.config.n_tokens),
+            "aligner_norm": (n, n_active, heads),
+            "aligner_share": (n, n_active, heads),
+        }
+    return shapes
+
+
+def _create_arrays(target: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Empty float32 `.npy` files of these shapes in `target`, for the processes to fill."""
+    for array, shape in shapes.items():
+        np.lib.format.open_memmap(target / f"{array}.npy", "w+", np.float32, shape).flush()
+
+
 @torch.no_grad()
 def _write_activations(
     target: Path,
@@ -154,29 +226,25 @@ def _write_activations(
     hooks: tuple[str, ...],
     positions: str,
     batch_size: int,
+    rows: range,
 ) -> None:
-    """Run the model over `dataset` in batches and write the pooled arrays and meta.json into `target`."""
-    n, n_layers = len(dataset), model.cfg.n_layers
-    names = {f"blocks.{layer}.{hook}": (hook, layer) for hook in hooks for layer in range(n_layers)}
-    shapes = {hook: (n, n_layers, model.cfg.d_model) for hook in hooks}
+    """Run the model over the prompts `rows` of `dataset` in batches and write their pooled activations into the
+    arrays in `target`."""
+    n_layers = model.cfg.n_layers
+    names = {f"blocks.{layer}.{hook}" for hook in hooks for layer in range(n_layers)}
     active = list(al.layer_indices) if al is not None else []
-    if al is not None:
-        heads = al.shape.n_heads
-        shapes |= {
-            "aligner_pattern": (n, len(active), heads, al.config.n_tokens),
-            "aligner_norm": (n, len(active), heads),
-            "aligner_share": (n, len(active), heads),
-        }
-        for layer in active:
-            names |= {f"blocks.{layer}.aligner.hook_pattern": None, f"blocks.{layer}.aligner.hook_z": None}
-            names[f"blocks.{layer}.attn.hook_z"] = None
-    out = {array: np.lib.format.open_memmap(target / f"{array}.npy", "w+", np.float32, shape) for array, shape in shapes.items()}
-    rows = _token_rows(model, dataset, positions)
+    for layer in active:
+        names |= {f"blocks.{layer}.aligner.hook_pattern", f"blocks.{layer}.aligner.hook_z", f"blocks.{layer}.attn.hook_z"}
+    out = {
+        array: np.load(target / f"{array}.npy", mmap_mode="r+")
+        for array in _array_shapes(model, len(dataset), al, hooks)
+    }
+    token_rows = _token_rows(model, dataset, positions)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     device = next(model.parameters()).device
     with al.attached(model) if al is not None else contextlib.nullcontext():
-        for start in tqdm(range(0, n, batch_size), desc=f"collect {name}", unit="batch"):
-            batch = rows[start : start + batch_size]
+        for start in tqdm(range(rows.start, rows.stop, batch_size), desc=f"collect {name}", unit="batch"):
+            batch = token_rows[start : min(start + batch_size, rows.stop)]
             length = max(len(ids) for ids, _, _ in batch)
             # Right padding: causal attention never looks ahead, so the pooled positions never see the padding.
             ids = torch.tensor([ids + [pad] * (length - len(ids)) for ids, _, _ in batch], device=device)
@@ -200,14 +268,17 @@ def _write_activations(
             del cache
     for array in out.values():
         array.flush()
+
+
+def _write_meta(target: Path, dataset: ProbeDataset, al: Aligner | None, positions: str, arrays: list[str]) -> None:
     atomic_write_json(
         target / META_FILE,
         {
             "format": CACHE_FORMAT,
             "dataset": dataset.name,
-            "n_prompts": n,
+            "n_prompts": len(dataset),
             "positions": positions,
-            "aligner_layers": active,
-            "arrays": sorted(out),
+            "aligner_layers": list(al.layer_indices) if al is not None else [],
+            "arrays": sorted(arrays),
         },
     )

@@ -1,48 +1,86 @@
-"""Small demonstration aligners for the probe report, trained by one command (`probe train-demo`).
+"""The demonstration runs that the app and the probe report open on, trained by one command (`probe train-demo`).
 
-Two output forms over the same facts (examples/json_form.jsonl: capitals, opposites, sums): JSON
-`{"answer": ...}` (that file as it is) and ALL CAPS ("THE ANSWER IS BERLIN."), which the base model uses
-by itself for neither. Form alone is taught; the facts are ones it mostly knows, so that the report can ask
-whether the aligner moves knowledge as well.
+Output forms over the same facts: JSON `{"answer": ...}` (examples/json_form.jsonl: capitals, opposites, sums)
+and ALL CAPS ("THE ANSWER IS BERLIN."), which the base model uses by itself for neither, and the suite's
+bracket form ("[[Paris]]") over known capitals; a value aligner (the suite's `value` task: refuse harmful
+requests, help with benign ones); a knowledge-injection aligner (the suite's `inject` task: capitals the base
+model does not know); and, on the JSON data, a LoRA (r = 8, on q and v) and a LLaMA-Adapter (one prefix per
+layer) counterpart of the one-token aligner. Each run directory records its provenance, the command among it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
-from aligner import TrainConfig, train_sft
-from aligner.data import load_examples
-from aligner.files import atomic_write_bytes
+from aligner import TrainConfig
+from aligner.data import Example, load_examples
+from aligner.methods import CONFIG_FILE as METHOD_CONFIG_FILE
+from aligner.model import CONFIG_FILE as ALIGNER_CONFIG_FILE
+from aligner.runs import train_run, task_examples
+from aligner.suite import LORA_LR
 
 JSON_DATA = Path("examples/json_form.jsonl")
-# name -> (output form, n_tokens): one token, as in the paper's main setting.
-DEMO_RUNS = {"probe-demo-json-1tok": ("json", 1), "probe-demo-caps-1tok": ("caps", 1)}
 
 
-def write_caps_data(path: Path) -> Path:
+@dataclass(frozen=True)
+class DemoRun:
+    name: str  # its directory under the runs directory
+    data: str  # "json", "caps" (JSON_DATA, its ALL CAPS version) or a suite task ("bracket", "value", "inject")
+    kind: str = "aligner"  # aligner.runs.METHOD_MAKERS: aligner, adapter, lora
+    size: int = 1  # prefix tokens (aligner, adapter) or rank (lora)
+    lr: float | None = None  # None: TrainConfig's (the authors' 9e-3); LoRA takes the suite's rate
+
+
+DEMO_RUNS = (
+    DemoRun("probe-demo-json-1tok", "json"),
+    DemoRun("probe-demo-caps-1tok", "caps"),
+    DemoRun("probe-demo-bracket-1tok", "bracket"),
+    DemoRun("probe-demo-value-1tok", "value"),
+    DemoRun("probe-demo-inject-10tok", "inject", size=10),  # facts to memorise: more room than one token
+    DemoRun("probe-demo-json-lora8", "json", kind="lora", size=8, lr=LORA_LR),
+    DemoRun("probe-demo-json-adapter-1tok", "json", kind="adapter"),
+)
+
+
+def caps_examples() -> list[Example]:
     """examples/json_form.jsonl with each answer in the ALL CAPS form instead of JSON."""
-    rows = [
-        {"prompt": example.prompt, "response": f"THE ANSWER IS {json.loads(example.response)['answer'].upper()}."}
+    return [
+        Example(example.prompt, f"THE ANSWER IS {json.loads(example.response)['answer'].upper()}.")
         for example in load_examples(JSON_DATA)
     ]
-    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
-    return path
 
 
-def train_demo_runs(model: nn.Module, runs: Path, steps: int = 50, batch_size: int = 8, seed: int = 0) -> list[Path]:
-    """Train each of `DEMO_RUNS` into `runs/NAME` (skipping those already there) and return their paths."""
-    data = {"json": JSON_DATA, "caps": write_caps_data(runs / "probe-demo-data" / "caps_form.jsonl")}
+def demo_examples(model: nn.Module, data: str, known_only: bool) -> list[Example]:
+    if data == "json":
+        return load_examples(JSON_DATA)
+    if data == "caps":
+        return caps_examples()
+    return task_examples(model, data, known_only=known_only)
+
+
+def train_demo_runs(
+    model: nn.Module, runs: Path, steps: int = 50, batch_size: int = 8, seed: int = 0, known_only: bool = True,
+    only: tuple[str, ...] = (),
+) -> list[Path]:
+    """Train each of `DEMO_RUNS` (or those named in `only`) into `runs/NAME`, skipping those already there, and
+    return their paths. `known_only`: the suite's audit picks the facts (False: any, for a random model)."""
+    unknown = set(only) - {run.name for run in DEMO_RUNS}
+    if unknown:
+        raise ValueError(f"no demo runs {sorted(unknown)}; choose from {', '.join(run.name for run in DEMO_RUNS)}")
     paths = []
-    for name, (form, n_tokens) in DEMO_RUNS.items():
-        path = runs / name
-        paths.append(path)
-        if (path / "aligner.json").is_file():
+    for run in DEMO_RUNS:
+        if only and run.name not in only:
             continue
-        config = TrainConfig(
-            n_tokens=n_tokens, steps=steps, batch_size=batch_size, warmup_steps=10, seed=seed, data=str(data[form])
-        )
-        train_sft(model, load_examples(data[form]), config, run_dir=path)
+        path = runs / run.name
+        paths.append(path)
+        if any((path / name).is_file() for name in (ALIGNER_CONFIG_FILE, METHOD_CONFIG_FILE)):
+            continue  # trained already (an interrupted run has neither file yet, and train_run refuses its directory)
+        config = TrainConfig(steps=steps, batch_size=batch_size, warmup_steps=min(10, steps), seed=seed)
+        if run.lr is not None:
+            config = replace(config, lr=run.lr)
+        train_run(model, demo_examples(model, run.data, known_only), path, run.kind, run.size, config)
     return paths

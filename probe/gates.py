@@ -3,6 +3,7 @@ gated prefix contributes on real prompts, and what the answers do when gates are
 
 Interventions go through the aligner's hook points: `blocks.{l}.aligner.hook_gate` is multiplied by a mask
 (layers or heads switched off) with `model.hooks`, and every gate at once by `aligner.generate(gate_scale=s)`.
+`prefix_attention` reads, for one prompt, how every head attends to the prefix and how much the gated prefix adds.
 Answers are greedy and scored with the task suite's checkers: form compliance (the checker of the form the aligner
 was trained for, `aligner.tasks.FORMS`) and content accuracy (a gold answer in the output).
 """
@@ -10,7 +11,7 @@ was trained for, `aligner.tasks.FORMS`) and content accuracy (a gold answer in t
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from transformer_lens.hook_points import HookPoint
 
 from aligner import Aligner, generate
+from aligner.chat import prompt_ids
 from probe.collect import Activations
 from probe.dataset import ProbeDataset
 
@@ -153,3 +155,39 @@ def rank_layers(ablation: pd.DataFrame, reference: dict[str, float]) -> pd.DataF
     single["form_drop"] = reference["form"] - single["form"]
     single["content_drop"] = reference["content"] - single["content"]
     return single.sort_values(["form_drop", "content_drop"], ascending=False)[["layer", "form", "content", "form_drop", "content_drop"]]
+
+
+def prefix_attention(model: nn.Module, aligner: Aligner, prompt: str, system: str | None = None) -> pd.DataFrame:
+    """How each head of each adapted layer reads the prefix while `model` reads `prompt` (its chat template, as
+    `generate` sends it): one row per layer, head, prefix slot and prompt position, with the attention onto
+    the slot (`blocks.{l}.aligner.hook_pattern`; it sums to 1 over the slots) and, per head and position, the
+    gated prefix contribution's norm and its share of the head's own output (|g A V_p| / |z_context|)."""
+    ids = prompt_ids(model.tokenizer, prompt, system=system)
+    tokens = model.tokenizer.convert_ids_to_tokens(ids)
+    layers = list(aligner.layer_indices)
+    names = {f"blocks.{layer}.{hook}" for layer in layers for hook in ("aligner.hook_pattern", "aligner.hook_z", "attn.hook_z")}
+    with aligner.attached(model), torch.no_grad():
+        _, cache = model.run_with_cache(torch.tensor([ids], device=next(model.parameters()).device), names_filter=names.__contains__)
+    frames = []
+    for layer in layers:
+        pattern = cache[f"blocks.{layer}.aligner.hook_pattern"][0].float().cpu().numpy()  # (H, T, N)
+        gated = cache[f"blocks.{layer}.aligner.hook_z"][0].float()  # (T, H, d_head)
+        context = cache[f"blocks.{layer}.attn.hook_z"][0].float() - gated  # the head's output without the prefix
+        norm = gated.norm(dim=-1).T.cpu().numpy()  # (H, T)
+        share = norm / (context.norm(dim=-1).T.cpu().numpy() + 1e-8)
+        heads, positions, slots = np.meshgrid(*(np.arange(n) for n in pattern.shape), indexing="ij")
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": layer, "head": heads.ravel(), "slot": slots.ravel(), "position": positions.ravel(),
+                    "token": np.asarray(tokens, dtype=object)[positions.ravel()], "attention": pattern.ravel(),
+                    "norm": norm[heads.ravel(), positions.ravel()], "share": share[heads.ravel(), positions.ravel()],
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def gate_profiles(aligners: Mapping[str, Aligner]) -> pd.DataFrame:
+    """`gate_profile` of every aligner, with a column `run`: models of different depths on one relative-depth axis."""
+    return pd.concat([gate_profile(al).assign(run=name) for name, al in aligners.items()], ignore_index=True)

@@ -51,10 +51,16 @@ WITHIN_NULL = 0.8  # share of adapted layers whose overlap is within the covaria
 SCORE_COLUMNS = (*(f"form:{form}" for form in FORMS), "content", "n")  # what `form_scores` gives
 
 
-def build_model_report(
+def build_model_report(runs: str | Path, model_name: str, out: str | Path, **options: Any) -> dict[str, Path]:
+    """Write report.html, metrics.json and summary.md about `model_name` and its aligners under `runs` into `out`;
+    `options` are `report_on_model`'s."""
+    report = report_on_model(open_model(model_name), runs, **options)
+    return report.write(out, model_summary(report))
+
+
+def report_on_model(
+    model: nn.Module,
     runs: str | Path,
-    model_name: str,
-    out: str | Path,
     knowledge: str = "capitals",
     n_subjects: int = 90,
     n_eval: int = 12,
@@ -65,10 +71,11 @@ def build_model_report(
     umap: bool = True,
     cache: str | Path | None = None,
     seed: int = 0,
-) -> dict[str, Path]:
-    """Write report.html, metrics.json and summary.md about `model_name` and its aligners under `runs` into `out`."""
+) -> Report:
+    """The report on `model` and its aligners under `runs`, in memory: its sections (`Report.show` draws them in a
+    notebook) and metrics, the verdict per aligner among them; `build_model_report` writes it out."""
     started = time.perf_counter()
-    model = open_model(model_name)
+    model_name = model.cfg.model_name
     fingerprint = model_fingerprint(model)
     aligners, skipped = usable_runs(runs, fingerprint)
     forms = {name: training_form(al) for name, al in aligners.items()}
@@ -88,8 +95,14 @@ def build_model_report(
     report.metrics["geometry"] = geometry_section(report, activations, aligners, names, seed)
     report.metrics["embeddings"] = embeddings_section(report, model, aligners, activations, names, evaluation, outputs, umap, seed)
     report.metrics["verdict"] = {name: verdict(report.metrics, name, forms[name]) for name in aligners}
+    report.section("verdict", "Verdict: form changed, knowledge left alone?").table(
+        verdict_table(report.metrics["verdict"]),
+        f"Supported: all four tests pass (form gain >= {FORM_LEARNED:.0%}, content loss <= {CONTENT_TOLERANCE:.0%}, "
+        f"centred transfer loss <= {TRANSFER_TOLERANCE:.0%}, a share >= {WITHIN_NULL:.0%} of adapted layers within the "
+        "covariance null); partly: the form learned and one other test failing.",
+    )
     report.metrics["wall_time_s"] = round(time.perf_counter() - started, 1)
-    return report.write(out, model_summary(report, aligners))
+    return report
 
 
 def usable_runs(runs: str | Path, fingerprint: str) -> tuple[dict[str, Aligner], list[tuple[str, str]]]:
@@ -98,6 +111,9 @@ def usable_runs(runs: str | Path, fingerprint: str) -> tuple[dict[str, Aligner],
     for run in list_runs(runs):
         if run.error is not None:
             skipped.append((run.name, run.error))
+            continue
+        if not run.is_aligner:  # the report reads prefixes and gates, which other methods (LoRA, ...) have none of
+            skipped.append((run.name, f"a {run.kind} run, not an aligner"))
             continue
         al = Aligner.load(run.path)
         if al.base_model.get("fingerprint") != fingerprint:
@@ -413,10 +429,23 @@ def verdict(metrics: dict[str, Any], name: str, form: str | None) -> dict[str, A
     return {**tests, "passed": passed, "outcome": outcome}
 
 
-def model_summary(report: Report, aligners: dict[str, Aligner]) -> str:
+def verdict_table(verdicts: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per aligner (the `verdict` of each, by run name): its outcome, whether each test passed, and the
+    numbers the tests read."""
+    return pd.DataFrame(
+        [
+            {"run": name, "outcome": v["outcome"], **{f"{test} passed": ok for test, ok in v["passed"].items()},
+             **{key: value for key, value in v.items() if key not in ("outcome", "passed")}}
+            for name, v in verdicts.items()
+        ]
+    )
+
+
+def model_summary(report: Report) -> str:
     """summary.md: the verdict per aligner, each number with the section it comes from."""
     m = report.metrics
     ref = report.ref
+    aligners = list(m["verdict"])
     lines = [f"# {report.title}", "", f"Model {m['setup']['model']}; {len(aligners)} aligners; probing data {m['setup']['dataset']} "
              f"({m['setup']['n_prompts']} prompts), behaviour on {m['setup']['n_eval']} held-out prompts ({ref('setup')}).", ""]
     base = m["behaviour"]["base"]

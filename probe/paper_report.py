@@ -125,6 +125,13 @@ def preference_pairs(info: pd.DataFrame) -> list[tuple[str, str]]:
 
 def build_paper_report(directory: str | Path, out: str | Path) -> dict[str, Path]:
     """Write report.html, metrics.json and summary.md about the checkpoints in `directory` into `out`."""
+    report = report_on_checkpoints(directory)
+    return report.write(out, paper_summary(report))
+
+
+def report_on_checkpoints(directory: str | Path) -> Report:
+    """The report on the checkpoints in `directory`, in memory: its sections (`Report.show` draws them in a
+    notebook) and metrics; `build_paper_report` writes it out."""
     aligners, info = load_checkpoints(directory)
     summary_rows = pd.DataFrame([{"checkpoint": name, **gate_summary(al)} for name, al in aligners.items()])
     info = info.merge(summary_rows, on="checkpoint")
@@ -185,13 +192,14 @@ def build_paper_report(directory: str | Path, out: str | Path) -> dict[str, Path
         tokens.figure(px.scatter(frame, x="x", y="y", color="run", hover_data=["slot", "norm"], title=f"PCA of the tokens, d_model = {width}"))
         report.metrics["tokens"][f"pca_{width}"] = frame
 
-    return report.write(out, paper_summary(report, info, correlations, changes))
+    return report
 
 
-def paper_summary(
-    report: Report, info: pd.DataFrame, correlations: pd.DataFrame, changes: dict[str, dict[str, float]]
-) -> str:
+def paper_summary(report: Report) -> str:
     """summary.md: what the numbers show, each with the section it comes from."""
+    info = report.metrics["checkpoints"]
+    correlations = report.metrics["profiles"]["correlation"].set_index("checkpoint")
+    changes = report.metrics["tokens"]["dpo_change"]
     by_name = info.set_index("checkpoint")
     late, early = by_name.share_late, by_name.share_early
     lines = [f"# {report.title}", ""]

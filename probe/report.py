@@ -84,6 +84,31 @@ class Report:
         """"§n" of the section with `key`, for the summary to cite."""
         return f"§{[s.key for s in self.sections].index(key) + 1}"
 
+    def show(self, *keys: str) -> None:
+        """Display the sections with `keys` (every section without) in a Jupyter notebook, as report.html draws
+        them: text, plotly figures, tables with their captions."""
+        from IPython.display import HTML, display  # imported here: only a notebook needs IPython
+
+        unknown = set(keys) - {s.key for s in self.sections}
+        if unknown:
+            raise ValueError(f"no sections {sorted(unknown)}; this report has {', '.join(s.key for s in self.sections)}")
+        for section in self.sections:
+            if keys and section.key not in keys:
+                continue
+            display(HTML(f"<h3>{self.ref(section.key)} {html.escape(section.title)}</h3>"))
+            for kind, content in section.blocks:
+                if kind == "text":
+                    display(HTML(f"<p>{html.escape(content)}</p>"))
+                elif kind == "pre":
+                    display(HTML(f"<pre>{html.escape(content)}</pre>"))
+                elif kind == "figure":
+                    display(content)
+                else:
+                    frame, caption = content
+                    display(frame)
+                    if caption:
+                        display(HTML(f"<p><i>{html.escape(caption)}</i></p>"))
+
     def write(self, out: str | Path, summary: str) -> dict[str, Path]:
         out = Path(out)
         paths = {"html": out / "report.html", "metrics": out / "metrics.json", "summary": out / "summary.md"}

@@ -335,6 +335,12 @@ def test_cli_sft_then_dpo_on_pku_rows(tmp_path):
     common = ["--model", "tiny", "--steps", "2", "--batch-size", "2", "--lr", "0.05", "--warmup-steps", "0"]
     sft = runner.invoke(app, ["train", "--data", str(safe), "--out", str(tmp_path / "sft"), *common])
     assert sft.exit_code == 0, sft.output
+    # SFT straight from the PKU rows on their safer responses: the same data, so the same aligner
+    from_pairs = ["train", "--data", str(pku), "--prefer", "safer", "--out", str(tmp_path / "sft-pairs"), *common]
+    sft_pairs = runner.invoke(app, from_pairs)
+    assert sft_pairs.exit_code == 0, sft_pairs.output
+    a, b = Aligner.load(tmp_path / "sft"), Aligner.load(tmp_path / "sft-pairs")
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.gates, b.gates)
     args = ["train", "--objective", "dpo", "--data", str(pku), "--out", str(tmp_path / "dpo"), *common]
     dpo = runner.invoke(app, [*args, "--reference", str(tmp_path / "sft"), "--beta", "0.2", "--prefer", "better"])
     assert dpo.exit_code == 0, dpo.output
@@ -352,7 +358,7 @@ def test_cli_sft_then_dpo_on_pku_rows(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--data", "{tmp}/safe.jsonl", "--beta", "0.2"], "--reference, --beta, --label-smoothing and --prefer need"),
+        (["--data", "{tmp}/safe.jsonl", "--beta", "0.2"], "--reference, --beta and --label-smoothing need"),
         (["--objective", "dpo", "--data", "{tmp}/bad.jsonl"], "bad.jsonl, row 2: field 'safer_response_id' must be 0"),
         (["--objective", "dpo", "--data", "{tmp}/safe.jsonl"], "safe.jsonl, row 1: missing field 'chosen'"),
         (["--objective", "dpo", "--data", "{tmp}/pku.jsonl", "--label-smoothing", "0.7"], "label_smoothing must be"),

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The second GPU run of benchmarks/RESULTS.md, sized for what is left of a session's device time (under 8 minutes):
+# the SmolLM2-shape throughput table (now with peft's LoRA inside the bridge too), aligner training under accelerate
+# on the LLaMA-2-7B shape (accelerate_gpu.sh), and the bank of 1,024 aligners with a third round. On the device
+# machine, after benchmarks/accelerate_wheels.sh here: `bash benchmarks/gpu_check.sh` with carry
+# [".whl/accelerate", ".whl/smollm2-tokenizer"] (no pyarrow: the image's own serves datasets).
+set -u
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-/tmp/gpu_run}
+if [ -z "${SKIP_INSTALL:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/accelerate/*.whl || exit 1
+    export PYTHONPATH=/tmp/site SKIP_INSTALL=1
+fi
+ONLY=throughput-smollm2 bash benchmarks/gpu_run.sh
+bash benchmarks/accelerate_gpu.sh
+ONLY=bank-smollm2 BANK="${BANK:---rounds 3}" bash benchmarks/gpu_run.sh

@@ -1,0 +1,160 @@
+"""The app, driven by Streamlit's AppTest on the tiny model: every tab opens on real runs (an aligner, a
+LLaMA-Adapter, a LoRA) with widgets changed and no exception; bad runs, checkpoints and models are shown as
+errors that name what is wrong while the rest keeps working; the Train tab trains a run that the other tabs
+then list."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from aligner import TrainConfig
+from aligner.cli import open_model
+from aligner.data import load_examples
+from aligner.runs import train_run
+from conftest import PAPER_ALIGNERS
+
+ROOT = Path(__file__).resolve().parents[1]
+JSON_DATA = ROOT / "examples" / "json_form.jsonl"
+TIMEOUT = 120  # seconds per script run; the first loads the tiny model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three tiny-model runs of each kind the app reads, trained for two steps on the JSON form data."""
+    root = tmp_path_factory.mktemp("runs")
+    model = open_model("tiny")
+    examples = load_examples(JSON_DATA)[:8]
+    config = TrainConfig(steps=2, batch_size=4, warmup_steps=1)
+    for name, kind, size in (("json-aligner", "aligner", 1), ("json-adapter", "adapter", 1), ("json-lora", "lora", 2)):
+        train_run(model, examples, root / name, kind, size, config)
+    return root
+
+
+@pytest.fixture()
+def app(runs, monkeypatch, tmp_path):
+    monkeypatch.setenv("ALIGNER_APP_MODEL", "tiny")
+    monkeypatch.setenv("ALIGNER_APP_RUNS", str(runs))
+    monkeypatch.setenv("ALIGNER_APP_PAPERS", str(PAPER_ALIGNERS) if PAPER_ALIGNERS.is_dir() else "")
+    monkeypatch.setenv("ALIGNER_APP_RESULTS", str(ROOT / "results"))
+    monkeypatch.chdir(ROOT)  # run provenance names data files relative to the repository
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    at.run()
+    at.sidebar.number_input[0].set_value(30).run()  # 30 subjects: quick probes, still several per class
+    return at
+
+
+def open_tab(at: AppTest, view: str) -> AppTest:
+    at.session_state["view"] = view
+    return at.run()
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def charts(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def test_generate_tab_compares_base_and_runs_and_shows_the_prefix_attention(app):
+    assert_clean(app)
+    assert set(app.multiselect(key="generate_runs").options) == {"json-aligner", "json-adapter", "json-lora"}
+    app.multiselect(key="generate_runs").set_value(["json-aligner", "json-lora"]).run()
+    app.slider(key="scale:json-aligner").set_value(0.0).run()
+    app.text_area(key="prompt").set_value("What is 2 plus 2?").run()
+    app.select_slider(key="attention_position").set_value(3).run()
+    assert_clean(app)
+    assert [s.value for s in app.subheader][:3] == ["Base model", "json-aligner", "json-lora"]
+    assert charts(app) == 2  # the share per head, the attention over slots
+
+
+def test_gates_tab_shows_heatmaps_profiles_paper_checkpoints_and_ablations(app):
+    open_tab(app, "Gates")
+    assert_clean(app)
+    app.multiselect(key="gate_runs").set_value(["json-aligner", "json-adapter"]).run()
+    app.toggle(key="ablation_on").set_value(True).run()
+    assert_clean(app)
+    papers = len(app.multiselect(key="gate_papers").value)
+    # 2 heatmaps + paper heatmaps + profiles + (paper tokens) + gate-scale, one-layer and cumulative curves
+    assert charts(app) == 2 + papers + 1 + (1 if papers else 0) + 3
+
+
+def test_embeddings_tab_maps_activations_tokens_and_prefixes(app):
+    open_tab(app, "Embeddings")
+    assert_clean(app)
+    assert charts(app) == 1
+    app.toggle(key="map_answers").set_value(True).run()
+    app.selectbox(key="map_colour").set_value("region").run()
+    app.slider(key="map_layer").set_value(1).run()
+    assert_clean(app)
+    app.radio(key="map_kind").set_value("Prefix tokens").run()
+    assert_clean(app)
+    assert charts(app) == 1
+    app.radio(key="map_kind").set_value("Prefix keys and values").run()
+    assert_clean(app)
+    assert charts(app) == 2
+
+
+def test_probes_geometry_and_efficiency_tabs(app):
+    open_tab(app, "Probes")
+    assert_clean(app)
+    app.selectbox(key="probe_label").set_value("region").run()
+    assert_clean(app)
+    assert charts(app) == 1
+    open_tab(app, "Geometry")
+    app.selectbox(key="geometry_run").set_value("json-adapter").run()
+    assert_clean(app)
+    assert charts(app) == 1 and len(app.dataframe) == 1
+    open_tab(app, "Efficiency")
+    assert_clean(app)
+    assert charts(app) == 1
+
+
+def test_train_tab_trains_a_run_that_the_other_tabs_then_list(app, runs):
+    open_tab(app, "Train")
+    app.selectbox(key="train_task").set_value("value")
+    app.selectbox(key="train_kind").set_value("lora")
+    app.number_input(key="train_size").set_value(2)
+    app.number_input(key="train_steps").set_value(2)
+    app.number_input(key="train_items").set_value(4)
+    app.text_input(key="train_name").set_value("value-lora")
+    app.button[0].click().run()
+    assert_clean(app)
+    assert "value-lora" in app.success[0].value
+    assert json.loads((runs / "value-lora" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    open_tab(app, "Generate")
+    assert "value-lora" in app.multiselect(key="generate_runs").options
+    shutil.rmtree(runs / "value-lora")  # the module's other tests see the three runs they expect
+
+
+def test_bad_runs_checkpoints_and_models_are_errors_that_hide_nothing_else(runs, monkeypatch, tmp_path):
+    bad = tmp_path / "runs"
+    shutil.copytree(runs, bad)
+    (bad / "json-aligner" / "aligner.json").write_text("{ not json")  # corrupt
+    (bad / "foreign").mkdir()
+    (bad / "foreign" / "method.json").write_text(json.dumps({"format": "someone-else/1", "kind": "magic"}))  # foreign
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "broken-llama2-7b-1token.pth").write_bytes(b"not a checkpoint")
+    monkeypatch.setenv("ALIGNER_APP_MODEL", "tiny")
+    monkeypatch.setenv("ALIGNER_APP_RUNS", str(bad))
+    monkeypatch.setenv("ALIGNER_APP_PAPERS", str(papers))
+    monkeypatch.setenv("ALIGNER_APP_RESULTS", str(tmp_path / "no-results"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the bad model name must fail here, not on a network
+    monkeypatch.chdir(ROOT)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert "json-aligner" in errors and "aligner.json" in errors and "foreign" in errors
+    assert set(at.multiselect(key="generate_runs").options) == {"json-adapter", "json-lora"}  # the others still there
+    open_tab(at, "Gates")
+    assert not at.exception and "broken-llama2-7b-1token.pth" in " ".join(e.value for e in at.error)
+    open_tab(at, "Efficiency")
+    assert not at.exception and "sweep.json" in " ".join(e.value for e in at.error)
+    at.sidebar.text_input[0].set_value("no-such-model-anywhere").run()
+    assert not at.exception
+    assert "no-such-model-anywhere" in " ".join(e.value for e in at.error)
