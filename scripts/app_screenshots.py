@@ -19,9 +19,9 @@ from pathlib import Path
 
 from app_browser import ROOT, browser_page, open_app, open_tab, served_app, wait_for_chart
 
-TIMEOUT_S = 1200  # a first visit computes what no cache holds yet: minutes on a loaded CPU
-
 from aligner import DEFAULT_MODEL
+
+TIMEOUT_S = 1200  # a first visit computes what no cache holds yet: minutes on a loaded CPU
 
 VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Efficiency", "Train")
 
