@@ -7,11 +7,8 @@
 set -u
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/gpu_run}
-if [ -z "${SKIP_INSTALL:-}" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/accelerate/*.whl || exit 1
-    export PYTHONPATH=/tmp/site SKIP_INSTALL=1
-fi
-ONLY=throughput-smollm2 bash benchmarks/gpu_run.sh
+# The first step installs the wheels into /tmp/site (unless SKIP_INSTALL); the others use them from there.
+WHEELS=.whl/accelerate ONLY=throughput-smollm2 bash benchmarks/gpu_run.sh || exit 1
+[ -z "${SKIP_INSTALL:-}" ] && export PYTHONPATH=/tmp/site SKIP_INSTALL=1
 bash benchmarks/accelerate_gpu.sh
 ONLY=bank-smollm2 BANK="${BANK:---rounds 3}" bash benchmarks/gpu_run.sh

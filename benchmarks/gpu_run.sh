@@ -9,7 +9,9 @@
 set -u
 cd "$(dirname "$0")/.."
 if [ -z "${SKIP_INSTALL:-}" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    # WHEELS: the folder of carried wheels (.whl by default; gpu_check.sh carries .whl/accelerate instead)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "${WHEELS:-.whl}"/*.whl || exit 1
     echo "installed the carried wheels in $SECONDS s"
     export PYTHONPATH=/tmp/site
 fi

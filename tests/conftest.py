@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import aligner
 
@@ -19,3 +20,13 @@ def smollm2():
 @pytest.fixture()
 def tiny():
     return aligner.tiny_model()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a shared 2-core
+    machine two threads spin against each other (30x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -93,6 +93,17 @@ def copy_of(run: Path, root: str) -> Path:
     return copy
 
 
+def set_field(path: Path, section: str | None, key: str, value: object, delete: bool) -> None:
+    """Set (or delete) `key` of a JSON file's top object, or of its object `section`, and write it back."""
+    meta = json.loads(path.read_text())
+    target = meta if section is None else meta[section]
+    if delete:
+        target.pop(key, None)
+    else:
+        target[key] = value
+    path.write_text(json.dumps(meta))
+
+
 def set_tensors_file(run: Path, data: bytes) -> None:
     """Write aligner.safetensors with the sha256 in aligner.json to match, so that the bytes themselves are judged."""
     (run / "aligner.safetensors").write_bytes(data)
@@ -108,13 +119,7 @@ def set_tensors_file(run: Path, data: bytes) -> None:
 def test_any_field_of_aligner_json_set_to_anything(saved_aligner, section, key, value, delete):
     with tempfile.TemporaryDirectory() as root:
         run = copy_of(saved_aligner, root)
-        meta = json.loads((run / "aligner.json").read_text())
-        target = meta if section is None else meta[section]
-        if delete:
-            target.pop(key, None)
-        else:
-            target[key] = value
-        (run / "aligner.json").write_text(json.dumps(meta))
+        set_field(run / "aligner.json", section, key, value, delete)
         loads_or_refuses(Aligner.load, run)
 
 
@@ -267,13 +272,7 @@ def test_the_saved_state_resumes(saved_state):
 def test_any_field_of_state_json_set_to_anything(saved_state, section, key, value, delete):
     with tempfile.TemporaryDirectory() as root:
         run = copy_of(saved_state, root)
-        state = json.loads((run / "state.json").read_text())
-        target = state if section is None else state[section]
-        if delete:
-            target.pop(key, None)
-        else:
-            target[key] = value
-        (run / "state.json").write_text(json.dumps(state))
+        set_field(run / "state.json", section, key, value, delete)
         loads_or_refuses(resume, run)
 
 
