@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install app test test-fast notebooks screenshots
+.PHONY: install app test test-fast notebooks screenshots report
 
 install: $(STAMP)
 
@@ -44,3 +44,10 @@ notebooks: install
 	$(call notebook,01_train_an_aligner,-p RUN_DIR runs/notebooks/01-json-1tok)
 	$(call notebook,02_form_vs_knowledge,-p RUNS runs/notebooks/02 -p SUITE_OUT runs/notebooks/02-suite)
 	$(call notebook,03_paper_checkpoints,)
+
+# The committed probe reports: SmolLM2 with the demo runs (train them first: probe train-demo), and the paper's
+# released checkpoints (no base model needed).
+REPORT_RUNS ?= probe-demo-json-1tok probe-demo-caps-1tok probe-demo-inject-10tok
+report: install
+	$(VENV)/bin/probe report --runs runs $(foreach run,$(REPORT_RUNS),--run $(run)) --out reports/smollm2-demo
+	$(VENV)/bin/probe paper-report --dir ../shared/paper_aligners --out reports/paper-gates

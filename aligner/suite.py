@@ -10,9 +10,10 @@ scored by the tasks' checkers, with a tidy table and a figure.
 
 Methods are named: `base` (the base model in its own form), `prompting` (the task's behaviour told in the system
 prompt), `steering` (contrastive mean difference, no training), `aligner-N`, `adapter-N` (LLaMA-Adapter: a
-prefix per layer), `lora-R` (q and v), `prompt-N` (prompt tuning), `zbias` (a constant per layer and head); a
-trained one may set its rate, `aligner-1:lr=0.05`. Decoding is greedy, answers are batched with left padding and
-stop at the end of the turn; training is seeded; base-model answers are cached per weights fingerprint.
+prefix per layer), `lora-R` (q and v), `prompt-N` (prompt tuning), `zbias` (a constant per layer and head). A
+trained one may change its factors: `aligner-1:lr=0.05`, `aligner-1:steps=40:train=10`, `aligner-1:gate_scale=0.5`
+(`method_spec`). Decoding is greedy, answers are batched with left padding and stop at the end of the turn;
+training is seeded; base-model answers are cached per weights fingerprint.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import csv
 import hashlib
 import json
 import math
-import re
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -73,6 +74,10 @@ class MethodSpec:
     kind: str  # "zero" (no parameters: base, prompting), "steering" (computed), "trained"
     make: Callable[[nn.Module], Method] | None = None  # a fresh method for the model; reads torch's RNG
     lr: float = 0.0  # AdamW's rate after warm-up (trained methods)
+    # The factors a method name may change (`aligner-1:steps=40:train=10`); None: the sweep's own.
+    steps: int | None = None  # step budget
+    train: int | None = None  # training items: the first this many of the task's training split
+    gate_scale: float = 1.0  # every gate times this when answering (aligners): the aligner's strength
 
 
 # Rates for a budget of tens of steps (the authors' 9e-3 is for thousands): one per family of method, the same for
@@ -80,37 +85,68 @@ class MethodSpec:
 ALIGNER_LR, LORA_LR, PROMPT_LR, ZBIAS_LR = 2e-2, 2e-3, 1e-2, 1e-2
 
 
-def _aligner(n_tokens: int, shared: bool) -> Callable[[nn.Module], Method]:
-    return lambda model: Aligner.for_model(model, AlignerConfig(n_tokens=n_tokens, shared=shared))
+# Methods with a size, named FAMILY-SIZE: aligner-N and adapter-N (N tokens), lora-R (rank R), prompt-N (N tokens).
+SIZED: dict[str, tuple[Callable[[nn.Module, int], Method], float]] = {
+    "aligner": (lambda model, n: Aligner.for_model(model, AlignerConfig(n_tokens=n, shared=True)), ALIGNER_LR),
+    "adapter": (lambda model, n: Aligner.for_model(model, AlignerConfig(n_tokens=n, shared=False)), ALIGNER_LR),
+    "lora": (lambda model, r: LoRA.for_model(model, LoRAConfig(r, float(r))), LORA_LR),
+    "prompt": (lambda model, n: PromptTuning.for_model(model, PromptTuningConfig(n)), PROMPT_LR),
+}
 
 
+def sized(family: str, size: int) -> MethodSpec:
+    make, lr = SIZED[family]
+    return MethodSpec(f"{family}-{size}", "trained", lambda model: make(model, size), lr)
+
+
+# The suite's grid: what `aligner sweep` runs by default. Any size of a SIZED family is a method too (`aligner-3`).
 METHODS: dict[str, MethodSpec] = {
     "base": MethodSpec("base", "zero"),
     "prompting": MethodSpec("prompting", "zero"),
     "steering": MethodSpec("steering", "steering"),
-    **{f"aligner-{n}": MethodSpec(f"aligner-{n}", "trained", _aligner(n, True), ALIGNER_LR) for n in (1, 2, 4, 10)},
-    **{f"adapter-{n}": MethodSpec(f"adapter-{n}", "trained", _aligner(n, False), ALIGNER_LR) for n in (1, 10)},
-    **{
-        f"lora-{r}": MethodSpec(f"lora-{r}", "trained", lambda model, r=r: LoRA.for_model(model, LoRAConfig(r, float(r))), LORA_LR)
-        for r in (1, 8)
-    },
-    "prompt-10": MethodSpec("prompt-10", "trained", lambda model: PromptTuning.for_model(model, PromptTuningConfig(10)), PROMPT_LR),
+    **{spec.name: spec for spec in (sized("aligner", n) for n in (1, 2, 4, 10))},
+    **{spec.name: spec for spec in (sized("adapter", n) for n in (1, 10))},
+    **{spec.name: spec for spec in (sized("lora", r) for r in (1, 8))},
+    "prompt-10": sized("prompt", 10),
     "zbias": MethodSpec("zbias", "trained", lambda model: ZBias.for_model(model, ZBiasConfig()), ZBIAS_LR),
 }
 
 
+# The options a method name may carry: each sets the MethodSpec field of its name, read as this type. A variant
+# is trained afresh with the same seed, so `aligner-1:gate_scale=0.5` answers with the gates of `aligner-1`, halved.
+OPTIONS = {"lr": float, "steps": int, "train": int, "gate_scale": float}
+
+
 def method_spec(name: str) -> MethodSpec:
-    """The spec of `name`, e.g. "lora-8", or "aligner-1:lr=0.05" for a trained method at another rate."""
-    base, _, option = name.partition(":")
-    if base not in METHODS:
-        raise ValueError(f"no method {base!r}; choose from {', '.join(METHODS)}")
-    spec = METHODS[base]
-    if not option:
-        return spec
-    match = re.fullmatch(r"lr=([0-9.eE+-]+)", option)
-    if match is None or spec.kind != "trained":
-        raise ValueError(f"{name!r}: a trained method takes one option, lr=RATE")
-    return replace(spec, name=name, lr=float(match.group(1)))
+    """The spec of `name`: "lora-8", or a trained method with factors changed, colon-separated:
+    "aligner-1:lr=0.05", "aligner-1:steps=40:train=10", "aligner-1:gate_scale=0.5" (aligners only)."""
+    base, *options = name.split(":")
+    family, _, size = base.partition("-")
+    if base in METHODS:
+        spec = METHODS[base]
+    elif family in SIZED and size.isdigit() and int(size) > 0:
+        spec = sized(family, int(size))
+    else:
+        raise ValueError(f"no method {base!r}; choose from {', '.join(METHODS)}, or another size of {'-N, '.join(SIZED)}-N")
+    if options and spec.kind != "trained":
+        raise ValueError(f"{name!r}: only a trained method takes options, and {base!r} is not trained")
+    changes: dict[str, Any] = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in OPTIONS:
+            raise ValueError(f"{name!r}: no option {key!r}; the options are {', '.join(OPTIONS)}, as KEY=VALUE")
+        if key in changes:
+            raise ValueError(f"{name!r}: option {key!r} given twice")
+        try:
+            changes[key] = OPTIONS[key](value)
+        except ValueError:
+            raise ValueError(f"{name!r}: {key} must be {'an integer' if OPTIONS[key] is int else 'a number'}, got {value!r}") from None
+        zero_ok = key == "gate_scale"  # a gate scale of 0 answers as the base model
+        if not (math.isfinite(changes[key]) and (changes[key] > 0 or zero_ok and changes[key] == 0)):
+            raise ValueError(f"{name!r}: {key} must be finite and {'>= 0' if zero_ok else '> 0'}, got {value}")
+    if "gate_scale" in changes and not base.startswith(("aligner-", "adapter-")):
+        raise ValueError(f"{name!r}: gate_scale scales an aligner's gates; {base!r} has none")
+    return replace(spec, name=name, **changes)
 
 
 # ---- configuration ----
@@ -207,14 +243,21 @@ def score(task: Task, items: Sequence[Item], answers: Sequence[str]) -> dict[str
 
 
 def answer(
-    model: nn.Module, method: Method | None, prompts: Sequence[str], system: str | None, max_new_tokens: int, batch_size: int
+    model: nn.Module,
+    method: Method | None,
+    prompts: Sequence[str],
+    system: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    gate_scale: float = 1.0,
 ) -> list[str]:
-    """Greedy answers with `method` attached (None: the base model), batched and left-padded."""
+    """Greedy answers with `method` attached (None: the base model; an aligner's gates times `gate_scale`),
+    batched and left-padded."""
     if method is None:
         return generate(model, list(prompts), max_new_tokens=max_new_tokens, system=system, batch_size=batch_size)
     options = dict(max_new_tokens=max_new_tokens, system=system, batch_size=batch_size)
     if isinstance(method, Aligner):
-        return generate(model, list(prompts), aligner=method, **options)
+        return generate(model, list(prompts), aligner=method, gate_scale=gate_scale, **options)
     with method.attached(model):
         return generate(model, prompts_for(method, prompts), **options)
 
@@ -253,16 +296,20 @@ def train_method(model: nn.Module, spec: MethodSpec, data: TaskData, config: Sui
     the held-out loss of `data.valid`; returned at its best step, with a record of the training."""
     torch.manual_seed(seed)
     method = spec.make(model)
+    if spec.train and spec.train > len(data.train):
+        raise ValueError(f"{spec.name}: train={spec.train}, but the task's training split has {len(data.train)} items")
+    steps = spec.steps or config.steps
+    train = data.train[: spec.train] if spec.train else data.train
     aligner_fields = asdict(method.config) if isinstance(method, Aligner) else {}
     train_config = TrainConfig(
         **aligner_fields,
-        steps=config.steps,
+        steps=steps,
         batch_size=config.batch_size,
         lr=spec.lr,
         warmup_steps=config.warmup_steps,
         seed=seed,
         log_every=config.eval_every,
-        save_every=config.steps,
+        save_every=steps,
         system=config.system,
     )
 
@@ -275,7 +322,7 @@ def train_method(model: nn.Module, spec: MethodSpec, data: TaskData, config: Sui
     model.requires_grad_(False)
     with method.attached(model):  # the held-out loss before any step
         stopping.record(0)
-    train_sft(model, examples(data.train), train_config, aligner=method, on_step=stopping)
+    train_sft(model, examples(train), train_config, aligner=method, on_step=stopping)
     stopping.restore_best()
     record = {
         "train_s": time.perf_counter() - started,
@@ -283,6 +330,7 @@ def train_method(model: nn.Module, spec: MethodSpec, data: TaskData, config: Sui
         "best_step": stopping.best_step,
         "valid_loss": stopping.history,
         "lr": spec.lr,
+        "train_items": len(train),
     }
     return method, record
 
@@ -313,7 +361,7 @@ def run_cell(
     else:
         record.update(params=0)
     started = time.perf_counter()
-    metrics, outputs = evaluate(model, fingerprint, task, data.eval, method, system, max_new_tokens, batch)
+    metrics, outputs = evaluate(model, fingerprint, task, data.eval, method, system, max_new_tokens, batch, spec.gate_scale)
     record.update(eval_s=time.perf_counter() - started, metrics=metrics, n={s: len(i) for s, i in data.eval.items()})
     record["outputs"] = outputs
     return record
@@ -328,8 +376,10 @@ def evaluate(
     system: str | None,
     max_new_tokens: int,
     batch_size: int = 16,
+    gate_scale: float = 1.0,
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, str]]]]:
-    """Each split answered greedily with `method` (None: the base model, whose answers are cached) and scored:
+    """Each split answered greedily with `method` (None: the base model, whose answers are cached; an aligner's
+    gates times `gate_scale`) and scored:
     ({split: {metric: share}}, {split: [{"prompt", "answer"}]})."""
     metrics, outputs = {}, {}
     for split, items in splits.items():
@@ -337,7 +387,7 @@ def evaluate(
         if method is None:
             answers = cached_answers(model, fingerprint, prompts, system, max_new_tokens, batch_size)
         else:
-            answers = answer(model, method, prompts, system, max_new_tokens, batch_size)
+            answers = answer(model, method, prompts, system, max_new_tokens, batch_size, gate_scale)
         metrics[split] = score(task, items, answers)
         outputs[split] = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
     return metrics, outputs
@@ -372,7 +422,7 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
     for seed, task, spec in tqdm(cells, desc="sweep", unit="cell"):
         if spec.kind != "trained" and seed != config.seeds[0]:
             continue  # deterministic: once is enough
-        path = out / "cells" / task.name / spec.name / f"seed{seed}.json"
+        path = out / "cells" / task.name / spec.name.replace(":", "+") / f"seed{seed}.json"  # no ":" on Windows
         if path.is_file() and read_json(path).get("config") == json.loads(json.dumps(config.cell_key())):
             continue
         if task.name not in datas:
@@ -413,8 +463,9 @@ def write_audit(result: Audit, knowledge: KnowledgeSet, path: Path) -> None:
 
 # ---- tables and figure ----
 
-RUN_COLUMNS = ("method", "kind", "params", "task", "family", "split", "metric", "seed", "value", "n", "steps", "best_step", "train_s", "eval_s")
-SUMMARY_COLUMNS = ("method", "kind", "params", "task", "family", "split", "metric", "n_seeds", "mean", "std", "train_s")
+RUN_COLUMNS = ("model", "method", "kind", "params", "task", "family", "split", "metric", "seed", "value", "n", "steps", "best_step", "train_s", "eval_s")
+SUMMARY_COLUMNS = ("model", "method", "kind", "params", "task", "family", "split", "metric", "n_seeds", "mean", "std", "train_s")
+GROUP = ("model", "method", "kind", "params", "task", "family", "split", "metric")  # a summary row: these, over seeds
 
 
 def run_rows(out: str | Path) -> list[dict[str, Any]]:
@@ -425,50 +476,70 @@ def run_rows(out: str | Path) -> list[dict[str, Any]]:
         for split, metrics in cell["metrics"].items():
             for metric, value in metrics.items():
                 row = {key: cell.get(key) for key in ("method", "kind", "params", "task", "family", "seed", "steps", "best_step", "train_s", "eval_s")}
+                row["model"] = cell["config"]["model"]
                 rows.append({**row, "split": split, "metric": metric, "value": value, "n": cell["n"][split]})
     return rows
 
 
 def summarise(out: str | Path) -> list[dict[str, Any]]:
     """Write OUT/sweep_runs.csv, OUT/sweep.csv and OUT/sweep.json (mean and sample std over seeds; std empty for
-    one seed) and OUT/sweep.html; return the summary rows."""
+    one seed; a row per base model, method, task, split and metric), OUT/sweep.md, and the figure as OUT/sweep.html
+    and OUT/sweep.png; return the summary rows."""
     out = Path(out)
     runs = run_rows(out)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in runs:
-        groups.setdefault(tuple(row[k] for k in ("method", "kind", "params", "task", "family", "split", "metric")), []).append(row)
+        groups.setdefault(tuple(row[k] for k in GROUP), []).append(row)
     summary = []
     for key, rows in groups.items():
         values = [r["value"] for r in rows]
         times = [r["train_s"] for r in rows if r["train_s"] is not None]
         summary.append(
             {
-                **dict(zip(("method", "kind", "params", "task", "family", "split", "metric"), key)),
+                **dict(zip(GROUP, key)),
                 "n_seeds": len(values),
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else None,
                 "train_s": statistics.fmean(times) if times else None,
             }
         )
-    order = {name: i for i, name in enumerate(METHODS)}
-    summary.sort(key=lambda r: (r["family"], r["task"], r["split"], r["metric"], order.get(r["method"].split(":")[0], 99), r["method"]))
+    summary.sort(key=lambda r: (r["model"], r["family"], r["task"], r["split"], r["metric"], method_order(r["method"])))
     _write_csv(out / "sweep_runs.csv", RUN_COLUMNS, runs)
     _write_csv(out / "sweep.csv", SUMMARY_COLUMNS, summary)
     atomic_write_json(out / "sweep.json", summary)
     (out / "sweep.md").write_text(markdown_tables(summary), encoding="utf-8")
     if summary:
-        figure(summary).write_html(out / "sweep.html", include_plotlyjs=True)  # readable offline
+        fig = figure(summary)
+        fig.write_html(out / "sweep.html", include_plotlyjs=True)  # readable offline
+        write_png(fig, out / "sweep.png")
     return summary
+
+
+def write_png(fig: Any, path: Path) -> None:
+    """`fig` as a PNG through kaleido, which drives a Chrome or Chromium of this machine (`plotly_get_chrome`
+    would download one; nothing here does); without one, a warning that says so, and no PNG."""
+    try:
+        fig.write_image(path, scale=1.5)
+    except RuntimeError as error:  # plotly's "Kaleido requires Google Chrome to be installed"
+        warnings.warn(f"{path} not written: {str(error).strip()}")
+
+
+def method_order(name: str) -> tuple[int, int, str]:
+    """Where `name` goes in a table: by family in METHODS' order, then size, variants after their method."""
+    family, _, size = name.split(":")[0].partition("-")
+    families = list(dict.fromkeys(m.partition("-")[0] for m in METHODS))
+    return (families.index(family) if family in families else len(families), int(size) if size.isdigit() else 0, name)
 
 
 def markdown_tables(summary: Sequence[dict[str, Any]]) -> str:
     """One table per task: a row per method (trainable parameters, mean training seconds), a column per split
     and metric, each cell "mean ± std" over seeds (the seed count in brackets when it is not 2)."""
     lines = []
-    for task in dict.fromkeys(r["task"] for r in summary):
-        rows = [r for r in summary if r["task"] == task]
+    models = list(dict.fromkeys(r["model"] for r in summary))
+    for model, task in dict.fromkeys((r["model"], r["task"]) for r in summary):
+        rows = [r for r in summary if (r["model"], r["task"]) == (model, task)]
         columns = list(dict.fromkeys((r["split"], r["metric"]) for r in rows))
-        lines += [f"### {task}", "", "| method | params | train s | " + " | ".join(f"{s} {m}" for s, m in columns) + " |"]
+        lines += [f"### {task}" + (f" on {model}" if len(models) > 1 else ""), "", "| method | params | train s | " + " | ".join(f"{s} {m}" for s, m in columns) + " |"]
         lines.append("|" + " --- |" * (3 + len(columns)))
         for method in dict.fromkeys(r["method"] for r in rows):
             cells = {(r["split"], r["metric"]): r for r in rows if r["method"] == method}
@@ -508,9 +579,15 @@ PANELS = (
 
 def figure(summary: Sequence[dict[str, Any]]) -> Any:
     """Metric against trainable parameters (log x; methods with none drawn at 1) per task family and split,
-    one colour per task, error bars one std over seeds."""
+    one colour per task (and base model), error bars one std over seeds; variants (`aligner-1:lr=...`) left out."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+
+    summary = [r for r in summary if ":" not in r["method"]]  # variants (aligner-1:lr=...) share their method's x
+    several_models = len({r["model"] for r in summary}) > 1
+
+    def series(row: dict[str, Any]) -> str:  # a colour each: the task, on its base model where there are several
+        return f"{row['task']} on {row['model']}" if several_models else row["task"]
 
     panels = [p for p in PANELS if any(r["family"] == p[0] and r["split"] == p[1] and r["metric"] == p[2] for r in summary)]
     columns = 2
@@ -520,8 +597,8 @@ def figure(summary: Sequence[dict[str, Any]]) -> Any:
     for index, (family, split, metric, _) in enumerate(panels):
         row, col = index // columns + 1, index % columns + 1
         selected = [r for r in summary if r["family"] == family and r["split"] == split and r["metric"] == metric]
-        for task in sorted({r["task"] for r in selected}):
-            points = sorted((r for r in selected if r["task"] == task), key=lambda r: r["params"])
+        for task in sorted({series(r) for r in selected}):
+            points = sorted((r for r in selected if series(r) == task), key=lambda r: r["params"])
             colour = colours.setdefault(task, len(colours))
             fig.add_trace(
                 go.Scatter(
@@ -542,6 +619,6 @@ def figure(summary: Sequence[dict[str, Any]]) -> Any:
                 col=col,
             )
         fig.update_xaxes(type="log", title_text="trainable parameters (none: drawn at 1)", row=row, col=col)
-        fig.update_yaxes(range=[-0.05, 1.05], row=row, col=col)
+        fig.update_yaxes(range=[-0.06, 1.14], row=row, col=col)  # room for the labels above 1
     fig.update_layout(height=360 * rows, width=1200, title="Form vs knowledge: methods on the same frozen model")
     return fig

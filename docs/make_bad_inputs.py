@@ -1,7 +1,8 @@
 """Write docs/bad_inputs.md: each bad input tried on the workbench, and what the user sees.
 
-Every row comes from running its case here, on the tiny random Llama and files made in a temporary
-directory, so the table says what the code does today:
+Every row comes from running its case here, on the tiny random Llama (tiny random Gemma 2, HunYuan and Cohere
+for the attention the aligner refuses) and files made in a temporary directory, so the table says what the code
+does today:
 
     python docs/make_bad_inputs.py            # rewrite docs/bad_inputs.md
     python docs/make_bad_inputs.py --check    # exit 1 if the file differs from what the code now prints
@@ -398,6 +399,43 @@ def _(ws: Workspace) -> str:
         return attach(al, ws.model())
 
 
+def other_family(family: str, **extra: Any) -> Any:
+    """A random 2-layer model of a transformers `family` (64-d, 4 query heads of 16, 2 key heads) through the
+    bridge, as tests/test_gemma.py builds its tiny references."""
+    import torch
+    import transformers
+
+    import aligner
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, **extra
+    )  # fmt: skip
+    return aligner.from_hf(getattr(transformers, f"{family}ForCausalLM")(config), None, name=f"tiny-{family.lower()}")
+
+
+def attach_every_layer(model: Any) -> str:
+    from aligner import Aligner, AlignerConfig
+
+    return attach(Aligner.for_model(model, AlignerConfig(n_tokens=1, start_layer=0)), model)
+
+
+@case(AREA, "a Gemma 2 model: attention scores soft-capped")
+def _(ws: Workspace) -> str:
+    return attach_every_layer(other_family("Gemma2"))
+
+
+@case(AREA, "a HunYuan model: queries and keys normed after rotary")
+def _(ws: Workspace) -> str:
+    return attach_every_layer(other_family("HunYuanDenseV1"))
+
+
+@case(AREA, "a Cohere model with `use_qk_norm`: a key norm with a weight row per head")
+def _(ws: Workspace) -> str:
+    return attach_every_layer(other_family("Cohere", use_qk_norm=True, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
 # ---- the authors' .pth files ----
 
 AREA = "paper checkpoints (`import_paper_checkpoint`)"
@@ -789,6 +827,155 @@ def _(ws: Workspace) -> str:
     return "trained"
 
 
+@contextlib.contextmanager
+def launched(**env: str) -> Iterator[None]:
+    """As if under `accelerate launch`: its environment variables set, and accelerate's process state (one per
+    process, made by the first `Accelerator()`) made afresh from them; both put back after."""
+    from accelerate.state import AcceleratorState
+
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@case(AREA, "processes launched together that accelerate did not join (WORLD_SIZE=2, on no GPU)")
+def _(ws: Workspace) -> str:
+    with launched(WORLD_SIZE="2"):
+        return train(ws, None)
+
+
+@case(AREA, "`accelerate launch --mixed_precision fp16` (ACCELERATE_MIXED_PRECISION=fp16)")
+def _(ws: Workspace) -> str:
+    with launched(ACCELERATE_MIXED_PRECISION="fp16"):
+        return train(ws, None)
+
+
+@case(AREA, "DPO (`train_dpo`) under `accelerate launch --mixed_precision fp16`")
+def _(ws: Workspace) -> str:
+    from aligner.data import Pair
+    from aligner.dpo import DPOConfig, train_dpo
+
+    pairs = [Pair("Hi?", "Hello.", "Go away.", row=1), Pair("Yo?", "Hey.", "No.", row=2)]
+    with launched(ACCELERATE_MIXED_PRECISION="fp16"):
+        train_dpo(ws.model(), pairs, DPOConfig(steps=2, batch_size=2, lr=0.1, warmup_steps=0))
+    return "trained"
+
+
+def sharded_launch(ws: Workspace, kind: str) -> str:
+    """`train_sft` given what accelerate reports under a sharded launch: such launches need GPUs, so the
+    accelerator is a stand-in with accelerate's own value for `kind`, as tests/test_distributed.py does."""
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from aligner import TrainConfig, train_sft
+
+    stand_in = SimpleNamespace(num_processes=1, distributed_type=DistributedType[kind], mixed_precision="no")
+    train_sft(ws.model(), examples(), TrainConfig(steps=2, batch_size=2), accelerator=stand_in)
+    return "trained"
+
+
+@case(AREA, "`accelerate launch --use_fsdp` (a stand-in accelerator: FSDP needs GPUs)")
+def _(ws: Workspace) -> str:
+    return sharded_launch(ws, "FSDP")
+
+
+@case(AREA, "`accelerate launch --use_deepspeed` (a stand-in accelerator: DeepSpeed needs GPUs)")
+def _(ws: Workspace) -> str:
+    return sharded_launch(ws, "DEEPSPEED")
+
+
+# ---- the suite's method names ----
+
+AREA = "suite methods (`method_spec`, `aligner sweep --methods`)"
+
+
+def spec(name: str) -> str:
+    from aligner.suite import method_spec
+
+    got = method_spec(name)
+    return f"accepted: lr={got.lr}, steps={got.steps}, train={got.train}, gate_scale={got.gate_scale}"
+
+
+@case(AREA, "a method that does not exist (`ia3`)")
+def _(ws: Workspace) -> str:
+    return spec("ia3")
+
+
+@case(AREA, "a size of no sense (`lora-0`)")
+def _(ws: Workspace) -> str:
+    return spec("lora-0")
+
+
+@case(AREA, "an option on a method that trains nothing (`base:lr=0.1`)")
+def _(ws: Workspace) -> str:
+    return spec("base:lr=0.1")
+
+
+@case(AREA, "an option that is not one (`aligner-1:rank=4`)")
+def _(ws: Workspace) -> str:
+    return spec("aligner-1:rank=4")
+
+
+@case(AREA, "an option given twice (`aligner-1:lr=0.1:lr=0.2`)")
+def _(ws: Workspace) -> str:
+    return spec("aligner-1:lr=0.1:lr=0.2")
+
+
+@case(AREA, "an option without its value (`aligner-1:lr`)")
+def _(ws: Workspace) -> str:
+    return spec("aligner-1:lr")
+
+
+@case(AREA, "a step budget that is not a number (`aligner-1:steps=ten`)")
+def _(ws: Workspace) -> str:
+    return spec("aligner-1:steps=ten")
+
+
+@case(AREA, "a step budget of 0 (`aligner-1:steps=0`)")
+def _(ws: Workspace) -> str:
+    return spec("aligner-1:steps=0")
+
+
+@case(AREA, "a negative rate (`aligner-1:lr=-0.1`)")
+def _(ws: Workspace) -> str:
+    return spec("aligner-1:lr=-0.1")
+
+
+@case(AREA, "a rate that is not a number (`aligner-1:lr=nan`)")
+def _(ws: Workspace) -> str:
+    return spec("aligner-1:lr=nan")
+
+
+@case(AREA, "a gate scale on a method without gates (`lora-8:gate_scale=0.5`)")
+def _(ws: Workspace) -> str:
+    return spec("lora-8:gate_scale=0.5")
+
+
+@case(AREA, "a gate scale of 0 (`aligner-1:gate_scale=0`: the base model's answers)")
+def _(ws: Workspace) -> str:
+    return spec("aligner-1:gate_scale=0")
+
+
+@case(AREA, "more training items than the task's training split (`aligner-1:train=100`, quick `json` task)")
+def _(ws: Workspace) -> str:
+    from aligner.suite import QUICK, method_spec, train_method
+    from aligner.tasks import get_task
+
+    data = get_task("json").build(None, QUICK.sizes)
+    _, record = train_method(ws.model(), method_spec("aligner-1:train=100"), data, QUICK, seed=0)
+    return f"trains on {record['train_items']} items"
+
+
 # ---- the command line ----
 
 AREA = "command line (`aligner ...`)"
@@ -835,6 +1022,11 @@ def _(ws: Workspace) -> str:
     result = CliRunner().invoke(app, ["info", str(run)])
     [training] = [line for line in result.output.splitlines() if line.startswith("training")]
     return f"exit status {result.exit_code}, prints: {training}"
+
+
+@case(AREA, "`sweep --methods` a method option that is not one (`aligner-1:rank=4`)")
+def _(ws: Workspace) -> str:
+    return cli("sweep", "--quick", "--methods", "base,aligner-1:rank=4", "--out", str(ws.fresh("sweep")))
 
 
 # ---- the de-quantised model cache ----
@@ -976,8 +1168,9 @@ def table(ws: Workspace) -> str:
             "this file: do not edit it by hand (`python docs/make_bad_inputs.py --check` says whether it is still",
             "what the code prints). `<tmp>` is the temporary directory the cases ran in. Every case ends in one of",
             "the documented errors (`ValueError`; `OSError`, `FileNotFoundError` and `FileExistsError` among them;",
-            "`FloatingPointError`; `RuntimeError` for misuse), a warning, or the input accepted; anything else",
-            "stops the script. The command line prints an error as one `Error: ...` line with exit status 1.",
+            "`FloatingPointError`; `RuntimeError` for misuse, `NotImplementedError` for a model the aligner's math",
+            "does not follow), a warning, or the input accepted; anything else stops the script. The command line",
+            "prints an error as one `Error: ...` line with exit status 1.",
             "",
             "| # | where | bad input | what the user sees |",
             "| --- | --- | --- | --- |",

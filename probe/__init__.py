@@ -10,7 +10,16 @@ Built on `aligner`'s public API; `aligner` knows nothing of it.
 
 from probe.collect import Activations, collect
 from probe.dataset import ProbeDataset, knowledge_dataset, training_form
-from probe.gates import ablation_curves, answers, gate_heatmap, gate_profile, gate_scale_curve, gate_table, head_activity
+from probe.gates import (
+    ablation_curves,
+    answers,
+    gate_heatmap,
+    gate_profile,
+    gate_scale_curve,
+    gate_table,
+    head_activity,
+    head_effects,
+)
 from probe.geometry import layer_geometry, overlap, principal_angles
 from probe.model_report import build_model_report, report_on_model
 from probe.paper_report import build_paper_report, report_on_checkpoints
@@ -32,6 +41,7 @@ __all__ = [
     "gate_scale_curve",
     "gate_table",
     "head_activity",
+    "head_effects",
     "knowledge_dataset",
     "layer_geometry",
     "overlap",

@@ -32,7 +32,9 @@ def report(
     model: Annotated[str, typer.Option(help=MODEL_HELP)] = DEFAULT_MODEL,
     knowledge: Annotated[str, typer.Option(help="the suite's knowledge set asked about: capitals, elements, cities")] = "capitals",
     n_subjects: Annotated[int, typer.Option(help="subjects (countries, elements, cities) in the probing data")] = 90,
-    n_eval: Annotated[int, typer.Option(help="held-out prompts answered for the behaviour sections")] = 12,
+    n_eval: Annotated[int, typer.Option(help="held-out prompts answered for the behaviour sections")] = 48,
+    known_only: Annotated[bool, typer.Option(help="behaviour on facts the base model knows (--no-known-only: any, for a random model)")] = True,
+    run: Annotated[Optional[list[str]], typer.Option(help="report on this run of --runs only (repeatable)")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens per answer (the suite's tasks use 24)")] = 24,
     folds: Annotated[int, typer.Option(help="cross-validation folds of the probes")] = 5,
     umap: Annotated[bool, typer.Option(help="UMAP for the activation maps (--no-umap: PCA)")] = True,
@@ -45,8 +47,8 @@ def report(
     started = time.perf_counter()
     with one_line_errors():
         paths = build_model_report(
-            runs, model, out, knowledge=knowledge, n_subjects=n_subjects, n_eval=n_eval, max_new_tokens=max_new_tokens,
-            folds=folds, umap=umap, cache=cache, seed=seed,
+            runs, model, out, knowledge=knowledge, n_subjects=n_subjects, n_eval=n_eval, known_only=known_only,
+            only=tuple(run or ()), max_new_tokens=max_new_tokens, folds=folds, umap=umap, cache=cache, seed=seed,
         )
     wrote(paths, started)
 

@@ -25,8 +25,9 @@ from aligner import Aligner, model_fingerprint
 from aligner.cli import open_model
 from aligner.data import load_examples
 from aligner.runs import list_runs
+from aligner.suite import audit
+from aligner.tasks import FORMS, KNOWLEDGE_SETS
 from probe.collect import Activations, collect, condition_name
-from aligner.tasks import FORMS
 from probe.dataset import ProbeDataset, knowledge_dataset, training_form
 from probe.embeddings import embedding_frame, prefix_frame, scatter, token_frame
 from probe.gates import (
@@ -37,6 +38,7 @@ from probe.gates import (
     gate_scale_curve,
     gate_table,
     head_activity,
+    head_effects,
     rank_layers,
 )
 from probe.geometry import layer_geometry
@@ -48,6 +50,7 @@ FORM_LEARNED = 0.5  # form compliance gained over the base model, at least
 CONTENT_TOLERANCE = 0.1  # content accuracy lost against the base model, at most
 TRANSFER_TOLERANCE = 0.05  # mean accuracy lost by base-trained knowledge probes on aligned activations, at most
 WITHIN_NULL = 0.8  # share of adapted layers whose overlap is within the covariance null's 95% quantile, at least
+HEADS_MEASURED = 8  # heads whose estimated effect is checked by switching their gate off
 SCORE_COLUMNS = (*(f"form:{form}" for form in FORMS), "content", "n")  # what `form_scores` gives
 
 
@@ -63,7 +66,9 @@ def report_on_model(
     runs: str | Path,
     knowledge: str = "capitals",
     n_subjects: int = 90,
-    n_eval: int = 12,
+    n_eval: int = 48,
+    known_only: bool = True,
+    only: Sequence[str] = (),
     max_new_tokens: int = 24,
     scales: Sequence[float] = DEFAULT_SCALES,
     cumulative_points: int = 4,
@@ -72,17 +77,22 @@ def report_on_model(
     cache: str | Path | None = None,
     seed: int = 0,
 ) -> Report:
-    """The report on `model` and its aligners under `runs`, in memory: its sections (`Report.show` draws them in a
-    notebook) and metrics, the verdict per aligner among them; `build_model_report` writes it out."""
+    """The report on `model` and its aligners under `runs` (`only`: these runs of them), in memory: its sections
+    (`Report.show` draws them in a notebook) and metrics, the verdict per aligner among them; `build_model_report`
+    writes it out. Behaviour is measured on `n_eval` facts of `knowledge` that no run was trained on and, with
+    `known_only`, that the base model answers right (the suite's audit, cached per weights): then a fall in content
+    accuracy is knowledge the aligner hides, not knowledge the model never had."""
     started = time.perf_counter()
     model_name = model.cfg.model_name
     fingerprint = model_fingerprint(model)
-    aligners, skipped = usable_runs(runs, fingerprint)
+    aligners, skipped = usable_runs(runs, fingerprint, only)
     forms = {name: training_form(al) for name, al in aligners.items()}
     dataset = knowledge_dataset(knowledge, n_subjects)
-    evaluation = dataset.subset(evaluation_rows(dataset, aligners, n_eval))
+    every_fact = knowledge_dataset(knowledge, len(KNOWLEDGE_SETS[knowledge].facts()))
+    known = audit(model, KNOWLEDGE_SETS[knowledge], fingerprint).known if known_only else None
+    evaluation = every_fact.subset(evaluation_rows(every_fact, aligners, n_eval, known))
     report = Report(f"Aligner probe report: {model_name}")
-    report.metrics["setup"] = setup_section(report, model_name, fingerprint, aligners, forms, skipped, dataset, evaluation)
+    report.metrics["setup"] = setup_section(report, model_name, fingerprint, aligners, forms, skipped, dataset, evaluation, known_only)
 
     activations = collect(model, dataset, [None, *(Path(runs) / name for name in aligners)], cache=cache)
     names = {name: condition_name(Path(runs) / name) for name in aligners}  # run -> its condition in `activations`
@@ -105,10 +115,17 @@ def report_on_model(
     return report
 
 
-def usable_runs(runs: str | Path, fingerprint: str) -> tuple[dict[str, Aligner], list[tuple[str, str]]]:
-    """The aligners under `runs` trained on the model with `fingerprint`, and (run, reason) for the others."""
+def usable_runs(runs: str | Path, fingerprint: str, only: Sequence[str] = ()) -> tuple[dict[str, Aligner], list[tuple[str, str]]]:
+    """The aligners under `runs` (`only`: of these names) trained on the model with `fingerprint`, and (run, reason)
+    for the others."""
     usable, skipped = {}, []
-    for run in list_runs(runs):
+    listed = list_runs(runs)
+    missing = set(only) - {run.name for run in listed}
+    if missing:
+        raise ValueError(f"{runs}: no run named {', '.join(sorted(missing))}; there are {', '.join(r.name for r in listed)}")
+    for run in listed:
+        if only and run.name not in only:
+            continue
         if run.error is not None:
             skipped.append((run.name, run.error))
             continue
@@ -125,8 +142,11 @@ def usable_runs(runs: str | Path, fingerprint: str) -> tuple[dict[str, Aligner],
     return usable, skipped
 
 
-def evaluation_rows(dataset: ProbeDataset, aligners: dict[str, Aligner], n_eval: int) -> np.ndarray:
-    """`n_eval` prompts of the first template, spread over the entities that no run's training prompts name."""
+def evaluation_rows(
+    dataset: ProbeDataset, aligners: dict[str, Aligner], n_eval: int, known: frozenset[str] | None = None
+) -> np.ndarray:
+    """`n_eval` prompts of the first template, spread over the entities that no run's training prompts name (and,
+    given `known`, that are among them)."""
     trained = []
     for al in aligners.values():
         data = al.provenance.get("training", {}).get("config", {}).get("data")
@@ -134,6 +154,10 @@ def evaluation_rows(dataset: ProbeDataset, aligners: dict[str, Aligner], n_eval:
             trained += [example.prompt for example in load_examples(data)]
     first_prompts = np.sort(np.unique(dataset.entities, return_index=True)[1])  # each entity's first prompt
     fresh = [i for i in first_prompts if not any(dataset.entities[i] in prompt for prompt in trained)]
+    if known is not None:
+        fresh = [i for i in fresh if dataset.entities[i] in known]
+    if not fresh:
+        raise ValueError(f"{dataset.name}: no prompt left to evaluate on: every subject is trained on, or none is known")
     return np.array(fresh)[np.linspace(0, len(fresh) - 1, min(n_eval, len(fresh))).round().astype(int)]
 
 
@@ -146,6 +170,7 @@ def setup_section(
     skipped: list[tuple[str, str]],
     dataset: ProbeDataset,
     evaluation: ProbeDataset,
+    known_only: bool,
 ) -> dict[str, Any]:
     section = report.section("setup", "Setup: model, aligners, data")
     runs = pd.DataFrame(
@@ -165,13 +190,14 @@ def setup_section(
         f"pass. Probing data: {dataset.name}, {len(dataset)} prompts about {len(set(dataset.entities))} subjects of the "
         f"suite's knowledge set {dataset.knowledge.name}, each asked with both question templates and labelled with "
         f"{', '.join(dataset.labels)}. Behaviour is measured on {len(evaluation)} prompts (first template) about "
-        "subjects that no run was trained on."
+        "subjects that no run was trained on"
+        + (" and whose answer the base model knows (the task suite's audit)." if known_only else ".")
     )
     section.table(runs)
     if skipped:
         section.table(pd.DataFrame(skipped, columns=["run", "why it is left out"]))
     return {"model": model_name, "fingerprint": fingerprint, "runs": runs, "skipped": skipped,
-            "dataset": dataset.name, "n_prompts": len(dataset), "n_eval": len(evaluation)}
+            "dataset": dataset.name, "n_prompts": len(dataset), "n_eval": len(evaluation), "known_only": known_only}
 
 
 def behaviour_sections(
@@ -195,7 +221,9 @@ def behaviour_sections(
     )
     ablation_section.text(
         "Gates switched off one adapted layer at a time, and cumulatively from the top and from the bottom. "
-        "Layers are ranked by the loss of form compliance when switched off alone."
+        "Layers are ranked by the loss of form compliance when switched off alone. Heads are ranked by how much "
+        "the loss of the aligner's own answers rises when one head's gate is switched off: estimated for every head "
+        f"from one backward pass (-g dL/dg), and measured for the {HEADS_MEASURED} heads estimated highest."
     )
     metrics: dict[str, Any] = {"base": form_scores(outputs["base"], evaluation)}
     for name, al in aligners.items():
@@ -209,11 +237,15 @@ def behaviour_sections(
         ablation = ablation_curves(model, evaluation, al, form, cumulative_points, **options)
         reference = {"form": curve.loc[curve.scale == 1.0, "form"].iloc[0], "content": curve.loc[curve.scale == 1.0, "content"].iloc[0]}
         ranking = rank_layers(ablation, reference)
+        heads = head_effects(model, evaluation, al, outputs[name], exact=HEADS_MEASURED, batch_size=len(evaluation))
+        measured = heads.dropna(subset=["exact"])
         switch_on = curve[curve.form >= 0.5].scale.min()
         metrics[name] = {
             "form": form, **form_scores(outputs[name], evaluation, form),
             "scale_curve": curve.drop(columns="outputs"), "form_switch_on_scale": switch_on,
-            "ablation": ablation, "layer_ranking": ranking,
+            "ablation": ablation, "layer_ranking": ranking, "head_effects": heads,
+            # how well the one-pass estimate orders the heads that were also switched off
+            "head_estimate_spearman": float(measured.estimate.corr(measured.exact, method="spearman")),
         }
         long = curve.melt(id_vars="scale", value_vars=["form", "content"], var_name="measure", value_name="share")
         scale_section.figure(px.line(long, x="scale", y="share", color="measure", markers=True, title=f"{name}: gate scale ({form} form)"))
@@ -224,6 +256,12 @@ def behaviour_sections(
             px.line(cumulative, x="n_off", y="share", color="measure", line_dash="mode", markers=True, title=f"{name}: layers' gates off, cumulatively")
         )
         ablation_section.table(ranking.head(5), f"{name}: the five layers whose gates matter most for the form.")
+        ablation_section.figure(head_effects_figure(heads, f"{name}: loss rise of its own answers, one head's gate off (estimate)"))
+        ablation_section.table(
+            heads.head(HEADS_MEASURED),
+            f"{name}: the heads whose gated prefix carries its answers most; estimate = -g dL/dg, exact = measured with "
+            "the gate off (mean loss per answer token, nats).",
+        )
     table = pd.DataFrame(
         [{"condition": c, "trained form": m.get("form"), **{k: m[k] for k in SCORE_COLUMNS}} for c, m in metrics.items()]
     )
@@ -231,6 +269,16 @@ def behaviour_sections(
     examples = pd.DataFrame({"prompt": evaluation.prompts, "gold": evaluation.answers, **outputs}).head(8)
     behaviour_section.table(examples, "The first answers, greedy, as generated.")
     return metrics
+
+
+def head_effects_figure(heads: pd.DataFrame, title: str) -> go.Figure:
+    """Layers x heads heatmap of the estimated loss rise (signed, centred colour scale)."""
+    table = heads.pivot(index="layer", columns="head", values="estimate")
+    limit = float(np.abs(table.values).max()) or 1.0
+    return px.imshow(
+        table, color_continuous_scale="RdBu_r", zmin=-limit, zmax=limit, aspect="auto", title=title,
+        labels={"x": "head", "y": "layer", "color": "loss rise"},
+    )
 
 
 def form_scores(outputs: list[str], evaluation: ProbeDataset, form: str | None = None) -> dict[str, float]:
@@ -447,7 +495,8 @@ def model_summary(report: Report) -> str:
     ref = report.ref
     aligners = list(m["verdict"])
     lines = [f"# {report.title}", "", f"Model {m['setup']['model']}; {len(aligners)} aligners; probing data {m['setup']['dataset']} "
-             f"({m['setup']['n_prompts']} prompts), behaviour on {m['setup']['n_eval']} held-out prompts ({ref('setup')}).", ""]
+             f"({m['setup']['n_prompts']} prompts), behaviour on {m['setup']['n_eval']} held-out prompts"
+             + (" about facts the base model knows" if m["setup"]["known_only"] else "") + f" ({ref('setup')}).", ""]
     base = m["behaviour"]["base"]
     lines.append(
         f"Base model ({ref('behaviour')}): content accuracy {base['content']:.0%}; "
@@ -473,6 +522,13 @@ def model_summary(report: Report) -> str:
             lines.append(
                 f"- Ablation ({ref('ablation')}): the layers whose gates matter most for the form are "
                 + ", ".join(f"{int(r.layer)} (form -{r.form_drop:.0%})" for r in top.itertuples()) + "."
+            )
+            measured = b["head_effects"].dropna(subset=["exact"]).sort_values("exact", ascending=False)
+            lines.append(
+                f"- Heads ({ref('ablation')}): of the {len(measured)} heads estimated to matter most, switching off the gate of "
+                + ", ".join(f"L{int(r.layer)}H{int(r.head)} ({r.exact:+.3f})" for r in measured.head(3).itertuples())
+                + f" raises the loss of its own answers most (nats/token); the one-pass estimate orders these heads with "
+                f"Spearman {b['head_estimate_spearman']:.2f} against switching them off."
             )
         lines.append(
             f"- Transfer ({ref('probes')}): base-trained knowledge probes lose {v['transfer_loss']:+.1%} accuracy on "

@@ -1,12 +1,12 @@
-"""The Aligner's math and hook points, pinned against an explicit implementation on a plain HF Llama."""
+"""The Aligner's math and hook points, pinned against an explicit implementation (tests/reference.py) on a plain HF
+Llama: no key norm, the scale 1/sqrt(d_head)."""
 
 import copy
-import math
 
 import pytest
 import torch
+from reference import explicit_aligned_logits
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import aligner
 from aligner import Aligner, AlignerConfig, ModelShape
@@ -48,43 +48,6 @@ def randomise_gates(al: Aligner) -> None:
         al.gates.normal_()
 
 
-def explicit_aligned_logits(hf: LlamaForCausalLM, al: Aligner, ids: torch.Tensor) -> torch.Tensor:
-    """The paper's equations written out on a plain transformers Llama, with no TransformerLens involved."""
-    cfg = hf.config
-    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d_head = cfg.hidden_size // H
-    handles = []
-    for i, layer in enumerate(al.layer_indices):
-        attn = hf.model.layers[layer].self_attn
-        P = al.tokens if al.config.shared else al.tokens[i]  # (N, d_model)
-        stash = {}
-
-        def keep_query(module, args, kwargs, stash=stash, attn=attn):
-            x = kwargs["hidden_states"]
-            B, T, _ = x.shape
-            q = attn.q_proj(x).view(B, T, H, d_head).transpose(1, 2)
-            cos, sin = kwargs["position_embeddings"]
-            stash["q"], _ = apply_rotary_pos_emb(q, q, cos, sin)  # (B, H, T, d_head)
-
-        def add_prefix(module, args, stash=stash, attn=attn, P=P, i=i):
-            (z,) = args  # (B, T, H * d_head), the input of o_proj
-            k = attn.k_proj(P).view(-1, H_kv, d_head).repeat_interleave(H // H_kv, dim=1)  # (N, H, d_head)
-            v = attn.v_proj(P).view(-1, H_kv, d_head).repeat_interleave(H // H_kv, dim=1)
-            out = torch.zeros_like(z).view(*z.shape[:2], H, d_head)
-            for h in range(H):
-                scores = stash["q"][:, h] @ k[:, h].T / math.sqrt(d_head)  # (B, T, N)
-                out[:, :, h] = al.gates[i, h] * (scores.softmax(-1) @ v[:, h])
-            return (z + out.flatten(2),)
-
-        handles.append(attn.register_forward_pre_hook(keep_query, with_kwargs=True))
-        handles.append(attn.o_proj.register_forward_pre_hook(add_prefix))
-    try:
-        return hf(ids).logits
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("attention_bias", [False, True])
 def test_aligned_forward_equals_explicit_implementation(shared, attention_bias):
@@ -96,7 +59,7 @@ def test_aligned_forward_equals_explicit_implementation(shared, attention_bias):
     ids = torch.randint(0, 101, (2, 7))
     with al.attached(model), torch.no_grad():
         got = model(ids)
-        want = explicit_aligned_logits(reference, al, ids)
+        want = explicit_aligned_logits(reference, al, ids)  # Llama: no query or key norm, 1/sqrt(d_head)
         base = reference(ids).logits
     assert (want - base).abs().max() > 1e-2  # the aligner does change the output
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

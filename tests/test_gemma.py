@@ -1,12 +1,14 @@
 """The Aligner on layers with a key norm and their own attention scale (Gemma 3; Qwen 3 and OLMo 2 have key norms
-too), pinned against an explicit implementation written on the plain HF modules, as tests/test_aligner.py does
-for Llama; the base-model prompt format; and Gemma-3-270M itself, offline (slow)."""
+too), pinned against the explicit implementation on the plain HF modules (tests/reference.py) that
+tests/test_aligner.py pins Llama against; the base-model prompt format; and Gemma-3-270M itself, offline (slow)."""
 
 import copy
+import functools
 import os
 
 import pytest
 import torch
+from reference import explicit_aligned_logits
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -21,7 +23,6 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import aligner
 from aligner import Aligner, AlignerConfig
@@ -68,6 +69,7 @@ def tiny_olmo2() -> Olmo2ForCausalLM:  # a key norm over all key heads together,
 
 
 ARCHITECTURES = {"gemma3": tiny_gemma3, "qwen3": tiny_qwen3, "olmo2": tiny_olmo2}
+QK_NORMS = {"gemma3": "per_head", "qwen3": "per_head", "olmo2": "all_heads"}  # how each norms q and k (reference.Norm)
 
 
 def random_model(architecture: str) -> torch.nn.Module:
@@ -87,53 +89,6 @@ def random_aligner(model: torch.nn.Module, **config) -> Aligner:
     return al
 
 
-def explicit_aligned_logits(
-    hf: torch.nn.Module, al: Aligner, ids: torch.Tensor, key_norm: bool = True, own_scale: bool = True
-) -> torch.Tensor:
-    """The aligner's equations on a plain transformers model: each query as the layer makes it (projected, normed,
-    rotated), the prefix keys k_norm(P W_K) (no rotary), the scores scaled as the layer scales its own, a softmax
-    over the N slots. `key_norm=False` / `own_scale=False` drop those steps, to show the test would see them gone."""
-    cfg = hf.config
-    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    scale = getattr(cfg, "query_pre_attn_scalar", d_head) ** -0.5 if own_scale else d_head**-0.5
-    over_all_heads = isinstance(hf, Olmo2ForCausalLM)  # OLMo 2 norms q and k before splitting them into heads
-    handles = []
-    for i, layer in enumerate(al.layer_indices):
-        attn = hf.model.layers[layer].self_attn
-        P = al.tokens if al.config.shared else al.tokens[i]  # (N, d_model)
-        stash = {}
-
-        def normed(norm, x, n_heads):  # x: (..., n_heads * d_head) -> (..., n_heads, d_head)
-            if over_all_heads:
-                return norm(x).unflatten(-1, (n_heads, d_head))
-            return norm(x.unflatten(-1, (n_heads, d_head)))
-
-        def keep_query(module, args, kwargs, stash=stash, attn=attn):
-            q = normed(attn.q_norm, attn.q_proj(kwargs["hidden_states"]), H).transpose(1, 2)  # (B, H, T, d_head)
-            cos, sin = kwargs["position_embeddings"]  # the layer's own: local or global rotary on Gemma 3
-            stash["q"], _ = apply_rotary_pos_emb(q, q, cos, sin)
-
-        def add_prefix(module, args, stash=stash, attn=attn, P=P, i=i):
-            (z,) = args  # (B, T, H * d_head), the input of o_proj
-            k = normed(attn.k_norm, attn.k_proj(P), H_kv) if key_norm else attn.k_proj(P).view(-1, H_kv, d_head)
-            k = k.repeat_interleave(H // H_kv, dim=1)  # (N, H, d_head)
-            v = attn.v_proj(P).view(-1, H_kv, d_head).repeat_interleave(H // H_kv, dim=1)
-            out = torch.zeros_like(z).view(*z.shape[:2], H, d_head)
-            for h in range(H):
-                scores = stash["q"][:, h] @ k[:, h].T * scale  # (B, T, N): every query sees every slot
-                out[:, :, h] = al.gates[i, h] * (scores.softmax(-1) @ v[:, h])
-            return (z + out.flatten(2),)
-
-        handles.append(attn.register_forward_pre_hook(keep_query, with_kwargs=True))
-        handles.append(attn.o_proj.register_forward_pre_hook(add_prefix))
-    try:
-        return hf(ids).logits
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("formed", [False, True], ids=["fused", "pattern"])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -143,19 +98,25 @@ def test_aligned_forward_equals_explicit_implementation(architecture, shared, fo
     model = aligner.from_hf(hf, None)
     al = random_aligner(model, n_tokens=3, start_layer=1, shared=shared)
     ids = torch.randint(0, VOCAB, (2, 9))  # longer than Gemma's sliding window
+    norm = QK_NORMS[architecture]
+    scalar = getattr(reference.config, "query_pre_attn_scalar", None)
+    own_scale = scalar**-0.5 if scalar else None  # Gemma's query_pre_attn_scalar; the others' is 1/sqrt(d_head)
+    explicit = functools.partial(
+        explicit_aligned_logits, reference, al, ids, query_norm=norm, key_norm=norm, scale=own_scale
+    )
     # Forming A (a hook reads hook_pattern) takes the explicit path of layer.py, else the fused kernel.
     read_pattern = [(lambda name: name.endswith("aligner.hook_pattern"), lambda pattern, hook: None)] if formed else []
     with al.attached(model), model.hooks(fwd_hooks=read_pattern), torch.no_grad():
         got = model(ids)
-        want = explicit_aligned_logits(reference, al, ids)
+        want = explicit()
         base = reference(ids).logits
-        without_key_norm = explicit_aligned_logits(reference, al, ids, key_norm=False)
+        without_key_norm = explicit(key_norm=None)
     assert (want - base).abs().max() > 1e-2  # the aligner does change the output
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - without_key_norm).abs().max() > 1e-3  # the key norm is applied, and would be missed
     if architecture == "gemma3":
         with torch.no_grad():
-            paper_scale = explicit_aligned_logits(reference, al, ids, own_scale=False)
+            paper_scale = explicit(scale=None)
         assert (got - paper_scale).abs().max() > 1e-3  # the layer's scale is used, and 1/sqrt(d_head) would be missed
 
 

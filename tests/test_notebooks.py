@@ -80,7 +80,7 @@ def test_notebooks_use_only_the_public_api(name):
 
 def test_train_an_aligner_runs_on_the_tiny_model(tmp_path):
     run = tmp_path / "run"
-    notebook = execute("01_train_an_aligner", tmp_path, MODEL="tiny", STEPS=3, RUN_DIR=str(run), N_EVAL=3, MAX_NEW_TOKENS=4)
+    notebook = execute("01_train_an_aligner", tmp_path, MODEL="tiny", STEPS=3, RUN_DIR=str(run), N_EVAL=3, MAX_NEW_TOKENS=4, KNOWN_ONLY=False)
     training = json.loads((run / "aligner.json").read_text())["provenance"]["training"]
     assert training["step"] == 3 and training["config"]["data"] == "examples/json_form.jsonl"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # a line per step: the loss curve

@@ -27,7 +27,7 @@ def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path):
     config = aligner.TrainConfig(steps=2, batch_size=4, warmup_steps=1, data=str(JSON_DATA))
     aligner.train_sft(model, load_examples(JSON_DATA)[:8], config, run_dir=tmp_path / "runs" / "tiny-json")
     paths = build_model_report(
-        tmp_path / "runs", "tiny", tmp_path / "report", n_subjects=10, n_eval=3, max_new_tokens=3,
+        tmp_path / "runs", "tiny", tmp_path / "report", n_subjects=10, n_eval=3, known_only=False, max_new_tokens=3,
         scales=(0.0, 1.0), cumulative_points=1, folds=2, umap=False, cache=tmp_path / "cache",
     )
     metrics = json.loads(paths["metrics"].read_text())
@@ -39,7 +39,9 @@ def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path):
     html = paths["html"].read_text()
     assert len(figures(html)) >= 10 and "plotly-gzip-base64" in html
     summary = paths["summary"].read_text()
-    assert "## tiny-json" in summary and "§7" in summary
+    assert "## tiny-json" in summary and "§7" in summary and "- Heads (§4): of the 8 heads estimated to matter most" in summary
+    heads = metrics["behaviour"]["tiny-json"]["head_effects"]
+    assert len(heads) == 2 * 4 and sum(row["exact"] is not None for row in heads) == 8  # 2 adapted layers x 4 heads
 
 
 @pytest.mark.skipif(not PAPER_ALIGNERS.is_dir(), reason="../shared/paper_aligners is not here")

@@ -3,6 +3,7 @@ CLI and the schema of what it writes, resuming, and `aligner eval` on a user's J
 
 import csv
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -18,7 +19,10 @@ from aligner.suite import (
     EarlyStopping,
     audit,
     cached_answers,
+    method_order,
     method_spec,
+    summarise,
+    sweep,
 )
 from aligner.tasks import KNOWLEDGE_SETS
 
@@ -89,10 +93,52 @@ def test_method_names_and_rates():
     assert method_spec("lora-8").lr == method_spec("lora-1").lr
     spec = method_spec("aligner-1:lr=0.05")
     assert (spec.name, spec.lr, spec.kind) == ("aligner-1:lr=0.05", 0.05, "trained")
-    with pytest.raises(ValueError, match="lr=RATE"):
+    spec = method_spec("adapter-10:steps=40:train=10:gate_scale=0")
+    assert (spec.steps, spec.train, spec.gate_scale, spec.lr) == (40, 10, 0.0, method_spec("adapter-10").lr)
+    with pytest.raises(ValueError, match="only a trained method takes options, and 'base' is not trained"):
         method_spec("base:lr=0.1")
     with pytest.raises(ValueError, match="no method 'ia3'"):
         method_spec("ia3")
+    assert method_spec("aligner-3").make(aligner.tiny_model()).config.n_tokens == 3  # any size of a sized family
+    with pytest.raises(ValueError, match="another size of aligner-N, adapter-N, lora-N, prompt-N"):
+        method_spec("lora-0")
+    names = ["zbias", "lora-8", "aligner-10", "aligner-1:lr=0.1", "base", "aligner-3", "aligner-1", "steering"]
+    assert sorted(names, key=method_order) == ["base", "steering", "aligner-1", "aligner-1:lr=0.1", "aligner-3", "aligner-10", "lora-8", "zbias"]
+    for name, message in [
+        ("lora-8:gate_scale=0.5", "'lora-8' has none"),
+        ("aligner-1:steps=0", "steps must be finite and > 0, got 0"),
+        ("aligner-1:lr=-1", "lr must be finite and > 0"),
+        ("aligner-1:lr=nan", "lr must be finite and > 0, got nan"),
+        ("aligner-1:gate_scale=inf", "gate_scale must be finite and >= 0"),
+        ("aligner-1:steps=4.5", "steps must be an integer, got '4.5'"),
+        ("aligner-1:lr=0.1:lr=0.2", "option 'lr' given twice"),
+        ("aligner-1:rank=4", "no option 'rank'; the options are lr, steps, train, gate_scale"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            method_spec(name)
+
+
+def test_variants_train_on_fewer_items_for_fewer_steps_and_answer_with_scaled_gates(private_cache, tmp_path, monkeypatch):
+    """A variant is the same training (same seed) with its factor changed; gate_scale=0 answers as the base."""
+    config = replace(QUICK, tasks=("json",), methods=("base", "aligner-1", "aligner-1:gate_scale=0", "aligner-1:train=2:steps=1"), seeds=(0,))
+    model = aligner.tiny_model()
+    scales = []
+
+    def generate(*args, **kwargs):
+        scales.append(kwargs.get("gate_scale", 1.0))
+        return aligner.generate(*args, **kwargs)
+
+    monkeypatch.setattr("aligner.suite.generate", generate)
+    sweep(model, config, tmp_path)
+    cell = {m: json.loads((tmp_path / f"cells/json/{m.replace(':', '+')}/seed0.json").read_text()) for m in config.methods}
+    assert {c["method"] for c in cell.values()} == set(config.methods)
+    assert cell["aligner-1:gate_scale=0"]["valid_loss"] == cell["aligner-1"]["valid_loss"]  # trained the same
+    assert cell["aligner-1:gate_scale=0"]["outputs"] == cell["base"]["outputs"]
+    assert scales.count(0.0) == 2  # its two splits, answered with the gates at 0
+    few = cell["aligner-1:train=2:steps=1"]
+    assert (few["train_items"], few["steps"], cell["aligner-1"]["train_items"]) == (2, 1, QUICK.sizes.train)
+    with pytest.raises(ValueError, match=r"train=5, but the task's training split has 4 items"):
+        sweep(model, replace(config, methods=("aligner-1:train=5",)), tmp_path)
 
 
 def read_csv(path):
@@ -123,7 +169,7 @@ def test_quick_sweep_writes_every_cell_and_the_tidy_tables(quick_sweep):
     assert {(r["task"], r["split"], r["metric"]) for r in runs} == {
         ("json", split, metric) for split in ("test", "test_template") for metric in ("form", "content", "both")
     } | {("value", split, "refusal") for split in ("harmful", "benign")}
-    assert all(0.0 <= float(r["value"]) <= 1.0 for r in runs)
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in runs) and {r["model"] for r in runs} == {"tiny"}
 
     columns, summary = read_csv(out / "sweep.csv")
     assert tuple(columns) == SUMMARY_COLUMNS
@@ -134,6 +180,30 @@ def test_quick_sweep_writes_every_cell_and_the_tidy_tables(quick_sweep):
         assert (int(row["params"]) > 0) == trained_row
     assert json.loads((out / "sweep.json").read_text())[0].keys() == set(SUMMARY_COLUMNS)
     assert "plotly" in (out / "sweep.html").read_text()
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cells_of_two_base_models_make_separate_rows_and_tables(quick_sweep, tmp_path):
+    out, _ = quick_sweep
+    for path in out.glob("cells/json/*/seed0.json"):  # one results folder with the cells of two models
+        cell = json.loads(path.read_text())
+        for model in ("tiny", "other"):
+            copy = tmp_path / "cells" / f"json-{model}" / path.parent.name / path.name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(json.dumps({**cell, "config": {**cell["config"], "model": model}}))
+    summary = summarise(tmp_path)
+    assert {r["model"] for r in summary} == {"tiny", "other"}
+    tables = (tmp_path / "sweep.md").read_text()
+    assert "### json on tiny" in tables and "### json on other" in tables
+
+
+def test_without_a_browser_the_png_is_a_warning_and_the_tables_are_written(quick_sweep, monkeypatch, tmp_path):
+    out, _ = quick_sweep
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-chrome"))  # where kaleido looks first
+    (out / "sweep.png").unlink()
+    with pytest.warns(UserWarning, match="sweep.png not written: Kaleido requires Google Chrome"):
+        summarise(out)
+    assert not (out / "sweep.png").exists() and (out / "sweep.csv").is_file()
 
 
 def test_quick_sweep_cells_record_training_and_answers(quick_sweep):
