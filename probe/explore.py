@@ -132,5 +132,8 @@ def efficiency_summary(results: str | Path) -> list[dict[str, Any]]:
     for number, row in enumerate(rows):
         missing = [column for column in SUMMARY_COLUMNS if not isinstance(row, dict) or column not in row]
         if missing:
-            raise ValueError(f"{path}: row {number} lacks {', '.join(missing)} (written by `aligner sweep`)")
+            raise ValueError(
+                f"{path}: row {number} lacks {', '.join(missing)}; `aligner sweep --tables-only --out {path.parent}` "
+                "rewrites it from the cells in the current format"
+            )
     return rows
