@@ -56,13 +56,18 @@ def gate_profile(aligner: Aligner) -> pd.DataFrame:
 
 def gate_heatmap(aligner: Aligner, title: str) -> go.Figure:
     """Layers × heads heatmap of the gates (signed, centred colour scale)."""
-    table = gate_table(aligner).pivot(index="layer", columns="head", values="gate")
-    limit = float(np.abs(table.values).max()) or 1.0
-    fig = px.imshow(
-        table, color_continuous_scale="RdBu_r", zmin=-limit, zmax=limit, aspect="auto", title=title,
-        labels={"x": "head", "y": "layer", "color": "gate"},
+    return layer_head_heatmap(gate_table(aligner), "gate", title)
+
+
+def layer_head_heatmap(table: pd.DataFrame, column: str, title: str, label: str | None = None) -> go.Figure:
+    """Layers × heads heatmap of `column` of a table with a row per layer and head (signed, centred colour
+    scale); `label` names the colour bar (default: the column)."""
+    grid = table.pivot(index="layer", columns="head", values=column)
+    limit = float(np.abs(grid.values).max()) or 1.0
+    return px.imshow(
+        grid, color_continuous_scale="RdBu_r", zmin=-limit, zmax=limit, aspect="auto", title=title,
+        labels={"x": "head", "y": "layer", "color": label or column},
     )
-    return fig
 
 
 def head_activity(activations: Activations, condition: str) -> pd.DataFrame:

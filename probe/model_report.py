@@ -39,6 +39,7 @@ from probe.gates import (
     gate_table,
     head_activity,
     head_effects,
+    layer_head_heatmap,
     rank_layers,
 )
 from probe.geometry import layer_geometry
@@ -256,7 +257,9 @@ def behaviour_sections(
             px.line(cumulative, x="n_off", y="share", color="measure", line_dash="mode", markers=True, title=f"{name}: layers' gates off, cumulatively")
         )
         ablation_section.table(ranking.head(5), f"{name}: the five layers whose gates matter most for the form.")
-        ablation_section.figure(head_effects_figure(heads, f"{name}: loss rise of its own answers, one head's gate off (estimate)"))
+        ablation_section.figure(
+            layer_head_heatmap(heads, "estimate", f"{name}: loss rise of its own answers, one head's gate off (estimate)", "loss rise")
+        )
         ablation_section.table(
             heads.head(HEADS_MEASURED),
             f"{name}: the heads whose gated prefix carries its answers most; estimate = -g dL/dg, exact = measured with "
@@ -269,16 +272,6 @@ def behaviour_sections(
     examples = pd.DataFrame({"prompt": evaluation.prompts, "gold": evaluation.answers, **outputs}).head(8)
     behaviour_section.table(examples, "The first answers, greedy, as generated.")
     return metrics
-
-
-def head_effects_figure(heads: pd.DataFrame, title: str) -> go.Figure:
-    """Layers x heads heatmap of the estimated loss rise (signed, centred colour scale)."""
-    table = heads.pivot(index="layer", columns="head", values="estimate")
-    limit = float(np.abs(table.values).max()) or 1.0
-    return px.imshow(
-        table, color_continuous_scale="RdBu_r", zmin=-limit, zmax=limit, aspect="auto", title=title,
-        labels={"x": "head", "y": "layer", "color": "loss rise"},
-    )
 
 
 def form_scores(outputs: list[str], evaluation: ProbeDataset, form: str | None = None) -> dict[str, float]:
