@@ -20,7 +20,7 @@ class AlignerBank(AlignerHooks):
     """K aligners stacked, for inference: tokens (K, N, d_model), or (K, n_active, N, d_model) when not shared,
     and gates (K, n_active, H). Attached like an aligner; `selected(rows)` says which aligner each row reads.
     Its hook points carry the batch axis first: `hook_tokens` (B, N, d_model) or (B, n_active, N, d_model),
-    `hook_k`/`hook_v` (B, N, H, d_head), `hook_gate` (B, H); the others keep the aligner's shapes."""
+    `hook_k`/`hook_v` (B, N, H_kv, d_head), `hook_gate` (B, H); the others keep the aligner's shapes."""
 
     def __init__(self, aligners: Sequence[Aligner]) -> None:
         if not aligners:

@@ -27,8 +27,10 @@ paper is silent; on LLaMA both steps are the identity and the equations above ar
 How it is computed, so that it costs next to nothing beside the frozen model (benchmarks/RESULTS.md); each
 shortcut is exact and pinned against the equations in tests/test_performance_correctness.py:
 - K_p and V_p do not depend on the input: `prefix` runs once per forward, or once per generation
-  (`Aligner.fixed_prefix`), never once per new token.
-- g A V_p = A (g V_p): the gate scales the N prefix values, not the (B, T) outputs.
+  (`Aligner.fixed_prefix`), never once per new token. The tokens and gates are cast to the model's dtype once
+  per forward, not once per layer.
+- Grouped-query attention: K_p and V_p keep the layer's key/value heads (as its own `attn.hook_k` does); query
+  head h reads key/value head h // (H / H_kv) inside the fused kernel (`enable_gqa`), with no expanded copy.
 - A itself is formed only when a hook reads or patches `hook_pattern`. Otherwise all heads' prefix attention
   is one fused `scaled_dot_product_attention` call, and with N = 1 there is none: a softmax over one slot is 1,
   so every query receives g V_p (which is also why `Aligner.merge_into` can fold it into a bias).
@@ -47,6 +49,13 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 
+def query_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(..., H_kv, d_head) -> (..., H, d_head): query head h reads key/value head h // (H / H_kv), as the model does.
+    Expanded rather than repeat_interleave'd, which on CUDA waits for the device (it sums its repeats)."""
+    group = n_heads // x.shape[-2]
+    return x.unsqueeze(-2).expand(*x.shape[:-1], group, x.shape[-1]).flatten(-3, -2)
+
+
 class AlignerLayer(nn.Module):
     """One adapted layer's prefix attention and its hook points.
 
@@ -56,9 +65,9 @@ class AlignerLayer(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # A bank of aligners (bank.py) puts a batch axis first on hook_k, hook_v (B, N, H, d_head) and hook_gate (B, H).
-        self.hook_k = HookPoint()  # (N, H, d_head) prefix keys, key heads expanded to query heads
-        self.hook_v = HookPoint()  # (N, H, d_head) prefix values
+        # A bank of aligners (bank.py) puts a batch axis first on hook_k, hook_v (B, N, H_kv, d_head) and hook_gate (B, H).
+        self.hook_k = HookPoint()  # (N, H_kv, d_head) prefix keys, one per key/value head, as attn.hook_k
+        self.hook_v = HookPoint()  # (N, H_kv, d_head) prefix values
         self.hook_pattern = HookPoint()  # (B, H, T, N) attention of each query onto the prefix slots
         self.hook_gate = HookPoint()  # (H,) this layer's gates
         self.hook_z = HookPoint()  # (B, T, H, d_head) the gated contribution added to attn.hook_z
@@ -68,44 +77,39 @@ class AlignerLayer(nn.Module):
         tokens: torch.Tensor,  # (N, d_model), or (B, N, d_model) in a bank
         k_proj: nn.Linear,  # the layer's key projection, weight (H_kv * d_head, d_model)
         v_proj: nn.Linear,  # the layer's value projection
-        n_heads: int,
         d_head: int,
         key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,  # the layer's, on (..., H_kv, d_head)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K_p and V_p, each (N, H, d_head), or (B, N, H, d_head) in a bank."""
-        tokens = tokens.to(k_proj.weight.dtype)
-        k = F.linear(tokens, k_proj.weight, k_proj.bias).unflatten(-1, (-1, d_head))  # (..., N, H_kv, d_head)
+        """K_p and V_p, each (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank."""
+        tokens = tokens.to(k_proj.weight.dtype)  # a no-op in a forward, which casts them once for all layers
+        k = F.linear(tokens, k_proj.weight, k_proj.bias).unflatten(-1, (-1, d_head))
         v = F.linear(tokens, v_proj.weight, v_proj.bias).unflatten(-1, (-1, d_head))
         if key_norm is not None:  # as the layer normalises its own keys (before their rotary, which K_p has none of)
             k = key_norm(k)
-        # Grouped-query attention: query head h reads key/value head h // (H / H_kv), as the model does. Expanded
-        # rather than repeat_interleave'd, which on CUDA waits for the device (it sums its repeats) at every layer.
-        group = n_heads // k.shape[-2]
-        k, v = (x.unsqueeze(-2).expand(*x.shape[:-1], group, d_head).flatten(-3, -2) for x in (k, v))
         return self.hook_k(k), self.hook_v(v)
 
     def forward(
         self,
         q: torch.Tensor,  # (B, T, H, d_head) rotary queries
-        k: torch.Tensor,  # (N, H, d_head), or (B, N, H, d_head) in a bank
-        v: torch.Tensor,  # (N, H, d_head), or (B, N, H, d_head) in a bank
-        gate: torch.Tensor,  # (H,), or (B, H) in a bank
+        k: torch.Tensor,  # (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank
+        v: torch.Tensor,  # (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank
+        gate: torch.Tensor,  # (H,), or (B, H) in a bank, in q's dtype
         scale: float | None = None,  # the layer's attention scale; None: the paper's 1/sqrt(d_head)
     ) -> torch.Tensor:
         """The gated prefix attention of every query, (B, T, H, d_head): what this layer adds to its z."""
         B, T, H, d_head = q.shape
-        q = q.transpose(1, 2)  # (B, H, T, d_head)
-        gate = self.hook_gate(gate.to(q.dtype))
-        v = v * gate[..., None, :, None]  # g A V_p = A (g V_p)
-        # Each row's prefix as (B, H, N, d_head); an aligner's single prefix is broadcast to every row, not copied.
-        k, v = (torch.broadcast_to(x.transpose(-3, -2), (B, H, x.shape[-3], d_head)) for x in (k, v))
+        gate = self.hook_gate(gate)[..., None, :, None]  # broadcasts over (B, T, H, d_head)
         if self.hook_pattern.has_hooks():  # a hook reads or patches A: form it, as the equations say
-            scores = q @ k.transpose(-1, -2)  # (B, H, T, N)
+            k, v = (query_heads(x, H).transpose(-3, -2) for x in (k, v))  # (..., H, N, d_head)
+            scores = q.transpose(1, 2) @ k.transpose(-1, -2)  # (B, H, T, N)
             scores = scores / math.sqrt(d_head) if scale is None else scores * scale
             pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(q.dtype))
-            out = pattern @ v
-        elif k.shape[-2] == 1:  # one slot: the softmax is 1 for every query, so A (g V_p) = g V_p
-            out = v.expand(B, H, T, d_head)
+            out = (pattern @ v).transpose(1, 2) * gate
+        elif k.shape[-3] == 1:  # one slot: the softmax is 1 for every query, so g A V_p = g V_p, the same for all
+            out = (query_heads(v, H) * gate).expand(B, T, H, d_head)  # a bank's (B, 1, H, d_head) too
         else:  # the same attention, all heads in one fused kernel; A is never formed
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # None: 1/sqrt(d_head)
-        return self.hook_z(out.transpose(1, 2))  # (B, T, H, d_head)
+            # Each row's prefix as (B, H_kv, N, d_head); an aligner's single prefix is broadcast to every row, not copied.
+            k, v = (torch.broadcast_to(x.transpose(-3, -2), (B, x.shape[-2], x.shape[-3], d_head)) for x in (k, v))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, enable_gqa=True).transpose(1, 2)
+            out = out * gate
+        return self.hook_z(out)  # (B, T, H, d_head)

@@ -31,7 +31,7 @@ from transformer_lens.hook_points import HookPoint, LensHandle
 
 from aligner.config import AlignerConfig, ModelShape, check_fields
 from aligner.files import atomic_write_files, json_bytes, provenance, read_json
-from aligner.layer import AlignerLayer
+from aligner.layer import AlignerLayer, query_heads
 
 FORMAT = "aligner-workbench/aligner/1"
 TENSORS_FILE = "aligner.safetensors"
@@ -184,7 +184,10 @@ class AlignerHooks(nn.Module):
     def _keep_queries(self, i: int, q: torch.Tensor, hook: HookPoint) -> None:
         # The first adapted layer runs first: tokens and gates are read there, once per forward.
         if i == 0 and not (self._keep_prefix and self._prefix):
-            self._tokens_this_forward, self._gates_this_forward = self._tokens_and_gates(q.shape[0])
+            tokens, gates = self._tokens_and_gates(q.shape[0])
+            # Cast once for all layers: the tokens to the projections' dtype, the gates to the queries'.
+            self._tokens_this_forward = tokens.to(self._attention[0].k_proj.weight.dtype)
+            self._gates_this_forward = gates.to(q.dtype)
         self._queries[i] = q
 
     def _add_prefix_attention(self, i: int, z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
@@ -193,9 +196,7 @@ class AlignerHooks(nn.Module):
         k_v = self._prefix.get(i)
         if k_v is None:
             tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
-            k_v = self.layers[i].prefix(
-                tokens, parts.k_proj, parts.v_proj, n_heads=q.shape[2], d_head=q.shape[3], key_norm=parts.key_norm
-            )
+            k_v = self.layers[i].prefix(tokens, parts.k_proj, parts.v_proj, d_head=q.shape[3], key_norm=parts.key_norm)
             if self._keep_prefix and not torch.is_grad_enabled():  # a graph is used once: never kept
                 self._prefix[i] = k_v
         return z + self.layers[i](q, *k_v, self._gates_this_forward[i], scale=parts.scale)
@@ -272,8 +273,8 @@ class Aligner(AlignerHooks):
         layers = [(projection(attn.o), attention_parts(attn, model.cfg.d_head, name)) for name, attn in attns.items()]
         for i, (o_proj, parts) in enumerate(layers):
             tokens = self.tokens if self.config.shared else self.tokens[i]
-            _, v = self.layers[i].prefix(tokens, parts.k_proj, parts.v_proj, self.shape.n_heads, model.cfg.d_head)
-            gated = (v[0].float() * self.gates[i, :, None]).flatten()  # g V_p, (H * d_head): what z gains
+            _, v = self.layers[i].prefix(tokens, parts.k_proj, parts.v_proj, model.cfg.d_head)
+            gated = (query_heads(v[0], self.shape.n_heads).float() * self.gates[i, :, None]).flatten()  # g V_p, (H * d_head): what z gains
             shift = F.linear(gated, o_proj.weight.float())  # W_O (g V_p), in float32 before the one rounding
             self._merged.append((o_proj, o_proj.bias))
             bias = shift if o_proj.bias is None else o_proj.bias.float() + shift

@@ -99,9 +99,12 @@ def main() -> None:
             if count != base.get(op, (0, 0))[0]
         ][:12]
         base_ms, aligned_ms = statistics.median(walls["base"]), statistics.median(walls["aligned"])
+        # Every operator call counts, views too: on a host-bound model each costs its dispatch.
+        added = sum(count - base.get(op, (0, 0))[0] for op, (count, _) in aligned.items() if op.startswith("aten::"))
         print(
             f"{name}: {base_ms:.1f} ms base, {aligned_ms:.1f} ms aligned; {statistics.median(hook_ms):.2f} ms inside "
-            f"the aligner's hooks ({len(al.layers)} layers)"
+            f"the aligner's hooks ({len(al.layers)} layers); {added / len(al.layers):.1f} aten operator calls added "
+            "per adapted layer"
         )
         print(table(rows, ["operator", "calls added", "self ms, aligned", "self ms added"]) + "\n")
 

@@ -14,8 +14,8 @@ from aligner.model import shape_of
 
 HOOK_SHAPES = {  # name -> shape for batch B=2, T=7, N=3, H=4, d_head=16, d_model=64
     "aligner.hook_tokens": (3, 64),
-    "blocks.{l}.aligner.hook_k": (3, 4, 16),
-    "blocks.{l}.aligner.hook_v": (3, 4, 16),
+    "blocks.{l}.aligner.hook_k": (3, 2, 16),  # the key/value heads, as attn.hook_k
+    "blocks.{l}.aligner.hook_v": (3, 2, 16),
     "blocks.{l}.aligner.hook_pattern": (2, 4, 7, 3),
     "blocks.{l}.aligner.hook_gate": (4,),
     "blocks.{l}.aligner.hook_z": (2, 7, 4, 16),

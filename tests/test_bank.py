@@ -57,7 +57,7 @@ def test_bank_hook_points_carry_the_batch_axis(model):
     with bank.attached(model), bank.selected([2, 2]):
         _, cache = model.run_with_cache(torch.randint(0, 1000, (2, 5)))
     assert tuple(cache["aligner.hook_tokens"].shape) == (2, 2, 64)
-    assert tuple(cache["blocks.3.aligner.hook_k"].shape) == (2, 2, 4, 16)
+    assert tuple(cache["blocks.3.aligner.hook_k"].shape) == (2, 2, 2, 16)  # (B, N, H_kv, d_head)
     assert tuple(cache["blocks.3.aligner.hook_gate"].shape) == (2, 4)
     assert tuple(cache["blocks.3.aligner.hook_pattern"].shape) == (2, 4, 5, 2)
     assert tuple(cache["blocks.3.aligner.hook_z"].shape) == (2, 5, 4, 16)
