@@ -30,11 +30,12 @@ TINY = "tiny"  # the model name that means `tiny_model()`: a random 4-layer Llam
 MODEL_HELP = f"base model: {DEFAULT_MODEL} (packaged, offline), a Hugging Face id, a local directory, or {TINY!r}"
 
 
-def open_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """`load_model(name, device, dtype)`, or `tiny_model()` for "tiny"; the tiny model is named "tiny" so that
-    the runs trained on it record a name this function opens again."""
+def open_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **placement: Any) -> nn.Module:
+    """`load_model(name, device, dtype, **placement)` (placement: device_map, offload_folder), or `tiny_model()`
+    for "tiny"; the tiny model is named "tiny" so that the runs trained on it record a name this function opens
+    again."""
     if name != TINY:
-        return load_model(name, device=device, dtype=dtype)
+        return load_model(name, device=device, dtype=dtype, **placement)
     model = tiny_model()
     model.cfg.model_name = TINY
     return model.to(device=device, dtype=dtype, print_details=False)
@@ -176,6 +177,10 @@ def generate(
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
     seed: Annotated[Optional[int], typer.Option(help="seed for sampling")] = None,
     system: Annotated[Optional[str], typer.Option(help="system prompt (default: the model's own)")] = None,
+    device_map: Annotated[
+        Optional[str], typer.Option(help='place the model as transformers does: "auto" spreads it over the GPUs, then CPU memory, then --offload-folder')
+    ] = None,
+    offload_folder: Annotated[Optional[Path], typer.Option(help="where --device-map puts the layers that fit nowhere else")] = None,
 ) -> None:
     """Answer each prompt with the base model and, given --run, with its aligner attached."""
     from aligner.generation import generate as generate_text
@@ -184,7 +189,8 @@ def generate(
         al = Aligner.load(run) if run is not None else None
         if model is None:
             model = (al.base_model.get("name") if al is not None else None) or DEFAULT_MODEL
-        base = open_model(model)
+        placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+        base = open_model(model, **placement)
         options = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p)
         options.update(seed=seed, system=system)
         outputs = {"base": generate_text(base, prompts, **options)}

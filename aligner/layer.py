@@ -82,8 +82,10 @@ class AlignerLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K_p and V_p, each (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank."""
         tokens = tokens.to(k_proj.weight.dtype)  # a no-op in a forward, which casts them once for all layers
-        k = F.linear(tokens, k_proj.weight, k_proj.bias).unflatten(-1, (-1, d_head))
-        v = F.linear(tokens, v_proj.weight, v_proj.bias).unflatten(-1, (-1, d_head))
+        # Called as modules, so that a model dispatched by accelerate (device_map, offloaded layers) brings the
+        # weights in and the tokens to them, as for the layer's own keys.
+        k = k_proj(tokens).unflatten(-1, (-1, d_head))
+        v = v_proj(tokens).unflatten(-1, (-1, d_head))
         if key_norm is not None:  # as the layer normalises its own keys (before their rotary, which K_p has none of)
             k = key_norm(k)
         return self.hook_k(k), self.hook_v(v)

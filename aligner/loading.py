@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate.utils import align_module_device
 from filelock import FileLock
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
@@ -58,18 +59,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ALIGNER_CACHE", Path.home() / ".cache" / "aligner-workbench"))
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
+) -> nn.Module:
     """A TransformerBridge for `name`: a packaged GGUF model (`PACKAGED_MODELS`: the default SmolLM2-135M-Instruct,
     or "gemma-3-270m"), a Hugging Face id, or a local directory. Nothing is downloaded for packaged models; Hub ids
-    load from the local HF cache when `HF_HUB_OFFLINE=1`."""
+    load from the local HF cache when `HF_HUB_OFFLINE=1`.
+
+    `device_map` (with `max_memory` and `offload_folder`) places the model as transformers' `from_pretrained` does,
+    instead of on `device`: "auto" spreads a model too large for one GPU over the GPUs, then CPU memory, then disk
+    (accelerate moves each layer's weights in when it runs). An attached aligner follows each layer onto its
+    device. For inference (generation, probing): training shards with `accelerate launch` instead (README)."""
+    placement = {}
+    if device_map is not None:
+        folder = None if offload_folder is None else str(offload_folder)
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": folder}
     if name in PACKAGED_MODELS:
         path = packaged_model_dir(name)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **placement)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return from_hf(hf_model.to(device), tokenizer, name=name)
+        return from_hf(hf_model if placement else hf_model.to(device), tokenizer, name=name)
     from transformer_lens.model_bridge import TransformerBridge
 
-    model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+    model = TransformerBridge.boot_transformers(name, device=None if placement else device, dtype=dtype, **placement)
     return _compatibility_mode(model)
 
 
@@ -125,10 +142,14 @@ def tiny_model(
 def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and bytes of the base model's weights (an attached aligner excluded)."""
     digest = hashlib.sha256()
-    for name, param in sorted(model.original_model.named_parameters(remove_duplicate=True)):
+    hf_model = model.original_model
+    for name, _ in sorted(hf_model.named_parameters(remove_duplicate=True)):
         if name.startswith("aligner.") or ".aligner." in name:
             continue
-        tensor = param.detach().cpu().contiguous()
+        owner, _, attribute = name.rpartition(".")
+        module = hf_model.get_submodule(owner)
+        with align_module_device(module, "cpu"):  # a layer offloaded by device_map: its weights brought in
+            tensor = getattr(module, attribute).detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -196,10 +196,13 @@ class AlignerHooks(nn.Module):
         k_v = self._prefix.get(i)
         if k_v is None:
             tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
-            k_v = self.layers[i].prefix(tokens, parts.k_proj, parts.v_proj, d_head=q.shape[3], key_norm=parts.key_norm)
+            # On the layer's device, which a model split over devices (device_map) may make another than the first's.
+            k_v = self.layers[i].prefix(
+                tokens.to(q.device), parts.k_proj, parts.v_proj, d_head=q.shape[3], key_norm=parts.key_norm
+            )
             if self._keep_prefix and not torch.is_grad_enabled():  # a graph is used once: never kept
                 self._prefix[i] = k_v
-        return z + self.layers[i](q, *k_v, self._gates_this_forward[i], scale=parts.scale)
+        return z + self.layers[i](q, *k_v, self._gates_this_forward[i].to(q.device), scale=parts.scale)
 
 
 class Aligner(AlignerHooks):
@@ -271,6 +274,12 @@ class Aligner(AlignerHooks):
         # Every layer is read (and refused, if it must be) before any bias changes.
         attns = {f"blocks.{layer_index}.attn": model.blocks[layer_index].attn for layer_index in self.layer_indices}
         layers = [(projection(attn.o), attention_parts(attn, model.cfg.d_head, name)) for name, attn in attns.items()]
+        for name, (o_proj, _) in zip(attns, layers):
+            if o_proj.weight.is_meta:
+                raise ValueError(
+                    f"{name}.o: its weights are offloaded (device_map), and merge_into folds the aligner into them "
+                    "in memory; attach the aligner instead"
+                )
         for i, (o_proj, parts) in enumerate(layers):
             tokens = self.tokens if self.config.shared else self.tokens[i]
             _, v = self.layers[i].prefix(tokens, parts.k_proj, parts.v_proj, model.cfg.d_head)
