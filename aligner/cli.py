@@ -112,12 +112,16 @@ def train(
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="recompute the frozen layers' activations in backward: less memory, more compute")
     ] = TrainConfig.gradient_checkpointing,
+    shard_model: Annotated[
+        bool,
+        typer.Option(help="shard the frozen model among the launched processes (FSDP2), for a model too large for one GPU"),
+    ] = TrainConfig.shard_model,
 ) -> None:
     """Train an aligner, the base model frozen, by SFT on (prompt, response) examples or by DPO on preference
     pairs; writes the run directory. Under `accelerate launch -m aligner train ...` every process trains on its
     device its share of each step (see the README: multi-GPU and multi-process); the main process prints and writes."""
     from aligner.data import Example, load_examples, load_pairs
-    from aligner.distributed import launched_accelerator
+    from aligner.distributed import held_share, launched_accelerator
 
     dpo_options = {"beta": beta, "label_smoothing": label_smoothing, "reference": reference}
     with one_line_errors():
@@ -142,6 +146,7 @@ def train(
             system=system,
             data=data,
             gradient_checkpointing=gradient_checkpointing,
+            shard_model=shard_model,
         )
         if objective is Objective.dpo:
             items = load_pairs(data, prefer=(prefer or Preference.safer).value)
@@ -159,6 +164,8 @@ def train(
         processes = f"; {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         say(f"{len(items)} {noun} from {data}; base model {model} on {accelerator.device}{processes}")
         al = trainer(base, items, config, run_dir=out, resume=resume, accelerator=accelerator)
+        if shard_model:
+            say(f"the frozen model sharded (FSDP2): this process held {held_share(base):.0%} of its weights")
     record = al.provenance["training"]
     say(f"{al.num_parameters():,} trainable parameters ({describe(al)})")
     say(f"trained {record['step']} steps in {record['elapsed_s']:.1f} s; final loss {record['loss']:.4f}")

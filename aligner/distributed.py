@@ -2,7 +2,8 @@
 
 Training (`aligner.train.optimize`) and activation collection (`probe.collect`) run on one process or on many
 launched together (`accelerate launch ...`, see the README's multi-GPU section); each asks `launched_accelerator()`
-which process it is, on which device, in which mixed precision.
+which process it is, on which device, in which mixed precision. A frozen model too large to be held whole by every
+process is sharded among them by torch's FSDP2 (`shard_frozen_model`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import os
 
 from accelerate import Accelerator
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 
 def launched_accelerator() -> Accelerator:
@@ -31,3 +36,24 @@ def check_joined(accelerator: Accelerator) -> None:
             f"this is one of {launched} processes launched together (WORLD_SIZE={launched}), but accelerate set up "
             f"{accelerator.num_processes}: with no GPU, set ACCELERATE_USE_CPU=true to join them on the CPU (gloo)"
         )
+
+
+def shard_frozen_model(model: nn.Module, accelerator: Accelerator) -> None:
+    """Shard the frozen `model` (a TransformerBridge) among the launched processes with FSDP2: each keeps 1/P of
+    every block's weights, and of the rest, gathered while a block runs (forward, and again in backward) and freed
+    after. Every process must then run the same number of forward passes, together. An aligner attached afterwards
+    stays whole on every process (its few parameters are summed over the processes as without sharding). A model
+    sharded before is left as it is."""
+    if isinstance(model, FSDPModule):
+        return
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for block in model.blocks:  # the bridge's blocks: sharding the wrapped transformers layers trips on the bridge
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def held_share(model: nn.Module) -> float:
+    """The fraction of the frozen model's weights that this process holds: 1 unsharded, about 1/P sharded."""
+    params = [p for name, p in model.original_model.named_parameters() if ".aligner." not in f".{name}"]
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return held / sum(p.numel() for p in params)

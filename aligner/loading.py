@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import align_module_device
 from filelock import FileLock
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from aligner.config import check_fields
@@ -140,7 +141,8 @@ def tiny_model(
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the names, shapes, dtypes and bytes of the base model's weights (an attached aligner excluded)."""
+    """SHA-256 over the names, shapes, dtypes and bytes of the base model's weights (an attached aligner excluded),
+    whole wherever they are: offloaded by device_map, or sharded among processes (each process calls this)."""
     digest = hashlib.sha256()
     hf_model = model.original_model
     for name, _ in sorted(hf_model.named_parameters(remove_duplicate=True)):
@@ -149,7 +151,10 @@ def model_fingerprint(model: nn.Module) -> str:
         owner, _, attribute = name.rpartition(".")
         module = hf_model.get_submodule(owner)
         with align_module_device(module, "cpu"):  # a layer offloaded by device_map: its weights brought in
-            tensor = getattr(module, attribute).detach().cpu().contiguous()
+            tensor = getattr(module, attribute).detach()
+        if isinstance(tensor, DTensor):  # sharded among processes (FSDP2): every process gathers the whole
+            tensor = tensor.full_tensor()
+        tensor = tensor.cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

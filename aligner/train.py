@@ -42,7 +42,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from aligner.chat import example_ids
 from aligner.config import AlignerConfig, check_fields, dataclass_spec
 from aligner.data import Example
-from aligner.distributed import check_joined, launched_accelerator
+from aligner.distributed import check_joined, launched_accelerator, shard_frozen_model
 from aligner.files import atomic_write_bytes, atomic_write_json, read_json
 from aligner.model import Aligner
 
@@ -54,9 +54,9 @@ STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 IGNORE_INDEX = -100  # label of a position that takes no loss (prompt and padding), as in HF and PyTorch
 # What may change between a run and its resumption: none of it alters the steps already taken.
-RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data", "gradient_checkpointing"}
+RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data", "gradient_checkpointing", "shard_model"}
 # TrainConfig fields added since runs were first saved: a state.json written before them resumes without them.
-LATER_FIELDS = ("gradient_checkpointing",)
+LATER_FIELDS = ("gradient_checkpointing", "shard_model")
 STATE_TENSORS_FILE = re.compile(r"state-\d{8}\.safetensors")  # the tensors of the checkpoint of one step
 
 
@@ -83,6 +83,9 @@ class TrainConfig:
     # Recompute each frozen layer's activations in the backward pass instead of keeping them from the forward
     # (transformers' checkpointing of its decoder layers): less memory, one more forward's compute.
     gradient_checkpointing: bool = False
+    # Shard the frozen model among the launched processes (FSDP2) instead of a whole copy on each: for a model too
+    # large for one GPU. An `accelerate launch --use_fsdp` shards whether or not this is set.
+    shard_model: bool = False
 
     def __post_init__(self) -> None:
         positive = ("n_tokens", "steps", "batch_size", "grad_accum", "max_length", "log_every", "save_every")
@@ -186,13 +189,23 @@ def optimize(
     On several processes (`accelerate launch`, `accelerator` defaulting to `launched_accelerator()`), each holds
     the whole aligner, starting from the same tokens and gates (one seed, or one checkpoint); the shares'
     gradients are summed over the processes, one all-reduce of the aligner's few parameters a step (accelerate's
-    `reduce`), and each process takes the same AdamW step. Nothing wraps the frozen model: torch's
-    DistributedDataParallel would need every forward to pass through its wrapper and as many backward passes
-    on every process, where here a process may have fewer forward passes than another, or none. The main
-    process alone writes to `run_dir`.
+    `reduce`), and each process takes the same AdamW step. Torch's DistributedDataParallel does not wrap the
+    frozen model: it would need every forward to pass through its wrapper and as many backward passes on every
+    process, where here a process may have fewer forward passes than another, or none. With
+    `config.shard_model` (or under `accelerate launch --use_fsdp`) FSDP2 shards the frozen model among the
+    processes (`shard_frozen_model`); then each step's items must split into as many forward passes on every
+    process. The main process alone writes to `run_dir`.
     """
     accelerator = accelerator or launched_accelerator()
     _check_accelerator(accelerator, model)
+    if config.shard_model or accelerator.distributed_type == DistributedType.FSDP:
+        per_step = config.batch_size * config.grad_accum
+        if per_step % accelerator.num_processes:
+            raise ValueError(
+                f"a sharded model needs every process to run as many forward passes: batch_size * grad_accum "
+                f"({per_step}) must divide by the number of processes ({accelerator.num_processes})"
+            )
+        shard_frozen_model(model, accelerator)
     main = accelerator.is_main_process
     model.requires_grad_(False)  # before attaching: the attached aligner becomes a submodule of the model
     model.eval()
@@ -258,15 +271,14 @@ def optimize(
 
 def _check_accelerator(accelerator: Accelerator, model: nn.Module) -> None:
     """Refuse what the loop cannot run: processes launched together that accelerate did not join (each would
-    train alone and write the same run directory), FSDP and DeepSpeed launches (the loop shards no model: each
-    process would hold the whole of it while the launch promised shards), fp16 (the loop takes no gradient
-    scaler) and, on several processes, a model that is not on this process's device (each process trains on its
+    train alone and write the same run directory), DeepSpeed launches (the loop shards with FSDP2, not with
+    DeepSpeed's engine), fp16 (the loop takes no gradient scaler) and, on several processes, a model that is not on this process's device (each process trains on its
     own device's copy)."""
     check_joined(accelerator)
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError(
-            f"accelerate launch with {accelerator.distributed_type.value} is not supported: the training loop does "
-            "not shard the frozen model; launch with --multi_gpu (each GPU holds the whole frozen model)"
+            "accelerate launch with DEEPSPEED is not supported: the training loop shards the frozen model with "
+            "FSDP2; launch with --use_fsdp, or with --multi_gpu and `aligner train --shard-model`"
         )
     if accelerator.mixed_precision not in ("no", "bf16"):
         raise ValueError(

@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from unittest import mock
 
 OUTPUT = Path(__file__).resolve().parent / "bad_inputs.md"
 PACKAGE_DIR = str(Path(__file__).resolve().parents[1] / "aligner")
@@ -870,28 +871,33 @@ def _(ws: Workspace) -> str:
     return "trained"
 
 
-def sharded_launch(ws: Workspace, kind: str) -> str:
-    """`train_sft` given what accelerate reports under a sharded launch: such launches need GPUs, so the
-    accelerator is a stand-in with accelerate's own value for `kind`, as tests/test_distributed.py does."""
+def stand_in_launch(ws: Workspace, processes: int, kind: str, **settings: int | bool) -> str:
+    """`train_sft` given what accelerate reports under a launch of `processes` of `kind`: DeepSpeed needs GPUs,
+    and a refusal needs no processes, so the accelerator is a stand-in with accelerate's own values, as
+    tests/test_distributed.py does."""
     from types import SimpleNamespace
 
+    import torch
     from accelerate import DistributedType
 
     from aligner import TrainConfig, train_sft
 
-    stand_in = SimpleNamespace(num_processes=1, distributed_type=DistributedType[kind], mixed_precision="no")
-    train_sft(ws.model(), examples(), TrainConfig(steps=2, batch_size=2), accelerator=stand_in)
+    stand_in = SimpleNamespace(
+        num_processes=processes, distributed_type=DistributedType[kind], mixed_precision="no", device=torch.device("cpu")
+    )
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": str(processes)}):  # as accelerate launch sets it
+        train_sft(ws.model(), examples(), TrainConfig(**{"steps": 2, "batch_size": 2, **settings}), accelerator=stand_in)
     return "trained"
-
-
-@case(AREA, "`accelerate launch --use_fsdp` (a stand-in accelerator: FSDP needs GPUs)")
-def _(ws: Workspace) -> str:
-    return sharded_launch(ws, "FSDP")
 
 
 @case(AREA, "`accelerate launch --use_deepspeed` (a stand-in accelerator: DeepSpeed needs GPUs)")
 def _(ws: Workspace) -> str:
-    return sharded_launch(ws, "DEEPSPEED")
+    return stand_in_launch(ws, 1, "DEEPSPEED")
+
+
+@case(AREA, "`aligner train --shard-model --batch-size 3` on 2 processes (a stand-in accelerator)")
+def _(ws: Workspace) -> str:
+    return stand_in_launch(ws, 2, "MULTI_CPU", batch_size=3, shard_model=True)
 
 
 # ---- the suite's method names ----

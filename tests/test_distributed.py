@@ -4,7 +4,8 @@ and collect the activations one process collects, into the same cache entry. Als
 checkpointing, bf16 mixed precision, and the launches that are refused.
 
 Run as a script (`accelerate launch ... tests/test_distributed.py probe CACHE LOG`), this file is the probe
-collection worker of `test_two_processes_collect_the_activations_of_one_into_the_same_cache`.
+collection worker of `test_two_processes_collect_the_activations_of_one_into_the_same_cache`; with `fingerprint
+LOG`, the worker of `test_the_fingerprint_of_a_sharded_model_is_that_of_the_whole`.
 """
 
 import json
@@ -76,15 +77,20 @@ SFT_ARGS = ["--model", "tiny", "--batch-size", "2", "--grad-accum", "3", "--lr",
             "--log-every", "1", "--save-every", "2"]  # fmt: skip
 
 
-def test_two_processes_resume_a_run_to_the_aligner_of_one_process(tmp_path):
+@pytest.mark.parametrize("shard", [False, True], ids=["whole", "sharded"])
+def test_two_processes_resume_a_run_to_the_aligner_of_one_process(tmp_path, shard):
+    """Also with the frozen model sharded between the two processes (FSDP2, --shard-model): each holds half of
+    every weight, and they train the same aligner."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"What is {i} + {i}?", "response": "Bananas."} for i in range(5)])
     train = ["train", "--data", str(data), *SFT_ARGS]
     straight = runner.invoke(app, [*train, "--out", str(tmp_path / "one"), "--steps", "5"])
     assert straight.exit_code == 0, straight.output
     first = runner.invoke(app, [*train, "--out", str(tmp_path / "two"), "--steps", "2"])  # one process...
     assert first.exit_code == 0, first.output
-    output = launch(["-m", "aligner", *train, "--out", "two", "--steps", "5", "--resume"], cwd=tmp_path)  # ...then two
+    sharding = ["--shard-model"] if shard else []
+    output = launch(["-m", "aligner", *train, *sharding, "--out", "two", "--steps", "5", "--resume"], cwd=tmp_path)  # ...then two
     assert "5 examples from" in output and "2 processes" in output
+    assert ("the frozen model sharded (FSDP2): this process held 50% of its weights" in output) == shard
     assert output.count("saved to two") == 1  # the main process alone reports
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -102,16 +108,20 @@ def test_two_processes_resume_a_run_to_the_aligner_of_one_process(tmp_path):
     assert (state["step"], state["position"]) == (5, 30)
 
 
-def test_two_processes_train_by_dpo_the_policy_of_one_process(tmp_path):
+@pytest.mark.parametrize("shard", [False, True], ids=["whole", "sharded"])
+def test_two_processes_train_by_dpo_the_policy_of_one_process(tmp_path, shard):
     pairs = [{"prompt": f"What is {i} + {i}?", "chosen": "Bananas.", "rejected": "Apples are red" + "!" * i} for i in range(5)]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    # Steps of 3 pairs, shared 2 and 1; the reference pass shares the 5 pairs 3 and 2.
-    train = ["train", "--objective", "dpo", "--data", str(data), "--model", "tiny", "--steps", "3", "--batch-size", "3",
+    # Steps of 3 pairs, shared 2 and 1; the reference pass shares the 5 pairs 3 and 2. A sharded model needs steps
+    # that split evenly: 4 pairs, 2 and 2.
+    batch = "4" if shard else "3"
+    train = ["train", "--objective", "dpo", "--data", str(data), "--model", "tiny", "--steps", "3", "--batch-size", batch,
              "--lr", "0.1", "--warmup-steps", "0", "--log-every", "1"]  # fmt: skip
     one = runner.invoke(app, [*train, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
-    output = launch(["-m", "aligner", *train, "--out", "two"], cwd=tmp_path)
+    output = launch(["-m", "aligner", *train, *(["--shard-model"] if shard else []), "--out", "two"], cwd=tmp_path)
     assert "5 pairs from" in output and "2 processes" in output
+    assert ("this process held 50% of its weights" in output) == shard
     assert logged(tmp_path / "two", "loss")[1] == pytest.approx(np.log(2), rel=1e-6)  # the policy starts at the base
     for field in ("loss", "reward_margin", "logp_chosen", "logp_rejected"):
         for step, value in logged(tmp_path / "one", field).items():
@@ -166,6 +176,27 @@ def probe_worker(cache: Path, log: Path) -> None:
     model, dataset, al = probe_inputs()
     module.collect(model, dataset, [None, al], batch_size=2, cache=cache)
     (log / f"rows-{rank}.json").write_text(json.dumps(computed))
+
+
+def fingerprint_worker(log: Path) -> None:
+    """Shard the tiny model between the launched processes; write to `log` its fingerprint before and after."""
+    from aligner.distributed import held_share, launched_accelerator, shard_frozen_model
+    from aligner.loading import model_fingerprint
+
+    accelerator = launched_accelerator()
+    model = aligner.tiny_model()
+    whole = model_fingerprint(model)
+    shard_frozen_model(model, accelerator)
+    record = {"whole": whole, "sharded": model_fingerprint(model), "held": held_share(model)}
+    (log / f"fingerprint-{accelerator.process_index}.json").write_text(json.dumps(record))
+
+
+def test_the_fingerprint_of_a_sharded_model_is_that_of_the_whole(tmp_path):
+    launch([__file__, "fingerprint", str(tmp_path)], cwd=tmp_path)
+    records = [json.loads((tmp_path / f"fingerprint-{rank}.json").read_text()) for rank in (0, 1)]
+    for record in records:
+        assert record["sharded"] == record["whole"] == aligner.model_fingerprint(aligner.tiny_model())
+        assert record["held"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_two_processes_collect_the_activations_of_one_into_the_same_cache(tmp_path, monkeypatch):
@@ -243,16 +274,25 @@ def test_processes_launched_together_that_accelerate_did_not_join_are_refused(mo
         train_sft(aligner.tiny_model(), EXAMPLES, TrainConfig(**FAST))
 
 
-@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
-def test_sharding_launches_are_refused_rather_than_run_unsharded(kind):
-    # These launches need GPUs; what the loop reads of the accelerator is faked here.
-    launched = SimpleNamespace(num_processes=1, distributed_type=kind, mixed_precision="no")
-    with pytest.raises(ValueError, match=f"launch with {kind.value} is not supported: .* not shard the frozen model"):
+def test_deepspeed_launches_are_refused_rather_than_run_unsharded():
+    # This launch needs GPUs; what the loop reads of the accelerator is faked here.
+    launched = SimpleNamespace(num_processes=1, distributed_type=DistributedType.DEEPSPEED, mixed_precision="no")
+    with pytest.raises(ValueError, match="launch with DEEPSPEED is not supported: .* --use_fsdp, or .* --shard-model"):
         _check_accelerator(launched, aligner.tiny_model())
+
+
+def test_a_sharded_model_refuses_a_step_that_would_split_unevenly(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what is faked here: one of two processes launched together
+    launched = SimpleNamespace(
+        num_processes=2, distributed_type=DistributedType.MULTI_CPU, mixed_precision="no", device=torch.device("cpu")
+    )
+    with pytest.raises(ValueError, match=r"batch_size \* grad_accum \(3\) must divide by the number of processes \(2\)"):
+        train_sft(aligner.tiny_model(), EXAMPLES, TrainConfig(**{**FAST, "batch_size": 3}, shard_model=True), accelerator=launched)
 
 
 if __name__ == "__main__":
     _, role, *paths = sys.argv
-    if role != "probe":
-        raise SystemExit(f"usage: {sys.argv[0]} probe CACHE LOG (the worker of a test), got {role!r}")
-    probe_worker(*map(Path, paths))
+    workers = {"probe": probe_worker, "fingerprint": fingerprint_worker}
+    if role not in workers:
+        raise SystemExit(f"usage: {sys.argv[0]} probe CACHE LOG | fingerprint LOG (the worker of a test), got {role!r}")
+    workers[role](*map(Path, paths))
