@@ -160,7 +160,10 @@ def train(
                 items = load_examples(data, prompt_field=prompt_field, response_field=response_field)
             config = TrainConfig(**settings)
             trainer, noun = train_sft, "examples"
-        base = open_model(model, device=accelerator.device, dtype=getattr(torch, dtype.value))
+        # A model to shard may not fit this process's device whole: it is loaded on the CPU, and each block's shard
+        # moves to the device as it is sharded.
+        device = "cpu" if shard_model else accelerator.device
+        base = open_model(model, device=device, dtype=getattr(torch, dtype.value))
         processes = f"; {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         say(f"{len(items)} {noun} from {data}; base model {model} on {accelerator.device}{processes}")
         al = trainer(base, items, config, run_dir=out, resume=resume, accelerator=accelerator)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
@@ -50,6 +51,7 @@ from aligner.train import (
     optimize,
     pad_token_id,
     response_logprobs,
+    shard_if_asked,
     tokenize_examples,
 )
 
@@ -97,6 +99,7 @@ def train_dpo(
     """
     run_dir = check_run_dir(run_dir, resume)
     accelerator = accelerator or launched_accelerator()
+    sharded = shard_if_asked(model, config, accelerator)  # before the reference pass, which then runs sharded too
     device = next(model.parameters()).device
     if config.reference is None:
         reference = None
@@ -120,7 +123,10 @@ def train_dpo(
     # Each process scores its share of the pairs, in the mixed precision the policy's log-probabilities will have
     # (at step 0 they must equal the reference's); gathered in process order, the shares are the pairs in order.
     with accelerator.split_between_processes(sequences) as mine, accelerator.autocast():
-        shares = gather_object([pair_logprobs(model, reference, mine, config.batch_size, pad_id)])
+        n_mine = len(mine)
+        if sharded:  # every process runs as many forward passes: a shorter share repeats a pair, dropped after
+            mine = mine + [sequences[0]] * (math.ceil(len(sequences) / accelerator.num_processes) - n_mine)
+        shares = gather_object([pair_logprobs(model, reference, mine, config.batch_size, pad_id)[:n_mine]])
     reference_logps = torch.cat(shares)  # (n_pairs, 2)
 
     def dpo_gradients(step: Step) -> tuple[dict[str, float], int]:

@@ -197,15 +197,8 @@ def optimize(
     process. The main process alone writes to `run_dir`.
     """
     accelerator = accelerator or launched_accelerator()
-    _check_accelerator(accelerator, model)
-    if config.shard_model or accelerator.distributed_type == DistributedType.FSDP:
-        per_step = config.batch_size * config.grad_accum
-        if per_step % accelerator.num_processes:
-            raise ValueError(
-                f"a sharded model needs every process to run as many forward passes: batch_size * grad_accum "
-                f"({per_step}) must divide by the number of processes ({accelerator.num_processes})"
-            )
-        shard_frozen_model(model, accelerator)
+    shard_if_asked(model, config, accelerator)
+    _check_device(accelerator, model)
     main = accelerator.is_main_process
     model.requires_grad_(False)  # before attaching: the attached aligner becomes a submodule of the model
     model.eval()
@@ -269,11 +262,28 @@ def optimize(
     return aligner
 
 
-def _check_accelerator(accelerator: Accelerator, model: nn.Module) -> None:
+def shard_if_asked(model: nn.Module, config: TrainConfig, accelerator: Accelerator) -> bool:
+    """Shard the frozen model among the processes (`shard_frozen_model`) where `config.shard_model` or an
+    `accelerate launch --use_fsdp` asks for it, after refusing what the loop cannot run (`_check_accelerator`);
+    whether it is sharded. From wherever it was loaded (the CPU, for a model larger than one device) each block's
+    shard moves onto this process's device."""
+    _check_accelerator(accelerator)
+    if not (config.shard_model or accelerator.distributed_type == DistributedType.FSDP):
+        return False
+    per_step = config.batch_size * config.grad_accum
+    if per_step % accelerator.num_processes:
+        raise ValueError(
+            f"a sharded model needs every process to run as many forward passes: batch_size * grad_accum "
+            f"({per_step}) must divide by the number of processes ({accelerator.num_processes})"
+        )
+    shard_frozen_model(model, accelerator)
+    return True
+
+
+def _check_accelerator(accelerator: Accelerator) -> None:
     """Refuse what the loop cannot run: processes launched together that accelerate did not join (each would
     train alone and write the same run directory), DeepSpeed launches (the loop shards with FSDP2, not with
-    DeepSpeed's engine), fp16 (the loop takes no gradient scaler) and, on several processes, a model that is not on this process's device (each process trains on its
-    own device's copy)."""
+    DeepSpeed's engine) and fp16 (the loop takes no gradient scaler)."""
     check_joined(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError(
@@ -285,6 +295,11 @@ def _check_accelerator(accelerator: Accelerator, model: nn.Module) -> None:
             f"mixed precision {accelerator.mixed_precision!r} is not supported: the training loop uses no gradient "
             "scaler, which fp16 needs; use bf16 (accelerate launch --mixed_precision bf16) or none"
         )
+
+
+def _check_device(accelerator: Accelerator, model: nn.Module) -> None:
+    """On several processes, refuse a model that is not on this process's device: each process trains on its own
+    device's copy (or shard)."""
     device = next(model.parameters()).device
     if accelerator.num_processes > 1 and (device.type, device.index or 0) != (
         accelerator.device.type,

@@ -113,8 +113,8 @@ def test_two_processes_train_by_dpo_the_policy_of_one_process(tmp_path, shard):
     pairs = [{"prompt": f"What is {i} + {i}?", "chosen": "Bananas.", "rejected": "Apples are red" + "!" * i} for i in range(5)]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     # Steps of 3 pairs, shared 2 and 1; the reference pass shares the 5 pairs 3 and 2. A sharded model needs steps
-    # that split evenly: 4 pairs, 2 and 2.
-    batch = "4" if shard else "3"
+    # that split evenly: 2 pairs, 1 and 1; its reference pass pads the second share to 3 pairs, 2 forward passes.
+    batch = "2" if shard else "3"
     train = ["train", "--objective", "dpo", "--data", str(data), "--model", "tiny", "--steps", "3", "--batch-size", batch,
              "--lr", "0.1", "--warmup-steps", "0", "--log-every", "1"]  # fmt: skip
     one = runner.invoke(app, [*train, "--out", str(tmp_path / "one")])
@@ -278,7 +278,7 @@ def test_deepspeed_launches_are_refused_rather_than_run_unsharded():
     # This launch needs GPUs; what the loop reads of the accelerator is faked here.
     launched = SimpleNamespace(num_processes=1, distributed_type=DistributedType.DEEPSPEED, mixed_precision="no")
     with pytest.raises(ValueError, match="launch with DEEPSPEED is not supported: .* --use_fsdp, or .* --shard-model"):
-        _check_accelerator(launched, aligner.tiny_model())
+        _check_accelerator(launched)
 
 
 def test_a_sharded_model_refuses_a_step_that_would_split_unevenly(monkeypatch):
