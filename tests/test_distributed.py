@@ -79,15 +79,16 @@ SFT_ARGS = ["--model", "tiny", "--batch-size", "2", "--grad-accum", "3", "--lr",
 
 @pytest.mark.parametrize("shard", [False, True], ids=["whole", "sharded"])
 def test_two_processes_resume_a_run_to_the_aligner_of_one_process(tmp_path, shard):
-    """Also with the frozen model sharded between the two processes (FSDP2, --shard-model): each holds half of
-    every weight, and they train the same aligner."""
+    """Also with the frozen model sharded between the two processes (FSDP2, --shard-model) and its layers
+    recomputed in backward (--gradient-checkpointing): each holds half of every weight, and they train the same
+    aligner."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"What is {i} + {i}?", "response": "Bananas."} for i in range(5)])
     train = ["train", "--data", str(data), *SFT_ARGS]
     straight = runner.invoke(app, [*train, "--out", str(tmp_path / "one"), "--steps", "5"])
     assert straight.exit_code == 0, straight.output
     first = runner.invoke(app, [*train, "--out", str(tmp_path / "two"), "--steps", "2"])  # one process...
     assert first.exit_code == 0, first.output
-    sharding = ["--shard-model"] if shard else []
+    sharding = ["--shard-model", "--gradient-checkpointing"] if shard else []
     output = launch(["-m", "aligner", *train, *sharding, "--out", "two", "--steps", "5", "--resume"], cwd=tmp_path)  # ...then two
     assert "5 examples from" in output and "2 processes" in output
     assert ("the frozen model sharded (FSDP2): this process held 50% of its weights" in output) == shard
