@@ -282,6 +282,22 @@ def test_deepspeed_launches_are_refused_rather_than_run_unsharded():
         _check_accelerator(launched)
 
 
+def test_an_fsdp_launch_shards_the_frozen_model(monkeypatch):
+    # accelerate reports FSDP only on GPUs; what the loop reads of the accelerator is faked, and the sharding
+    # itself (run by two processes in the tests above) is recorded instead of run.
+    import aligner.train
+
+    launched = SimpleNamespace(
+        num_processes=1, distributed_type=DistributedType.FSDP, mixed_precision="no", device=torch.device("cpu")
+    )
+    sharded = []
+    monkeypatch.setattr(aligner.train, "shard_frozen_model", lambda model, accelerator: sharded.append(model))
+    model = aligner.tiny_model()
+    assert aligner.train.shard_if_asked(model, TrainConfig(**FAST), launched) and sharded == [model]
+    launched.distributed_type = DistributedType.NO
+    assert not aligner.train.shard_if_asked(model, TrainConfig(**FAST), launched) and len(sharded) == 1
+
+
 def test_a_sharded_model_refuses_a_step_that_would_split_unevenly(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what is faked here: one of two processes launched together
     launched = SimpleNamespace(
