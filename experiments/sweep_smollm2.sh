@@ -13,6 +13,7 @@ grid=aligner-2,aligner-4,aligner-10,adapter-1,adapter-10,lora-1,prompt-10,zbias
   sweep --tasks json,frame --methods base,prompting,steering,aligner-1,lora-8 --seeds 0,1
   sweep --tasks json --methods "$grid" --seeds 0,1
   sweep --tasks json --methods "$factors" --seeds 0,1
+  sweep --tasks value --methods "$grid" --seeds 0,1
 ) &
 (
   sweep --tasks inject,value --methods base,prompting,aligner-1,lora-8 --seeds 0,1
