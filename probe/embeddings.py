@@ -61,8 +61,8 @@ def token_frame(aligners: Mapping[str, Aligner], method: str = "pca", seed: int 
 
 
 def prefix_frame(model: nn.Module, aligners: Mapping[str, Aligner], method: str = "pca", seed: int = 0) -> pd.DataFrame:
-    """Each adapted layer's prefix keys and values (all heads concatenated, one point per layer, slot, kind),
-    read at `blocks.{l}.aligner.hook_k/hook_v` with `run_with_cache`; keys and values are embedded apart
+    """Each adapted layer's prefix keys and values (its key/value heads concatenated, one point per layer, slot and
+    kind), read at `blocks.{l}.aligner.hook_k/hook_v` with `run_with_cache`; keys and values are embedded apart
     (column kind), both runs and layers together."""
     vectors: dict[str, list[np.ndarray]] = {"k": [], "v": []}
     rows: dict[str, list[dict]] = {"k": [], "v": []}
