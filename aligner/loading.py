@@ -121,6 +121,19 @@ def tiny_model(
 ) -> nn.Module:
     """A random-weight Llama with grouped-query attention and SmolLM2's tokenizer and chat template:
     fast enough for unit tests, real enough to exercise every code path."""
+    hf_model, tokenizer = tiny_llama(seed, n_layers, d_model, n_heads, n_kv_heads, attention_bias)
+    return from_hf(hf_model, tokenizer, name=f"tiny-llama-{n_layers}L-{d_model}d-seed{seed}")
+
+
+def tiny_llama(
+    seed: int = 0,
+    n_layers: int = 4,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    attention_bias: bool = False,
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """The transformers model that `tiny_model` wraps, and its tokenizer (to save as a Hugging Face directory)."""
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir(DEFAULT_MODEL), local_files_only=True)
     config = LlamaConfig(
@@ -137,7 +150,7 @@ def tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    return from_hf(LlamaForCausalLM(config), tokenizer, name=f"tiny-llama-{n_layers}L-{d_model}d-seed{seed}")
+    return LlamaForCausalLM(config), tokenizer
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -5,38 +5,20 @@ whole: the same logits and the same greedy answers."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import aligner
 from aligner import Aligner, AlignerConfig
-from aligner.loading import DEFAULT_MODEL, model_fingerprint, packaged_model_dir
+from aligner.loading import model_fingerprint, tiny_llama
 
 PROMPTS = ["What is the capital of France?", "Name a colour."]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random Llama (grouped-query attention) saved as a Hugging Face directory, with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir(DEFAULT_MODEL), local_files_only=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    """The tiny random Llama (grouped-query attention) saved as a Hugging Face directory, with its tokenizer."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    for part in tiny_llama():
+        part.save_pretrained(path)
     return path
 
 
