@@ -2,7 +2,7 @@
 `aligner sweep` wrote), and what the sweep cost, from results/cells/ (each cell's training and answering seconds),
 so that every number there comes from the committed results:
 
-    .venv/bin/python experiments/readme_tables.py [results]
+    .venv/bin/python experiments/readme_tables.py [results]          # or results/gemma: Gemma-3-270M's first look
 
 Each cell is the mean over seeds, "± std" where two seeds ran; zero-training methods are deterministic and ran once.
 """
@@ -38,7 +38,12 @@ def main(results: Path) -> None:
         names = {r["method"] for r in rows if r["task"] == task}
         return sorted((m for m in names if variants or ":" not in m), key=method_order)
 
-    def table(header: list[str], lines: list[list[str]]) -> None:
+    tasks = {r["task"] for r in rows}
+
+    def table(title: str, header: list[str], lines: list[list[str]]) -> None:
+        if not lines:  # a task this sweep did not run
+            return
+        print(f"**{title}**\n")
         print("| " + " | ".join(header) + " |")
         print("|" + " --- |" * len(header))
         for line in lines:
@@ -48,34 +53,35 @@ def main(results: Path) -> None:
     form_columns = [("test", "form"), ("test", "content"), (NEW, "form"), (NEW, "content")]
     form_header = ["form", "content", "form, new wording", "content, new wording"]
 
-    print("**Form, every method (`json`)**\n")
     table(
+        "Form, every method (`json`)",
         ["method", "parameters", *form_header],
         [[f"`{m}`", f"{params[m]:,}", *(value("json", m, s, k) for s, k in form_columns)] for m in methods("json")],
     )
 
-    print("**The five forms: zero training, one token, LoRA r = 8**\n")
     trained = [("aligner-1", "test", "form"), ("aligner-1", "test", "content"), ("aligner-1", NEW, "form")]
     trained += [("lora-8", "test", "form"), ("lora-8", "test", "content"), ("lora-8", NEW, "form")]
     table(
+        "The five forms: zero training, one token, LoRA r = 8",
         ["form task", "base: content", "`prompting`: form", "`steering`: form"]
         + [f"`{m}`: {'form, new wording' if s == NEW else k}" for m, s, k in trained],
         [
             [f"`{task}`", value(task, "base", "test", "content"), value(task, "prompting", "test", "form"),
              value(task, "steering", "test", "form"), *(value(task, m, s, k) for m, s, k in trained)]
             for task in FORMS
+            if task in tasks
         ],
     )  # fmt: skip
 
-    print("**Knowledge injection (`inject`)**\n")
     inject = ["taught", "taught_template", "unknown_heldout", "known_heldout"]
     table(
+        "Knowledge injection (`inject`)",
         ["method", "parameters", "taught facts", "taught, new wording", "held-out unknown", "held-out known"],
         [[f"`{m}`", f"{params[m]:,}", *(value("inject", m, s, "content") for s in inject)] for m in methods("inject")],
     )
 
-    print("**Values (`value`)**\n")
     table(
+        "Values (`value`)",
         ["method", "parameters", "refusal of held-out harmful", "over-refusal of held-out benign"],
         [
             [f"`{m}`", f"{params[m]:,}", value("value", m, "harmful", "refusal"), value("value", m, "benign", "refusal")]
@@ -83,8 +89,8 @@ def main(results: Path) -> None:
         ],
     )
 
-    print("**What moves the JSON result (one token)**\n")
     table(
+        "What moves the JSON result (one token)",
         ["`json`, one token", *form_header],
         [
             [f"`{m}`", *(value("json", m, s, k) for s, k in form_columns)]
