@@ -16,6 +16,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from aligner.loading import base_parameters
+
 
 def launched_accelerator() -> Accelerator:
     """`Accelerator()`: under `accelerate launch`, this process's rank, device and mixed precision among the
@@ -54,6 +56,6 @@ def shard_frozen_model(model: nn.Module, accelerator: Accelerator) -> None:
 
 def held_share(model: nn.Module) -> float:
     """The fraction of the frozen model's weights that this process holds: 1 unsharded, about 1/P sharded."""
-    params = [p for name, p in model.original_model.named_parameters() if ".aligner." not in f".{name}"]
+    params = [param for _, param in base_parameters(model)]
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
     return held / sum(p.numel() for p in params)

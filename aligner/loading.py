@@ -158,9 +158,7 @@ def model_fingerprint(model: nn.Module) -> str:
     whole wherever they are: offloaded by device_map, or sharded among processes (each process calls this)."""
     digest = hashlib.sha256()
     hf_model = model.original_model
-    for name, _ in sorted(hf_model.named_parameters(remove_duplicate=True)):
-        if name.startswith("aligner.") or ".aligner." in name:
-            continue
+    for name, _ in base_parameters(model):
         owner, _, attribute = name.rpartition(".")
         module = hf_model.get_submodule(owner)
         with align_module_device(module, "cpu"):  # a layer offloaded by device_map: its weights brought in
@@ -171,6 +169,16 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The base model's own parameters (of the transformers model the bridge wraps), by name, sorted; each tensor
+    once, and an attached aligner's left out."""
+    return [
+        (name, param)
+        for name, param in sorted(model.original_model.named_parameters(remove_duplicate=True))
+        if not (name.startswith("aligner.") or ".aligner." in name)
+    ]
 
 
 def _package_dir(model: PackagedModel, name: str) -> Path:

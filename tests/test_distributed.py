@@ -275,9 +275,14 @@ def test_processes_launched_together_that_accelerate_did_not_join_are_refused(mo
         train_sft(aligner.tiny_model(), EXAMPLES, TrainConfig(**FAST))
 
 
+def stand_in(kind: DistributedType, processes: int = 1) -> SimpleNamespace:
+    """What the loop reads of accelerate's accelerator, for launches that need GPUs or other processes."""
+    return SimpleNamespace(num_processes=processes, distributed_type=kind, mixed_precision="no", device=torch.device("cpu"))
+
+
 def test_deepspeed_launches_are_refused_rather_than_run_unsharded():
     # This launch needs GPUs; what the loop reads of the accelerator is faked here.
-    launched = SimpleNamespace(num_processes=1, distributed_type=DistributedType.DEEPSPEED, mixed_precision="no")
+    launched = stand_in(DistributedType.DEEPSPEED)
     with pytest.raises(ValueError, match="launch with DEEPSPEED is not supported: .* --use_fsdp, or .* --shard-model"):
         _check_accelerator(launched)
 
@@ -287,9 +292,7 @@ def test_an_fsdp_launch_shards_the_frozen_model(monkeypatch):
     # itself (run by two processes in the tests above) is recorded instead of run.
     import aligner.train
 
-    launched = SimpleNamespace(
-        num_processes=1, distributed_type=DistributedType.FSDP, mixed_precision="no", device=torch.device("cpu")
-    )
+    launched = stand_in(DistributedType.FSDP)
     sharded = []
     monkeypatch.setattr(aligner.train, "shard_frozen_model", lambda model, accelerator: sharded.append(model))
     model = aligner.tiny_model()
@@ -300,9 +303,7 @@ def test_an_fsdp_launch_shards_the_frozen_model(monkeypatch):
 
 def test_a_sharded_model_refuses_a_step_that_would_split_unevenly(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what is faked here: one of two processes launched together
-    launched = SimpleNamespace(
-        num_processes=2, distributed_type=DistributedType.MULTI_CPU, mixed_precision="no", device=torch.device("cpu")
-    )
+    launched = stand_in(DistributedType.MULTI_CPU, processes=2)
     with pytest.raises(ValueError, match=r"batch_size \* grad_accum \(3\) must divide by the number of processes \(2\)"):
         train_sft(aligner.tiny_model(), EXAMPLES, TrainConfig(**{**FAST, "batch_size": 3}, shard_model=True), accelerator=launched)
 
