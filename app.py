@@ -28,7 +28,7 @@ from aligner.cli import open_model
 from aligner.methods import Method, load_method
 from aligner.runs import METHOD_MAKERS, RunInfo, list_runs, run_losses, task_examples, train_run
 from aligner.suite import LORA_LR, figure as efficiency_figure, markdown_tables
-from aligner.tasks import KNOWLEDGE_SETS, TASK_NAMES
+from aligner.tasks import KNOWLEDGE_SETS, TASK_NAMES, get_task
 from probe.collect import Activations, collect
 from probe.dataset import ProbeDataset, knowledge_dataset, training_form
 from probe.embeddings import prefix_frame, scatter, token_frame
@@ -52,6 +52,7 @@ DEFAULTS = {
     "papers": os.environ.get("ALIGNER_APP_PAPERS", str(PAPERS) if PAPERS.is_dir() else ""),
     "results": os.environ.get("ALIGNER_APP_RESULTS", str(ROOT / "results")),
 }
+TRAINABLE_TASKS = [name for name in TASK_NAMES if not get_task(name).raw_prompts]  # runs answer in the model's format
 VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Efficiency", "Train")
 RunKey = tuple[str, str]  # (run path, files' version): what a cached analysis of a run is keyed on
 
@@ -426,6 +427,10 @@ def geometry_view(bench: Workbench) -> None:
 @shows_errors
 def efficiency_view(bench: Workbench) -> None:
     rows = efficiency_summary(bench.results_dir)
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    if len(models) > 1:
+        chosen = st.multiselect("Base models", models, models, key="efficiency_models")
+        rows = [row for row in rows if row["model"] in chosen]
     st.plotly_chart(efficiency_figure(rows), key="efficiency")
     with st.expander("The tables (mean ± std over seeds)"):
         st.markdown(markdown_tables(rows))
@@ -440,7 +445,7 @@ def train_view(bench: Workbench) -> None:
         st.success(st.session_state.pop("trained"))
     with st.form("train"):
         left, right = st.columns(2)
-        task = left.selectbox("Task (the suite's)", TASK_NAMES, key="train_task")
+        task = left.selectbox("Task (the suite's)", TRAINABLE_TASKS, key="train_task", help="instruct, in a prompt format of its own, runs in `aligner sweep`")
         kind = right.selectbox("Method", list(METHOD_MAKERS), key="train_kind", format_func=lambda k: f"{k} (size: {METHOD_MAKERS[k][0]})")
         size = left.number_input("Size N (prefix tokens, or LoRA rank)", 1, 64, 1, key="train_size")
         steps = right.number_input("Steps", 1, 2000, 30, key="train_steps")

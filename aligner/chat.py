@@ -9,6 +9,10 @@ The answer is written after one space (the tokenizers join a space to the word t
 ends at the colon). The newline token is its end of turn, which training teaches; generation stops at any
 token holding a newline, since an untrained base model often ends its line with "\n\n", one token of its own.
 A base model's answers are therefore one line each, as the suite's forms are.
+
+Raw text (`chat_template=False`) is fed as given, for a prompt that carries its own format (the Alpaca template
+of the suite's `instruct` task): the response ends with the tokenizer's end of sequence, as a pretraining document
+does, and generation stops there alone, so that a model that does not stop is seen not to.
 """
 
 from __future__ import annotations
@@ -27,11 +31,10 @@ def prompt_ids(
 ) -> list[int]:
     """Token ids of `prompt` ready for the model to answer: the chat template with the generation prompt
     (the model's default system prompt unless `system` is given), `BASE_TEMPLATE` for a tokenizer without one,
-    or the raw text when `chat_template=False`."""
-    if not chat_template:
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    if tokenizer.chat_template is None:
-        text = ("" if system is None else BASE_SYSTEM.format(system=system)) + BASE_TEMPLATE.format(prompt=prompt)
+    or the raw text when `chat_template=False`; a base model's or raw text's `system` leads as a paragraph."""
+    if not chat_template or tokenizer.chat_template is None:
+        text = prompt if not chat_template else BASE_TEMPLATE.format(prompt=prompt)
+        text = ("" if system is None else BASE_SYSTEM.format(system=system)) + text
         return tokenizer(text, add_special_tokens=True)["input_ids"]
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": prompt}
@@ -39,10 +42,12 @@ def prompt_ids(
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
 
 
-def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The token that ends the model's reply (`<|im_end|>` for SmolLM2; the newline for a base model, see the
-    module docstring): generation stops on it, training teaches it."""
-    if tokenizer.chat_template is not None:
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, chat_template: bool = True) -> int:
+    """The token that ends the model's reply (`<|im_end|>` for SmolLM2; the newline for a base model; end of
+    sequence for raw text: see the module docstring): generation stops on it, training teaches it."""
+    if tokenizer.chat_template is not None or not chat_template:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no end-of-sequence token to end a reply with")
         return tokenizer.eos_token_id
     ids = tokenizer(BASE_END_OF_TURN, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -54,12 +59,12 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def stop_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+def stop_ids(tokenizer: PreTrainedTokenizerBase, chat_template: bool = True) -> tuple[int, ...]:
     """The tokens at which generation stops (none of them is part of the answer): the end of turn, and for a base
     model every token whose text holds a newline (Gemma 3's 32 runs of newlines). Kept per tokenizer: finding
     them decodes the vocabulary once (about 5 s for Gemma 3's 262,144 tokens)."""
-    if tokenizer.chat_template is not None:
-        return (end_of_turn_id(tokenizer),)
+    if tokenizer.chat_template is not None or not chat_template:
+        return (end_of_turn_id(tokenizer, chat_template),)
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     return tuple(i for i, text in enumerate(texts) if BASE_END_OF_TURN in text)
 
@@ -75,5 +80,6 @@ def example_ids(
     prompt_part = prompt_ids(tokenizer, prompt, system=system, chat_template=chat_template)
     if chat_template and tokenizer.chat_template is None:  # "Answer:" is followed by one space, then the answer
         response = " " + response
-    response_part = tokenizer(response, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
+    end = end_of_turn_id(tokenizer, chat_template)
+    response_part = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
     return prompt_part + response_part, len(prompt_part)

@@ -265,6 +265,7 @@ def sweep(
     seeds: Annotated[Optional[str], typer.Option(help="training seeds, comma-separated")] = None,
     steps: Annotated[Optional[int], typer.Option(help="step budget of every trained method")] = None,
     checker: Annotated[Optional[str], typer.Option(help="regex a good answer of a user's .jsonl task matches")] = None,
+    audit_shots: Annotated[Optional[int], typer.Option(help="answered questions before each audit question (base models)")] = None,
     threads: Annotated[int, typer.Option(help="torch threads; 1 is fastest on a shared 2-core machine")] = 1,
     tables_only: Annotated[bool, typer.Option(help="only rebuild the tables and figure from OUT/cells")] = False,
 ) -> None:
@@ -276,12 +277,13 @@ def sweep(
     from aligner.suite import sweep as run_sweep
 
     if tables_only:
-        typer.echo(f"{len(summarise(out))} summary rows in {out / 'sweep.csv'}")
+        with one_line_errors():
+            typer.echo(f"{len(summarise(out))} summary rows in {out / 'sweep.csv'}")
         return
     torch.set_num_threads(threads)
     config = QUICK if quick else SuiteConfig()
     changes = dict(model=model, tasks=_names(tasks or []) or None, methods=_names(methods or []) or None, steps=steps)
-    changes.update(seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None, checker=checker)
+    changes.update(seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None, checker=checker, audit_shots=audit_shots)
     with one_line_errors():
         config = replace(config, **{k: v for k, v in changes.items() if v is not None})
         rows = run_sweep(open_model(config.model), config, out)
@@ -297,6 +299,7 @@ def evaluate(
     checker: Annotated[Optional[str], typer.Option(help="regex a good answer of a .jsonl task matches in full")] = None,
     system: Annotated[Optional[str], typer.Option(help="system prompt (default: the model's own)")] = None,
     show: Annotated[int, typer.Option(help="answers to print per split")] = 3,
+    audit_shots: Annotated[int, typer.Option(help="answered questions before each audit question (as the sweep's)")] = 0,
 ) -> None:
     """Score the base model, or a trained aligner or method, on a task's evaluation splits (a .jsonl task: every
     row) with the task's checkers; greedy, batched."""
@@ -313,7 +316,8 @@ def evaluate(
         spec = get_task(task, checker)
         sizes = Sizes(train=0, valid=0, eval=10**9) if spec.family == "custom" else Sizes()
         fingerprint = model_fingerprint(base)
-        data = task_data(base, fingerprint, spec, SuiteConfig(model=name, sizes=sizes, system=system), {})
+        config = SuiteConfig(model=name, sizes=sizes, system=system, audit_shots=audit_shots)
+        data = task_data(base, fingerprint, spec, config, {})
         metrics, outputs = evaluate_splits(base, fingerprint, spec, data.eval, method, system, spec.max_new_tokens)
     typer.echo(f"task {spec.name} ({spec.description}); {'base model' if run is None else run} on {name}")
     for split, values in metrics.items():

@@ -222,7 +222,7 @@ def _pair_logprobs(
     """Summed response log-probabilities (b,) of the chosen and of the rejected responses, in one forward pass."""
     input_ids, labels = make_batch([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], pad_id)
     device = next(model.parameters()).device
-    logps = response_logprobs(model(input_ids.to(device)), labels.to(device))  # (2b,): chosen rows, then rejected
+    logps = response_logprobs(model, input_ids.to(device), labels.to(device))  # (2b,): chosen rows, then rejected
     return logps[: len(pairs)], logps[len(pairs) :]
 
 

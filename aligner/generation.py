@@ -26,6 +26,8 @@ from aligner.bank import AlignerBank
 from aligner.chat import end_of_turn_id, prompt_ids, stop_ids
 from aligner.model import Aligner, AlignerHooks
 
+ENDED = "<|end of turn|>"  # what `generate(mark_end=True)` appends to an answer that ended its turn
+
 
 def generate(
     model: nn.Module,
@@ -41,6 +43,7 @@ def generate(
     chat_template: bool = True,
     batch_size: int = 16,
     aligners: Sequence[Aligner] | None = None,
+    mark_end: bool = False,
 ) -> list[str]:
     """The new text only, one per prompt, in order, without special tokens: each prompt answered by `model`
     (a TransformerBridge) with `aligner` attached for the call (`None`: the base model).
@@ -54,6 +57,8 @@ def generate(
     1: the aligner as trained), to see how the answers move with the aligner's strength.
     `aligners` (instead of `aligner`) gives each prompt its own aligner, all of one configuration: prompts[i]
     is answered with aligners[i], in the same batches as with one aligner (an `AlignerBank`).
+    `mark_end` appends `ENDED` to every answer that ended its turn, so that it can be told from one cut at
+    `max_new_tokens` (whether a model stops is a metric of the suite's `instruct` task).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
@@ -92,8 +97,8 @@ def generate(
         temperature=temperature if do_sample else None,
         top_p=top_p if do_sample else None,
         top_k=0 if do_sample else None,  # no top-k cut: only what the arguments say
-        eos_token_id=list(stop_ids(tokenizer)),  # the end of turn; for a base model, its line's end (chat.py)
-        pad_token_id=end_of_turn_id(tokenizer),
+        eos_token_id=list(stop_ids(tokenizer, chat_template)),  # the end of turn; a base model's: its line's end
+        pad_token_id=end_of_turn_id(tokenizer, chat_template),
     )
 
     def scale_gate(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
@@ -124,12 +129,15 @@ def generate(
                 if adapter is not None:  # the prefix depends on no token: computed at the prompt, kept for the answer
                     batch_stack.enter_context(adapter.fixed_prefix())
                 answers += generate_batch(model, ids[start : start + batch_size], decoding)
-    return tokenizer.batch_decode(answers, skip_special_tokens=True)
+    stops = set(decoding.eos_token_id)
+    ended = [bool(row) and row[-1] in stops for row in answers]
+    texts = tokenizer.batch_decode([row[:-1] if end else row for row, end in zip(answers, ended)], skip_special_tokens=True)
+    return [text + ENDED if mark_end and end else text for text, end in zip(texts, ended)]
 
 
 def generate_batch(model: nn.Module, batch: list[list[int]], decoding: GenerationConfig) -> list[list[int]]:
-    """The new token ids of each prompt in `batch`, up to (without) the first stop token; prompts are
-    left-padded so that every row's next token is read at the last position."""
+    """The new token ids of each prompt in `batch`, up to the first stop token, which is kept where there is one;
+    prompts are left-padded so that every row's next token is read at the last position."""
     device = next(model.parameters()).device
     length = max(map(len, batch))
     pad = decoding.pad_token_id  # never attended to (mask 0)
@@ -139,4 +147,4 @@ def generate_batch(model: nn.Module, batch: list[list[int]], decoding: Generatio
         return [[] for _ in batch]
     rows = model.original_model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
     stops = set(decoding.eos_token_id)
-    return [next((row[:j] for j, token in enumerate(row) if token in stops), row) for row in rows[:, length:].tolist()]
+    return [next((row[: j + 1] for j, token in enumerate(row) if token in stops), row) for row in rows[:, length:].tolist()]

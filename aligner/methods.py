@@ -347,9 +347,11 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> Method:
     return METHOD_KINDS[meta["kind"]].from_files(meta, tensors, str(path / TENSORS_FILE)).to(device)
 
 
-def heldout_loss(model: nn.Module, examples: Sequence[Any], system: str | None = None, batch_size: int = 8) -> float:
+def heldout_loss(
+    model: nn.Module, examples: Sequence[Any], system: str | None = None, batch_size: int = 8, chat_template: bool = True
+) -> float:
     """Mean cross-entropy per response token of `examples` (aligner.data.Example) under whatever is attached to
-    `model`: the number early stopping and the steering baseline's choices read."""
+    `model`: the number early stopping and the steering baseline's choices read. `chat_template` as TrainConfig's."""
     from aligner.train import (
         IGNORE_INDEX,
         TrainConfig,
@@ -359,14 +361,14 @@ def heldout_loss(model: nn.Module, examples: Sequence[Any], system: str | None =
         tokenize_examples,
     )
 
-    sequences = tokenize_examples(model.tokenizer, examples, TrainConfig(system=system))
+    sequences = tokenize_examples(model.tokenizer, examples, TrainConfig(system=system, chat_template=chat_template))
     pad_id = pad_token_id(model.tokenizer)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(sequences), batch_size):
             input_ids, labels = make_batch(sequences[start : start + batch_size], pad_id)
-            total += response_loss(model(input_ids.to(device)), labels.to(device)).item()
+            total += response_loss(model, input_ids.to(device), labels.to(device)).item()
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     return total / count
 

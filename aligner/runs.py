@@ -115,8 +115,11 @@ def task_examples(model: nn.Module, task: str, n_train: int = 40, known_only: bo
     from aligner.suite import SuiteConfig, task_data
     from aligner.tasks import Sizes, get_task
 
+    spec = get_task(task)
+    if spec.raw_prompts:  # a run is answered in the model's own format (the app, `aligner generate`)
+        raise ValueError(f"task {task!r} carries its own prompt format, which a run does not record: run it with `aligner sweep`")
     config = SuiteConfig(sizes=Sizes(train=n_train), known_only=known_only)
-    data = task_data(model, model_fingerprint(model), get_task(task), config, {})
+    data = task_data(model, model_fingerprint(model), spec, config, {})
     return [item.example() for item in data.train]
 
 

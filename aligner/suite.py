@@ -1,9 +1,10 @@
 """The form-vs-knowledge suite: every method on the same frozen model, the same data and the same step budget,
 scored by the tasks' checkers, with a tidy table and a figure.
 
-    audit       which facts the base model knows (its greedy answer holds a gold answer), cached per weights
+    audit       which facts the base model knows (its greedy answer holds a gold answer), cached per weights;
+                for a base model, after a few answered questions (`audit_shots`)
     run_cell    one method on one task with one seed: train (early stopping on held-out loss), answer, score
-    sweep       methods x tasks x seeds; each cell is a JSON file under OUT/cells, skipped when it exists
+    sweep       methods x tasks x seeds; each cell is a JSON file under OUT/cells/MODEL, skipped when it exists
     summarise   the cells as OUT/sweep_runs.csv (one row per seed) and OUT/sweep.csv, .json (mean, std over
                 seeds), OUT/sweep.md (a table per task) and OUT/sweep.html (metric against parameters, log x,
                 per task family)
@@ -22,6 +23,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import statistics
 import time
 import warnings
@@ -34,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from aligner.baselines import fit_steering
+from aligner.chat import BASE_TEMPLATE
 from aligner.config import AlignerConfig
 from aligner.files import atomic_write_json, provenance, read_json
 from aligner.generation import generate
@@ -53,6 +56,7 @@ from aligner.model import Aligner
 from aligner.tasks import (
     KNOWLEDGE_SETS,
     TASK_NAMES,
+    Fact,
     Item,
     KnowledgeSet,
     Sizes,
@@ -60,6 +64,7 @@ from aligner.tasks import (
     TaskData,
     get_task,
 )
+from aligner.tasks.spec import shuffled
 from aligner.train import TrainConfig, train_sft
 
 AUDIT_TOKENS = 24  # new tokens of an audit answer: "The capital of X is Y." and more fit
@@ -165,6 +170,7 @@ class SuiteConfig:
     eval_every: int = 5  # steps between held-out losses
     patience: int = 2  # held-out losses without improvement before training stops; the best step is kept
     known_only: bool = True  # form tasks on facts the audit found known (False: any fact, for a random model)
+    audit_shots: int = 0  # answered questions before each audit question (`demonstrations`): for base models
     system: str | None = None  # the system prompt of every method but prompting; None: the model's default
     max_new_tokens: int | None = None  # None: each task's own
     generate_batch_size: int = 16
@@ -174,7 +180,7 @@ class SuiteConfig:
 
     def cell_key(self) -> dict[str, Any]:
         """What a cell's result depends on besides its task, method and seed: a cell whose key differs is rerun."""
-        keys = ("model", "sizes", "steps", "batch_size", "warmup_steps", "eval_every", "patience", "known_only")
+        keys = ("model", "sizes", "steps", "batch_size", "warmup_steps", "eval_every", "patience", "known_only", "audit_shots")
         keys += ("system", "max_new_tokens", "steering_layers", "steering_multipliers", "checker")
         return {k: (asdict(v) if k == "sizes" else v) for k, v in ((k, getattr(self, k)) for k in keys)}
 
@@ -199,16 +205,24 @@ QUICK = SuiteConfig(
 
 
 def cached_answers(
-    model: nn.Module, fingerprint: str, prompts: Sequence[str], system: str | None, max_new_tokens: int, batch_size: int = 16
+    model: nn.Module,
+    fingerprint: str,
+    prompts: Sequence[str],
+    system: str | None,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    raw_prompts: bool = False,
 ) -> list[str]:
     """Greedy answers of the base model alone, read from the cache of its weights `fingerprint` where present;
-    the missing ones are generated (batched) and added."""
-    key = hashlib.sha256(json.dumps([system, max_new_tokens]).encode()).hexdigest()[:16]
+    the missing ones are generated (batched) and added. `raw_prompts`: as `answer`'s."""
+    settings = [system, max_new_tokens] + (["raw"] if raw_prompts else [])  # raw apart: older caches stay valid
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     path = cache_dir() / "answers" / f"{fingerprint[:16]}-{key}.json"
     cache = read_json(path) if path.is_file() else {}
     missing = sorted({p for p in prompts if p not in cache})
     if missing:
-        answers = generate(model, missing, max_new_tokens=max_new_tokens, system=system, batch_size=batch_size)
+        raw = dict(chat_template=not raw_prompts, mark_end=raw_prompts)
+        answers = generate(model, missing, max_new_tokens=max_new_tokens, system=system, batch_size=batch_size, **raw)
         cache.update(zip(missing, answers))
         atomic_write_json(path, cache)
     return [cache[p] for p in prompts]
@@ -222,16 +236,42 @@ class Audit:
 
 
 def audit(
-    model: nn.Module, knowledge: KnowledgeSet, fingerprint: str | None = None, system: str | None = None, batch_size: int = 16
+    model: nn.Module,
+    knowledge: KnowledgeSet,
+    fingerprint: str | None = None,
+    system: str | None = None,
+    batch_size: int = 16,
+    shots: int = 0,
 ) -> Audit:
     """Ask the base model every fact of `knowledge` with the trained question template, greedily; a fact is known
-    when the answer contains a gold answer (whole words, accents and, unless case-sensitive, case ignored)."""
+    when the answer contains a gold answer (whole words, accents and, unless case-sensitive, case ignored).
+    With `shots`, the question follows that many answered ones (`demonstrations`), which are never known."""
     fingerprint = fingerprint or model_fingerprint(model)
     facts = knowledge.facts()
+    shown = demonstrations(knowledge, shots)
+    if shown:
+        examples = "\n\n".join(f"{BASE_TEMPLATE.format(prompt=knowledge.question(f))} {knowledge.sentence(f)}" for f in shown)
+        system = examples if system is None else f"{system}\n\n{examples}"
     questions = [knowledge.question(f) for f in facts]
     answers = cached_answers(model, fingerprint, questions, system, AUDIT_TOKENS, batch_size)
-    known = frozenset(f.subject for f, a in zip(facts, answers) if knowledge.contains_answer(a, f.answers))
+    shown_subjects = {f.subject for f in shown}
+    known = frozenset(
+        f.subject for f, a in zip(facts, answers) if f.subject not in shown_subjects and knowledge.contains_answer(a, f.answers)
+    )
     return Audit(knowledge.name, {f.subject: a for f, a in zip(facts, answers)}, known)
+
+
+def demonstrations(knowledge: KnowledgeSet, shots: int) -> list[Fact]:
+    """The facts a few-shot audit shows answered, the same for every question: the last `shots` in the order the
+    splits are cut from. A base model has no turns to answer in, and a bare question reads less of what it knows
+    (Gemma-3-270M: 80 of 250 capitals); in its own format, "Question: ...\nAnswer: The capital of ... is ...", a few
+    answered ones show it the form of an answer. For a chat model they come as its system prompt."""
+    if shots < 0:
+        raise ValueError(f"audit shots must be >= 0, got {shots}")
+    facts = shuffled(knowledge.facts())
+    if shots >= len(facts):
+        raise ValueError(f"{knowledge.name}: {shots} audit shots leave none of its {len(facts)} facts to audit")
+    return facts[len(facts) - shots :]
 
 
 # ---- one cell ----
@@ -250,12 +290,15 @@ def answer(
     max_new_tokens: int,
     batch_size: int,
     gate_scale: float = 1.0,
+    raw_prompts: bool = False,
 ) -> list[str]:
     """Greedy answers with `method` attached (None: the base model; an aligner's gates times `gate_scale`),
-    batched and left-padded."""
-    if method is None:
-        return generate(model, list(prompts), max_new_tokens=max_new_tokens, system=system, batch_size=batch_size)
+    batched and left-padded. `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`), and the
+    answers that ended their turn are marked."""
     options = dict(max_new_tokens=max_new_tokens, system=system, batch_size=batch_size)
+    options |= dict(chat_template=not raw_prompts, mark_end=raw_prompts)
+    if method is None:
+        return generate(model, list(prompts), **options)
     if isinstance(method, Aligner):
         return generate(model, list(prompts), aligner=method, gate_scale=gate_scale, **options)
     with method.attached(model):
@@ -266,14 +309,16 @@ class EarlyStopping:
     """`train_sft`'s `on_step`: every `every` steps, the held-out loss of `valid`; stops after `patience` of them
     without improvement, and `restore_best` puts back the parameters of the best one (step 0 included)."""
 
-    def __init__(self, model: nn.Module, method: Method, valid: Sequence[Any], system: str | None, every: int, patience: int):
-        self.model, self.method, self.valid, self.system = model, method, valid, system
+    def __init__(
+        self, model: nn.Module, method: Method, valid: Sequence[Any], system: str | None, every: int, patience: int, chat_template: bool = True
+    ):
+        self.model, self.method, self.valid, self.system, self.chat_template = model, method, valid, system, chat_template
         self.every, self.patience = every, patience
         self.history: list[tuple[int, float]] = []
         self.best_step, self.best_loss, self.best_state = 0, math.inf, None
 
     def record(self, step: int) -> None:
-        loss = heldout_loss(self.model, self.valid, self.system)
+        loss = heldout_loss(self.model, self.valid, self.system, chat_template=self.chat_template)
         self.history.append((step, loss))
         if loss < self.best_loss:
             self.best_step, self.best_loss = step, loss
@@ -291,9 +336,12 @@ class EarlyStopping:
                 param.copy_(self.best_state[name])
 
 
-def train_method(model: nn.Module, spec: MethodSpec, data: TaskData, config: SuiteConfig, seed: int) -> tuple[Method, dict[str, Any]]:
+def train_method(
+    model: nn.Module, spec: MethodSpec, data: TaskData, config: SuiteConfig, seed: int, raw_prompts: bool = False
+) -> tuple[Method, dict[str, Any]]:
     """A fresh method of `spec` (seeded) trained on `data.train` for at most `config.steps` steps, stopped early on
-    the held-out loss of `data.valid`; returned at its best step, with a record of the training."""
+    the held-out loss of `data.valid`; returned at its best step, with a record of the training. `raw_prompts`:
+    the prompts carry their own format (`Task.raw_prompts`)."""
     torch.manual_seed(seed)
     method = spec.make(model)
     if spec.train and spec.train > len(data.train):
@@ -311,13 +359,15 @@ def train_method(model: nn.Module, spec: MethodSpec, data: TaskData, config: Sui
         log_every=config.eval_every,
         save_every=steps,
         system=config.system,
+        chat_template=not raw_prompts,
     )
 
     def examples(items: Sequence[Item]) -> list[Any]:
         prompts = prompts_for(method, [i.prompt for i in items])
         return [replace(i, prompt=p).example() for i, p in zip(items, prompts)]
 
-    stopping = EarlyStopping(model, method, examples(data.valid), config.system, config.eval_every, config.patience)
+    valid = examples(data.valid)
+    stopping = EarlyStopping(model, method, valid, config.system, config.eval_every, config.patience, not raw_prompts)
     started = time.perf_counter()
     model.requires_grad_(False)
     with method.attached(model):  # the held-out loss before any step
@@ -356,7 +406,7 @@ def run_cell(
         method, losses = fit_steering(model, data.train, data.valid, layers, config.steering_multipliers, system)
         record.update(params=0, steering={**asdict(method.config), "valid_loss": losses})
     elif spec.kind == "trained":
-        method, training = train_method(model, spec, data, config, seed)
+        method, training = train_method(model, spec, data, config, seed, task.raw_prompts)
         record.update(params=method.num_parameters(), **training)
     else:
         record.update(params=0)
@@ -385,9 +435,9 @@ def evaluate(
     for split, items in splits.items():
         prompts = [item.prompt for item in items]
         if method is None:
-            answers = cached_answers(model, fingerprint, prompts, system, max_new_tokens, batch_size)
+            answers = cached_answers(model, fingerprint, prompts, system, max_new_tokens, batch_size, task.raw_prompts)
         else:
-            answers = answer(model, method, prompts, system, max_new_tokens, batch_size, gate_scale)
+            answers = answer(model, method, prompts, system, max_new_tokens, batch_size, gate_scale, task.raw_prompts)
         metrics[split] = score(task, items, answers)
         outputs[split] = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
     return metrics, outputs
@@ -401,7 +451,9 @@ def task_data(model: nn.Module, fingerprint: str, task: Task, config: SuiteConfi
     known = None
     if task.knowledge is not None and config.known_only:
         if task.knowledge not in audits:
-            audits[task.knowledge] = audit(model, KNOWLEDGE_SETS[task.knowledge], fingerprint, config.system, config.generate_batch_size)
+            knowledge = KNOWLEDGE_SETS[task.knowledge]
+            batch = config.generate_batch_size
+            audits[task.knowledge] = audit(model, knowledge, fingerprint, config.system, batch, config.audit_shots)
         known = audits[task.knowledge].known
     return task.build(known, config.sizes)
 
@@ -422,7 +474,7 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
     for seed, task, spec in tqdm(cells, desc="sweep", unit="cell"):
         if spec.kind != "trained" and seed != config.seeds[0]:
             continue  # deterministic: once is enough
-        path = out / "cells" / task.name / spec.name.replace(":", "+") / f"seed{seed}.json"  # no ":" on Windows
+        path = cell_path(out, config.model, task.name, spec.name, seed)
         if path.is_file() and read_json(path).get("config") == json.loads(json.dumps(config.cell_key())):
             continue
         if task.name not in datas:
@@ -432,7 +484,8 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
             atomic_write_json(path, {**record, "config": config.cell_key(), "provenance": provenance()})
             ran += 1
     for name, result in audits.items():
-        write_audit(result, KNOWLEDGE_SETS[name], out / f"audit_{name}.csv")
+        shots = f"-{config.audit_shots}shot" if config.audit_shots else ""
+        write_audit(result, KNOWLEDGE_SETS[name], out / "audits" / f"{model_folder(config.model)}-{name}{shots}.csv")
     rows = summarise(out)
     entry = {
         "config": {**config.cell_key(), "tasks": config.tasks, "methods": config.methods, "seeds": config.seeds},
@@ -445,6 +498,16 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
     with open(out / "sweep_log.jsonl", "a", encoding="utf-8") as f:  # one line per invocation: what ran, how long
         f.write(json.dumps(entry) + "\n")
     return rows
+
+
+def cell_path(out: Path, model: str, task: str, method: str, seed: int) -> Path:
+    """OUT/cells/MODEL/TASK/METHOD/seedS.json: the results of several base models side by side in one folder."""
+    return out / "cells" / model_folder(model) / task / method.replace(":", "+") / f"seed{seed}.json"  # no ":" on Windows
+
+
+def model_folder(model: str) -> str:
+    """A base model's name (a Hub id, a path) as one file or folder name."""
+    return re.sub(r"[^\w.+-]+", "_", model).strip("_")
 
 
 def write_audit(result: Audit, knowledge: KnowledgeSet, path: Path) -> None:
@@ -470,8 +533,14 @@ GROUP = ("model", "method", "kind", "params", "task", "family", "split", "metric
 
 def run_rows(out: str | Path) -> list[dict[str, Any]]:
     """One row per cell, split and metric, from every cell file under `out/cells`."""
+    old = sorted(Path(out).glob("cells/*/*/seed*.json"))
+    if old:
+        raise ValueError(
+            f"{old[0]} and {len(old) - 1} more cells are in the layout before cells were kept per base model: "
+            f"move {Path(out) / 'cells' / 'TASK'} to {Path(out) / 'cells' / 'MODEL' / 'TASK'} (MODEL: --model's name)"
+        )
     rows = []
-    for path in sorted(Path(out).glob("cells/*/*/seed*.json")):
+    for path in sorted(Path(out).glob("cells/*/*/*/seed*.json")):
         cell = read_json(path)
         for split, metrics in cell["metrics"].items():
             for metric, value in metrics.items():
@@ -570,6 +639,8 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]
 PANELS = (
     ("form", "test", "form", "form tasks: form compliance (held-out facts)"),
     ("form", "test", "content", "form tasks: content kept (held-out facts)"),
+    ("instruct", "test", "stops", "instruct: the answer ends its turn"),
+    ("instruct", "test", "all", "instruct: ends its turn, one line, right (held-out known)"),
     ("knowledge", "taught", "content", "injection: taught facts answered"),
     ("knowledge", "unknown_heldout", "content", "injection: held-out unknown facts"),
     ("value", "harmful", "refusal", "value: refusal of held-out harmful"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -415,7 +416,7 @@ def accumulate_gradients(
     for k in range(0, len(sequences), batch_size):
         input_ids, labels = make_batch(sequences[k : k + batch_size], pad_id)
         with autocast():
-            loss = response_loss(model(input_ids.to(device)), labels.to(device)) / n_targets
+            loss = response_loss(model, input_ids.to(device), labels.to(device)) / n_targets
         loss.backward()
         total += loss.item()
     return total
@@ -468,17 +469,32 @@ def make_batch(sequences: Sequence[tuple[list[int], int]], pad_id: int) -> tuple
     return input_ids, labels
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the labelled positions; logits (B, T, vocab), labels (B, T)."""
-    return -response_logprobs(logits, labels).sum()
+def response_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of `model` over the labelled positions; input_ids and labels (B, T)."""
+    return -response_logprobs(model, input_ids, labels).sum()
 
 
-def response_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(response | prompt) of each sequence, (B,): the log-probabilities of its labelled tokens, summed."""
+def response_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(response | prompt) of each sequence, (B,): the log-probabilities of its labelled tokens, summed.
+    The logits are taken from the first position that predicts a response token on (`logits_to_keep`, where the
+    model's forward reads it), not over the prompt: the unembedding is most of a step when the vocabulary is large
+    and the response short (Gemma 3: 262,144 tokens; a capital's sentence after a 40-token prompt)."""
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    first = max(int(labelled[0]) - 1, 0) if len(labelled) else 0  # the position that predicts the first label
+    keep = {"logits_to_keep": labels.shape[1] - first} if reads_logits_to_keep(model) else {}
+    logits = model(input_ids, **keep)  # (B, T', vocab): the last T' positions
+    labels = labels[:, labels.shape[1] - logits.shape[1] :]
     token_losses = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )  # (B * (T - 1),), zero where ignored
     return -token_losses.view(labels.shape[0], -1).sum(dim=1)
+
+
+def reads_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the Hugging Face model under the bridge computes logits for the last positions only when asked
+    (`logits_to_keep`, which the bridge passes on): most causal LMs of transformers do."""
+    hf_model = getattr(model, "original_model", None)
+    return hf_model is not None and "logits_to_keep" in inspect.signature(hf_model.forward).parameters
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

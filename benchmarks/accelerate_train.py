@@ -89,7 +89,7 @@ def main() -> None:
         def steps():
             for _ in range(args.steps):
                 with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
-                    loss = response_loss(bridge(input_ids), labels) / n_targets
+                    loss = response_loss(bridge, input_ids, labels) / n_targets
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

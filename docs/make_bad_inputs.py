@@ -1035,6 +1035,29 @@ def _(ws: Workspace) -> str:
     return cli("sweep", "--quick", "--methods", "base,aligner-1:rank=4", "--out", str(ws.fresh("sweep")))
 
 
+@case(AREA, "`sweep --tables-only` on a results folder of cells in the layout before cells were kept per model")
+def _(ws: Workspace) -> str:
+    out = ws.fresh("sweep")
+    (out / "cells" / "json" / "base").mkdir(parents=True)
+    (out / "cells" / "json" / "base" / "seed0.json").write_text("{}")
+    return cli("sweep", "--tables-only", "--out", str(out))
+
+
+@case(AREA, "a few-shot audit (`sweep --audit-shots`) of as many shots as the knowledge set has facts")
+def _(ws: Workspace) -> str:
+    from aligner.suite import demonstrations
+    from aligner.tasks import KNOWLEDGE_SETS
+
+    return demonstrations(KNOWLEDGE_SETS["capitals"], 250)
+
+
+@case(AREA, "`task_examples` (the app's Train tab, notebooks) of a task in a prompt format of its own (`instruct`)")
+def _(ws: Workspace) -> str:
+    from aligner.runs import task_examples
+
+    return task_examples(ws.model(), "instruct", n_train=4, known_only=False)
+
+
 # ---- the de-quantised model cache ----
 
 AREA = "model cache (`packaged_model_dir`, `cached_directory`)"

@@ -1,8 +1,8 @@
-"""The tables of the README's section "Results on SmolLM2-135M-Instruct", printed from results/sweep.json (what
-`aligner sweep` wrote), and what the sweep cost, from results/cells/ (each cell's training and answering seconds),
-so that every number there comes from the committed results:
+"""The README's tables of one base model's results, printed from results/sweep.json (what `aligner sweep` wrote),
+and what its sweep cost, from results/cells/MODEL/ (each cell's training and answering seconds), so that every
+number there comes from the committed results:
 
-    .venv/bin/python experiments/readme_tables.py [results]          # or results/gemma: Gemma-3-270M's first look
+    .venv/bin/python experiments/readme_tables.py [MODEL [RESULTS]]   # smollm2-135m-instruct, results; gemma-3-270m
 
 Each cell is the mean over seeds, "± std" where two seeds ran; zero-training methods are deterministic and ran once.
 """
@@ -13,18 +13,19 @@ import json
 import sys
 from pathlib import Path
 
-from aligner.suite import method_order
+from aligner.loading import DEFAULT_MODEL
+from aligner.suite import method_order, model_folder
 
 FORMS = ("json", "caps", "terse", "frame", "bracket")
 NEW = "test_template"  # the held-out question wording
 
 
-def main(results: Path) -> None:
-    cells = [json.loads(path.read_text()) for path in sorted(results.glob("cells/*/*/seed*.json"))]
+def main(model: str, results: Path) -> None:
+    cells = [json.loads(path.read_text()) for path in sorted((results / "cells" / model_folder(model)).glob("*/*/seed*.json"))]
     trained = [cell for cell in cells if cell["kind"] == "trained"]
     hours = sum((cell.get("train_s") or 0) + cell["eval_s"] for cell in cells) / 3600
     print(f"{len(cells)} cells ({len(trained)} trained), {hours:.1f} h of cell time (training and answering)\n")
-    rows = json.loads((results / "sweep.json").read_text())
+    rows = [r for r in json.loads((results / "sweep.json").read_text()) if r["model"] == model]
     by_key = {(r["task"], r["method"], r["split"], r["metric"]): r for r in rows}
     params = {r["method"]: r["params"] for r in rows}
 
@@ -73,6 +74,13 @@ def main(results: Path) -> None:
         ],
     )  # fmt: skip
 
+    instruct = [("test", "stops"), ("test", "format"), ("test", "content"), ("test", "all"), (NEW, "all")]
+    table(
+        "Instruction following in the Alpaca format (`instruct`)",
+        ["method", "parameters", "stops", "one-line reply", "content", "all three", "all three, new wording"],
+        [[f"`{m}`", f"{params[m]:,}", *(value("instruct", m, s, k) for s, k in instruct)] for m in methods("instruct", variants=True)],
+    )
+
     inject = ["taught", "taught_template", "unknown_heldout", "known_heldout"]
     table(
         "Knowledge injection (`inject`)",
@@ -89,16 +97,16 @@ def main(results: Path) -> None:
         ],
     )
 
+    def one_token(task: str) -> list[str]:  # aligner-1 and its variants, where the task has variants
+        names = [m for m in methods(task, variants=True) if m.split(":")[0] == "aligner-1"]
+        return names if any(":" in m for m in names) else []
+
     table(
-        "What moves the JSON result (one token)",
-        ["`json`, one token", *form_header],
-        [
-            [f"`{m}`", *(value("json", m, s, k) for s, k in form_columns)]
-            for m in methods("json", variants=True)
-            if m.split(":")[0] == "aligner-1"
-        ],
+        "What moves a form's result (one token)",
+        ["task", "one token", *form_header],
+        [[f"`{t}`", f"`{m}`", *(value(t, m, s, k) for s, k in form_columns)] for t in FORMS for m in one_token(t)],
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results"))
+    main(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL, Path(sys.argv[2] if len(sys.argv) > 2 else "results"))

@@ -182,7 +182,7 @@ def head_effects(
     with aligner.attached(model), torch.enable_grad():
         for start in tqdm(range(0, len(sequences), batch_size), desc="head attribution", unit="batch"):
             input_ids, labels = make_batch(sequences[start : start + batch_size], pad_token_id(model.tokenizer))
-            loss = response_loss(model(input_ids.to(device)), labels.to(device)) / n_targets
+            loss = response_loss(model, input_ids.to(device), labels.to(device)) / n_targets
             gradient += torch.autograd.grad(loss, aligner.gates)[0]
     table = gate_table(aligner)
     table["estimate"] = (-aligner.gates.detach() * gradient).flatten().float().cpu().numpy()

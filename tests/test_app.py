@@ -112,10 +112,16 @@ def test_probes_geometry_and_efficiency_tabs(app):
     open_tab(app, "Efficiency")
     assert_clean(app)
     assert charts(app) == 1
+    models = app.multiselect(key="efficiency_models")  # the committed results hold two base models
+    assert set(models.options) == {"smollm2-135m-instruct", "gemma-3-270m"}
+    models.set_value(["gemma-3-270m"]).run()
+    assert_clean(app)
+    assert "smollm2" not in str(app.get("plotly_chart")[0].proto.spec)
 
 
 def test_train_tab_trains_a_run_that_the_other_tabs_then_list(app, runs):
     open_tab(app, "Train")
+    assert "instruct" not in app.selectbox(key="train_task").options  # its own prompt format: `aligner sweep` runs it
     app.selectbox(key="train_task").set_value("value")
     app.selectbox(key="train_kind").set_value("lora")
     app.number_input(key="train_size").set_value(2)

@@ -27,6 +27,7 @@ from transformers import (
 import aligner
 from aligner import Aligner, AlignerConfig
 from aligner.chat import BASE_TEMPLATE, end_of_turn_id, example_ids, prompt_ids, stop_ids
+from aligner.generation import ENDED
 from aligner.model import attention_parts
 
 VOCAB = 101
@@ -243,6 +244,29 @@ def test_generation_for_a_base_model_stops_at_the_end_of_the_line(base_tiny, lin
 
     with base_tiny.hooks(fwd_hooks=[("unembed.hook_out", make_it_end_the_line)]):
         assert aligner.generate(base_tiny, ["Hi"], max_new_tokens=8) == [""]
+
+
+def test_raw_text_ends_with_end_of_sequence_and_only_that_stops_it(base_tiny):
+    """A prompt that carries its own format (the instruct task's) is fed as given; the reply ends with EOS, and a
+    newline no longer stops it, so that a model that runs on is seen to."""
+    tokenizer, eos = base_tiny.tokenizer, base_tiny.tokenizer.eos_token_id
+    prompt = "### Instruction:\nName a colour.\n\n### Response:\n"
+    assert tokenizer.decode(prompt_ids(tokenizer, prompt, chat_template=False), skip_special_tokens=True) == prompt
+    led = prompt_ids(tokenizer, prompt, system="Be brief.", chat_template=False)
+    assert tokenizer.decode(led, skip_special_tokens=True) == "Be brief.\n\n" + prompt
+    example, n_prompt = example_ids(tokenizer, prompt, "Red.", chat_template=False)
+    assert example[-1] == eos and tokenizer.decode(example[n_prompt:-1]) == "Red."
+    assert stop_ids(tokenizer, chat_template=False) == (eos,)
+    newline = end_of_turn_id(tokenizer)
+
+    def favour(token: int):
+        return [("unembed.hook_out", lambda logits, hook: logits.index_fill(-1, torch.tensor([token]), 1e4))]
+
+    with base_tiny.hooks(fwd_hooks=favour(newline)):  # a newline is part of the answer now
+        assert aligner.generate(base_tiny, [prompt], max_new_tokens=3, chat_template=False, mark_end=True) == ["\n\n\n"]
+    with base_tiny.hooks(fwd_hooks=favour(eos)):  # it ends its turn at once: marked, and the mark is all
+        assert aligner.generate(base_tiny, [prompt], max_new_tokens=3, chat_template=False, mark_end=True) == [ENDED]
+        assert aligner.generate(base_tiny, [prompt], max_new_tokens=3, chat_template=False) == [""]
 
 
 # ---- Gemma-3-270M, the packaged base model (slow) ----

@@ -19,6 +19,8 @@ from aligner.suite import (
     EarlyStopping,
     audit,
     cached_answers,
+    cell_path,
+    demonstrations,
     method_order,
     method_spec,
     summarise,
@@ -63,6 +65,27 @@ def test_audit_marks_known_facts_by_the_content_check_and_is_cached(model, monke
         audit(model, elements, "f" * 64)  # another model's weights: not the same cache
 
 
+def test_a_few_shot_audit_shows_answered_facts_first_and_never_counts_them_known(model, monkeypatch):
+    capitals = KNOWLEDGE_SETS["capitals"]
+    shown = demonstrations(capitals, 3)
+    systems = []
+
+    def answer_everything(model, prompts, system=None, **options):  # every answer right, the shown facts' too
+        systems.append(system)
+        gold = {capitals.question(f): f.answers[0] for f in capitals.facts()}
+        return [gold[p] for p in prompts]
+
+    monkeypatch.setattr("aligner.suite.generate", answer_everything)
+    result = audit(model, capitals, "a" * 64, shots=3)
+    assert result.known == {f.subject for f in capitals.facts()} - {f.subject for f in shown} and len(shown) == 3
+    question = capitals.question(shown[0])
+    assert systems[0].startswith(f"Question: {question}\nAnswer: {capitals.sentence(shown[0])}\n\nQuestion: ")
+    assert systems[0].count("Question: ") == 3
+    assert len(audit(model, capitals, "a" * 64).known) == len(capitals.facts())  # zero shots: its own cache
+    with pytest.raises(ValueError, match="250 audit shots leave none of its 250 facts"):
+        demonstrations(capitals, len(capitals.facts()))
+
+
 def test_cached_answers_are_the_greedy_answers(model):
     prompts = ["Hi", "What is the capital of France?"]
     fingerprint = aligner.model_fingerprint(model)
@@ -73,7 +96,7 @@ def test_cached_answers_are_the_greedy_answers(model):
 
 def test_early_stopping_stops_after_patience_and_restores_the_best_step(model, monkeypatch):
     losses = iter([3.0, 2.0, 2.5, 2.6, 9.9])
-    monkeypatch.setattr("aligner.suite.heldout_loss", lambda *args: next(losses))
+    monkeypatch.setattr("aligner.suite.heldout_loss", lambda *args, **kwargs: next(losses))
     method = aligner.Aligner.for_model(model)
     stopping = EarlyStopping(model, method, [], None, every=2, patience=2)
     stopping.record(0)
@@ -130,7 +153,7 @@ def test_variants_train_on_fewer_items_for_fewer_steps_and_answer_with_scaled_ga
 
     monkeypatch.setattr("aligner.suite.generate", generate)
     sweep(model, config, tmp_path)
-    cell = {m: json.loads((tmp_path / f"cells/json/{m.replace(':', '+')}/seed0.json").read_text()) for m in config.methods}
+    cell = {m: json.loads((tmp_path / f"cells/tiny/json/{m.replace(':', '+')}/seed0.json").read_text()) for m in config.methods}
     assert {c["method"] for c in cell.values()} == set(config.methods)
     assert cell["aligner-1:gate_scale=0"]["valid_loss"] == cell["aligner-1"]["valid_loss"]  # trained the same
     assert cell["aligner-1:gate_scale=0"]["outputs"] == cell["base"]["outputs"]
@@ -139,6 +162,29 @@ def test_variants_train_on_fewer_items_for_fewer_steps_and_answer_with_scaled_ga
     assert (few["train_items"], few["steps"], cell["aligner-1"]["train_items"]) == (2, 1, QUICK.sizes.train)
     with pytest.raises(ValueError, match=r"train=5, but the task's training split has 4 items"):
         sweep(model, replace(config, methods=("aligner-1:train=5",)), tmp_path)
+
+
+def test_a_task_in_its_own_format_is_trained_and_answered_as_raw_text_with_its_end_marked(private_cache, tmp_path, monkeypatch):
+    config = replace(QUICK, tasks=("instruct",), methods=("base", "prompting", "aligner-1"), seeds=(0,))
+    model, calls = aligner.tiny_model(), []
+
+    def generate(*args, **kwargs):
+        calls.append(("generate", kwargs["chat_template"], kwargs["mark_end"]))
+        return aligner.generate(*args, **kwargs)
+
+    def heldout_loss(*args, **kwargs):
+        calls.append(("heldout_loss", kwargs["chat_template"]))
+        return aligner.methods.heldout_loss(*args, **kwargs)
+
+    monkeypatch.setattr("aligner.suite.generate", generate)
+    monkeypatch.setattr("aligner.suite.heldout_loss", heldout_loss)
+    sweep(model, config, tmp_path)
+    assert set(calls) == {("generate", False, True), ("heldout_loss", False)}
+    cell = json.loads(cell_path(tmp_path, "tiny", "instruct", "aligner-1", 0).read_text())
+    assert set(cell["metrics"]["test"]) == {"stops", "format", "content", "all"}
+    assert cell["outputs"]["test"][0]["prompt"].startswith("Below is an instruction")
+    prompting = json.loads(cell_path(tmp_path, "tiny", "instruct", "prompting", 0).read_text())
+    assert prompting["outputs"] != json.loads(cell_path(tmp_path, "tiny", "instruct", "base", 0).read_text())["outputs"]
 
 
 def read_csv(path):
@@ -158,9 +204,9 @@ def quick_sweep(private_cache, tmp_path_factory):
 def test_quick_sweep_writes_every_cell_and_the_tidy_tables(quick_sweep):
     out, output = quick_sweep
     trained = [m for m in QUICK.methods if method_spec(m).kind == "trained"]
-    cells = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/*/*/*.json"))
-    expected = {f"cells/{t}/{m}/seed{s}.json" for t in QUICK.tasks for m in trained for s in QUICK.seeds}
-    expected |= {f"cells/{t}/{m}/seed0.json" for t in QUICK.tasks for m in ("base", "prompting", "steering")}
+    cells = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/*/*/*/*.json"))
+    expected = {f"cells/tiny/{t}/{m}/seed{s}.json" for t in QUICK.tasks for m in trained for s in QUICK.seeds}
+    expected |= {f"cells/tiny/{t}/{m}/seed0.json" for t in QUICK.tasks for m in ("base", "prompting", "steering")}
     assert set(cells) == expected
     assert f"{len(expected)} cells run in" in output
 
@@ -185,16 +231,22 @@ def test_quick_sweep_writes_every_cell_and_the_tidy_tables(quick_sweep):
 
 def test_cells_of_two_base_models_make_separate_rows_and_tables(quick_sweep, tmp_path):
     out, _ = quick_sweep
-    for path in out.glob("cells/json/*/seed0.json"):  # one results folder with the cells of two models
+    for path in out.glob("cells/tiny/json/*/seed0.json"):  # one results folder with the cells of two models
         cell = json.loads(path.read_text())
-        for model in ("tiny", "other"):
-            copy = tmp_path / "cells" / f"json-{model}" / path.parent.name / path.name
+        for model in ("tiny", "org/other"):
+            copy = cell_path(tmp_path, model, "json", cell["method"], 0)
             copy.parent.mkdir(parents=True, exist_ok=True)
             copy.write_text(json.dumps({**cell, "config": {**cell["config"], "model": model}}))
+    assert (tmp_path / "cells" / "org_other" / "json").is_dir()  # a Hub id as one folder
     summary = summarise(tmp_path)
-    assert {r["model"] for r in summary} == {"tiny", "other"}
+    assert {r["model"] for r in summary} == {"tiny", "org/other"}
     tables = (tmp_path / "sweep.md").read_text()
-    assert "### json on tiny" in tables and "### json on other" in tables
+    assert "### json on tiny" in tables and "### json on org/other" in tables
+    old = tmp_path / "cells" / "json" / "base" / "seed0.json"  # the layout before cells were kept per model
+    old.parent.mkdir(parents=True)
+    old.write_text("{}")
+    with pytest.raises(ValueError, match=r"cells/json/base/seed0.json and 0 more cells are in the layout before .* move"):
+        summarise(tmp_path)
 
 
 def test_without_a_browser_the_png_is_a_warning_and_the_tables_are_written(quick_sweep, monkeypatch, tmp_path):
@@ -208,22 +260,22 @@ def test_without_a_browser_the_png_is_a_warning_and_the_tables_are_written(quick
 
 def test_quick_sweep_cells_record_training_and_answers(quick_sweep):
     out, _ = quick_sweep
-    cell = json.loads((out / "cells/json/aligner-1/seed1.json").read_text())
+    cell = json.loads((out / "cells/tiny/json/aligner-1/seed1.json").read_text())
     assert cell["params"] == 64 + 2 * 4  # the tiny model: one token of 64, gates of layers 2-3 x 4 heads
     assert cell["steps"] <= QUICK.steps and 0 <= cell["best_step"] <= cell["steps"]
     assert cell["valid_loss"][0][0] == 0  # the loss before the first step
     assert set(cell["outputs"]) == {"test", "test_template"} and len(cell["outputs"]["test"]) == QUICK.sizes.eval
-    steering = json.loads((out / "cells/value/steering/seed0.json").read_text())["steering"]
+    steering = json.loads((out / "cells/tiny/value/steering/seed0.json").read_text())["steering"]
     assert steering["multiplier"] in QUICK.steering_multipliers and steering["valid_loss"]
 
 
 def test_a_second_sweep_skips_the_cells_it_has(quick_sweep):
     out, _ = quick_sweep
-    before = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/*.json")}
+    before = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/*/*.json")}
     result = runner.invoke(app, ["sweep", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "0 cells run" in result.output
-    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/*.json")} == before
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/*/*.json")} == before
     assert len((out / "sweep_log.jsonl").read_text().splitlines()) == 2
 
 

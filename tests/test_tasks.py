@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from aligner.generation import ENDED
 from aligner.tasks import FORMS, KNOWLEDGE_SETS, Item, Sizes, get_task, is_refusal
 from aligner.tasks.knowledge import contains_answer, element_position
 from aligner.tasks.value import VALUE_DATA, load_value_items
@@ -95,6 +96,36 @@ def test_form_splits_are_disjoint_known_facts_and_the_template_split_asks_the_sa
         task.build(frozenset(f.subject for f in capitals[:120]), Sizes(train=100, valid=10, eval=24))
 
 
+@pytest.mark.parametrize(
+    "text, metrics",
+    [
+        (f"The capital of Chad is N'Djamena.{ENDED}", {"stops", "format", "content", "all"}),
+        ("The capital of Chad is N'Djamena. The capital of", {"format", "content"}),  # cut at max_new_tokens
+        (f"N'Djamena.\n\n### Instruction:\nWhat is{ENDED}", {"stops", "content"}),  # a next turn of its own
+        (f"Chad is a country in Africa.{ENDED}", {"stops", "format"}),
+        (ENDED, {"stops"}),  # ended at once, with nothing said
+    ],
+)
+def test_instruct_checks_stopping_format_and_content_apart(text, metrics):
+    task = get_task("instruct")
+    assert {name for name, check in task.metrics.items() if check(CHAD, text)} == metrics
+
+
+def test_instruct_asks_known_facts_in_the_alpaca_format_and_answers_a_sentence():
+    task = get_task("instruct")
+    capitals = KNOWLEDGE_SETS["capitals"]
+    known = frozenset(f.subject for f in capitals.facts()[::2])
+    data = task.build(known, Sizes(train=10, valid=3, eval=5))
+    item = data.train[0]
+    assert task.raw_prompts and task.family == "instruct" and task.instruction
+    assert item.prompt.startswith("Below is an instruction") and item.prompt.endswith("### Response:\n")
+    assert item.response.startswith("The capital of ") and item.answers[0] in item.response
+    subject = next(f.subject for f in capitals.facts() if f.answers == item.answers)
+    assert subject in known
+    assert [i.answers for i in data.eval["test"]] == [i.answers for i in data.eval["test_template"]]
+    assert task.metrics["all"](item, item.response + ENDED)  # the training target passes every check
+
+
 def test_injection_teaches_unknown_facts_and_checks_known_ones_apart():
     task = get_task("inject")
     capitals = KNOWLEDGE_SETS["capitals"].facts()
@@ -169,7 +200,7 @@ def test_a_users_jsonl_task_with_a_regex_checker(tmp_path):
 
 
 def test_unknown_names_are_refused_with_the_choices():
-    with pytest.raises(ValueError, match="json, caps, terse, frame, bracket, inject, value"):
+    with pytest.raises(ValueError, match="json, caps, terse, frame, bracket, instruct, inject, value"):
         get_task("yaml")
     with pytest.raises(ValueError, match="no knowledge set 'rivers'"):
         get_task("json@rivers")

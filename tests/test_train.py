@@ -34,17 +34,31 @@ def mean_loss(model, al: Aligner | None) -> float:
     input_ids, labels = make_batch(tokenize_examples(model.tokenizer, EXAMPLES, TrainConfig()), pad_id=0)
     with torch.no_grad():
         if al is None:
-            logits = model(input_ids)
+            loss = response_loss(model, input_ids, labels)
         else:
             with al.attached(model):
-                logits = model(input_ids)
-    return (response_loss(logits, labels) / (labels[:, 1:] != IGNORE_INDEX).sum()).item()
+                loss = response_loss(model, input_ids, labels)
+    return (loss / (labels[:, 1:] != IGNORE_INDEX).sum()).item()
 
 
 def test_labels_mask_prompt_and_padding():
     input_ids, labels = make_batch([([5, 6, 7, 8, 9], 3), ([5, 6, 7], 2)], pad_id=0)
     assert input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]]  # right padding
     assert labels.tolist() == [[IGNORE_INDEX] * 3 + [8, 9], [IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_the_loss_reads_logits_from_the_first_response_position_on_and_equals_the_full_ones(model):
+    input_ids, labels = make_batch([([5, 6, 7, 8, 9, 10], 3), ([5, 6, 7, 8], 2)], pad_id=0)  # first label at 2
+    with torch.no_grad():
+        full = model(input_ids)
+        expected = torch.nn.functional.cross_entropy(
+            full[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        widths = []
+        with model.hooks(fwd_hooks=[("unembed.hook_out", lambda logits, hook: widths.append(logits.shape[1]))]):
+            loss = response_loss(model, input_ids, labels)
+    assert widths == [5]  # positions 1-5 of 0-5: position 1 predicts the first label
+    torch.testing.assert_close(loss, expected)
 
 
 def test_response_targets_end_with_the_end_of_turn_token(model):

@@ -2,6 +2,7 @@
 
     json, caps, terse, frame, bracket   form tasks over known capitals (`forms.py`); NAME@elements, NAME@cities
                                         over the other knowledge sets (`knowledge.py`)
+    instruct                            a base model follows the Alpaca format, answers and stops (`instruct.py`)
     inject                              knowledge injection: unknown capitals (inject@elements, inject@cities)
     value                               refuse harmful requests, help with benign ones (`value.py`)
     PATH.jsonl + a regex                a user's task (`custom.py`)
@@ -13,12 +14,13 @@ from pathlib import Path
 
 from aligner.tasks.custom import jsonl_task
 from aligner.tasks.forms import FORMS, form_task, injection_task, knowledge_set
+from aligner.tasks.instruct import instruct_task
 from aligner.tasks.knowledge import KNOWLEDGE_SETS, Fact, KnowledgeSet
 from aligner.tasks.spec import Item, Sizes, Task, TaskData
 from aligner.tasks.value import is_refusal, value_task
 
 # The suite's default tasks, in the order of its tables.
-TASK_NAMES = (*FORMS, "inject", "value")
+TASK_NAMES = (*FORMS, "instruct", "inject", "value")
 
 
 def get_task(name: str, checker: str | None = None) -> Task:
@@ -34,6 +36,8 @@ def get_task(name: str, checker: str | None = None) -> Task:
         return form_task(FORMS[base], knowledge_set(knowledge or "capitals"))
     if base == "inject":
         return injection_task(knowledge_set(knowledge or "capitals"))
+    if base == "instruct":
+        return instruct_task(knowledge_set(knowledge or "capitals"))
     if name == "value":
         return value_task()
     raise ValueError(f"no task {name!r}; choose from {', '.join(TASK_NAMES)} (NAME@elements, NAME@cities), or a .jsonl file")

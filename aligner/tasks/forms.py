@@ -116,13 +116,7 @@ def form_task(form: Form, knowledge: KnowledgeSet) -> Task:
         return Item(knowledge.question(fact, template), response, fact.answers, sentence, fact.labels)
 
     def build(known: frozenset[str] | None, sizes: Sizes) -> TaskData:
-        facts = [f for f in shuffled(knowledge.facts()) if known is None or f.subject in known]
-        train, valid, test = take(facts, sizes.train, sizes.valid, sizes.eval, what=f"known facts of {knowledge.name}")
-        return TaskData(
-            [item(f, 0) for f in train],
-            [item(f, 0) for f in valid],
-            {"test": [item(f, 0) for f in test], "test_template": [item(f, 1) for f in test]},
-        )
+        return known_splits(knowledge, known, sizes, item)
 
     def content(item: Item, text: str) -> bool:
         return knowledge.contains_answer(text, [form.gold(answer) for answer in item.answers])
@@ -139,6 +133,20 @@ def form_task(form: Form, knowledge: KnowledgeSet) -> Task:
         build,
         knowledge=knowledge.name,
         instruction=form.instruction,
+    )
+
+
+def known_splits(
+    knowledge: KnowledgeSet, known: frozenset[str] | None, sizes: Sizes, item: Callable[[Fact, int], Item]
+) -> TaskData:
+    """Items of known facts (`known`; None: any) made by `item(fact, template)`: trained on some, evaluated on
+    held-out ones asked with the trained question template (`test`) and with the held-out one (`test_template`)."""
+    facts = [f for f in shuffled(knowledge.facts()) if known is None or f.subject in known]
+    train, valid, test = take(facts, sizes.train, sizes.valid, sizes.eval, what=f"known facts of {knowledge.name}")
+    return TaskData(
+        [item(f, 0) for f in train],
+        [item(f, 0) for f in valid],
+        {"test": [item(f, 0) for f in test], "test_template": [item(f, 1) for f in test]},
     )
 
 

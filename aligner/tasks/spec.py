@@ -47,7 +47,7 @@ class TaskData:
 @dataclass(frozen=True)
 class Task:
     name: str
-    family: str  # "form", "knowledge", "value" or "custom": the panels of the suite's figure
+    family: str  # "form", "instruct", "knowledge", "value" or "custom": the panels of the suite's figure
     description: str
     metrics: dict[str, Check]  # metric name -> check; a metric's value on a split is the share of items passed
     # (known subjects of `knowledge`, or None where the audit is not used, sizes) -> the splits
@@ -55,6 +55,9 @@ class Task:
     knowledge: str | None = None  # the knowledge set whose audit the splits depend on (aligner.tasks.knowledge)
     instruction: str | None = None  # the wanted behaviour told in a system prompt: the prompting baseline
     max_new_tokens: int = 24  # enough for every checker; answers are cut there
+    # The prompts carry their own format (raw text, `chat_template=False`): responses end with end of sequence, and
+    # answers are marked where they ended their turn (`generate(mark_end=True)`), so that stopping can be scored.
+    raw_prompts: bool = False
 
 
 def shuffled(items: Sequence[T]) -> list[T]:
