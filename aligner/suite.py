@@ -221,8 +221,7 @@ def cached_answers(
     cache = read_json(path) if path.is_file() else {}
     missing = sorted({p for p in prompts if p not in cache})
     if missing:
-        raw = dict(chat_template=not raw_prompts, mark_end=raw_prompts)
-        answers = generate(model, missing, max_new_tokens=max_new_tokens, system=system, batch_size=batch_size, **raw)
+        answers = answer(model, None, missing, system, max_new_tokens, batch_size, raw_prompts=raw_prompts)
         cache.update(zip(missing, answers))
         atomic_write_json(path, cache)
     return [cache[p] for p in prompts]
