@@ -33,7 +33,11 @@ shortcut is exact and pinned against the equations in tests/test_performance_cor
   head h reads key/value head h // (H / H_kv) inside the fused kernel (`enable_gqa`), with no expanded copy.
 - A itself is formed only when a hook reads or patches `hook_pattern`. Otherwise all heads' prefix attention
   is one fused `scaled_dot_product_attention` call, and with N = 1 there is none: a softmax over one slot is 1,
-  so every query receives g V_p (which is also why `Aligner.merge_into` can fold it into a bias).
+  so every query receives g V_p (which is also why `Aligner.merge_into` can fold it into a bias). With N = 1 the
+  queries are not read at all (the layer's `hook_rot_q` is not hooked), and K_p is computed only for a hook on
+  `hook_k`. With N > 1 the B rows' queries enter the fused call as one sequence of B * T against one K_p, V_p
+  (nothing but the prefix is attended to, so nothing tells the rows apart), rather than K_p, V_p broadcast to B
+  rows, which the backward would have to sum back.
 - A bank of aligners (aligner/bank.py) gives each row b of the batch its own P and g: the same equations
   with a leading batch axis on P, K_p, V_p and g.
 """
@@ -74,44 +78,56 @@ class AlignerLayer(nn.Module):
 
     def prefix(
         self,
-        tokens: torch.Tensor,  # (N, d_model), or (B, N, d_model) in a bank
+        tokens: torch.Tensor,  # (N, d_model), or (B, N, d_model) in a bank, in the projections' dtype
         k_proj: nn.Linear,  # the layer's key projection, weight (H_kv * d_head, d_model)
         v_proj: nn.Linear,  # the layer's value projection
         d_head: int,
         key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,  # the layer's, on (..., H_kv, d_head)
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K_p and V_p, each (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank."""
-        tokens = tokens.to(k_proj.weight.dtype)  # a no-op in a forward, which casts them once for all layers
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """K_p and V_p, each (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank. With one slot K_p changes
+        nothing (a softmax over one slot is 1), so it is computed only when a hook reads `hook_k`; else None."""
         # Called as modules, so that a model dispatched by accelerate (device_map, offloaded layers) brings the
         # weights in and the tokens to them, as for the layer's own keys.
+        v = self.hook_v(v_proj(tokens).unflatten(-1, (-1, d_head)))
+        if tokens.shape[-2] == 1 and not self.hook_k.has_hooks():
+            return None, v
         k = k_proj(tokens).unflatten(-1, (-1, d_head))
-        v = v_proj(tokens).unflatten(-1, (-1, d_head))
         if key_norm is not None:  # as the layer normalises its own keys (before their rotary, which K_p has none of)
             k = key_norm(k)
-        return self.hook_k(k), self.hook_v(v)
+        return self.hook_k(k), v
 
     def forward(
         self,
-        q: torch.Tensor,  # (B, T, H, d_head) rotary queries
-        k: torch.Tensor,  # (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank
+        z: torch.Tensor,  # (B, T, H, d_head) the layer's attention output per head, before its output projection
+        q: torch.Tensor | None,  # (B, T, H, d_head) rotary queries; None with one slot, which does not read them
+        k: torch.Tensor | None,  # (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank; None with one slot
         v: torch.Tensor,  # (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank
-        gate: torch.Tensor,  # (H,), or (B, H) in a bank, in q's dtype
+        gate: torch.Tensor,  # (H,), or (B, H) in a bank, in z's dtype
         scale: float | None = None,  # the layer's attention scale; None: the paper's 1/sqrt(d_head)
     ) -> torch.Tensor:
-        """The gated prefix attention of every query, (B, T, H, d_head): what this layer adds to its z."""
-        B, T, H, d_head = q.shape
-        gate = self.hook_gate(gate)[..., None, :, None]  # broadcasts over (B, T, H, d_head)
+        """z plus the gated prefix attention of every query, (B, T, H, d_head)."""
+        B, T, H, d_head = z.shape
+        n_slots, n_kv_heads = v.shape[-3:-1]
+        gate = self.hook_gate(gate)
         if self.hook_pattern.has_hooks():  # a hook reads or patches A: form it, as the equations say
-            k, v = (query_heads(x, H).transpose(-3, -2) for x in (k, v))  # (..., H, N, d_head)
-            scores = q.transpose(1, 2) @ k.transpose(-1, -2)  # (B, H, T, N)
-            scores = scores / math.sqrt(d_head) if scale is None else scores * scale
-            pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(q.dtype))
-            out = (pattern @ v).transpose(1, 2) * gate
-        elif k.shape[-3] == 1:  # one slot: the softmax is 1 for every query, so g A V_p = g V_p, the same for all
-            out = (query_heads(v, H) * gate).expand(B, T, H, d_head)  # a bank's (B, 1, H, d_head) too
+            k, v = (None if x is None else query_heads(x, H).transpose(-3, -2) for x in (k, v))  # (..., H, N, d_head)
+            if n_slots == 1:  # the softmax over one slot is 1 whatever the score: q and K_p are not read
+                scores = z.new_zeros(B, H, T, 1)
+            else:
+                scores = q.transpose(1, 2) @ k.transpose(-1, -2)  # (B, H, T, N)
+                scores = scores / math.sqrt(d_head) if scale is None else scores * scale
+            pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(z.dtype))
+            out = (pattern @ v).transpose(1, 2) * gate[..., None, :, None]
+        elif n_slots == 1:  # A = 1 for every query, so g A V_p = g V_p, the same at every position
+            # Query head h = (kv head, j): its gate scales its key/value head's V_p, with no expanded copy of V_p.
+            gate = gate.unflatten(-1, (n_kv_heads, H // n_kv_heads))[..., None, :, :, None]  # (..., 1, H_kv, group, 1)
+            out = (v.unsqueeze(-2) * gate).flatten(-3, -2).expand(B, T, H, d_head)  # a bank's (B, 1, H, d_head) too
         else:  # the same attention, all heads in one fused kernel; A is never formed
-            # Each row's prefix as (B, H_kv, N, d_head); an aligner's single prefix is broadcast to every row, not copied.
-            k, v = (torch.broadcast_to(x.transpose(-3, -2), (B, x.shape[-2], x.shape[-3], d_head)) for x in (k, v))
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, enable_gqa=True).transpose(1, 2)
-            out = out * gate
-        return self.hook_z(out)  # (B, T, H, d_head)
+            if k.dim() == 3:  # one prefix for every row (not a bank): no mask and no position tie a query to its
+                # row, so the B rows' queries are one sequence of B * T, against one copy of K_p and V_p
+                q, k, v = q.reshape(1, B * T, H, d_head), k.unsqueeze(0), v.unsqueeze(0)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=True
+            )
+            out = out.transpose(1, 2).reshape(B, T, H, d_head) * gate[..., None, :, None]
+        return z + self.hook_z(out)

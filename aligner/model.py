@@ -56,7 +56,8 @@ class AlignerHooks(nn.Module):
     """How an aligner, or a bank of aligners (aligner/bank.py), is hooked into a TransformerBridge.
 
     Each adapted layer gets an `AlignerLayer` whose hook points join the model's; the layer's rotary queries are
-    read at `blocks.{l}.attn.hook_rot_q` and its prefix attention is added at `blocks.{l}.attn.hook_z`. A
+    read at `blocks.{l}.attn.hook_rot_q` (with N > 1: one slot reads none) and its prefix attention is added at
+    `blocks.{l}.attn.hook_z`. A
     subclass holds the tokens and gates and says which of them a forward reads (`_tokens_and_gates`).
     """
 
@@ -78,8 +79,9 @@ class AlignerHooks(nn.Module):
         self._hook_names: list[str] = []
         self._attention: list[AttentionParts] = []  # what each adapted layer's prefix attention reads of its own
         self._queries: dict[int, torch.Tensor] = {}  # rotary queries of the current forward, by adapted layer
-        self._tokens_this_forward: torch.Tensor | None = None
-        self._gates_this_forward: torch.Tensor | None = None
+        # This forward's tokens (the shared prefix, or one per adapted layer) and each adapted layer's gates.
+        self._tokens_this_forward: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+        self._gates_this_forward: tuple[torch.Tensor, ...] = ()
         self._keep_prefix = False  # inside fixed_prefix()
         self._prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # K_p, V_p kept by fixed_prefix(), by adapted layer
 
@@ -119,8 +121,9 @@ class AlignerHooks(nn.Module):
                     self._register_hook_point(f"blocks.{layer_index}.aligner.{name}", getattr(self.layers[i], name))
                 attn = block.attn
                 self._attention.append(attention_parts(attn, model.cfg.d_head, f"blocks.{layer_index}.attn"))
-                queries = attn.hook_rot_q if hasattr(attn, "hook_rot_q") else attn.hook_q
-                self._add_hook(queries, partial(self._keep_queries, i))
+                if self.config.n_tokens > 1:  # a softmax over one slot is 1: it reads no queries
+                    queries = attn.hook_rot_q if hasattr(attn, "hook_rot_q") else attn.hook_q
+                    self._add_hook(queries, partial(self._keep_queries, i))
                 self._add_hook(attn.hook_z, partial(self._add_prefix_attention, i))
         except BaseException:
             self.detach()
@@ -145,7 +148,7 @@ class AlignerHooks(nn.Module):
         object.__setattr__(self, "_model", None)
         self._queries.clear()
         self._prefix.clear()
-        self._tokens_this_forward = self._gates_this_forward = None
+        self._tokens_this_forward, self._gates_this_forward = None, ()
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module) -> Iterator["AlignerHooks"]:
@@ -182,27 +185,30 @@ class AlignerHooks(nn.Module):
         self._hook_names.append(name)
 
     def _keep_queries(self, i: int, q: torch.Tensor, hook: HookPoint) -> None:
-        # The first adapted layer runs first: tokens and gates are read there, once per forward.
-        if i == 0 and not (self._keep_prefix and self._prefix):
-            tokens, gates = self._tokens_and_gates(q.shape[0])
-            # Cast once for all layers: the tokens to the projections' dtype, the gates to the queries'.
-            self._tokens_this_forward = tokens.to(self._attention[0].k_proj.weight.dtype)
-            self._gates_this_forward = gates.to(q.dtype)
         self._queries[i] = q
 
     def _add_prefix_attention(self, i: int, z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        q = self._queries.pop(i)
+        # The first adapted layer runs first: tokens and gates are read there, once per forward, and cast once
+        # for all layers (the tokens to the projections' dtype, the gates to z's); each layer takes its share of
+        # the gates from one unbind, which autograd undoes with one stack rather than a scatter per layer.
+        if i == 0 and not (self._keep_prefix and self._prefix):
+            tokens, gates = self._tokens_and_gates(z.shape[0])
+            tokens = tokens.to(self._attention[0].k_proj.weight.dtype)
+            self._tokens_this_forward = tokens if self.config.shared else tokens.unbind(0)
+            self._gates_this_forward = gates.to(z.dtype).unbind(0)
         parts = self._attention[i]
         k_v = self._prefix.get(i)
         if k_v is None:
             tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
-            # On the layer's device, which a model split over devices (device_map) may make another than the first's.
-            k_v = self.layers[i].prefix(
-                tokens.to(q.device), parts.k_proj, parts.v_proj, d_head=q.shape[3], key_norm=parts.key_norm
-            )
+            if tokens.device != z.device:  # a model split over devices (device_map): this layer's
+                tokens = tokens.to(z.device)
+            k_v = self.layers[i].prefix(tokens, parts.k_proj, parts.v_proj, d_head=z.shape[3], key_norm=parts.key_norm)
             if self._keep_prefix and not torch.is_grad_enabled():  # a graph is used once: never kept
                 self._prefix[i] = k_v
-        return z + self.layers[i](q, *k_v, self._gates_this_forward[i].to(q.device), scale=parts.scale)
+        gate = self._gates_this_forward[i]
+        if gate.device != z.device:
+            gate = gate.to(z.device)
+        return self.layers[i](z, self._queries.pop(i, None), *k_v, gate, scale=parts.scale)
 
 
 class Aligner(AlignerHooks):
@@ -282,7 +288,7 @@ class Aligner(AlignerHooks):
                 )
         for i, (o_proj, parts) in enumerate(layers):
             tokens = self.tokens if self.config.shared else self.tokens[i]
-            _, v = self.layers[i].prefix(tokens, parts.k_proj, parts.v_proj, model.cfg.d_head)
+            _, v = self.layers[i].prefix(tokens.to(parts.v_proj.weight.dtype), parts.k_proj, parts.v_proj, model.cfg.d_head)
             gated = (query_heads(v[0], self.shape.n_heads).float() * self.gates[i, :, None]).flatten()  # g V_p, (H * d_head): what z gains
             shift = F.linear(gated, o_proj.weight.float())  # W_O (g V_p), in float32 before the one rounding
             self._merged.append((o_proj, o_proj.bias))

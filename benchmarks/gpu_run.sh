@@ -37,7 +37,8 @@ step() {  # step NAME SECONDS MODULE ARGS...: one benchmark, its table printed a
 step throughput-llama2-7b 200 benchmarks.throughput --shape "$BIG" --rounds 3 --iters 2
 step throughput-smollm2 180 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 3
 step bank-smollm2 300 benchmarks.bank --shape "$SMALL" --rounds 2 $BANK
-step profile-smollm2 90 benchmarks.profile_aligner --shape "$SMALL" --batch 8 --seq 512 --n-tokens 10
+# PROFILE_N=1 profiles one token instead of ten.
+step profile-smollm2 90 benchmarks.profile_aligner --shape "$SMALL" --batch 8 --seq 512 --n-tokens "${PROFILE_N:-10}"
 step probe-smollm2 60 benchmarks.probe --shape "$SMALL"
 step probe-llama2-7b 90 benchmarks.probe --shape "$BIG" --rounds 3 --iters 2
 echo "total $SECONDS s"

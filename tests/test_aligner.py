@@ -48,13 +48,14 @@ def randomise_gates(al: Aligner) -> None:
         al.gates.normal_()
 
 
+@pytest.mark.parametrize("n_tokens", [1, 3])  # one slot takes its own path (layer.py)
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("attention_bias", [False, True])
-def test_aligned_forward_equals_explicit_implementation(shared, attention_bias):
+def test_aligned_forward_equals_explicit_implementation(n_tokens, shared, attention_bias):
     hf = tiny_llama(attention_bias)
     reference = copy.deepcopy(hf)  # the bridge rewires its module in place
     model = aligner.from_hf(hf, None)
-    al = Aligner.for_model(model, AlignerConfig(n_tokens=3, start_layer=1, shared=shared))
+    al = Aligner.for_model(model, AlignerConfig(n_tokens=n_tokens, start_layer=1, shared=shared))
     randomise_gates(al)
     ids = torch.randint(0, 101, (2, 7))
     with al.attached(model), torch.no_grad():
@@ -85,6 +86,21 @@ def test_run_with_cache_returns_aligner_hook_points_with_documented_shapes(tiny)
     assert "blocks.1.aligner.hook_z" not in cache  # layers below start_layer are not adapted
     torch.testing.assert_close(cache["aligner.hook_tokens"], al.tokens.detach())
     torch.testing.assert_close(cache["blocks.3.aligner.hook_gate"], al.gates[1].detach())
+
+
+def test_one_token_reads_no_queries_yet_its_cache_is_complete(tiny):
+    """With one slot the aligner hooks only attn.hook_z (a softmax over one slot is 1, so no query is read and
+    K_p changes nothing); run_with_cache still returns every hook point, K_p and a pattern of ones included."""
+    al = Aligner.for_model(tiny, AlignerConfig(n_tokens=1, start_layer=2))
+    ids = torch.randint(0, 1000, (2, 7))
+    with al.attached(tiny):
+        assert not tiny.blocks[2].attn.hook_rot_q.has_hooks() and tiny.blocks[2].attn.hook_z.has_hooks()
+        _, cache = tiny.run_with_cache(ids)
+    for template, shape in HOOK_SHAPES.items():
+        assert tuple(cache[template.format(l=3)].shape) == tuple(1 if d == 3 else d for d in shape), template
+    assert torch.equal(cache["blocks.3.aligner.hook_pattern"], torch.ones(2, 4, 7, 1))
+    k_proj = tiny.blocks[3].attn.k.original_component
+    torch.testing.assert_close(cache["blocks.3.aligner.hook_k"], k_proj(al.tokens.detach()).unflatten(-1, (2, 16)))
 
 
 def test_unshared_tokens_have_one_prefix_per_layer(tiny):
