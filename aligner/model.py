@@ -57,8 +57,8 @@ class AlignerHooks(nn.Module):
 
     Each adapted layer gets an `AlignerLayer` whose hook points join the model's; the layer's rotary queries are
     read at `blocks.{l}.attn.hook_rot_q` (with N > 1: one slot reads none) and its prefix attention is added at
-    `blocks.{l}.attn.hook_z`. A
-    subclass holds the tokens and gates and says which of them a forward reads (`_tokens_and_gates`).
+    `blocks.{l}.attn.hook_z`. A subclass holds the tokens and gates and says which of them a forward reads
+    (`_tokens_and_gates`).
     """
 
     def __init__(self, config: AlignerConfig, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
@@ -83,7 +83,7 @@ class AlignerHooks(nn.Module):
         self._tokens_this_forward: torch.Tensor | tuple[torch.Tensor, ...] | None = None
         self._gates_this_forward: tuple[torch.Tensor, ...] = ()
         self._keep_prefix = False  # inside fixed_prefix()
-        self._prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # K_p, V_p kept by fixed_prefix(), by adapted layer
+        self._prefix: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # K_p (None: one slot), V_p kept by fixed_prefix()
 
     @property
     def layer_indices(self) -> range:
