@@ -29,6 +29,12 @@ shortcut is exact and pinned against the equations in tests/test_performance_cor
 - K_p and V_p do not depend on the input: `prefix` runs once per forward, or once per generation
   (`Aligner.fixed_prefix`), never once per new token. The tokens and gates are cast to the model's dtype once
   per forward, not once per layer.
+- On a small model the host's time per operator, not the GPU, sets the pace, so the shared tokens are projected
+  through every adapted layer's W_K and W_V in one product (`project_stacked`, their weights stacked: a copy
+  per forward of at most `aligner.model.STACKED_PREFIX_BYTES`) instead of two per layer; its backward is one
+  product too, not a product per layer and a sum over the layers. The same sums, up to their order in floating
+  point. A larger model, one split over devices or sharded among processes, or per-layer tokens project layer
+  by layer (`project`).
 - Grouped-query attention: K_p and V_p keep the layer's key/value heads (as its own `attn.hook_k` does); query
   head h reads key/value head h // (H / H_kv) inside the fused kernel (`enable_gqa`), with no expanded copy.
 - A itself is formed only when a hook reads or patches `hook_pattern`. Otherwise all heads' prefix attention
@@ -60,6 +66,22 @@ def query_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.unsqueeze(-2).expand(*x.shape[:-1], group, x.shape[-1]).flatten(-3, -2)
 
 
+def project(tokens: torch.Tensor, projection: nn.Linear, d_head: int) -> torch.Tensor:
+    """P W + b for one layer's projection, (..., N, d_model) -> (..., N, H_kv, d_head). Called as a module, so
+    that a model dispatched by accelerate (device_map, offloaded layers) brings the weights in and the tokens to
+    them, as for the layer's own keys."""
+    return projection(tokens).unflatten(-1, (-1, d_head))
+
+
+def project_stacked(tokens: torch.Tensor, projections: list[nn.Linear], d_head: int) -> tuple[torch.Tensor, ...]:
+    """`project` for many projections of one width (every adapted layer's), as one product against their weights
+    stacked: the same sums (up to their order in floating point) in one operator instead of one or more each."""
+    weight = torch.cat([projection.weight for projection in projections])
+    bias = None if projections[0].bias is None else torch.cat([projection.bias for projection in projections])
+    # (..., N, n_projections * H_kv * d_head) -> n_projections tensors (..., N, H_kv, d_head), views of one
+    return F.linear(tokens, weight, bias).unflatten(-1, (len(projections), -1, d_head)).movedim(-3, 0).unbind(0)
+
+
 class AlignerLayer(nn.Module):
     """One adapted layer's prefix attention and its hook points.
 
@@ -76,22 +98,21 @@ class AlignerLayer(nn.Module):
         self.hook_gate = HookPoint()  # (H,) this layer's gates
         self.hook_z = HookPoint()  # (B, T, H, d_head) the gated contribution added to attn.hook_z
 
+    def reads_keys(self, n_slots: int) -> bool:
+        """Whether K_p is needed: with one slot it changes nothing (a softmax over one slot is 1), so it is
+        computed only for a hook on `hook_k`."""
+        return n_slots > 1 or self.hook_k.has_hooks()
+
     def prefix(
         self,
-        tokens: torch.Tensor,  # (N, d_model), or (B, N, d_model) in a bank, in the projections' dtype
-        k_proj: nn.Linear,  # the layer's key projection, weight (H_kv * d_head, d_model)
-        v_proj: nn.Linear,  # the layer's value projection
-        d_head: int,
+        k: torch.Tensor | None,  # P W_K + b_K (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank; None: not read
+        v: torch.Tensor,  # P W_V + b_V, the same shape
         key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,  # the layer's, on (..., H_kv, d_head)
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """K_p and V_p, each (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank. With one slot K_p changes
-        nothing (a softmax over one slot is 1), so it is computed only when a hook reads `hook_k`; else None."""
-        # Called as modules, so that a model dispatched by accelerate (device_map, offloaded layers) brings the
-        # weights in and the tokens to them, as for the layer's own keys.
-        v = self.hook_v(v_proj(tokens).unflatten(-1, (-1, d_head)))
-        if tokens.shape[-2] == 1 and not self.hook_k.has_hooks():
+        """K_p and V_p from the projected tokens (`project`, or `project_stacked` for every layer at once)."""
+        v = self.hook_v(v)
+        if k is None:
             return None, v
-        k = k_proj(tokens).unflatten(-1, (-1, d_head))
         if key_norm is not None:  # as the layer normalises its own keys (before their rotary, which K_p has none of)
             k = key_norm(k)
         return self.hook_k(k), v

@@ -31,7 +31,7 @@ from transformer_lens.hook_points import HookPoint, LensHandle
 
 from aligner.config import AlignerConfig, ModelShape, check_fields
 from aligner.files import atomic_write_files, json_bytes, provenance, read_json
-from aligner.layer import AlignerLayer, query_heads
+from aligner.layer import AlignerLayer, project, project_stacked, query_heads
 
 FORMAT = "aligner-workbench/aligner/1"
 TENSORS_FILE = "aligner.safetensors"
@@ -50,6 +50,10 @@ FILE_FIELDS = {
 BASE_MODEL_FIELDS = {"name": "str | None", "fingerprint": "str | None", "architecture": "str | None"}
 # Tensor dtypes accepted in a file; each converts to the aligner's float32 exactly.
 FILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The most that a forward copies of the adapted layers' key/value weights to project every layer's prefix in one
+# product (layer.py's `project_stacked`). Below it are the small models, where the host's time per operator
+# sets the pace; above it each layer projects its own, as the GPU, not the host, bounds a large model.
+STACKED_PREFIX_BYTES = 64 * 2**20
 
 
 class AlignerHooks(nn.Module):
@@ -79,6 +83,9 @@ class AlignerHooks(nn.Module):
         self._hook_names: list[str] = []
         self._attention: list[AttentionParts] = []  # what each adapted layer's prefix attention reads of its own
         self._queries: dict[int, torch.Tensor] = {}  # rotary queries of the current forward, by adapted layer
+        self._stacked = False  # whether a forward projects every layer's prefix in one product (`stacks`)
+        # P W_K + b_K and P W_V + b_V by layer, projected together at the first adapted layer; kept to the next forward
+        self._projected: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         # This forward's tokens (the shared prefix, or one per adapted layer) and each adapted layer's gates.
         self._tokens_this_forward: torch.Tensor | tuple[torch.Tensor, ...] | None = None
         self._gates_this_forward: tuple[torch.Tensor, ...] = ()
@@ -125,6 +132,8 @@ class AlignerHooks(nn.Module):
                     queries = attn.hook_rot_q if hasattr(attn, "hook_rot_q") else attn.hook_q
                     self._add_hook(queries, partial(self._keep_queries, i))
                 self._add_hook(attn.hook_z, partial(self._add_prefix_attention, i))
+            projections = [p for parts in self._attention for p in (parts.k_proj, parts.v_proj)]
+            self._stacked = self.config.shared and stacks(projections)
         except BaseException:
             self.detach()
             raise
@@ -147,6 +156,8 @@ class AlignerHooks(nn.Module):
         self._handles, self._hook_names, self._attention = [], [], []
         object.__setattr__(self, "_model", None)
         self._queries.clear()
+        self._projected.clear()
+        self._stacked = False
         self._prefix.clear()
         self._tokens_this_forward, self._gates_this_forward = None, ()
 
@@ -196,19 +207,43 @@ class AlignerHooks(nn.Module):
             tokens = tokens.to(self._attention[0].k_proj.weight.dtype)
             self._tokens_this_forward = tokens if self.config.shared else tokens.unbind(0)
             self._gates_this_forward = gates.to(z.dtype).unbind(0)
+            self._projected = self._project_all_layers(tokens, d_head=z.shape[3]) if self._stacked else {}
         parts = self._attention[i]
         k_v = self._prefix.get(i)
         if k_v is None:
-            tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
-            if tokens.device != z.device:  # a model split over devices (device_map): this layer's
-                tokens = tokens.to(z.device)
-            k_v = self.layers[i].prefix(tokens, parts.k_proj, parts.v_proj, d_head=z.shape[3], key_norm=parts.key_norm)
+            layer = self.layers[i]
+            k_v = self._projected.get(i)  # kept, not popped: a layer that gradient checkpointing recomputes reads it
+            if k_v is None:
+                tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
+                if tokens.device != z.device:  # a model split over devices (device_map): this layer's
+                    tokens = tokens.to(z.device)
+                k = project(tokens, parts.k_proj, z.shape[3]) if layer.reads_keys(self.config.n_tokens) else None
+                k_v = k, project(tokens, parts.v_proj, z.shape[3])
+            k_v = layer.prefix(*k_v, key_norm=parts.key_norm)
             if self._keep_prefix and not torch.is_grad_enabled():  # a graph is used once: never kept
                 self._prefix[i] = k_v
         gate = self._gates_this_forward[i]
         if gate.device != z.device:
             gate = gate.to(z.device)
         return self.layers[i](z, self._queries.pop(i, None), *k_v, gate, scale=parts.scale)
+
+    def _project_all_layers(
+        self, tokens: torch.Tensor, d_head: int
+    ) -> dict[int, tuple[torch.Tensor | None, torch.Tensor]]:
+        """Every adapted layer's P W_K + b_K (where read) and P W_V + b_V, by layer, in one product. None where a
+        weight is not a plain tensor on the tokens' device: each layer then projects its own, as its module brings
+        its weight in (sharded among processes by FSDP and gathered one block at a time, a tensor subclass such as
+        a quantised one, offloaded to the meta device, or on another device by device_map)."""
+        reads_keys = [layer.reads_keys(self.config.n_tokens) for layer in self.layers]
+        projections = [
+            p
+            for parts, keys in zip(self._attention, reads_keys)
+            for p in ((parts.k_proj, parts.v_proj) if keys else (parts.v_proj,))
+        ]
+        if any(type(p.weight) is not nn.Parameter or p.weight.device != tokens.device for p in projections):
+            return {}
+        projected = iter(project_stacked(tokens, projections, d_head))
+        return {i: (next(projected) if keys else None, next(projected)) for i, keys in enumerate(reads_keys)}
 
 
 class Aligner(AlignerHooks):
@@ -288,7 +323,8 @@ class Aligner(AlignerHooks):
                 )
         for i, (o_proj, parts) in enumerate(layers):
             tokens = self.tokens if self.config.shared else self.tokens[i]
-            _, v = self.layers[i].prefix(tokens.to(parts.v_proj.weight.dtype), parts.k_proj, parts.v_proj, model.cfg.d_head)
+            values = project(tokens.to(parts.v_proj.weight.dtype), parts.v_proj, model.cfg.d_head)
+            _, v = self.layers[i].prefix(None, values)
             gated = (query_heads(v[0], self.shape.n_heads).float() * self.gates[i, :, None]).flatten()  # g V_p, (H * d_head): what z gains
             shift = F.linear(gated, o_proj.weight.float())  # W_O (g V_p), in float32 before the one rounding
             self._merged.append((o_proj, o_proj.bias))
@@ -445,6 +481,22 @@ def check_fits(aligner: AlignerHooks, model: nn.Module) -> None:
             f"aligner for {aligner.base_model.get('name')!r} does not fit model {model.cfg.model_name!r}: "
             + "; ".join(mismatches)
         )
+
+
+def stacks(projections: list[nn.Linear]) -> bool:
+    """Whether a forward projects the prefix through all of `projections` in one product: plain nn.Linear (not a
+    quantised or adapted subclass, whose own forward must run) of one shape, dtype and bias presence, whose
+    weights together fit in `STACKED_PREFIX_BYTES`."""
+    first = projections[0]
+    return (
+        all(
+            type(p) is nn.Linear
+            and (p.weight.shape, p.weight.dtype, p.bias is None)
+            == (first.weight.shape, first.weight.dtype, first.bias is None)
+            for p in projections
+        )
+        and len(projections) * first.weight.numel() * first.weight.element_size() <= STACKED_PREFIX_BYTES
+    )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 # The whole GPU run of benchmarks/RESULTS.md in one command (339 s on an H200): every benchmark on random
 # weights of SmolLM2-135M's and LLaMA-2-7B's shapes (bf16, batch 8 x 512). On the device machine, after
 # benchmarks/gpu_wheels.sh here: run `bash benchmarks/gpu_run.sh` with carry [".whl"]. Each table goes to
-# $OUT/NAME.txt and every error message to $OUT/errors.log: seven files, within the eight a call brings back.
+# $OUT/NAME.txt and every error message to $OUT/errors.log: eight files, as many as a call brings back.
 # ONLY="throughput-smollm2 bank-smollm2" runs a subset. A dry run on this machine's CPU, in a few minutes:
 #   SKIP_INSTALL=1 DEVICE=cpu BIG=tiny SMALL=tiny SIZES="--batch 2 --seq 16 --rounds 1 --iters 1" \
 #   BANK="--bank 8 --prompts 4 --gen-batch 2 --new-tokens 2" OUT=/tmp/gpu_run bash benchmarks/gpu_run.sh
@@ -36,6 +36,8 @@ step() {  # step NAME SECONDS MODULE ARGS...: one benchmark, its table printed a
 # Most wanted first: if the call's time runs out, what ran is already in $OUT.
 step throughput-llama2-7b 200 benchmarks.throughput --shape "$BIG" --rounds 3 --iters 2
 step throughput-smollm2 180 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 3
+# One product for every layer's prefix against each layer's own projections (layer.py's project_stacked).
+step stacked-smollm2 120 benchmarks.stacked_prefix --shape "$SMALL" --rounds 10 --iters 3
 step bank-smollm2 300 benchmarks.bank --shape "$SMALL" --rounds 2 $BANK
 # PROFILE_N=1 profiles one token instead of ten.
 step profile-smollm2 90 benchmarks.profile_aligner --shape "$SMALL" --batch 8 --seq 512 --n-tokens "${PROFILE_N:-10}"

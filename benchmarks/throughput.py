@@ -117,11 +117,26 @@ def main() -> None:
         finally:
             al.unmerge()
 
+    @contextlib.contextmanager
+    def prefix_kept(al):
+        with al.attached(bridge), al.fixed_prefix():
+            yield
+
     forward = [
         Variant("raw HF", no_grad(hf_logits(hf)), tokens=n),
         Variant("bridge", no_grad(bridge_logits), tokens=n),
         *(
             Variant(f"bridge + aligner N={k}, attached", no_grad(bridge_logits), lambda al=al: al.attached(bridge), n)
+            for k, al in aligners.items()
+        ),
+        # Serving many batches: K_p, V_p computed at a round's first forward and kept for its others.
+        *(
+            Variant(
+                f"bridge + aligner N={k}, attached, prefix kept (fixed_prefix)",
+                no_grad(bridge_logits),
+                lambda al=al: prefix_kept(al),
+                n,
+            )
             for k, al in aligners.items()
         ),
         *(

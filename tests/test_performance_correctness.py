@@ -45,6 +45,50 @@ def test_fused_attention_equals_the_formed_pattern_forward_and_backward(tiny, n_
     assert fast[2].abs().sum() > 0
 
 
+@pytest.mark.parametrize("n_tokens", [1, 3])
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_one_product_for_every_layer_equals_each_layer_projecting_its_own(monkeypatch, n_tokens, attention_bias):
+    """The prefix of every adapted layer projected in one product against the stacked key/value weights (a small
+    model) gives what each layer's own projection gives (a model over STACKED_PREFIX_BYTES), forward and
+    backward; the stacked forward calls no projection module. With one slot a hook on one layer's hook_k makes
+    that layer's K_p, and only that one, join the product."""
+    model = aligner.tiny_model(attention_bias=attention_bias).requires_grad_(False)
+    if attention_bias:  # HF initialises biases at zero; make them matter
+        with torch.no_grad():
+            for name, p in model.original_model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_()
+    al = random_aligner(model, n_tokens=n_tokens, start_layer=1)
+    ids = torch.randint(0, 1000, (2, 7))
+    keys = []
+    read_keys = [("blocks.2.aligner.hook_k", lambda k, hook: keys.append(k.detach()))]
+    calls = []
+    projections = [model.blocks[layer].attn.v.original_component for layer in al.layer_indices]
+    # The model's own values come from (B, T, d_model) inputs; the aligner's tokens are (N, d_model).
+    handles = [p.register_forward_hook(lambda m, args, out: calls.append(args[0].dim() == 2)) for p in projections]
+
+    def run():
+        al.zero_grad()
+        calls.clear()
+        with al.attached(model), model.hooks(fwd_hooks=read_keys):
+            stacked = al._stacked
+            logits = model(ids)
+        logits.logsumexp(-1).mean().backward()
+        return stacked, sum(calls), logits.detach(), al.tokens.grad.clone(), al.gates.grad.clone()
+
+    stacked, called, *one_product = run()
+    assert stacked and called == 0
+    monkeypatch.setattr(aligner.model, "STACKED_PREFIX_BYTES", 0)
+    stacked, called, *per_layer = run()
+    assert not stacked and called == len(projections)
+    for handle in handles:
+        handle.remove()
+    for got, want in zip(one_product, per_layer):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(keys) == 2
+    torch.testing.assert_close(keys[0], keys[1], atol=1e-6, rtol=1e-6)
+
+
 def test_fixed_prefix_computes_keys_once_and_changes_nothing(tiny):
     al = random_aligner(tiny, n_tokens=3, start_layer=1)
     first, second = torch.randint(0, 1000, (2, 6)), torch.randint(0, 1000, (2, 4))
