@@ -230,7 +230,7 @@ class AlignerHooks(nn.Module):
     def _project_all_layers(
         self, tokens: torch.Tensor, d_head: int
     ) -> dict[int, tuple[torch.Tensor | None, torch.Tensor]]:
-        """Every adapted layer's P W_K + b_K (where read) and P W_V + b_V, by layer, in one product. None where a
+        """Every adapted layer's P W_K + b_K (where read) and P W_V + b_V, by layer, in one product. Empty where a
         weight is not a plain tensor on the tokens' device: each layer then projects its own, as its module brings
         its weight in (sharded among processes by FSDP and gathered one block at a time, a tensor subclass such as
         a quantised one, offloaded to the meta device, or on another device by device_map)."""
