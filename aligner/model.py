@@ -483,6 +483,11 @@ def check_fits(aligner: AlignerHooks, model: nn.Module) -> None:
         )
 
 
+def stacked_bytes(projections: list[nn.Linear]) -> int:
+    """The bytes that stacking the weights of `projections` copies at each forward."""
+    return sum(p.weight.numel() * p.weight.element_size() for p in projections)
+
+
 def stacks(projections: list[nn.Linear]) -> bool:
     """Whether a forward projects the prefix through all of `projections` in one product: plain nn.Linear (not a
     quantised or adapted subclass, whose own forward must run) of one shape, dtype and bias presence, whose
@@ -495,7 +500,7 @@ def stacks(projections: list[nn.Linear]) -> bool:
             == (first.weight.shape, first.weight.dtype, first.bias is None)
             for p in projections
         )
-        and len(projections) * first.weight.numel() * first.weight.element_size() <= STACKED_PREFIX_BYTES
+        and stacked_bytes(projections) <= STACKED_PREFIX_BYTES
     )
 
 

@@ -18,6 +18,7 @@ import math
 import torch
 
 import aligner.model
+from aligner.model import projection
 from benchmarks.common import (
     Variant,
     arguments,
@@ -70,12 +71,16 @@ def main() -> None:
     print(header(args))
     al = next(iter(aligners.values()))
     with al.attached(bridge):
-        projections = [p for parts in al._attention for p in (parts.k_proj, parts.v_proj)]
         default = al._stacked
-    stacked_bytes = sum(p.weight.numel() * p.weight.element_size() for p in projections)
+    projections = [
+        projection(component)
+        for layer in al.layer_indices
+        for component in (bridge.blocks[layer].attn.k, bridge.blocks[layer].attn.v)
+    ]
     print(
-        f"stacked key/value weights of the {len(al.layers)} adapted layers: {stacked_bytes / 2**20:.1f} MiB, "
-        f"copied once per forward; the default ({aligner.model.STACKED_PREFIX_BYTES / 2**20:.0f} MiB at most) "
+        f"stacked key/value weights of the {len(al.layers)} adapted layers: "
+        f"{aligner.model.stacked_bytes(projections) / 2**20:.1f} MiB, copied once per forward; the default "
+        f"({aligner.model.STACKED_PREFIX_BYTES / 2**20:.0f} MiB at most) "
         f"{'stacks them' if default else 'projects layer by layer'}"
     )
     runs = (
