@@ -44,6 +44,8 @@ shortcut is exact and pinned against the equations in tests/test_performance_cor
   `hook_k`. With N > 1 the B rows' queries enter the fused call as one sequence of B * T against one K_p, V_p
   (nothing but the prefix is attended to, so nothing tells the rows apart), rather than K_p, V_p broadcast to B
   rows, which the backward would have to sum back.
+- The hook points fire wherever something is hooked, and are not called where nothing is (`through`); the
+  layer's math is a method, not a module call. On a small model each call is host time at every layer.
 - A bank of aligners (aligner/bank.py) gives each row b of the batch its own P and g: the same equations
   with a leading batch axis on P, K_p, V_p and g.
 """
@@ -73,20 +75,41 @@ def project(tokens: torch.Tensor, projection: nn.Linear, d_head: int) -> torch.T
     return projection(tokens).unflatten(-1, (-1, d_head))
 
 
-def project_stacked(tokens: torch.Tensor, projections: list[nn.Linear], d_head: int) -> tuple[torch.Tensor, ...]:
+def project_stacked(
+    tokens: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None, d_head: int
+) -> tuple[torch.Tensor, ...]:
     """`project` for many projections of one width (every adapted layer's), as one product against their weights
     stacked: the same sums (up to their order in floating point) in one operator instead of one or more each."""
-    weight = torch.cat([projection.weight for projection in projections])
-    bias = None if projections[0].bias is None else torch.cat([projection.bias for projection in projections])
+    weight = torch.cat(weights)
+    bias = None if biases is None else torch.cat(biases)
     # (..., N, n_projections * H_kv * d_head) -> n_projections tensors (..., N, H_kv, d_head), views of one
-    return F.linear(tokens, weight, bias).unflatten(-1, (len(projections), -1, d_head)).movedim(-3, 0).unbind(0)
+    return F.linear(tokens, weight, bias).unflatten(-1, (len(weights), -1, d_head)).movedim(-3, 0).unbind(0)
+
+
+def hooked(hook_point: HookPoint) -> bool:
+    """Whether anything is hooked at `hook_point`: a forward or backward hook, added by TransformerLens
+    (`add_hook`, `run_with_cache`, `hooks()`) or by torch on it (`register_forward_hook`, ...). torch's global
+    module hooks, which watch every module, do not count."""
+    return bool(
+        hook_point._forward_hooks
+        or hook_point._forward_pre_hooks
+        or hook_point._backward_hooks
+        or hook_point._backward_pre_hooks
+    )
+
+
+def through(hook_point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    """x as the hooks at `hook_point` leave it. A hook point with nothing hooked is the identity, and is not
+    called: on a small model the host's time per layer sets the pace, and a module call is a good part of it."""
+    return hook_point(x) if hooked(hook_point) else x
 
 
 class AlignerLayer(nn.Module):
     """One adapted layer's prefix attention and its hook points.
 
     It owns no parameters: the tokens and gates live in the `Aligner`, which passes this layer's share in,
-    so that the shared prefix really is one tensor.
+    so that the shared prefix really is one tensor. It is a module for its hook points' sake, and has no forward:
+    the aligner calls `prefix` and `add_attention` as methods, without a module call's work at every layer.
     """
 
     def __init__(self) -> None:
@@ -101,7 +124,7 @@ class AlignerLayer(nn.Module):
     def reads_keys(self, n_slots: int) -> bool:
         """Whether K_p is needed: with one slot it changes nothing (a softmax over one slot is 1), so it is
         computed only for a hook on `hook_k`."""
-        return n_slots > 1 or self.hook_k.has_hooks()
+        return n_slots > 1 or hooked(self.hook_k)
 
     def prefix(
         self,
@@ -110,14 +133,14 @@ class AlignerLayer(nn.Module):
         key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,  # the layer's, on (..., H_kv, d_head)
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """K_p and V_p from the projected tokens (`project`, or `project_stacked` for every layer at once)."""
-        v = self.hook_v(v)
+        v = through(self.hook_v, v)
         if k is None:
             return None, v
         if key_norm is not None:  # as the layer normalises its own keys (before their rotary, which K_p has none of)
             k = key_norm(k)
-        return self.hook_k(k), v
+        return through(self.hook_k, k), v
 
-    def forward(
+    def add_attention(
         self,
         z: torch.Tensor,  # (B, T, H, d_head) the layer's attention output per head, before its output projection
         q: torch.Tensor | None,  # (B, T, H, d_head) rotary queries; None with one slot, which does not read them
@@ -129,8 +152,8 @@ class AlignerLayer(nn.Module):
         """z plus the gated prefix attention of every query, (B, T, H, d_head)."""
         B, T, H, d_head = z.shape
         n_slots, n_kv_heads = v.shape[-3:-1]
-        gate = self.hook_gate(gate)
-        if self.hook_pattern.has_hooks():  # a hook reads or patches A: form it, as the equations say
+        gate = through(self.hook_gate, gate)
+        if hooked(self.hook_pattern):  # a hook reads or patches A: form it, as the equations say
             k, v = (None if x is None else query_heads(x, H).transpose(-3, -2) for x in (k, v))  # (..., H, N, d_head)
             if n_slots == 1:  # the softmax over one slot is 1 whatever the score: q and K_p are not read
                 scores = z.new_zeros(B, H, T, 1)
@@ -138,7 +161,7 @@ class AlignerLayer(nn.Module):
                 scores = q.transpose(1, 2) @ k.transpose(-1, -2)  # (B, H, T, N)
                 scores = scores / math.sqrt(d_head) if scale is None else scores * scale
             pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(z.dtype))
-            out = (pattern @ v).transpose(1, 2) * gate[..., None, :, None]
+            out = (pattern @ v).transpose(1, 2) * gate.unsqueeze(-1).unsqueeze(-3)  # gate (..., 1, H, 1)
         elif n_slots == 1:  # A = 1 for every query, so g A V_p = g V_p, the same at every position
             # Query head h = (kv head, j): its gate scales its key/value head's V_p, with no expanded copy of V_p.
             gate = gate.unflatten(-1, (n_kv_heads, H // n_kv_heads))[..., None, :, :, None]  # (..., 1, H_kv, group, 1)
@@ -150,5 +173,5 @@ class AlignerLayer(nn.Module):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=True
             )
-            out = out.transpose(1, 2).reshape(B, T, H, d_head) * gate[..., None, :, None]
-        return z + self.hook_z(out)
+            out = out.transpose(1, 2).reshape(B, T, H, d_head) * gate.unsqueeze(-1).unsqueeze(-3)  # gate (..., 1, H, 1)
+        return z + through(self.hook_z, out)

@@ -78,6 +78,8 @@ class AlignerHooks(nn.Module):
         self.base_model = dict(base_model or {"name": None, "fingerprint": None})
         self.hook_tokens = HookPoint()  # (N, d_model), or (n_active, N, d_model) when not shared; a bank adds a batch axis first
         self.layers = nn.ModuleList(AlignerLayer() for _ in range(shape.n_layers - config.start_layer))
+        # The same layers, indexed without nn.ModuleList's work per index: read at every layer of every forward.
+        self._layers: tuple[AlignerLayer, ...] = tuple(self.layers)
         self._model: nn.Module | None = None
         self._handles: list[tuple[HookPoint, LensHandle]] = []
         self._hook_names: list[str] = []
@@ -208,10 +210,9 @@ class AlignerHooks(nn.Module):
             self._tokens_this_forward = tokens if self.config.shared else tokens.unbind(0)
             self._gates_this_forward = gates.to(z.dtype).unbind(0)
             self._projected = self._project_all_layers(tokens, d_head=z.shape[3]) if self._stacked else {}
-        parts = self._attention[i]
+        parts, layer = self._attention[i], self._layers[i]
         k_v = self._prefix.get(i)
         if k_v is None:
-            layer = self.layers[i]
             k_v = self._projected.get(i)  # kept, not popped: a layer that gradient checkpointing recomputes reads it
             if k_v is None:
                 tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
@@ -225,7 +226,7 @@ class AlignerHooks(nn.Module):
         gate = self._gates_this_forward[i]
         if gate.device != z.device:
             gate = gate.to(z.device)
-        return self.layers[i](z, self._queries.pop(i, None), *k_v, gate, scale=parts.scale)
+        return layer.add_attention(z, self._queries.pop(i, None), *k_v, gate, scale=parts.scale)
 
     def _project_all_layers(
         self, tokens: torch.Tensor, d_head: int
@@ -234,15 +235,17 @@ class AlignerHooks(nn.Module):
         weight is not a plain tensor on the tokens' device: each layer then projects its own, as its module brings
         its weight in (sharded among processes by FSDP and gathered one block at a time, a tensor subclass such as
         a quantised one, offloaded to the meta device, or on another device by device_map)."""
-        reads_keys = [layer.reads_keys(self.config.n_tokens) for layer in self.layers]
+        reads_keys = [layer.reads_keys(self.config.n_tokens) for layer in self._layers]
         projections = [
             p
             for parts, keys in zip(self._attention, reads_keys)
             for p in ((parts.k_proj, parts.v_proj) if keys else (parts.v_proj,))
         ]
-        if any(type(p.weight) is not nn.Parameter or p.weight.device != tokens.device for p in projections):
+        weights = [p.weight for p in projections]
+        if any(type(weight) is not nn.Parameter or weight.device != tokens.device for weight in weights):
             return {}
-        projected = iter(project_stacked(tokens, projections, d_head))
+        biases = None if projections[0].bias is None else [p.bias for p in projections]
+        projected = iter(project_stacked(tokens, weights, biases, d_head))
         return {i: (next(projected) if keys else None, next(projected)) for i, keys in enumerate(reads_keys)}
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -189,6 +190,21 @@ def input_gradients(hf_or_bridge: nn.Module):
         yield
     finally:
         handle.remove()
+
+
+def train_step(logits_of: Callable[[], torch.Tensor], ids: torch.Tensor, parameters: list) -> Callable[[], None]:
+    """One training step: next-token cross-entropy of `logits_of()` on `ids`, backward, and an AdamW step over
+    `parameters` (none: the frozen floor, whose backward only reaches the inputs that ask for gradients)."""
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4) if parameters else None
+
+    def step() -> None:
+        logits = logits_of()
+        F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 # ---- timing ----

@@ -14,7 +14,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import (
@@ -27,6 +26,7 @@ from benchmarks.common import (
     random_aligner,
     synchronize,
     table,
+    train_step,
 )
 
 HOOKS = ("_keep_queries", "_add_prefix_attention")  # what the aligner runs at each adapted layer
@@ -58,10 +58,6 @@ def main() -> None:
         with torch.no_grad():
             bridge(ids)
 
-    def train_step():
-        logits = bridge(ids)
-        F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-
     def timed_calls(call) -> float:
         synchronize(args.device)
         start = time.perf_counter()
@@ -78,7 +74,7 @@ def main() -> None:
 
     print(header(args))
     print(f"aligner: N={args.n_tokens}, start layer {al.config.start_layer}; times per call, in ms\n")
-    for name, call in (("forward", forward), ("training step", train_step)):
+    for name, call in (("forward", forward), ("training step", train_step(lambda: bridge(ids), ids, []))):
         walls, hook_ms = {"base": [], "aligned": []}, []
         with input_gradients(bridge):
             call()

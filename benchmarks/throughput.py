@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
 
 from benchmarks.common import (
@@ -35,6 +34,7 @@ from benchmarks.common import (
     run_interleaved,
     sharing_copy,
     table,
+    train_step,
 )
 
 START_LAYER = 2  # the aligner's default, and AdaptionPrompt's adapted layers are the same top ones
@@ -65,28 +65,18 @@ def main() -> None:
     def bridge_logits():
         return bridge(ids)
 
-    def train_step(logits_of, parameters):
-        optimizer = torch.optim.AdamW(parameters, lr=1e-4) if parameters else None
-
-        def step():
-            logits = logits_of()
-            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        return step
-
     def trainable(model):
         return [p for p in model.parameters() if p.requires_grad]
 
     training = [
-        Variant("raw HF, frozen, input gradients", train_step(hf_logits(hf), []), lambda: input_gradients(hf), n),
-        Variant("bridge, frozen, input gradients", train_step(bridge_logits, []), lambda: input_gradients(bridge), n),
+        Variant("raw HF, frozen, input gradients", train_step(hf_logits(hf), ids, []), lambda: input_gradients(hf), n),
+        Variant(
+            "bridge, frozen, input gradients", train_step(bridge_logits, ids, []), lambda: input_gradients(bridge), n
+        ),
         *(
             Variant(
                 f"bridge + aligner N={k}",
-                train_step(bridge_logits, list(al.parameters())),
+                train_step(bridge_logits, ids, list(al.parameters())),
                 lambda al=al: al.attached(bridge),
                 n,
             )
@@ -94,12 +84,14 @@ def main() -> None:
         ),
         Variant(
             "bridge + peft LoRA r=8 q,v",
-            train_step(bridge_logits, list(bridge_lora.parameters())),
+            train_step(bridge_logits, ids, list(bridge_lora.parameters())),
             lambda: bridge_lora.attached(bridge),
             n,
         ),
-        Variant("raw HF + peft LoRA r=8 q,v", train_step(hf_logits(lora), trainable(lora)), tokens=n),
-        Variant("raw HF + peft AdaptionPrompt len 10", train_step(hf_logits(adaption), trainable(adaption)), tokens=n),
+        Variant("raw HF + peft LoRA r=8 q,v", train_step(hf_logits(lora), ids, trainable(lora)), tokens=n),
+        Variant(
+            "raw HF + peft AdaptionPrompt len 10", train_step(hf_logits(adaption), ids, trainable(adaption)), tokens=n
+        ),
     ]
 
     def no_grad(call):

@@ -128,6 +128,31 @@ def test_zero_ablating_one_layers_gate_is_a_one_line_hook(tiny):
     assert logits.shape == (1, 6, tiny.cfg.d_vocab)
 
 
+def test_hooks_added_through_torch_fire_too(tiny):
+    """The aligner calls a hook point only where something is hooked there (layer.py's `through`), whoever added
+    it: a forward hook added with torch's own `register_forward_hook` patches as one added by TransformerLens, and a
+    full backward hook gets its gradient."""
+    al = Aligner.for_model(tiny, AlignerConfig(n_tokens=2, start_layer=1))
+    randomise_gates(al)
+    ids = torch.randint(0, 1000, (1, 6))
+    layer = al.layers[1]  # model layer 2's
+    grads = []
+    with al.attached(tiny):
+        want = tiny.run_with_hooks(
+            ids, fwd_hooks=[("blocks.2.aligner.hook_gate", lambda gate, hook: torch.zeros_like(gate))]
+        )
+        handle = layer.hook_gate.register_forward_hook(lambda module, args, gate: torch.zeros_like(gate))
+        got = tiny(ids)
+        handle.remove()
+        handle = layer.hook_z.register_full_backward_hook(lambda module, grad_in, grad_out: grads.append(grad_out))
+        unhooked = tiny(ids)
+        unhooked.sum().backward()
+        handle.remove()
+    torch.testing.assert_close(got, want)
+    assert (unhooked - want).abs().max() > 1e-3
+    assert len(grads) == 1 and grads[0][0].shape == (1, 6, tiny.cfg.n_heads, tiny.cfg.d_head)
+
+
 def test_patching_the_aligner_contribution_patches_the_model(tiny):
     al = Aligner.for_model(tiny, AlignerConfig(n_tokens=2, start_layer=1))
     randomise_gates(al)
