@@ -314,3 +314,7 @@ if __name__ == "__main__":
     if role not in workers:
         raise SystemExit(f"usage: {sys.argv[0]} probe CACHE LOG | fingerprint LOG (the worker of a test), got {role!r}")
     workers[role](*map(Path, paths))
+    # An orderly end: a process group left for the interpreter's exit to tear down once aborted a worker
+    # ("terminate called without an active exception", SIGABRT) on a loaded machine.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
