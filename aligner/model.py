@@ -125,9 +125,9 @@ class AlignerHooks(nn.Module):
             self._register_hook_point("aligner.hook_tokens", self.hook_tokens)
             for i, layer_index in enumerate(self.layer_indices):
                 block = model.blocks[layer_index]
-                block.aligner = self.layers[i]
+                block.aligner = self._layers[i]
                 for name in ("hook_k", "hook_v", "hook_pattern", "hook_gate", "hook_z"):
-                    self._register_hook_point(f"blocks.{layer_index}.aligner.{name}", getattr(self.layers[i], name))
+                    self._register_hook_point(f"blocks.{layer_index}.aligner.{name}", getattr(self._layers[i], name))
                 attn = block.attn
                 self._attention.append(attention_parts(attn, model.cfg.d_head, f"blocks.{layer_index}.attn"))
                 if self.config.n_tokens > 1:  # a softmax over one slot is 1: it reads no queries
@@ -327,7 +327,7 @@ class Aligner(AlignerHooks):
         for i, (o_proj, parts) in enumerate(layers):
             tokens = self.tokens if self.config.shared else self.tokens[i]
             values = project(tokens.to(parts.v_proj.weight.dtype), parts.v_proj, model.cfg.d_head)
-            _, v = self.layers[i].prefix(None, values)
+            _, v = self._layers[i].prefix(None, values)
             gated = (query_heads(v[0], self.shape.n_heads).float() * self.gates[i, :, None]).flatten()  # g V_p, (H * d_head): what z gains
             shift = F.linear(gated, o_proj.weight.float())  # W_O (g V_p), in float32 before the one rounding
             self._merged.append((o_proj, o_proj.bias))
