@@ -23,6 +23,7 @@ from benchmarks.common import (
     finish,
     header,
     hf_model,
+    no_grad,
     random_aligner,
     rate,
     ratio,
@@ -57,9 +58,7 @@ def main() -> None:
         bank = AlignerBank(aligners)
         picked = torch.randint(0, args.bank, (args.batch,)).tolist()
 
-        def forward():
-            with torch.no_grad():
-                bridge(ids)
+        forward = no_grad(lambda: bridge(ids))
 
         @contextlib.contextmanager
         def bank_context(bank=bank, picked=picked):

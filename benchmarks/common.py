@@ -192,6 +192,24 @@ def input_gradients(hf_or_bridge: nn.Module):
         handle.remove()
 
 
+def no_grad(call: Callable[[], object]) -> Callable[[], None]:
+    """`call` without gradients: a forward as inference runs it."""
+
+    def forward() -> None:
+        with torch.no_grad():
+            call()
+
+    return forward
+
+
+@contextlib.contextmanager
+def prefix_kept(al: aligner.Aligner, model: nn.Module):
+    """`al` attached to `model` inside its `fixed_prefix()`: K_p and V_p computed at the first forward and kept for
+    the next ones, as when serving many batches."""
+    with al.attached(model), al.fixed_prefix():
+        yield
+
+
 def train_step(logits_of: Callable[[], torch.Tensor], ids: torch.Tensor, parameters: list) -> Callable[[], None]:
     """One training step: next-token cross-entropy of `logits_of()` on `ids`, backward, and an AdamW step over
     `parameters` (none: the frozen floor, whose backward only reaches the inputs that ask for gradients)."""

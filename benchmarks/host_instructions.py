@@ -36,6 +36,8 @@ from benchmarks.common import (
     header,
     hf_model,
     input_gradients,
+    no_grad,
+    prefix_kept,
     random_aligner,
     table,
     train_step,
@@ -65,22 +67,14 @@ def measure(args: argparse.Namespace) -> None:
     def logits():
         return bridge(ids)
 
-    def forward():
-        with torch.no_grad():
-            logits()
-
-    def kept(al):
-        @contextlib.contextmanager
-        def context():
-            with al.attached(bridge), al.fixed_prefix():
-                yield
-
-        return context
-
+    forward = no_grad(logits)
     variants = [
         ("forward: bridge", forward, contextlib.nullcontext),
         *((f"forward: aligner N={n}", forward, lambda al=al: al.attached(bridge)) for n, al in aligners.items()),
-        *((f"forward: aligner N={n}, prefix kept (fixed_prefix)", forward, kept(al)) for n, al in aligners.items()),
+        *(
+            (f"forward: aligner N={n}, prefix kept (fixed_prefix)", forward, lambda al=al: prefix_kept(al, bridge))
+            for n, al in aligners.items()
+        ),
         ("training: bridge, frozen, input gradients", train_step(logits, ids, []), lambda: input_gradients(bridge)),
         *(
             (

@@ -16,6 +16,7 @@ from benchmarks.common import (
     finish,
     header,
     hf_model,
+    no_grad,
     rate,
     ratio,
     run_interleaved,
@@ -37,9 +38,7 @@ def main() -> None:
     def keep(activation: torch.Tensor, hook) -> None:
         kept[hook.name] = activation
 
-    def forward():
-        with torch.no_grad():
-            bridge(ids)
+    forward = no_grad(lambda: bridge(ids))
 
     def cached():
         with torch.no_grad():

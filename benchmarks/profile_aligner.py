@@ -23,6 +23,7 @@ from benchmarks.common import (
     header,
     hf_model,
     input_gradients,
+    no_grad,
     random_aligner,
     synchronize,
     table,
@@ -54,9 +55,7 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     time_key = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
 
-    def forward():
-        with torch.no_grad():
-            bridge(ids)
+    forward = no_grad(lambda: bridge(ids))
 
     def timed_calls(call) -> float:
         synchronize(args.device)

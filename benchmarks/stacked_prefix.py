@@ -27,6 +27,7 @@ from benchmarks.common import (
     header,
     hf_model,
     input_gradients,
+    no_grad,
     random_aligner,
     rate,
     ratio,
@@ -61,9 +62,7 @@ def main() -> None:
             assert al._stacked == (limit > 0)
             yield
 
-    def forward():
-        with torch.no_grad():
-            bridge(ids)
+    forward = no_grad(lambda: bridge(ids))
 
     def train_step():  # the floor's input gradients or the aligner's: backward through every adapted layer
         bridge(ids).float().logsumexp(-1).mean().backward()

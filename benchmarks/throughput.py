@@ -27,6 +27,8 @@ from benchmarks.common import (
     header,
     hf_model,
     input_gradients,
+    no_grad,
+    prefix_kept,
     random_aligner,
     random_bridge_lora,
     rate,
@@ -94,13 +96,6 @@ def main() -> None:
         ),
     ]
 
-    def no_grad(call):
-        def forward():
-            with torch.no_grad():
-                call()
-
-        return forward
-
     @contextlib.contextmanager
     def merged(al):
         al.merge_into(bridge)
@@ -108,11 +103,6 @@ def main() -> None:
             yield
         finally:
             al.unmerge()
-
-    @contextlib.contextmanager
-    def prefix_kept(al):
-        with al.attached(bridge), al.fixed_prefix():
-            yield
 
     forward = [
         Variant("raw HF", no_grad(hf_logits(hf)), tokens=n),
@@ -126,7 +116,7 @@ def main() -> None:
             Variant(
                 f"bridge + aligner N={k}, attached, prefix kept (fixed_prefix)",
                 no_grad(bridge_logits),
-                lambda al=al: prefix_kept(al),
+                lambda al=al: prefix_kept(al, bridge),
                 n,
             )
             for k, al in aligners.items()
