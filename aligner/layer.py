@@ -29,14 +29,20 @@ shortcut is exact and pinned against the equations in tests/test_performance_cor
 - K_p and V_p do not depend on the input: `prefix` runs once per forward, or once per generation
   (`Aligner.fixed_prefix`), never once per new token. The tokens and gates are cast to the model's dtype once
   per forward, not once per layer.
+- The gate scales V_p, not the attention's output: g A V_p = A (g V_p), since g is one number per head and each
+  row of A weighs the same N slots. V_p has N rows where the output has B * T, and K_p and g V_p are then all a
+  layer needs of its prefix (`prefix`, in the fused attention's layout: `attention_inputs`).
 - On a small model the host's time per operator, not the GPU, sets the pace, so the shared tokens are projected
   through every adapted layer's W_K and W_V in one product (`project_stacked`, their weights stacked: a copy
-  per forward of at most `aligner.model.STACKED_PREFIX_BYTES`) instead of two per layer; its backward is one
-  product too, not a product per layer and a sum over the layers. The same sums, up to their order in floating
-  point. A larger model, one split over devices or sharded among processes, or per-layer tokens project layer
-  by layer (`project`).
-- Grouped-query attention: K_p and V_p keep the layer's key/value heads (as its own `attn.hook_k` does); query
-  head h reads key/value head h // (H / H_kv) inside the fused kernel (`enable_gqa`), with no expanded copy.
+  per forward of at most `aligner.model.STACKED_PREFIX_BYTES`) instead of two per layer, and every layer's K_p
+  and g V_p are put in the attention's layout at once; the backward is one product too, not a product per
+  layer and a sum over the layers. The same sums, up to their order in floating point. A layer with something
+  hooked at `hook_k`, `hook_v` or `hook_gate`, or a key norm, forms its own from its share of the product. A
+  larger model, one split over devices or sharded among processes, or per-layer tokens project layer by layer
+  (`project`).
+- Grouped-query attention: K_p and V_p keep the layer's key/value heads at their hook points (as its own
+  `attn.hook_k` does); for the attention they are spread to the query heads (query head h reads key/value head
+  h // (H / H_kv)), since each query head has its own gate: N rows per head, against the B * T of the output.
 - A itself is formed only when a hook reads or patches `hook_pattern`. Otherwise all heads' prefix attention
   is one fused `scaled_dot_product_attention` call, and with N = 1 there is none: a softmax over one slot is 1,
   so every query receives g V_p (which is also why `Aligner.merge_into` can fold it into a bias). With N = 1 the
@@ -63,8 +69,11 @@ from transformer_lens.hook_points import HookPoint
 
 def query_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(..., H_kv, d_head) -> (..., H, d_head): query head h reads key/value head h // (H / H_kv), as the model does.
-    Expanded rather than repeat_interleave'd, which on CUDA waits for the device (it sums its repeats)."""
+    Expanded rather than repeat_interleave'd, which on CUDA waits for the device (it sums its repeats); x itself
+    where every query head has its own key/value head."""
     group = n_heads // x.shape[-2]
+    if group == 1:
+        return x
     return x.unsqueeze(-2).expand(*x.shape[:-1], group, x.shape[-1]).flatten(-3, -2)
 
 
@@ -77,13 +86,23 @@ def project(tokens: torch.Tensor, projection: nn.Linear, d_head: int) -> torch.T
 
 def project_stacked(
     tokens: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None, d_head: int
-) -> tuple[torch.Tensor, ...]:
+) -> torch.Tensor:
     """`project` for many projections of one width (every adapted layer's), as one product against their weights
-    stacked: the same sums (up to their order in floating point) in one operator instead of one or more each."""
+    stacked: the same sums (up to their order in floating point) in one operator instead of one or more each.
+    (..., N, d_model) -> (n_projections, ..., N, H_kv, d_head), views of one tensor."""
     weight = torch.cat(weights)
     bias = None if biases is None else torch.cat(biases)
-    # (..., N, n_projections * H_kv * d_head) -> n_projections tensors (..., N, H_kv, d_head), views of one
-    return F.linear(tokens, weight, bias).unflatten(-1, (len(weights), -1, d_head)).movedim(-3, 0).unbind(0)
+    return F.linear(tokens, weight, bias).unflatten(-1, (len(weights), -1, d_head)).movedim(-3, 0)
+
+
+def attention_inputs(
+    k: torch.Tensor | None, v: torch.Tensor, gate: torch.Tensor, n_heads: int
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """K_p and g V_p as the attention reads them, (..., B, H, N, d_head), from K_p and V_p (..., B, N, H_kv, d_head)
+    and the gates (..., B, H); B is 1 for one prefix shared by every row, and `...` may hold every layer at once.
+    Each query head reads its key/value head, and scales its values by its own gate."""
+    v = query_heads(v, n_heads).transpose(-3, -2) * gate.unsqueeze(-1).unsqueeze(-1)
+    return (None if k is None else query_heads(k, n_heads).transpose(-3, -2)), v
 
 
 def hooked(hook_point: HookPoint) -> bool:
@@ -126,52 +145,56 @@ class AlignerLayer(nn.Module):
         computed only for a hook on `hook_k`."""
         return n_slots > 1 or hooked(self.hook_k)
 
+    def prefix_hooked(self) -> bool:
+        """Whether a hook reads or patches K_p, V_p or the gates: then `prefix` forms this layer's own, through
+        them, rather than taking its share of every layer's formed at once."""
+        return hooked(self.hook_k) or hooked(self.hook_v) or hooked(self.hook_gate)
+
     def prefix(
         self,
         k: torch.Tensor | None,  # P W_K + b_K (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank; None: not read
         v: torch.Tensor,  # P W_V + b_V, the same shape
+        gate: torch.Tensor,  # (H,), or (B, H) in a bank
+        n_heads: int,
         key_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,  # the layer's, on (..., H_kv, d_head)
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """K_p and V_p from the projected tokens (`project`, or `project_stacked` for every layer at once)."""
+        """K_p and g V_p from the projected tokens (`project`), through this layer's hook points, as
+        `add_attention` reads them (`attention_inputs`)."""
         v = through(self.hook_v, v)
-        if k is None:
-            return None, v
-        if key_norm is not None:  # as the layer normalises its own keys (before their rotary, which K_p has none of)
-            k = key_norm(k)
-        return through(self.hook_k, k), v
+        if k is not None:
+            if key_norm is not None:  # as the layer normalises its keys (before their rotary, which K_p has none of)
+                k = key_norm(k)
+            k = through(self.hook_k, k)
+        gate = through(self.hook_gate, gate)
+        if v.dim() == 3:  # one prefix for every row: a batch of one
+            k, v, gate = (None if x is None else x.unsqueeze(0) for x in (k, v, gate))
+        return attention_inputs(k, v, gate, n_heads)
 
     def add_attention(
         self,
         z: torch.Tensor,  # (B, T, H, d_head) the layer's attention output per head, before its output projection
         q: torch.Tensor | None,  # (B, T, H, d_head) rotary queries; None with one slot, which does not read them
-        k: torch.Tensor | None,  # (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank; None with one slot
-        v: torch.Tensor,  # (N, H_kv, d_head), or (B, N, H_kv, d_head) in a bank
-        gate: torch.Tensor,  # (H,), or (B, H) in a bank, in z's dtype
+        k: torch.Tensor | None,  # K_p (B or 1, H, N, d_head), from `prefix`; None with one slot
+        v: torch.Tensor,  # g V_p (B or 1, H, N, d_head), from `prefix`: each head's values scaled by its gate
         scale: float | None = None,  # the layer's attention scale; None: the paper's 1/sqrt(d_head)
     ) -> torch.Tensor:
         """z plus the gated prefix attention of every query, (B, T, H, d_head)."""
         B, T, H, d_head = z.shape
-        n_slots, n_kv_heads = v.shape[-3:-1]
-        gate = through(self.hook_gate, gate)
+        n_slots = v.shape[-2]
         if hooked(self.hook_pattern):  # a hook reads or patches A: form it, as the equations say
-            k, v = (None if x is None else query_heads(x, H).transpose(-3, -2) for x in (k, v))  # (..., H, N, d_head)
             if n_slots == 1:  # the softmax over one slot is 1 whatever the score: q and K_p are not read
                 scores = z.new_zeros(B, H, T, 1)
             else:
                 scores = q.transpose(1, 2) @ k.transpose(-1, -2)  # (B, H, T, N)
                 scores = scores / math.sqrt(d_head) if scale is None else scores * scale
             pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(z.dtype))
-            out = (pattern @ v).transpose(1, 2) * gate.unsqueeze(-1).unsqueeze(-3)  # gate (..., 1, H, 1)
-        elif n_slots == 1:  # A = 1 for every query, so g A V_p = g V_p, the same at every position
-            # Query head h = (kv head, j): its gate scales its key/value head's V_p, with no expanded copy of V_p.
-            gate = gate.unflatten(-1, (n_kv_heads, H // n_kv_heads))[..., None, :, :, None]  # (..., 1, H_kv, group, 1)
-            out = (v.unsqueeze(-2) * gate).flatten(-3, -2).expand(B, T, H, d_head)  # a bank's (B, 1, H, d_head) too
-        else:  # the same attention, all heads in one fused kernel; A is never formed
-            if k.dim() == 3:  # one prefix for every row (not a bank): no mask and no position tie a query to its
-                # row, so the B rows' queries are one sequence of B * T, against one copy of K_p and V_p
-                q, k, v = q.reshape(1, B * T, H, d_head), k.unsqueeze(0), v.unsqueeze(0)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=True
-            )
-            out = out.transpose(1, 2).reshape(B, T, H, d_head) * gate.unsqueeze(-1).unsqueeze(-3)  # gate (..., 1, H, 1)
+            out = (pattern @ v).transpose(1, 2)
+        elif n_slots == 1:  # A = 1 for every query, so A g V_p = g V_p, the same at every position
+            out = v.transpose(1, 2).expand(B, T, H, d_head)
+        elif k.shape[0] == 1:  # one prefix for every row: no mask and no position tie a query to its row, so the B
+            # rows' queries are one sequence of B * T, against one copy of K_p and g V_p; all heads in one fused kernel
+            out = F.scaled_dot_product_attention(q.reshape(1, B * T, H, d_head).transpose(1, 2), k, v, scale=scale)
+            out = out.transpose(1, 2).reshape(B, T, H, d_head)
+        else:  # a bank: each row its own prefix
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale).transpose(1, 2)
         return z + through(self.hook_z, out)

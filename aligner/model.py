@@ -31,7 +31,7 @@ from transformer_lens.hook_points import HookPoint, LensHandle
 
 from aligner.config import AlignerConfig, ModelShape, check_fields
 from aligner.files import atomic_write_files, json_bytes, provenance, read_json
-from aligner.layer import AlignerLayer, project, project_stacked, query_heads
+from aligner.layer import AlignerLayer, attention_inputs, project, project_stacked
 
 FORMAT = "aligner-workbench/aligner/1"
 TENSORS_FILE = "aligner.safetensors"
@@ -54,6 +54,8 @@ FILE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # product (layer.py's `project_stacked`). Below it are the small models, where the host's time per operator
 # sets the pace; above it each layer projects its own, as the GPU, not the host, bounds a large model.
 STACKED_PREFIX_BYTES = 64 * 2**20
+# One layer's prefix: K_p (None where not read) and V_p, or g V_p once formed for the attention (`layer.prefix`).
+Prefix = tuple[torch.Tensor | None, torch.Tensor]
 
 
 class AlignerHooks(nn.Module):
@@ -86,13 +88,16 @@ class AlignerHooks(nn.Module):
         self._attention: list[AttentionParts] = []  # what each adapted layer's prefix attention reads of its own
         self._queries: dict[int, torch.Tensor] = {}  # rotary queries of the current forward, by adapted layer
         self._stacked = False  # whether a forward projects every layer's prefix in one product (`stacks`)
-        # P W_K + b_K and P W_V + b_V by layer, projected together at the first adapted layer; kept to the next forward
-        self._projected: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        # Each adapted layer's share of one product of the tokens with every layer's projections, made at the first
+        # adapted layer and kept to the next forward: K_p and g V_p ready for the attention (`_formed`), or, for a
+        # layer that forms its own (`_prefix_of_all_layers`), P W_K + b_K and P W_V + b_V (`_projected`)
+        self._formed: dict[int, Prefix] = {}
+        self._projected: dict[int, Prefix] = {}
         # This forward's tokens (the shared prefix, or one per adapted layer) and each adapted layer's gates.
         self._tokens_this_forward: torch.Tensor | tuple[torch.Tensor, ...] | None = None
         self._gates_this_forward: tuple[torch.Tensor, ...] = ()
         self._keep_prefix = False  # inside fixed_prefix()
-        self._prefix: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # K_p (None: one slot), V_p kept by fixed_prefix()
+        self._prefix: dict[int, Prefix] = {}  # K_p (None: one slot) and g V_p, kept by fixed_prefix()
 
     @property
     def layer_indices(self) -> range:
@@ -158,6 +163,7 @@ class AlignerHooks(nn.Module):
         self._handles, self._hook_names, self._attention = [], [], []
         object.__setattr__(self, "_model", None)
         self._queries.clear()
+        self._formed.clear()
         self._projected.clear()
         self._stacked = False
         self._prefix.clear()
@@ -176,8 +182,8 @@ class AlignerHooks(nn.Module):
     def fixed_prefix(self) -> Iterator["AlignerHooks"]:
         """Inside, each layer's prefix keys and values are computed at the first forward and kept for the next
         ones, since they do not depend on the input: for generation, where each new token is one more forward,
-        and for serving many batches. Under autograd nothing is kept. `hook_tokens`, `hook_k` and `hook_v` fire at
-        that first forward alone."""
+        and for serving many batches. Under autograd nothing is kept. `hook_tokens`, `hook_k`, `hook_v` and
+        `hook_gate` fire at that first forward alone."""
         self._keep_prefix = True
         try:
             yield self
@@ -202,51 +208,74 @@ class AlignerHooks(nn.Module):
 
     def _add_prefix_attention(self, i: int, z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         # The first adapted layer runs first: tokens and gates are read there, once per forward, and cast once
-        # for all layers (the tokens to the projections' dtype, the gates to z's); each layer takes its share of
-        # the gates from one unbind, which autograd undoes with one stack rather than a scatter per layer.
+        # for all layers (the tokens to the projections' dtype, the gates to z's); a layer that forms its own prefix
+        # takes its share of the gates from one unbind, which autograd undoes with one stack, not a scatter per layer.
         if i == 0 and not (self._keep_prefix and self._prefix):
             tokens, gates = self._tokens_and_gates(z.shape[0])
-            tokens = tokens.to(self._attention[0].k_proj.weight.dtype)
+            tokens, gates = tokens.to(self._attention[0].k_proj.weight.dtype), gates.to(z.dtype)
             self._tokens_this_forward = tokens if self.config.shared else tokens.unbind(0)
-            self._gates_this_forward = gates.to(z.dtype).unbind(0)
-            self._projected = self._project_all_layers(tokens, d_head=z.shape[3]) if self._stacked else {}
+            self._formed, self._projected = (
+                self._prefix_of_all_layers(tokens, gates, z.shape[2], z.shape[3]) if self._stacked else ({}, {})
+            )
+            # For the layers that form their own prefix, with their own gates.
+            self._gates_this_forward = gates.unbind(0) if len(self._formed) < len(self._layers) else ()
         parts, layer = self._attention[i], self._layers[i]
-        k_v = self._prefix.get(i)
-        if k_v is None:
-            k_v = self._projected.get(i)  # kept, not popped: a layer that gradient checkpointing recomputes reads it
+        # Kept, not popped: a layer that gradient checkpointing recomputes reads its share again.
+        prefix = self._prefix.get(i) or self._formed.get(i)
+        if prefix is None:
+            k_v = self._projected.get(i)
             if k_v is None:
                 tokens = self._tokens_this_forward if self.config.shared else self._tokens_this_forward[i]
                 if tokens.device != z.device:  # a model split over devices (device_map): this layer's
                     tokens = tokens.to(z.device)
                 k = project(tokens, parts.k_proj, z.shape[3]) if layer.reads_keys(self.config.n_tokens) else None
                 k_v = k, project(tokens, parts.v_proj, z.shape[3])
-            k_v = layer.prefix(*k_v, key_norm=parts.key_norm)
-            if self._keep_prefix and not torch.is_grad_enabled():  # a graph is used once: never kept
-                self._prefix[i] = k_v
-        gate = self._gates_this_forward[i]
-        if gate.device != z.device:
-            gate = gate.to(z.device)
-        return layer.add_attention(z, self._queries.pop(i, None), *k_v, gate, scale=parts.scale)
+            gate = self._gates_this_forward[i]
+            if gate.device != z.device:
+                gate = gate.to(z.device)
+            prefix = layer.prefix(*k_v, gate, z.shape[2], key_norm=parts.key_norm)
+        if self._keep_prefix and not torch.is_grad_enabled():  # a graph is used once: never kept
+            self._prefix[i] = prefix
+        return layer.add_attention(z, self._queries.pop(i, None), *prefix, scale=parts.scale)
 
-    def _project_all_layers(
-        self, tokens: torch.Tensor, d_head: int
-    ) -> dict[int, tuple[torch.Tensor | None, torch.Tensor]]:
-        """Every adapted layer's P W_K + b_K (where read) and P W_V + b_V, by layer, in one product. Empty where a
-        weight is not a plain tensor on the tokens' device: each layer then projects its own, as its module brings
-        its weight in (sharded among processes by FSDP and gathered one block at a time, a tensor subclass such as
-        a quantised one, offloaded to the meta device, or on another device by device_map)."""
+    def _prefix_of_all_layers(
+        self, tokens: torch.Tensor, gates: torch.Tensor, n_heads: int, d_head: int
+    ) -> tuple[dict[int, Prefix], dict[int, Prefix]]:
+        """Every adapted layer's prefix from one product of the tokens (..., N, d_model) with every layer's W_K
+        (where read) and W_V stacked. Returns, by layer, K_p and g V_p ready for the attention, formed for all
+        layers at once (`attention_inputs`); and, for each layer that forms its own through its hook points (a
+        hook at hook_k, hook_v or hook_gate, or a key norm), its P W_K + b_K and P W_V + b_V. Both are empty where
+        a weight is not a plain tensor on the tokens' device: each layer then projects its own, as its module
+        brings its weight in (sharded among processes by FSDP and gathered one block at a time, a tensor subclass
+        such as a quantised one, offloaded to the meta device, or on another device by device_map)."""
         reads_keys = [layer.reads_keys(self.config.n_tokens) for layer in self._layers]
-        projections = [
-            p
-            for parts, keys in zip(self._attention, reads_keys)
-            for p in ((parts.k_proj, parts.v_proj) if keys else (parts.v_proj,))
-        ]
+        key_layers = [i for i, keys in enumerate(reads_keys) if keys]
+        projections = [self._attention[i].k_proj for i in key_layers] + [parts.v_proj for parts in self._attention]
         weights = [p.weight for p in projections]
         if any(type(weight) is not nn.Parameter or weight.device != tokens.device for weight in weights):
-            return {}
+            return {}, {}
         biases = None if projections[0].bias is None else [p.bias for p in projections]
-        projected = iter(project_stacked(tokens, weights, biases, d_head))
-        return {i: (next(projected) if keys else None, next(projected)) for i, keys in enumerate(reads_keys)}
+        shared = tokens.dim() == 2  # one prefix for every row: a batch of one for the attention, (1, N, d_model)
+        projected = project_stacked(tokens.unsqueeze(0) if shared else tokens, weights, biases, d_head)
+        keys, values = projected[: len(key_layers)], projected[len(key_layers) :]  # (layers, B or 1, N, H_kv, d_head)
+        own = {
+            i for i, (layer, parts) in enumerate(zip(self._layers, self._attention))
+            if layer.prefix_hooked() or parts.key_norm is not None
+        }
+        formed = {}
+        if len(own) < len(self._layers):
+            # With one slot only a layer with a hook on hook_k reads K_p, and it forms its own.
+            k, v = attention_inputs(
+                keys if self.config.n_tokens > 1 else None, values, gates.unsqueeze(1) if shared else gates, n_heads
+            )
+            k = (None,) * len(v) if k is None else k.unbind(0)
+            formed = {i: (k[i], v_i) for i, v_i in enumerate(v.unbind(0)) if i not in own}
+        projected_own = {}
+        if own:  # their shares, in their hook points' shapes: (projections, [B,] N, H_kv, d_head)
+            shares = projected[:, 0] if shared else projected
+            for i in own:
+                projected_own[i] = (shares[key_layers.index(i)] if reads_keys[i] else None, shares[len(key_layers) + i])
+        return formed, projected_own
 
 
 class Aligner(AlignerHooks):
@@ -327,8 +356,9 @@ class Aligner(AlignerHooks):
         for i, (o_proj, parts) in enumerate(layers):
             tokens = self.tokens if self.config.shared else self.tokens[i]
             values = project(tokens.to(parts.v_proj.weight.dtype), parts.v_proj, model.cfg.d_head)
-            _, v = self._layers[i].prefix(None, values)
-            gated = (query_heads(v[0], self.shape.n_heads).float() * self.gates[i, :, None]).flatten()  # g V_p, (H * d_head): what z gains
+            # g V_p in float32, (H * d_head): what z gains, at every position
+            _, gated = self._layers[i].prefix(None, values.float(), self.gates[i], self.shape.n_heads)
+            gated = gated.flatten()
             shift = F.linear(gated, o_proj.weight.float())  # W_O (g V_p), in float32 before the one rounding
             self._merged.append((o_proj, o_proj.bias))
             bias = shift if o_proj.bias is None else o_proj.bias.float() + shift

@@ -8,13 +8,16 @@ On `--shape smollm2-host` (SmolLM2's layers and heads, 8 numbers per head) the a
 the count is the host's work per operator and hook: what bounds the SmolLM2 shape on a GPU. The count is not a
 time: a cache miss costs more than an addition. The script runs itself again under valgrind (which it needs on
 PATH), with counting switched on only around the measured calls (`callgrind_control`), so the minutes of setup
-under valgrind count nothing. Each variant is `--iters` calls after two warm-up calls; one round.
+under valgrind count nothing. Each variant is `--iters` calls after two warm-up calls; one round. Python's
+garbage collector is frozen after the setup (`gc.freeze`), so that a full collection walks only the objects the
+calls make, not the model's: otherwise it lands in one variant or another by chance.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -86,6 +89,11 @@ def measure(args: argparse.Namespace) -> None:
         ),
     ]
     Path(os.environ[CHILD], "variants.json").write_text(json.dumps([name for name, _, _ in variants]))
+    # Python's collector walks every object at a full collection, the model's too: millions of instructions that
+    # fall into whichever variant is running when the count of allocations crosses its threshold. Frozen, the
+    # objects made so far are not walked, and a collection costs what the calls' own objects do.
+    gc.collect()
+    gc.freeze()
     callgrind("-i", "on")
     for i, (_, call, context) in enumerate(variants):
         with context():

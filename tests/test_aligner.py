@@ -22,7 +22,7 @@ HOOK_SHAPES = {  # name -> shape for batch B=2, T=7, N=3, H=4, d_head=16, d_mode
 }
 
 
-def tiny_llama(attention_bias: bool) -> LlamaForCausalLM:
+def tiny_llama(attention_bias: bool, n_kv_heads: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(1)
     config = LlamaConfig(
         vocab_size=101,
@@ -30,7 +30,7 @@ def tiny_llama(attention_bias: bool) -> LlamaForCausalLM:
         intermediate_size=96,
         num_hidden_layers=4,
         num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention
+        num_key_value_heads=n_kv_heads,  # 2: grouped-query attention
         attention_bias=attention_bias,
         max_position_embeddings=64,
     )
@@ -51,8 +51,9 @@ def randomise_gates(al: Aligner) -> None:
 @pytest.mark.parametrize("n_tokens", [1, 3])  # one slot takes its own path (layer.py)
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("attention_bias", [False, True])
-def test_aligned_forward_equals_explicit_implementation(n_tokens, shared, attention_bias):
-    hf = tiny_llama(attention_bias)
+@pytest.mark.parametrize("n_kv_heads", [2, 4])  # grouped-query attention; a key/value head per query head (LLaMA-2's)
+def test_aligned_forward_equals_explicit_implementation(n_tokens, shared, attention_bias, n_kv_heads):
+    hf = tiny_llama(attention_bias, n_kv_heads)
     reference = copy.deepcopy(hf)  # the bridge rewires its module in place
     model = aligner.from_hf(hf, None)
     al = Aligner.for_model(model, AlignerConfig(n_tokens=n_tokens, start_layer=1, shared=shared))
