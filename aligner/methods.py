@@ -323,10 +323,7 @@ def one_token_aligner_as_bias(aligner: Aligner, model: nn.Module) -> ZBias:
     with torch.no_grad():
         for i, layer in enumerate(aligner.layer_indices):
             v_proj = projection(model.blocks[layer].attn.v)  # the weight the aligner itself reads
-            token = aligner.layer_tokens()[i, 0]  # (d_model,)
-            v = v_proj(token).view(-1, bias.bias.shape[-1])  # (H_kv, d_head): P W_V + b_V
-            v = v.repeat_interleave(aligner.shape.n_heads // v.shape[0], dim=0)  # (H, d_head), as the model's GQA
-            bias.bias[i] = aligner.gates[i, :, None] * v
+            bias.bias[i] = aligner.one_token_contribution(i, v_proj, bias.bias.shape[-1])
     return bias
 
 

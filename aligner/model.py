@@ -354,17 +354,22 @@ class Aligner(AlignerHooks):
                     "in memory; attach the aligner instead"
                 )
         for i, (o_proj, parts) in enumerate(layers):
-            tokens = self.tokens if self.config.shared else self.tokens[i]
-            values = project(tokens.to(parts.v_proj.weight.dtype), parts.v_proj, model.cfg.d_head)
-            # g V_p in float32, (H * d_head): what z gains, at every position
-            _, gated = self._layers[i].prefix(None, values.float(), self.gates[i], self.shape.n_heads)
-            gated = gated.flatten()
+            gated = self.one_token_contribution(i, parts.v_proj, model.cfg.d_head).flatten()  # (H * d_head)
             shift = F.linear(gated, o_proj.weight.float())  # W_O (g V_p), in float32 before the one rounding
             self._merged.append((o_proj, o_proj.bias))
             bias = shift if o_proj.bias is None else o_proj.bias.float() + shift
             o_proj.bias = nn.Parameter(bias.to(o_proj.weight.dtype), requires_grad=False)
         object.__setattr__(model, "_merged_aligner", self)
         object.__setattr__(self, "_merged_model", model)
+
+    @torch.no_grad()
+    def one_token_contribution(self, i: int, v_proj: nn.Linear, d_head: int) -> torch.Tensor:
+        """g V_p of adapted layer i for an aligner with one token, (H, d_head) in float32: what that layer adds to
+        z at every position, a softmax over one slot being 1. `v_proj` is the layer's value projection."""
+        tokens = self.tokens if self.config.shared else self.tokens[i]
+        values = project(tokens.to(v_proj.weight.dtype), v_proj, d_head)
+        _, gated = self._layers[i].prefix(None, values.float(), self.gates[i], self.shape.n_heads)
+        return gated[0, :, 0]  # (1, H, N = 1, d_head) -> (H, d_head)
 
     def unmerge(self) -> None:
         """Undo `merge_into`: each output projection gets its own bias (or none) back, the very tensor."""
