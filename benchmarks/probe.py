@@ -1,11 +1,15 @@
-"""Activation collection beside a plain forward, measured side by side in one run. There is no probe/ package
-yet, so what is timed is what one would build on: `run_with_cache` with a names_filter of the residual stream
-hooks, and plain forward hooks that keep a reference to the same activations.
+"""Activation collection beside a plain forward, measured side by side in one run: what `probe.collect` does a
+batch at a time (`probe.collect.pooling`: every layer's hook_resid_post pooled at the last position as its hook
+makes it, no logits but the last position's), TransformerLens's own `run_with_cache` of the same hook points, the
+plain forward that skips the logits as the collection does (what is left is the hooks' cost), and with an aligner
+attached, the collection that also reads its pattern, norm and share, against that aligned forward.
 
     python -m benchmarks.probe --device cpu --shape smollm2 --batch 2 --seq 64
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -17,48 +21,68 @@ from benchmarks.common import (
     header,
     hf_model,
     no_grad,
+    random_aligner,
     rate,
     ratio,
     run_interleaved,
     table,
 )
+from probe.collect import DEFAULT_HOOKS, pooling
 
 
 def is_residual(name: str) -> bool:
-    return name.endswith("hook_resid_post")
+    return name.endswith(DEFAULT_HOOKS[0])
 
 
 def main() -> None:
-    args = finish(arguments(__doc__).parse_args())
+    parser = arguments(__doc__)
+    parser.add_argument("--n-tokens", type=int, default=10, help="the aligner's prefix slots")
+    args = finish(parser.parse_args())
     hf, tokenizer = hf_model(args)
     bridge = bridge_of(hf, tokenizer, name=args.shape)
+    al = random_aligner(bridge, args.n_tokens)
     ids = torch.randint(0, hf.config.vocab_size, (args.batch, args.seq), device=args.device)
-    kept: dict[str, torch.Tensor] = {}
+    weights = torch.zeros(args.batch, args.seq, device=args.device)
+    weights[:, -1] = 1.0  # the "last_prompt" pooling
+    pools = {}
 
-    def keep(activation: torch.Tensor, hook) -> None:
-        kept[hook.name] = activation
+    def collecting(attached: bool):
+        @contextlib.contextmanager
+        def context():
+            with al.attached(bridge) if attached else contextlib.nullcontext():
+                with pooling(bridge, DEFAULT_HOOKS, al.layer_indices if attached else ()) as pool:
+                    pools[attached] = pool
+                    yield
 
-    forward = no_grad(lambda: bridge(ids))
+        return context
 
     def cached():
         with torch.no_grad():
             bridge.run_with_cache(ids, names_filter=is_residual)
 
-    def hooked():
-        with torch.no_grad(), bridge.hooks(fwd_hooks=[(is_residual, keep)]):
-            bridge(ids)
-
+    forward = no_grad(lambda: bridge(ids))
+    last_logits = no_grad(lambda: bridge(ids, logits_to_keep=1))
+    n = ids.numel()
     variants = [
-        Variant("plain forward", forward, tokens=ids.numel()),
-        Variant("run_with_cache, hook_resid_post of every layer", cached, tokens=ids.numel()),
-        Variant("forward hooks keeping hook_resid_post", hooked, tokens=ids.numel()),
+        Variant("plain forward", forward, tokens=n),
+        Variant("plain forward, the last position's logits alone", last_logits, tokens=n),
+        Variant("run_with_cache, hook_resid_post of every layer", cached, tokens=n),
+        Variant("probe.collect, hook_resid_post of every layer", lambda: pools[False](ids, weights), collecting(False), n),
+        Variant(f"aligner N={args.n_tokens} attached, forward", forward, lambda: al.attached(bridge), n),
+        Variant(
+            "probe.collect with the aligner: + its pattern, norm, share",
+            lambda: pools[True](ids, weights),
+            collecting(True),
+            n,
+        ),
     ]
+    references = [variants[0]] * 4 + [variants[4]] * 2
     run_interleaved(variants, args.rounds, args.iters, args.device)
     print(header(args) + "\n")
     print(
         table(
-            [[v.name, f"{rate(v):,.0f}", f"{ratio(v, variants[0]):.3f}"] for v in variants],
-            ["variant", "tokens/s", "/ plain forward"],
+            [[v.name, f"{rate(v):,.0f}", f"{ratio(v, ref):.3f}", ref.name] for v, ref in zip(variants, references)],
+            ["variant", "tokens/s", "/ reference", "reference"],
         )
     )
 

@@ -1,8 +1,9 @@
 """Activations of a model over a `ProbeDataset`, with and without each aligner, kept on disk and memory-mapped.
 
-Read the TransformerLens way (`run_with_cache` with a `names_filter`), a batch at a time: each batch's cache is
-reduced to one vector per prompt (the `positions` pooling) and written into `.npy` files opened as memory maps,
-so no more than one batch of full caches is ever in memory. On several processes (`accelerate launch`) the
+Read a batch at a time, by hooks at the named hook points (`pooling`) that reduce each activation to one vector
+per prompt (the `positions` pooling) as it is made, so that no layer's activations outlive their hook, and write
+the rows into `.npy` files opened as memory maps. The forward computes no logits but the last position's, where
+the model reads `logits_to_keep`: nothing kept reads them. On several processes (`accelerate launch`) the
 prompts are shared among them and each writes its rows into the same files. What is kept, per condition (base,
 each aligner):
 
@@ -28,7 +29,7 @@ import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from aligner.distributed import launched_accelerator
 from aligner.files import atomic_write_json, read_json
 from aligner.loading import cache_dir, cached_directory
 from aligner.model import AlignerHooks
+from aligner.train import reads_logits_to_keep
 from probe.dataset import ProbeDataset
 
 CACHE_FORMAT = "aligner-workbench/probe-activations/1"
@@ -216,7 +218,63 @@ def _create_arrays(target: Path, shapes: dict[str, tuple[int, ...]]) -> None:
         np.lib.format.open_memmap(target / f"{array}.npy", "w+", np.float32, shape).flush()
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def pooling(
+    model: nn.Module, hooks: Sequence[str], aligner_layers: Sequence[int] = ()
+) -> Iterator[Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Within it, `pool(ids, weights)` runs `model` on ids (B, T) and returns the arrays of the top of this file
+    for that batch, each activation pooled over the positions by weights (B, T) as its hook point makes it:
+    `blocks.{l}.{hook}` for every layer and each of `hooks` (B, n_layers, d_model), and for the adapted layers
+    `aligner_layers` the aligner's pattern (B, n_active, H, N), norm and share (B, n_active, H). The hooks are added
+    once, for every batch; an aligner, if any, is attached before."""
+    n_layers = model.cfg.n_layers
+    state: dict[str, Any] = {}  # the batch's weights, the gated contribution of the layer running, the arrays made
+
+    def pooled(activation: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, ...): weighted over T, in float32
+        weights = state["weights"].to(activation.device)
+        return (weights.unsqueeze(1) @ activation.float().flatten(2)).view(activation.shape[:1] + activation.shape[2:])
+
+    def keep(array: str, index: int, activation: torch.Tensor, hook: Any) -> None:
+        state[array][index] = pooled(activation)
+
+    def keep_pattern(index: int, pattern: torch.Tensor, hook: Any) -> None:  # (B, H, T, N)
+        state["aligner_pattern"][index] = pooled(pattern.transpose(1, 2))
+
+    def keep_gated(gated: torch.Tensor, hook: Any) -> None:  # (B, T, H, d_head): the aligner's, added to attn.hook_z
+        state["gated"] = gated
+
+    def keep_shares(index: int, z: torch.Tensor, hook: Any) -> None:
+        # attn.hook_z, read after the aligner's own hook there has added the gated contribution to it
+        gated = state.pop("gated").float()
+        norm = gated.norm(dim=-1)  # (B, T, H)
+        context = (z.float() - gated).norm(dim=-1)  # the head's output without the prefix
+        state["aligner_norm"][index] = pooled(norm)
+        state["aligner_share"][index] = pooled(norm / (context + EPS))
+
+    fwd_hooks = [(f"blocks.{layer}.{hook}", partial(keep, hook, layer)) for hook in hooks for layer in range(n_layers)]
+    for i, layer in enumerate(aligner_layers):
+        fwd_hooks += [
+            (f"blocks.{layer}.aligner.hook_pattern", partial(keep_pattern, i)),
+            (f"blocks.{layer}.aligner.hook_z", keep_gated),
+            (f"blocks.{layer}.attn.hook_z", partial(keep_shares, i)),
+        ]
+    sizes = {hook: n_layers for hook in hooks}
+    if aligner_layers:
+        sizes |= dict.fromkeys(ALIGNER_ARRAYS, len(aligner_layers))
+    keep_logits = {"logits_to_keep": 1} if reads_logits_to_keep(model) else {}
+
+    def pool(ids: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        state.clear()
+        state["weights"] = weights
+        state.update({array: [None] * size for array, size in sizes.items()})
+        with torch.no_grad():
+            model(ids, **keep_logits)
+        return {array: torch.stack([x.to(weights.device) for x in state[array]], dim=1) for array in sizes}
+
+    with model.hooks(fwd_hooks=fwd_hooks):
+        yield pool
+
+
 def _write_activations(
     target: Path,
     model: nn.Module,
@@ -230,11 +288,6 @@ def _write_activations(
 ) -> None:
     """Run the model over the prompts `rows` of `dataset` in batches and write their pooled activations into the
     arrays in `target`."""
-    n_layers = model.cfg.n_layers
-    names = {f"blocks.{layer}.{hook}" for hook in hooks for layer in range(n_layers)}
-    active = list(al.layer_indices) if al is not None else []
-    for layer in active:
-        names |= {f"blocks.{layer}.aligner.hook_pattern", f"blocks.{layer}.aligner.hook_z", f"blocks.{layer}.attn.hook_z"}
     out = {
         array: np.load(target / f"{array}.npy", mmap_mode="r+")
         for array in _array_shapes(model, len(dataset), al, hooks)
@@ -242,7 +295,10 @@ def _write_activations(
     token_rows = _token_rows(model, dataset, positions)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     device = next(model.parameters()).device
-    with al.attached(model) if al is not None else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if al is not None:
+            stack.enter_context(al.attached(model))
+        pool = stack.enter_context(pooling(model, hooks, al.layer_indices if al is not None else ()))
         for start in tqdm(range(rows.start, rows.stop, batch_size), desc=f"collect {name}", unit="batch"):
             batch = token_rows[start : min(start + batch_size, rows.stop)]
             length = max(len(ids) for ids, _, _ in batch)
@@ -251,21 +307,8 @@ def _write_activations(
             weights = torch.zeros(len(batch), length, device=device)  # (B, T): the pooling of each row
             for b, (_, first, end) in enumerate(batch):
                 weights[b, first:end] = 1.0 / (end - first)
-            _, cache = model.run_with_cache(ids, names_filter=lambda hook_name: hook_name in names)
-            rows_slice = slice(start, start + len(batch))
-            for hook in hooks:
-                stacked = torch.stack([cache[f"blocks.{layer}.{hook}"] for layer in range(n_layers)], dim=2)  # (B, T, L, d)
-                out[hook][rows_slice] = torch.einsum("bt,btld->bld", weights, stacked.float()).cpu().numpy()
-            for i, layer in enumerate(active):
-                pattern = cache[f"blocks.{layer}.aligner.hook_pattern"].float()  # (B, H, T, N)
-                gated = cache[f"blocks.{layer}.aligner.hook_z"].float()  # (B, T, H, d_head)
-                context = cache[f"blocks.{layer}.attn.hook_z"].float() - gated  # the head's output without the prefix
-                norm = gated.norm(dim=-1)  # (B, T, H)
-                share = norm / (context.norm(dim=-1) + EPS)
-                out["aligner_pattern"][rows_slice, i] = torch.einsum("bt,bhtn->bhn", weights, pattern).cpu().numpy()
-                out["aligner_norm"][rows_slice, i] = torch.einsum("bt,bth->bh", weights, norm).cpu().numpy()
-                out["aligner_share"][rows_slice, i] = torch.einsum("bt,bth->bh", weights, share).cpu().numpy()
-            del cache
+            for array, values in pool(ids, weights).items():
+                out[array][start : start + len(batch)] = values.cpu().numpy()
     for array in out.values():
         array.flush()
 

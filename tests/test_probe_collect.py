@@ -38,10 +38,30 @@ def direct(model, prompt, hook="hook_resid_post"):
     return torch.stack([cache[f"blocks.{l}.{hook}"][0] for l in range(model.cfg.n_layers)])
 
 
+def direct_aligner_arrays(model, al, prompt):
+    """Per adapted layer, a prompt's pattern (T, H, N), |g A V_p| and its share of the head's output (T, H), from
+    run_with_cache on the prompt alone, as the equations of collect.py's top say."""
+    ids = torch.tensor([aligner.chat.prompt_ids(model.tokenizer, prompt)])
+    with al.attached(model):
+        _, cache = model.run_with_cache(ids)
+    arrays = {"aligner_pattern": [], "aligner_norm": [], "aligner_share": []}
+    for layer in al.layer_indices:
+        gated = cache[f"blocks.{layer}.aligner.hook_z"][0]
+        norm = gated.norm(dim=-1)
+        arrays["aligner_pattern"].append(cache[f"blocks.{layer}.aligner.hook_pattern"][0].transpose(0, 1))
+        arrays["aligner_norm"].append(norm)
+        arrays["aligner_share"].append(norm / ((cache[f"blocks.{layer}.attn.hook_z"][0] - gated).norm(dim=-1) + 1e-8))
+    return {name: torch.stack(values, dim=1) for name, values in arrays.items()}  # (T, n_active, ...)
+
+
 @pytest.mark.parametrize("positions", ["last_prompt", "prompt_mean"])
 def test_collected_activations_equal_run_with_cache_on_each_prompt_alone(tiny, tmp_path, positions):
-    al = random_aligner(tiny)
+    al = random_aligner(tiny, n_tokens=3)
     acts = collect(tiny, small_dataset(), [None, al], positions=positions, batch_size=2, cache=tmp_path)
+
+    def pooled(x):
+        return (x[-1] if positions == "last_prompt" else x.mean(dim=0)).numpy()
+
     for name, adapter in (("base", None), (acts.conditions[1], al)):
         for i, prompt in enumerate(PROMPTS):
             if adapter is None:
@@ -49,8 +69,11 @@ def test_collected_activations_equal_run_with_cache_on_each_prompt_alone(tiny, t
             else:
                 with adapter.attached(tiny):
                     expected = direct(tiny, prompt)
-            expected = expected[:, -1] if positions == "last_prompt" else expected.mean(dim=1)
-            np.testing.assert_allclose(acts.resid(name)[i], expected.numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(acts.resid(name)[i], pooled(expected.transpose(0, 1)), rtol=1e-4, atol=1e-5)
+    arrays = acts.arrays[acts.conditions[1]]
+    for i, prompt in enumerate(PROMPTS):
+        for array, expected in direct_aligner_arrays(tiny, al, prompt).items():
+            np.testing.assert_allclose(arrays[array][i], pooled(expected), rtol=1e-4, atol=1e-6)
 
 
 def test_aligner_arrays_are_the_prefix_attention_and_its_share(tiny, tmp_path):
