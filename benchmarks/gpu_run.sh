@@ -35,7 +35,9 @@ step() {  # step NAME SECONDS MODULE ARGS...: one benchmark, its table printed a
 
 # Most wanted first: if the call's time runs out, what ran is already in $OUT.
 step throughput-llama2-7b 200 benchmarks.throughput --shape "$BIG" --rounds 3 --iters 2
-step throughput-smollm2 180 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 3
+# SMALL_THROUGHPUT: more options for it, which override these ("--tables forward --rounds 20": the forward alone,
+# with the rounds its scatter needs on a host-bound model).
+step throughput-smollm2 180 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 3 ${SMALL_THROUGHPUT:-}
 # One product for every layer's prefix against each layer's own projections (layer.py's project_stacked).
 step stacked-smollm2 120 benchmarks.stacked_prefix --shape "$SMALL" --rounds 10 --iters 3
 step bank-smollm2 300 benchmarks.bank --shape "$SMALL" --rounds 2 $BANK

@@ -45,7 +45,13 @@ START_LAYER = 2  # the aligner's default, and AdaptionPrompt's adapted layers ar
 def main() -> None:
     parser = arguments(__doc__)
     parser.add_argument("--n-tokens", default="1,10", help="the aligner sizes N to measure")
+    parser.add_argument(
+        "--tables", default="training,forward", help="which tables to measure (a forward alone takes more rounds)"
+    )
     args = finish(parser.parse_args())
+    tables = args.tables.split(",")
+    if not tables or set(tables) - {"training", "forward"}:
+        raise SystemExit(f"--tables: a comma-separated list of training and forward, got {args.tables!r}")
     n_tokens = [int(n) for n in args.n_tokens.split(",")]
     hf, tokenizer = hf_model(args)
     bridge = bridge_of(hf, tokenizer, name=args.shape)
@@ -135,9 +141,11 @@ def main() -> None:
 
     print(header(args))
     for title, variants in (
-        ("Training (forward + backward + optimizer step)", training),
-        ("Forward (no gradients)", forward),
+        ("Training (forward + backward + optimizer step)", training if "training" in tables else None),
+        ("Forward (no gradients)", forward if "forward" in tables else None),
     ):
+        if variants is None:
+            continue
         run_interleaved(variants, args.rounds, args.iters, args.device)
         raw, bridged = variants[0], variants[1]
         rows = [[v.name, f"{rate(v):,.0f}", f"{ratio(v, raw):.3f}", f"{ratio(v, bridged):.3f}"] for v in variants]
@@ -161,7 +169,7 @@ def main() -> None:
         )
     print(table(sizes, ["adapter", "parameters", "bytes in memory", "bytes on disk"]))
 
-    if args.device == "cuda":
+    if args.device == "cuda" and "training" in tables:
         print("\nPeak GPU memory of one training step (weights included):\n")
         peaks = []
         for variant in training:
