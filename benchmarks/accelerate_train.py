@@ -36,11 +36,11 @@ from benchmarks.common import (
     finish,
     header,
     hf_model,
+    peak_gib,
     random_aligner,
     rate,
     ratio,
     run_interleaved,
-    synchronize,
     table,
 )
 
@@ -119,16 +119,8 @@ def main() -> None:
     print(table(rows, ["variant", "tokens/s", "/ plain steps"]))
 
     if args.device == "cuda":
-        peaks = []
-        for variant in variants:
-            with variant.context():
-                synchronize(args.device)
-                torch.cuda.reset_peak_memory_stats()
-                variant.call()
-                synchronize(args.device)
-            peaks.append([variant.name, f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"])
         print("\nPeak GPU memory of a call (weights included):\n")
-        print(table(peaks, ["variant", "peak GiB"]))
+        print(table([[v.name, f"{peak_gib(v):.2f}"] for v in variants], ["variant", "peak GiB"]))
 
 
 if __name__ == "__main__":

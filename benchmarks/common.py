@@ -258,6 +258,16 @@ def run_interleaved(variants: list[Variant], rounds: int, iters: int, device: st
                 variant.seconds.append((time.perf_counter() - start) / iters)
 
 
+def peak_gib(variant: Variant) -> float:
+    """Peak GPU memory of one call of `variant` inside its context, weights included, in GiB."""
+    with variant.context():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        variant.call()
+        torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
 def rate(variant: Variant) -> float:
     """Median tokens per second over the rounds."""
     return variant.tokens / statistics.median(variant.seconds)

@@ -21,6 +21,7 @@ from benchmarks.common import (
     header,
     hf_model,
     no_grad,
+    peak_gib,
     random_aligner,
     rate,
     ratio,
@@ -85,6 +86,9 @@ def main() -> None:
             ["variant", "tokens/s", "/ reference", "reference"],
         )
     )
+    if args.device == "cuda":
+        print("\nPeak GPU memory of a call (weights included):\n")
+        print(table([[v.name, f"{peak_gib(v):.2f}"] for v in variants], ["variant", "peak GiB"]))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from benchmarks.common import (
     hf_model,
     input_gradients,
     no_grad,
+    peak_gib,
     prefix_kept,
     random_aligner,
     random_bridge_lora,
@@ -171,15 +172,7 @@ def main() -> None:
 
     if args.device == "cuda" and "training" in tables:
         print("\nPeak GPU memory of one training step (weights included):\n")
-        peaks = []
-        for variant in training:
-            with variant.context():
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                variant.call()
-                torch.cuda.synchronize()
-            peaks.append([variant.name, f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"])
-        print(table(peaks, ["variant", "peak GiB"]))
+        print(table([[v.name, f"{peak_gib(v):.2f}"] for v in training], ["variant", "peak GiB"]))
 
 
 if __name__ == "__main__":
