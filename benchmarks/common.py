@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,19 +103,26 @@ def finish(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def header(args: argparse.Namespace) -> str:
-    """Where and how the numbers below were measured, to paste above them."""
-    if args.device == "cuda":
+def command_and_machine(
+    device: str, packages: Sequence[str] = ("torch", "transformers", "transformer-lens", "peft")
+) -> str:
+    """The command a table was printed by, and the machine, Python and package versions it ran on."""
+    if device == "cuda":
         machine = f"{torch.cuda.get_device_name()} ({torch.version.cuda and 'CUDA ' + torch.version.cuda})"
     else:
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    versions = ", ".join(
-        f"{name} {importlib.metadata.version(name)}" for name in ("torch", "transformers", "transformer-lens", "peft")
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in packages)
+    return (
+        f"command: {' '.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])}\n"
+        f"machine: {machine}; python {platform.python_version()}; {versions}"
     )
+
+
+def header(args: argparse.Namespace) -> str:
+    """Where and how the numbers below were measured, to paste above them."""
     return "\n".join(
         [
-            f"command: {' '.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])}",
-            f"machine: {machine}; python {platform.python_version()}; {versions}",
+            command_and_machine(args.device),
             f"model: {args.shape} ({args.weights} weights, {str(args.dtype).removeprefix('torch.')}); "
             f"batch {args.batch} x {args.seq} tokens; {args.rounds} interleaved rounds x {args.iters} calls; "
             f"{datetime.datetime.now().isoformat(timespec='seconds')}",

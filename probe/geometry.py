@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 from scipy.linalg import orth, subspace_angles
 
+from probe.probes import few_blas_threads
+
 NULL_QUANTILES = (0.05, 0.5, 0.95)  # the band's low edge, middle and high edge
 
 
@@ -78,23 +80,24 @@ def layer_geometry(
     5/50/95% quantiles of both nulls. `base` and `aligned` are (n, n_layers, d), the same prompts."""
     rng = np.random.default_rng(seed)
     rows = []
-    for layer in layers:
-        delta = aligned[:, layer] - base[:, layer]
-        if not np.any(delta):
-            continue  # a layer before the aligner's first: nothing changed
-        directions = top_directions(delta)
-        reference = orth(knowledge[layer].T)
-        row = {
-            "layer": layer,
-            "delta_dim": directions.shape[1],
-            "knowledge_dim": reference.shape[1],
-            "relative_delta": float(np.linalg.norm(delta, axis=1).mean() / np.linalg.norm(base[:, layer], axis=1).mean()),
-            "overlap": overlap(directions, reference),
-            "min_angle": float(principal_angles(directions, reference)[0]),
-        }
-        for null, activations in (("random", None), ("covariance", base[:, layer])):
-            draws = null_overlaps(reference, directions.shape[1], n_draws, rng, activations)
-            for q in NULL_QUANTILES:
-                row[f"{null}_q{round(q * 100):02d}"] = float(np.quantile(draws, q))
-        rows.append(row)
+    with few_blas_threads():
+        for layer in layers:
+            delta = aligned[:, layer] - base[:, layer]
+            if not np.any(delta):
+                continue  # a layer before the aligner's first: nothing changed
+            directions = top_directions(delta)
+            reference = orth(knowledge[layer].T)
+            row = {
+                "layer": layer,
+                "delta_dim": directions.shape[1],
+                "knowledge_dim": reference.shape[1],
+                "relative_delta": float(np.linalg.norm(delta, axis=1).mean() / np.linalg.norm(base[:, layer], axis=1).mean()),
+                "overlap": overlap(directions, reference),
+                "min_angle": float(principal_angles(directions, reference)[0]),
+            }
+            for null, activations in (("random", None), ("covariance", base[:, layer])):
+                draws = null_overlaps(reference, directions.shape[1], n_draws, rng, activations)
+                for q in NULL_QUANTILES:
+                    row[f"{null}_q{round(q * 100):02d}"] = float(np.quantile(draws, q))
+            rows.append(row)
     return pd.DataFrame(rows)

@@ -21,7 +21,20 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
+
+# A probe fits on a few hundred rows of d_model numbers, and the geometry's null draws are as small: products so small
+# that BLAS threads spend longer waiting on each other than computing (on SmolLM2's activations, with two threads on
+# two cores, the form probe fits 13 times slower than with one, and the geometry runs 2.5 times slower:
+# benchmarks/probe_fit.py). So probe's fits and draws run on BLAS_THREADS threads; None leaves the libraries' own
+# setting (a thread per core).
+BLAS_THREADS: int | None = 1
+
+
+def few_blas_threads() -> threadpool_limits:
+    """Within it, BLAS (numpy's, scipy's) runs on BLAS_THREADS threads; the setting is restored on exit."""
+    return threadpool_limits(limits=BLAS_THREADS, user_api="blas")
 
 
 class LayerwiseProbe(ClassifierMixin, BaseEstimator):
@@ -35,7 +48,8 @@ class LayerwiseProbe(ClassifierMixin, BaseEstimator):
         return make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter))
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "LayerwiseProbe":
-        self.probes_ = [self._pipeline().fit(X[:, layer], y) for layer in range(X.shape[1])]
+        with few_blas_threads():
+            self.probes_ = [self._pipeline().fit(X[:, layer], y) for layer in range(X.shape[1])]
         self.classes_ = self.probes_[0].classes_
         return self
 

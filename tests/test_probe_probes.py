@@ -2,6 +2,8 @@
 
 import numpy as np
 from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from probe.probes import LayerwiseProbe, control_labels, evaluate_probe, selectivity, wilson_interval
 
@@ -68,3 +70,24 @@ def test_layerwise_probe_is_a_scikit_learn_estimator():
     assert probe.predict(X).shape == (len(y), 3)
     assert probe.score(X, y).shape == (3,)
     assert [w.shape for w in probe.directions()] == [(3, 32)] * 3
+
+
+def blas_threads() -> set[int]:
+    return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
+
+
+def test_probes_fit_on_one_blas_thread_and_leave_the_setting_as_it_was(monkeypatch):
+    # Several BLAS threads on a probe's small products are many times slower than one (benchmarks/probe_fit.py).
+    seen = []
+    fit = LogisticRegression.fit
+
+    def watched(self, *args, **kwargs):
+        seen.append(blas_threads())
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticRegression, "fit", watched)
+    X, y, _ = planted()
+    with threadpool_limits(limits=2, user_api="blas"):
+        LayerwiseProbe().fit(X, y)
+        assert blas_threads() == {2}
+    assert seen == [{1}] * X.shape[1]
