@@ -91,7 +91,9 @@ def layer_geometry(
                 "layer": layer,
                 "delta_dim": directions.shape[1],
                 "knowledge_dim": reference.shape[1],
-                "relative_delta": float(np.linalg.norm(delta, axis=1).mean() / np.linalg.norm(base[:, layer], axis=1).mean()),
+                "relative_delta": float(
+                    np.linalg.norm(delta, axis=1).mean() / np.linalg.norm(base[:, layer], axis=1).mean()
+                ),
                 "overlap": overlap(directions, reference),
                 "min_angle": float(principal_angles(directions, reference)[0]),
             }
