@@ -104,9 +104,10 @@ def collect(
     cache: str | Path | None = None,
 ) -> Activations:
     """Activations of `model` (a TransformerBridge) on `dataset`, once per entry of `aligners` (None: the base
-    model; a run directory; an Aligner), at `positions` (see POSITIONS), for each of `hooks`
-    (`blocks.{l}.{hook}` at every layer), plus the aligner's own hook points. Entries are kept under `cache`
-    (default: `aligner.loading.cache_dir()/probe`); a second call with the same inputs reads them back.
+    model; a run directory; an Aligner), at `positions` (see POSITIONS), for each of `hooks` (`blocks.{l}.{hook}`
+    at every layer, a hook point shaped (batch, position, d_model)), plus the aligner's own hook points. Entries are
+    kept under `cache` (default: `aligner.loading.cache_dir()/probe`); a second call with the same inputs reads them
+    back.
 
     Under `accelerate launch`, every process calls this with the same arguments, each with its model on its own
     device: the prompts are shared among the processes, each writes its rows into the one entry (the cache must
@@ -227,7 +228,7 @@ def pooling(
     `blocks.{l}.{hook}` for every layer and each of `hooks` (B, n_layers, d_model), and for the adapted layers
     `aligner_layers` the aligner's pattern (B, n_active, H, N), norm and share (B, n_active, H). The hooks are added
     once, for every batch; an aligner, if any, is attached before."""
-    n_layers = model.cfg.n_layers
+    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
     state: dict[str, Any] = {}  # the batch's weights, the gated contribution of the layer running, the arrays made
 
     def pooled(activation: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, ...): weighted over T, in float32
@@ -235,6 +236,11 @@ def pooling(
         return (weights.unsqueeze(1) @ activation.float().flatten(2)).view(activation.shape[:1] + activation.shape[2:])
 
     def keep(array: str, index: int, activation: torch.Tensor, hook: Any) -> None:
+        if activation.dim() != 3 or activation.shape[-1] != d_model:
+            raise ValueError(
+                f"hooks: {hook.name} gives activations shaped {tuple(activation.shape)}; collect keeps hook points "
+                f"shaped (batch, position, d_model = {d_model}), such as hook_resid_post, hook_attn_out, hook_mlp_out"
+            )
         state[array][index] = pooled(activation)
 
     def keep_pattern(index: int, pattern: torch.Tensor, hook: Any) -> None:  # (B, H, T, N)

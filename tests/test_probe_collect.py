@@ -142,3 +142,11 @@ def test_two_processes_share_one_cache(tmp_path):
         assert worker.exitcode == 0
     np.testing.assert_array_equal(results[0], results[1])
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1  # one entry, no staging left behind
+
+
+def test_a_hook_point_of_another_shape_is_refused_by_name_and_leaves_no_entry(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.hook_z gives activations shaped \(3, \d+, 4, 16\)"):
+        collect(tiny, small_dataset(), [None], hooks=("attn.hook_z",), cache=tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no entry, no staging directory left behind
+    acts = collect(tiny, small_dataset(), [None], hooks=("hook_attn_out",), cache=tmp_path)
+    assert acts.arrays["base"]["hook_attn_out"].shape == (3, tiny.cfg.n_layers, tiny.cfg.d_model)
