@@ -12,9 +12,9 @@ Probes and Geometry tabs at the default: every layer, five folds, each label, ti
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import time
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -29,15 +29,6 @@ from probe.geometry import layer_geometry
 from probe.probes import LayerwiseProbe, control_labels
 
 SETTINGS = {"BLAS as loaded (a thread per core)": None, "BLAS on one thread (the default)": 1}
-
-
-@contextlib.contextmanager
-def blas_threads(threads: int | None):
-    old, probe.probes.BLAS_THREADS = probe.probes.BLAS_THREADS, threads
-    try:
-        yield
-    finally:
-        probe.probes.BLAS_THREADS = old
 
 
 def main() -> None:
@@ -82,7 +73,9 @@ def main() -> None:
         ),
     }
     variants = {
-        (call_name, setting): Variant(f"{call_name}; {setting}", call, lambda threads=threads: blas_threads(threads))
+        (call_name, setting): Variant(
+            f"{call_name}; {setting}", call, lambda threads=threads: patch.object(probe.probes, "BLAS_THREADS", threads)
+        )
         for call_name, call in calls.items()
         for setting, threads in SETTINGS.items()
     }

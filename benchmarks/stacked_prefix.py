@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from unittest.mock import patch
 
 import torch
 
@@ -36,15 +37,6 @@ from benchmarks.common import (
 )
 
 
-@contextlib.contextmanager
-def stacking_limit(limit: float):
-    old, aligner.model.STACKED_PREFIX_BYTES = aligner.model.STACKED_PREFIX_BYTES, limit
-    try:
-        yield
-    finally:
-        aligner.model.STACKED_PREFIX_BYTES = old
-
-
 def main() -> None:
     parser = arguments(__doc__, batch=8, seq=512, rounds=20, iters=3)
     parser.add_argument("--n-tokens", default="1,10", help="the aligner sizes N to measure")
@@ -58,7 +50,7 @@ def main() -> None:
 
     @contextlib.contextmanager
     def attached(al, limit):
-        with stacking_limit(limit), al.attached(bridge):
+        with patch.object(aligner.model, "STACKED_PREFIX_BYTES", limit), al.attached(bridge):
             assert al._stacked == (limit > 0)
             yield
 
