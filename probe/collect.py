@@ -238,7 +238,7 @@ def pooling(
     def keep(array: str, index: int, activation: torch.Tensor, hook: Any) -> None:
         if activation.dim() != 3 or activation.shape[-1] != d_model:
             raise ValueError(
-                f"hooks: {hook.name} gives activations shaped {tuple(activation.shape)}; collect keeps hook points "
+                f"hooks: blocks.{index}.{array} gives activations shaped {tuple(activation.shape)}; collect keeps hook points "
                 f"shaped (batch, position, d_model = {d_model}), such as hook_resid_post, hook_attn_out, hook_mlp_out"
             )
         state[array][index] = pooled(activation)
