@@ -41,6 +41,7 @@ from benchmarks.common import (
 )
 
 START_LAYER = 2  # the aligner's default, and AdaptionPrompt's adapted layers are the same top ones
+TABLES = ("training", "forward")  # what --tables may name, in the order they are measured
 
 
 def main() -> None:
@@ -51,8 +52,8 @@ def main() -> None:
     )
     args = finish(parser.parse_args())
     tables = args.tables.split(",")
-    if not tables or set(tables) - {"training", "forward"}:
-        raise SystemExit(f"--tables: a comma-separated list of training and forward, got {args.tables!r}")
+    if set(tables) - set(TABLES):
+        raise SystemExit(f"--tables: a comma-separated list of {' and '.join(TABLES)}, got {args.tables!r}")
     n_tokens = [int(n) for n in args.n_tokens.split(",")]
     hf, tokenizer = hf_model(args)
     bridge = bridge_of(hf, tokenizer, name=args.shape)
@@ -141,12 +142,11 @@ def main() -> None:
     ]
 
     print(header(args))
-    for title, variants in (
-        ("Training (forward + backward + optimizer step)", training if "training" in tables else None),
-        ("Forward (no gradients)", forward if "forward" in tables else None),
-    ):
-        if variants is None:
-            continue
+    titled = {
+        "training": ("Training (forward + backward + optimizer step)", training),
+        "forward": ("Forward (no gradients)", forward),
+    }
+    for title, variants in (titled[name] for name in TABLES if name in tables):
         run_interleaved(variants, args.rounds, args.iters, args.device)
         raw, bridged = variants[0], variants[1]
         rows = [[v.name, f"{rate(v):,.0f}", f"{ratio(v, raw):.3f}", f"{ratio(v, bridged):.3f}"] for v in variants]
