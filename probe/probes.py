@@ -63,8 +63,13 @@ class LayerwiseProbe(ClassifierMixin, BaseEstimator):
 
     def directions(self) -> list[np.ndarray]:
         """Per layer, the probe's weight vectors in the raw activation space, (n_classes or 1, d): the
-        directions it reads. Standardising divides feature j by its scale, so w_raw = w / scale."""
-        return [p[-1].coef_ / p[0].scale_ for p in self.probes_]
+        directions it reads. Standardising divides feature j by its scale, so w_raw = w / scale. A softmax over
+        K > 2 classes reads only the differences of their weight vectors, so the K vectors are centred: they then
+        span the K - 1 dimensions the probe reads. Uncentred, fitted on float32 activations, they also carry the
+        rounding of a shift common to all K (the penalised fit has none), which a subspace spanned by them keeps as
+        one more direction: noise that moved the geometry's per-layer numbers from one build to the next."""
+        weights = [p[-1].coef_ / p[0].scale_ for p in self.probes_]
+        return [w - w.mean(axis=0) if len(w) > 1 else w for w in weights]
 
 
 def control_labels(labels: np.ndarray, entities: np.ndarray, seed: int = 0) -> np.ndarray:

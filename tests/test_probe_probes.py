@@ -1,6 +1,7 @@
 """Linear probes: they find a planted direction, fail on the control task, and transfer as they should."""
 
 import numpy as np
+from scipy.linalg import orth
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -70,6 +71,18 @@ def test_layerwise_probe_is_a_scikit_learn_estimator():
     assert probe.predict(X).shape == (len(y), 3)
     assert probe.score(X, y).shape == (3,)
     assert [w.shape for w in probe.directions()] == [(3, 32)] * 3
+
+
+def test_multiclass_directions_span_the_differences_of_the_classes():
+    # Three classes are read through two differences. Fitted on float32 activations, as probe.collect keeps them,
+    # the three weight vectors also span the rounding of a shift common to all three: a third, spurious direction.
+    X, y, _ = planted()
+    X = X.astype(np.float32)
+    multiclass = LayerwiseProbe().fit(X, y).directions()[1]
+    assert np.allclose(multiclass.sum(axis=0), 0, atol=1e-6 * np.abs(multiclass).max())
+    assert orth(multiclass.T).shape[1] == 2
+    binary = LayerwiseProbe().fit(X, y == 0).directions()[1]
+    assert binary.shape == (1, 32) and np.linalg.norm(binary) > 0.1
 
 
 def blas_threads() -> set[int]:
