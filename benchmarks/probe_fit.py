@@ -24,8 +24,8 @@ import aligner
 import probe.probes
 from benchmarks.common import Variant, command_and_machine, ratio, run_interleaved, table
 from probe import collect, knowledge_dataset
-from probe.explore import form_probe_curves, geometry_table, knowledge_directions, knowledge_probe_curves
-from probe.geometry import layer_geometry
+from probe.explore import form_probe_curves, geometry_table, knowledge_probe_curves
+from probe.geometry import knowledge_directions, layer_geometry
 from probe.probes import LayerwiseProbe, control_labels
 
 SETTINGS = {"BLAS as loaded (a thread per core)": None, "BLAS on one thread (the default)": 1}
@@ -55,7 +55,7 @@ def main() -> None:
     train_base = train[train < n]
     form_control = control_labels(form_y, np.tile(np.arange(n), len(conditions)))
     region_control = control_labels(region, activations.dataset.entities)
-    directions = knowledge_directions(activations)
+    directions = knowledge_directions(base, activations.dataset.labels)
     aligned = np.asarray(activations.resid(conditions[1]))
 
     def fits(X, task, control, rows):

@@ -26,9 +26,9 @@ from aligner.suite import SUMMARY_COLUMNS
 from probe.collect import Activations
 from probe.dataset import ProbeDataset
 from probe.embeddings import embedding_frame
-from probe.geometry import layer_geometry
+from probe.geometry import knowledge_directions, layer_geometry
 from probe.model_report import evaluation_rows
-from probe.probes import LayerwiseProbe, evaluate_probe
+from probe.probes import evaluate_probe
 
 
 def paper_checkpoints(directory: str | Path) -> tuple[dict[str, Aligner], list[tuple[str, str]]]:
@@ -76,19 +76,12 @@ def knowledge_probe_curves(
     return results
 
 
-def knowledge_directions(activations: Activations) -> list[np.ndarray]:
-    """Per layer, the weight vectors of probes for every knowledge label fitted on the base activations, stacked
-    (c, d): the knowledge subspace that `geometry_table` compares against."""
-    base = np.asarray(activations.resid("base"))
-    probes = {label: LayerwiseProbe().fit(base, values).directions() for label, values in activations.dataset.labels.items()}
-    return [np.concatenate([probes[label][layer] for label in probes]) for layer in range(base.shape[1])]
-
-
 def geometry_table(activations: Activations, condition: str, layers: Sequence[int], seed: int = 0) -> pd.DataFrame:
     """`probe.geometry.layer_geometry` of one aligned condition against the knowledge subspace, per layer."""
     base = np.asarray(activations.resid("base"))
     aligned = np.asarray(activations.resid(condition))
-    return layer_geometry(base, aligned, knowledge_directions(activations), list(layers), seed=seed)
+    knowledge = knowledge_directions(base, activations.dataset.labels)
+    return layer_geometry(base, aligned, knowledge, list(layers), seed=seed)
 
 
 def activation_frame(

@@ -16,13 +16,13 @@ activations' own variation is.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy.linalg import orth, subspace_angles
 
-from probe.probes import few_blas_threads
+from probe.probes import LayerwiseProbe, few_blas_threads
 
 NULL_QUANTILES = (0.05, 0.5, 0.95)  # the band's low edge, middle and high edge
 
@@ -65,6 +65,13 @@ def null_overlaps(
             directions = centred.T @ rng.standard_normal((centred.shape[0], dim))
         draws.append(overlap(directions, reference))
     return np.array(draws)
+
+
+def knowledge_directions(base: np.ndarray, labels: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Per layer, the weight vectors (`LayerwiseProbe.directions`) of a probe for each of `labels` fitted on
+    `base` (n, n_layers, d), stacked (c, d): the knowledge subspace that `layer_geometry` compares against."""
+    probes = {label: LayerwiseProbe().fit(base, values).directions() for label, values in labels.items()}
+    return [np.concatenate([probes[label][layer] for label in probes]) for layer in range(base.shape[1])]
 
 
 def layer_geometry(

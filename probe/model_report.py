@@ -42,8 +42,8 @@ from probe.gates import (
     layer_head_heatmap,
     rank_layers,
 )
-from probe.geometry import layer_geometry
-from probe.probes import LayerwiseProbe, evaluate_probe, selectivity
+from probe.geometry import knowledge_directions, layer_geometry
+from probe.probes import evaluate_probe, selectivity
 from probe.report import Report
 
 # The verdict's tests (see `verdict`).
@@ -361,13 +361,11 @@ def geometry_section(report: Report, activations: Activations, aligners: dict[st
     section.text(
         "Per layer, Δ = aligned - base residual activations of the same prompts; its top singular directions (90% "
         "of its energy, at most 8) against the subspace of the knowledge probes' weights (all labels, fitted on base "
-        "activations). Overlap = mean squared cosine of the principal angles. Bands: 5-95% of the overlap of random "
+        "activations; a probe of K classes gives K - 1 dimensions, its class weights centred). Overlap = mean squared cosine of the principal angles. Bands: 5-95% of the overlap of random "
         "subspaces of Δ's dimension, uniform (random) or drawn from the base activations' covariance (covariance)."
     )
-    dataset = activations.dataset
     base = np.asarray(activations.resid("base"))
-    probes = {label: LayerwiseProbe().fit(base, values).directions() for label, values in dataset.labels.items()}
-    knowledge = [np.concatenate([probes[label][layer] for label in probes]) for layer in range(base.shape[1])]
+    knowledge = knowledge_directions(base, activations.dataset.labels)
     metrics = {}
     for name, al in aligners.items():
         table = layer_geometry(base, np.asarray(activations.resid(names[name])), knowledge, list(al.layer_indices), seed=seed)
