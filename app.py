@@ -36,13 +36,12 @@ from probe.explore import (
     activation_frame,
     efficiency_summary,
     evaluation_set,
-    form_probe_curves,
     geometry_table,
     knowledge_probe_curves,
     paper_checkpoints,
 )
 from probe.gates import ablation_curves, answers, gate_heatmap, gate_profiles, gate_scale_curve, prefix_attention
-from probe.model_report import geometry_figure, probe_figure
+from probe.model_report import form_probe_curves, geometry_figure, probe_figure
 
 ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT.parent / "shared" / "paper_aligners"  # the authors' checkpoints, where the workplace lays them
@@ -420,7 +419,7 @@ def geometry_view(bench: Workbench) -> None:
     st.dataframe(table, hide_index=True)
     st.caption(
         "Per layer: Δ = aligned − base activations; its top singular directions against the subspace of the knowledge probes' "
-        "weights. Bands: 5–95% of the overlap of random subspaces of Δ's dimension (uniform, or drawn from the base activations' covariance)."
+        "weights (a probe of K classes gives K − 1 dimensions). Bands: 5–95% of the overlap of random subspaces of Δ's dimension (uniform, or drawn from the base activations' covariance)."
     )
 
 

@@ -4,7 +4,8 @@ that the app and the report agree.
 
     paper_checkpoints       the authors' released aligners in a directory, each bad file with its reason
     evaluation_set          held-out prompts (subjects no run was trained on) for behaviour, ablations, hovers
-    form_probe_curves       which condition produced the activations, per layer (form), with its control
+    (form_probe_curves      which condition produced the activations, per layer, with its control: the report's
+                            own, in probe.model_report)
     knowledge_probe_curves  a knowledge label per layer: probes trained on base, scored on each aligner's
                             activations as they are and centred on the base mean (transfer), with the control
     geometry_table          overlap of the aligner's effect with the knowledge probes' subspace against nulls
@@ -46,15 +47,6 @@ def paper_checkpoints(directory: str | Path) -> tuple[dict[str, Aligner], list[t
 def evaluation_set(dataset: ProbeDataset, aligners: Mapping[str, Aligner], n_eval: int = 12) -> ProbeDataset:
     """`n_eval` prompts of `dataset` (first question template) about subjects that no run was trained on."""
     return dataset.subset(evaluation_rows(dataset, dict(aligners), n_eval))
-
-
-def form_probe_curves(activations: Activations, conditions: Sequence[str], folds: int = 5, seed: int = 0) -> pd.DataFrame:
-    """Accuracy per layer of a probe telling which of `conditions` (base, runs) produced the residual stream,
-    with its control task: how early and how linearly each aligner's form is written in."""
-    n = len(activations.dataset)
-    stacked = np.concatenate([np.asarray(activations.resid(c)) for c in conditions])
-    labels, prompts = np.repeat(list(conditions), n), np.tile(np.arange(n), len(conditions))
-    return evaluate_probe(stacked, labels, prompts, folds=folds, seed=seed, desc="form probe")
 
 
 def knowledge_probe_curves(

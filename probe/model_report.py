@@ -319,11 +319,7 @@ def probes_section(report: Report, activations: Activations, names: dict[str, st
     )
     dataset = activations.dataset
     base = np.asarray(activations.resid("base"))
-    conditions = ["base", *names.values()]
-    stacked = np.concatenate([np.asarray(activations.resid(c)) for c in conditions])
-    form_results = evaluate_probe(
-        stacked, np.repeat(conditions, len(dataset)), np.tile(np.arange(len(dataset)), len(conditions)), folds=folds, seed=seed, desc="form probe"
-    )
+    form_results = form_probe_curves(activations, ["base", *names.values()], folds=folds, seed=seed)
     section.figure(probe_figure(form_results, "Form probe: which condition (base or which aligner) produced the activations"))
     metrics: dict[str, Any] = {"form": form_results, "form_selectivity": selectivity(form_results), "knowledge": {}, "selectivity": {}}
     transfer = {}
@@ -354,6 +350,16 @@ def probe_figure(results: pd.DataFrame, title: str) -> go.Figure:
     )
     fig.add_hline(y=float(results.chance.iloc[0]), line_dash="dot", annotation_text="majority class")
     return fig
+
+
+def form_probe_curves(activations: Activations, conditions: Sequence[str], folds: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Accuracy per layer of a probe telling which of `conditions` (base, runs) produced the residual stream,
+    with its control task: how early and how linearly each aligner's form is written in. A prompt's rows under the
+    conditions share a fold: before the aligner's first layer they are identical, and there the probe is at chance."""
+    n = len(activations.dataset)
+    stacked = np.concatenate([np.asarray(activations.resid(c)) for c in conditions])
+    labels, prompts = np.repeat(list(conditions), n), np.tile(np.arange(n), len(conditions))
+    return evaluate_probe(stacked, labels, prompts, folds=folds, seed=seed, desc="form probe", groups=prompts)
 
 
 def geometry_section(report: Report, activations: Activations, aligners: dict[str, Aligner], names: dict[str, str], seed: int) -> dict[str, Any]:

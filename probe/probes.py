@@ -18,7 +18,7 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -94,23 +94,30 @@ def evaluate_probe(
     seed: int = 0,
     C: float = 1.0,
     desc: str = "probe",
+    groups: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Cross-validated accuracy per layer of probes for `y` on X (n, n_layers, d), as a long table with columns
     layer, target ("task" or "control"), scored_on ("self" or a key of `transfer`), accuracy, ci_low, ci_high,
     n, chance (the majority class's share). Each `transfer[name]` holds the same prompts' activations under
     another condition: the probes trained on X's training folds are scored on its test folds. Classes with
-    fewer rows than `folds` are left out (stratified folds need one per fold); n says how many rows remain."""
+    fewer rows than `folds` are left out (stratified folds need one per fold); n says how many rows remain.
+    Rows of one `groups` value (one prompt under several conditions) share a fold: a probe is then never tested
+    on a row whose copy, identical where the conditions do not differ, it saw in training with another label."""
     y = np.asarray(y)
     values, counts = np.unique(y, return_counts=True)
     keep = np.isin(y, values[counts >= folds])
     X, y, entities = X[keep], y[keep], np.asarray(entities)[keep]
+    groups = None if groups is None else np.asarray(groups)[keep]
     transfer = {name: other[keep] for name, other in (transfer or {}).items()}
     targets = {"task": y, "control": control_labels(y, entities, seed)}
     rows = []
     for target, labels in targets.items():
         scored_on = {"self": X, **(transfer if target == "task" else {})}  # the control is not transferred
         predicted = {name: np.empty((len(y), X.shape[1]), dtype=object) for name in scored_on}
-        splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(X[:, 0], labels)
+        if groups is None:
+            splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(X[:, 0], labels)
+        else:
+            splits = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(X[:, 0], labels, groups)
         for train, test in tqdm(list(splits), desc=f"{desc} ({target})", unit="fold", leave=False):
             probe = LayerwiseProbe(C=C).fit(X[train], labels[train])
             for name, activations in scored_on.items():

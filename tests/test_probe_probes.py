@@ -104,3 +104,19 @@ def test_probes_fit_on_one_blas_thread_and_leave_the_setting_as_it_was(monkeypat
         LayerwiseProbe().fit(X, y)
         assert blas_threads() == {2}
     assert seen == [{1}] * X.shape[1]
+
+
+def test_rows_of_one_prompt_share_a_fold_so_identical_copies_read_as_chance():
+    # Two conditions whose activations are the same prompt's, identical at layer 0 (before an aligner's first
+    # layer) and apart at layer 1: the form probe's situation.
+    rng = np.random.default_rng(0)
+    n, d = 60, 16
+    same = rng.standard_normal((n, 1, d))
+    conditions = [np.concatenate([same, same + offset], axis=1) for offset in (0.0, 3.0)]
+    X = np.concatenate(conditions)
+    labels, prompts = np.repeat(["base", "aligned"], n), np.tile(np.arange(n), 2)
+    grouped = evaluate_probe(X, labels, prompts, folds=5, groups=prompts)
+    assert accuracy(grouped, 0) == 0.5  # each prompt's two identical rows get one prediction: one right, one wrong
+    assert accuracy(grouped, 1) > 0.95
+    # Split by rows, a test row's identical copy is in training with the other label: below chance.
+    assert accuracy(evaluate_probe(X, labels, prompts, folds=5), 0) < 0.3
