@@ -2,7 +2,8 @@
 `aligner` and `probe`, this file only lays them out.
 
 The base model loads once (`st.cache_resource`); runs and activations are kept as resources keyed by their
-files' versions, analyses in `st.cache_data` (on disk, keyed by the base model's weights fingerprint), and
+files' versions, analyses in `st.cache_data` (on disk, keyed by the base model's weights fingerprint and the
+source of `aligner` and `probe`), and
 activations in the probe's own disk cache, so that changing a widget recomputes only what depends on it. Only
 the open tab runs (`st.tabs(on_change="rerun")`). Environment variables set the sidebar's defaults:
 ALIGNER_APP_MODEL, ALIGNER_APP_RUNS, ALIGNER_APP_PAPERS, ALIGNER_APP_RESULTS (the tests point them at the tiny
@@ -24,6 +25,7 @@ import streamlit as st
 from torch import nn
 
 import aligner
+import probe
 from aligner.cli import open_model
 from aligner.methods import Method, load_method
 from aligner.runs import METHOD_MAKERS, RunInfo, list_runs, run_losses, task_examples, train_run
@@ -39,6 +41,7 @@ from probe.explore import (
     geometry_table,
     knowledge_probe_curves,
     paper_checkpoints,
+    source_digest,
 )
 from probe.gates import ablation_curves, answers, gate_heatmap, gate_profiles, gate_scale_curve, prefix_attention
 from probe.model_report import form_probe_curves, geometry_figure, probe_figure
@@ -97,7 +100,8 @@ def shows_errors(view: Callable[[Workbench], None]) -> Callable[[Workbench], Non
 @st.cache_resource(show_spinner="Loading the base model…")
 def load_base(name: str) -> tuple[nn.Module, str]:
     model = open_model(name)
-    return model, aligner.model_fingerprint(model)
+    # the key of every analysis kept on disk: the base model's weights and the code the analyses run through
+    return model, f"{aligner.model_fingerprint(model)}-{source_digest(aligner, probe)}"
 
 
 @st.cache_resource(show_spinner=False)

@@ -1,9 +1,11 @@
-"""How far the geometry's numbers move when the base activations move by a few float32 roundings, with the
+"""How far the geometry's numbers move when the activations move by a few float32 roundings, with the
 knowledge subspace spanned as `LayerwiseProbe.directions` gives it (a multiclass probe's class weights centred)
 and as it was before (each class's raw weight vector), side by side on SmolLM2's activations of a knowledge set
 under the base model and committed runs (collected first, or read from probe's disk cache). Per run and way: the
 knowledge subspace's dimension at the first layer, the geometry's means over the adapted layers, and the largest
-change of each per-layer number under the perturbation.
+change of each per-layer number under the perturbation. Every condition's activations move by the same noise, so
+Δ = aligned - base stays as it was up to rounding (and zero before the aligner's first layer), and what moves is
+what is fitted or drawn on the base activations: the knowledge probes and the covariance null.
 
     python -m benchmarks.geometry_steadiness
 """
@@ -48,14 +50,14 @@ def main() -> None:
     activations = collect(model, knowledge_dataset(args.knowledge, args.subjects), [None, *args.runs])
     base = np.asarray(activations.resid("base"))
     scale = np.abs(base).mean(axis=-1, keepdims=True)
-    perturbed = base + (np.random.default_rng(0).standard_normal(base.shape) * args.noise * scale).astype(base.dtype)
+    noise = (np.random.default_rng(0).standard_normal(base.shape) * args.noise * scale).astype(base.dtype)
     layers = range(base.shape[1])  # layer_geometry skips those the aligner leaves as they were
 
     rows = []
     with tqdm(total=len(WAYS) * (2 + 2 * len(args.runs)), desc="geometry", unit="step") as progress:
         for way, directions in WAYS.items():
             knowledge = []
-            for activations_of in (base, perturbed):
+            for activations_of in (base, base + noise):
                 swapped = patch.object(LayerwiseProbe, "directions", directions) if directions else contextlib.nullcontext()
                 with swapped:
                     knowledge.append(knowledge_directions(activations_of, activations.dataset.labels))
@@ -63,8 +65,9 @@ def main() -> None:
             for condition in activations.conditions[1:]:
                 aligned = np.asarray(activations.resid(condition))
                 tables = []
-                for activations_of, subspace in zip((base, perturbed), knowledge):
-                    tables.append(layer_geometry(activations_of, aligned, subspace, layers))
+                for moved_by, subspace in zip((0, noise), knowledge):
+                    geometry = layer_geometry(base + moved_by, aligned + moved_by, subspace, layers)
+                    tables.append(geometry.set_index("layer"))
                     progress.update()
                 as_is, moved = tables[0], (tables[1][list(MOVED)] - tables[0][list(MOVED)]).abs().max()
                 rows.append(
@@ -80,7 +83,7 @@ def main() -> None:
     print(command_and_machine("cpu", ("numpy", "scipy", "scikit-learn")))
     print(
         f"data: {args.knowledge}, {len(activations.dataset)} prompts; SmolLM2's hook_resid_post at the last prompt "
-        f"token; base activations perturbed by {args.noise:g} of each one's mean magnitude; "
+        f"token; activations moved by noise of {args.noise:g} of each one's mean magnitude; "
         f"{datetime.datetime.now().isoformat(timespec='seconds')}\n"
     )
     print(

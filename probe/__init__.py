@@ -20,7 +20,7 @@ from probe.gates import (
     head_activity,
     head_effects,
 )
-from probe.geometry import layer_geometry, overlap, principal_angles
+from probe.geometry import knowledge_directions, layer_geometry, overlap, principal_angles
 from probe.model_report import build_model_report, report_on_model
 from probe.paper_report import build_paper_report, report_on_checkpoints
 from probe.probes import LayerwiseProbe, control_labels, evaluate_probe
@@ -43,6 +43,7 @@ __all__ = [
     "head_activity",
     "head_effects",
     "knowledge_dataset",
+    "knowledge_directions",
     "layer_geometry",
     "overlap",
     "principal_angles",

@@ -11,10 +11,13 @@ that the app and the report agree.
     geometry_table          overlap of the aligner's effect with the knowledge probes' subspace against nulls
     activation_frame        a 2-D map of activations at one layer, with prompt, labels, form and answer
     efficiency_summary      the suite's summary rows (results/sweep.json), checked
+    source_digest           what the analyses kept on disk are keyed on, beside their inputs
 """
 
 from __future__ import annotations
 
+import hashlib
+import types
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +33,17 @@ from probe.embeddings import embedding_frame
 from probe.geometry import knowledge_directions, layer_geometry
 from probe.model_report import evaluation_rows
 from probe.probes import evaluate_probe
+
+
+def source_digest(*packages: types.ModuleType) -> str:
+    """A digest of the Python source of `packages`: an analysis kept on disk under it (the app's `st.cache_data`,
+    whose own key hashes only the cached function's body) is recomputed once the code it ran through changes."""
+    digest = hashlib.sha256()
+    for package in packages:
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def paper_checkpoints(directory: str | Path) -> tuple[dict[str, Aligner], list[tuple[str, str]]]:
