@@ -65,7 +65,7 @@ class Workbench:
 
     model_name: str
     model: nn.Module | None
-    fingerprint: str | None
+    cache_key: str | None  # what analyses kept on disk are keyed on: the base model's weights and the code's source
     runs: dict[str, RunInfo]  # name -> a readable run trained on this very model
     runs_dir: Path
     papers_dir: Path | None
@@ -100,8 +100,7 @@ def shows_errors(view: Callable[[Workbench], None]) -> Callable[[Workbench], Non
 @st.cache_resource(show_spinner="Loading the base model…")
 def load_base(name: str) -> tuple[nn.Module, str]:
     model = open_model(name)
-    # the key of every analysis kept on disk: the base model's weights and the code the analyses run through
-    return model, f"{aligner.model_fingerprint(model)}-{source_digest(aligner, probe)}"
+    return model, aligner.model_fingerprint(model)
 
 
 @st.cache_resource(show_spinner=False)
@@ -114,7 +113,7 @@ def run_key(run: RunInfo) -> RunKey:
 
 
 @st.cache_data(show_spinner="Generating…", persist="disk")
-def generated(_model: nn.Module, fingerprint: str, run: RunKey | None, prompt: str, max_new_tokens: int, scale: float) -> str:
+def generated(_model: nn.Module, cache_key: str, run: RunKey | None, prompt: str, max_new_tokens: int, scale: float) -> str:
     method = None if run is None else load_run(*run)
     if method is None or isinstance(method, aligner.Aligner):
         return aligner.generate(_model, [prompt], aligner=method, max_new_tokens=max_new_tokens, gate_scale=scale)[0]
@@ -124,7 +123,7 @@ def generated(_model: nn.Module, fingerprint: str, run: RunKey | None, prompt: s
 
 
 @st.cache_data(show_spinner="Reading the prefix attention…", persist="disk")
-def prefix_table(_model: nn.Module, fingerprint: str, run: RunKey, prompt: str) -> pd.DataFrame:
+def prefix_table(_model: nn.Module, cache_key: str, run: RunKey, prompt: str) -> pd.DataFrame:
     return prefix_attention(_model, load_run(*run), prompt)
 
 
@@ -134,13 +133,13 @@ def dataset_for(knowledge: str, n_subjects: int) -> ProbeDataset:
 
 
 @st.cache_resource(show_spinner="Collecting activations (kept on disk after the first time)…")
-def activations_for(_model: nn.Module, fingerprint: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int) -> Activations:
+def activations_for(_model: nn.Module, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int) -> Activations:
     return collect(_model, dataset_for(knowledge, n_subjects), [None, *(Path(path) for path, _ in runs)])
 
 
 def bench_activations(bench: Workbench, runs: dict[str, RunInfo]) -> Activations:
     keys = tuple(run_key(run) for run in runs.values())
-    return activations_for(bench.model, bench.fingerprint, keys, bench.knowledge, bench.n_subjects)
+    return activations_for(bench.model, bench.cache_key, keys, bench.knowledge, bench.n_subjects)
 
 
 def condition(run: RunInfo) -> str:
@@ -155,7 +154,7 @@ def trained_form(run: RunKey) -> str | None:
 
 @st.cache_data(show_spinner="Answering the held-out prompts…", persist="disk")
 def held_out_answers(
-    _model: nn.Module, fingerprint: str, run: RunKey | None, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int
+    _model: nn.Module, cache_key: str, run: RunKey | None, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int
 ) -> dict[str, str]:
     """prompt -> answer on the held-out prompts of `runs` (the base model for run None)."""
     evaluation = evaluation_set(dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs})
@@ -166,7 +165,7 @@ def held_out_answers(
 
 
 @st.cache_data(show_spinner="Switching gates off, layer by layer (kept on disk after the first time)…", persist="disk")
-def gate_curves(_model: nn.Module, fingerprint: str, run: RunKey, form: str, knowledge: str, n_subjects: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def gate_curves(_model: nn.Module, cache_key: str, run: RunKey, form: str, knowledge: str, n_subjects: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     al = load_run(*run)
     evaluation = evaluation_set(dataset_for(knowledge, n_subjects), {run[0]: al})
     if not len(evaluation):
@@ -177,20 +176,20 @@ def gate_curves(_model: nn.Module, fingerprint: str, run: RunKey, form: str, kno
 
 
 @st.cache_data(show_spinner="Fitting probes…", persist="disk")
-def probe_results(_activations: Activations, fingerprint: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, label: str, conditions: tuple[str, ...]) -> pd.DataFrame:
+def probe_results(_activations: Activations, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, label: str, conditions: tuple[str, ...]) -> pd.DataFrame:
     if label == "form":
         return form_probe_curves(_activations, ("base", *conditions))
     return knowledge_probe_curves(_activations, label, conditions)
 
 
 @st.cache_data(show_spinner="Measuring overlaps against the nulls…", persist="disk")
-def geometry_results(_activations: Activations, fingerprint: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, name: str, layers: tuple[int, ...]) -> pd.DataFrame:
+def geometry_results(_activations: Activations, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, name: str, layers: tuple[int, ...]) -> pd.DataFrame:
     return geometry_table(_activations, name, layers)
 
 
 @st.cache_data(show_spinner="Embedding…", persist="disk")
 def activation_map(
-    _activations: Activations, fingerprint: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int,
+    _activations: Activations, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int,
     layer: int, conditions: tuple[str, ...], forms: tuple[tuple[str, str | None], ...], outputs: tuple[tuple[str, tuple[tuple[str, str], ...]], ...], method: str,
 ) -> pd.DataFrame:
     return activation_frame(_activations, layer, conditions, dict(forms), {c: dict(o) for c, o in outputs}, method)
@@ -202,7 +201,7 @@ def token_map(runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> 
 
 
 @st.cache_data(show_spinner="Embedding the prefix keys and values…", persist="disk")
-def prefix_map(_model: nn.Module, fingerprint: str, runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> pd.DataFrame:
+def prefix_map(_model: nn.Module, cache_key: str, runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> pd.DataFrame:
     return prefix_frame(_model, {name: load_run(*run) for name, run in zip(names, runs)}, method)
 
 
@@ -243,7 +242,7 @@ def generate_view(bench: Workbench) -> None:
     columns = st.columns(1 + len(chosen))
     with columns[0]:
         st.subheader("Base model")
-        st.write(generated(bench.model, bench.fingerprint, None, prompt, max_new_tokens, 1.0))
+        st.write(generated(bench.model, bench.cache_key, None, prompt, max_new_tokens, 1.0))
     for column, (name, run) in zip(columns[1:], chosen.items()):
         with column:
             st.subheader(name)
@@ -251,7 +250,7 @@ def generate_view(bench: Workbench) -> None:
             scale = 1.0
             if run.is_aligner:
                 scale = st.slider("Gate scale", 0.0, 1.5, 1.0, 0.05, key=f"scale:{name}", help="Every gate multiplied by this (0: the base model)")
-            st.write(generated(bench.model, bench.fingerprint, run_key(run), prompt, max_new_tokens, scale))
+            st.write(generated(bench.model, bench.cache_key, run_key(run), prompt, max_new_tokens, scale))
 
     st.subheader("Prefix attention for this prompt")
     aligners = {name: run for name, run in chosen.items() if run.is_aligner}
@@ -259,7 +258,7 @@ def generate_view(bench: Workbench) -> None:
         st.info("Choose an aligner or LLaMA-Adapter run above to see how its prefix is read.")
         return
     name = st.selectbox("Run", list(aligners), key="attention_run")
-    table = prefix_table(bench.model, bench.fingerprint, run_key(aligners[name]), prompt)
+    table = prefix_table(bench.model, bench.cache_key, run_key(aligners[name]), prompt)
     tokens = table.drop_duplicates("position").set_index("position")["token"]
     position = st.select_slider(
         "Prompt token", options=list(tokens.index), value=int(tokens.index.max()), format_func=lambda p: f"{p}: {tokens[p]}", key="attention_position"
@@ -324,7 +323,7 @@ def gates_view(bench: Workbench) -> None:
         return
     if not st.toggle("Compute the gate-scale and ablation curves (minutes on a CPU the first time, then cached)", key="ablation_on"):
         return
-    scale, ablation = gate_curves(bench.model, bench.fingerprint, run_key(run), form, bench.knowledge, bench.n_subjects)
+    scale, ablation = gate_curves(bench.model, bench.cache_key, run_key(run), form, bench.knowledge, bench.n_subjects)
     left, right = st.columns(2)
     with left:
         long = scale.melt(id_vars="scale", value_vars=["form", "content"], var_name="measure", value_name="share")
@@ -355,7 +354,7 @@ def embeddings_view(bench: Workbench) -> None:
         st.plotly_chart(scatter(frame, "run", f"{method.upper()} of the aligners' tokens", hover=["layer", "slot", "norm"]), key="token_map")
         return
     if what == "Prefix keys and values":
-        frame = prefix_map(bench.model, bench.fingerprint, keys, names, method)
+        frame = prefix_map(bench.model, bench.cache_key, keys, names, method)
         for kind, title in (("k", "keys"), ("v", "values")):
             part = frame[frame.kind == kind]
             st.plotly_chart(scatter(part, "layer", f"{method.upper()} of the per-layer prefix {title}", hover=["run", "slot"], symbol="run"), key=f"prefix_map:{kind}")
@@ -367,10 +366,10 @@ def embeddings_view(bench: Workbench) -> None:
     outputs: tuple = ()
     if st.toggle("Answers in the hover: the held-out prompts answered under each condition (minutes on a CPU the first time, then cached)", key="map_answers"):
         outputs = tuple(
-            (c, tuple(held_out_answers(bench.model, bench.fingerprint, key, keys, bench.knowledge, bench.n_subjects).items()))
+            (c, tuple(held_out_answers(bench.model, bench.cache_key, key, keys, bench.knowledge, bench.n_subjects).items()))
             for c, key in zip(conditions, (None, *keys))
         )
-    frame = activation_map(activations, bench.fingerprint, keys, bench.knowledge, bench.n_subjects, layer, conditions, forms, outputs, method)
+    frame = activation_map(activations, bench.cache_key, keys, bench.knowledge, bench.n_subjects, layer, conditions, forms, outputs, method)
     colour = st.selectbox("Colour by", ["condition", "form", *activations.dataset.labels], key="map_colour")
     frame = frame.reset_index(names="row")
     fig = px.scatter(
@@ -396,7 +395,7 @@ def probes_view(bench: Workbench) -> None:
     label = st.selectbox("Label", ["form", *activations.dataset.labels], key="probe_label",
                          help="form: which condition (base or an aligner) produced the activations; the others: knowledge labels of the subjects")
     conditions = tuple(condition(run) for run in chosen.values())
-    results = probe_results(activations, bench.fingerprint, keys, bench.knowledge, bench.n_subjects, label, conditions)
+    results = probe_results(activations, bench.cache_key, keys, bench.knowledge, bench.n_subjects, label, conditions)
     title = "Form probe: base vs " + ", ".join(conditions) if label == "form" else f"Knowledge probe: {label}, trained on base, scored on each condition"
     st.plotly_chart(probe_figure(results, title), key="probe_curves")
     st.caption(
@@ -418,7 +417,7 @@ def geometry_view(bench: Workbench) -> None:
     run = runs[name]
     activations = bench_activations(bench, {name: run})
     layers = tuple(load_run(*run_key(run)).layer_indices)
-    table = geometry_results(activations, bench.fingerprint, (run_key(run),), bench.knowledge, bench.n_subjects, condition(run), layers)
+    table = geometry_results(activations, bench.cache_key, (run_key(run),), bench.knowledge, bench.n_subjects, condition(run), layers)
     st.plotly_chart(geometry_figure(table, f"{name}: overlap of its effect Δ with the knowledge subspace"), key="geometry")
     st.dataframe(table, hide_index=True)
     st.caption(
@@ -529,7 +528,8 @@ def main() -> None:
     if papers_dir is not None and not papers_dir.is_dir():
         st.error(f"The paper's checkpoints: {papers_dir} is not a directory. Point the sidebar at ../shared/paper_aligners or clear it.")
         papers_dir = None
-    bench = Workbench(model_name, model, fingerprint, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects)
+    cache_key = None if fingerprint is None else f"{fingerprint}-{source_digest(aligner, probe)}"
+    bench = Workbench(model_name, model, cache_key, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects)
     views = dict(zip(VIEWS, (generate_view, gates_view, embeddings_view, probes_view, geometry_view, efficiency_view, train_view)))
     for tab, (title, view) in zip(st.tabs(list(views), key="view", on_change="rerun"), views.items()):
         with tab:
