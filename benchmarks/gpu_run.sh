@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The whole GPU run of benchmarks/RESULTS.md in one command (339 s on an H200): every benchmark on random
-# weights of SmolLM2-135M's and LLaMA-2-7B's shapes (bf16, batch 8 x 512). On the device machine, after
-# benchmarks/gpu_wheels.sh here: run `bash benchmarks/gpu_run.sh` with carry [".whl"]. Each table goes to
-# $OUT/NAME.txt and every error message to $OUT/errors.log: eight files, as many as a call brings back.
-# ONLY="throughput-smollm2 bank-smollm2" runs a subset. A dry run on this machine's CPU, in a few minutes:
+# The whole GPU run of benchmarks/RESULTS.md in one command (306 s on an H200, the install included): the
+# targets' benchmarks on random weights of SmolLM2-135M's and LLaMA-2-7B's shapes (bf16, batch 8 x 512). On the
+# device machine, after benchmarks/accelerate_wheels.sh here: run `WHEELS=.whl/accelerate bash
+# benchmarks/gpu_run.sh` with carry [".whl/accelerate", ".whl/smollm2-tokenizer"]. Each table goes to
+# $OUT/NAME.txt and every error message to $OUT/errors.log. ONLY="throughput-smollm2 bank-smollm2" runs a subset,
+# and the diagnostics at the end run only when ONLY names them. A dry run on this machine's CPU, in a few minutes:
 #   SKIP_INSTALL=1 DEVICE=cpu BIG=tiny SMALL=tiny SIZES="--batch 2 --seq 16 --rounds 1 --iters 1" \
 #   BANK="--bank 8 --prompts 4 --gen-batch 2 --new-tokens 2" OUT=/tmp/gpu_run bash benchmarks/gpu_run.sh
 set -u
@@ -38,11 +39,13 @@ step throughput-llama2-7b 200 benchmarks.throughput --shape "$BIG" --rounds 3 --
 # SMALL_THROUGHPUT: more options for it, which override these ("--tables forward --rounds 20": the forward alone,
 # with the rounds its scatter needs on a host-bound model).
 step throughput-smollm2 180 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 3 ${SMALL_THROUGHPUT:-}
-# One product for every layer's prefix against each layer's own projections (layer.py's project_stacked).
-step stacked-smollm2 120 benchmarks.stacked_prefix --shape "$SMALL" --rounds 10 --iters 3
-step bank-smollm2 300 benchmarks.bank --shape "$SMALL" --rounds 2 $BANK
-# PROFILE_N=1 profiles one token instead of ten.
-step profile-smollm2 90 benchmarks.profile_aligner --shape "$SMALL" --batch 8 --seq 512 --n-tokens "${PROFILE_N:-10}"
+# Generation in batches of 256 prompts: the bank's 1,024 answers in four batches.
+step bank-smollm2 240 benchmarks.bank --shape "$SMALL" --rounds 2 --gen-batch 256 $BANK
 step probe-smollm2 60 benchmarks.probe --shape "$SMALL"
 step probe-llama2-7b 90 benchmarks.probe --shape "$BIG" --rounds 3 --iters 2
+# Diagnostics, run only when ONLY names them. One product for every layer's prefix against each layer's own
+# projections (layer.py's project_stacked); the profile (PROFILE_N=1 profiles one token instead of ten).
+diagnostic() { [[ " ${ONLY:-} " == *" $1 "* ]] && step "$@"; }
+diagnostic stacked-smollm2 120 benchmarks.stacked_prefix --shape "$SMALL" --rounds 10 --iters 3
+diagnostic profile-smollm2 90 benchmarks.profile_aligner --shape "$SMALL" --batch 8 --seq 512 --n-tokens "${PROFILE_N:-10}"
 echo "total $SECONDS s"
