@@ -13,7 +13,6 @@ what is fitted or drawn on the base activations: the knowledge probes and the co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 from unittest.mock import patch
 
@@ -34,7 +33,7 @@ def uncentred(probe: LayerwiseProbe) -> list[np.ndarray]:
     return [p[-1].coef_ / p[0].scale_ for p in probe.probes_]
 
 
-WAYS = {"centred (probe.probes)": None, "uncentred (before)": uncentred}
+WAYS = {"centred (probe.probes)": LayerwiseProbe.directions, "uncentred (before)": uncentred}
 
 
 def main() -> None:
@@ -58,8 +57,7 @@ def main() -> None:
         for way, directions in WAYS.items():
             knowledge = []
             for activations_of in (base, base + noise):
-                swapped = patch.object(LayerwiseProbe, "directions", directions) if directions else contextlib.nullcontext()
-                with swapped:
+                with patch.object(LayerwiseProbe, "directions", directions):
                     knowledge.append(knowledge_directions(activations_of, activations.dataset.labels))
                 progress.update()
             for condition in activations.conditions[1:]:
