@@ -518,7 +518,7 @@ def model_summary(report: Report) -> str:
             top = b["layer_ranking"].head(3)
             lines.append(
                 f"- Ablation ({ref('ablation')}): the layers whose gates matter most for the form are "
-                + ", ".join(f"{int(r.layer)} (form -{r.form_drop:.0%})" for r in top.itertuples()) + "."
+                + ", ".join(f"{int(r.layer)} (form {-r.form_drop:+.0%})" for r in top.itertuples()) + "."
             )
             measured = b["head_effects"].dropna(subset=["exact"]).sort_values("exact", ascending=False)
             lines.append(

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import aligner
+import probe.model_report
 from aligner.cli import open_model
 from aligner.data import load_examples
 from probe.cli import app
@@ -22,7 +23,10 @@ def figures(html: str) -> dict:
     return json.loads(re.search(r'<script id="figures" type="application/json">(.*?)</script>', html, re.S).group(1))
 
 
-def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path):
+def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
+    # Switching a layer's gates off can raise the form's compliance too (a negative drop): the summary must say so.
+    ranked = probe.model_report.rank_layers
+    monkeypatch.setattr(probe.model_report, "rank_layers", lambda *args: ranked(*args).assign(form_drop=-0.25))
     model = open_model("tiny")
     config = aligner.TrainConfig(steps=2, batch_size=4, warmup_steps=1, data=str(JSON_DATA))
     aligner.train_sft(model, load_examples(JSON_DATA)[:8], config, run_dir=tmp_path / "runs" / "tiny-json")
@@ -40,6 +44,7 @@ def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path):
     assert len(figures(html)) >= 10 and "plotly-gzip-base64" in html
     summary = paths["summary"].read_text()
     assert "## tiny-json" in summary and "§7" in summary and "- Heads (§4): of the 8 heads estimated to matter most" in summary
+    assert "2 (form +25%)" in summary and "3 (form +25%)" in summary and "form -" not in summary
     heads = metrics["behaviour"]["tiny-json"]["head_effects"]
     assert len(heads) == 2 * 4 and sum(row["exact"] is not None for row in heads) == 8  # 2 adapted layers x 4 heads
 
