@@ -27,6 +27,7 @@ from torch import nn
 import aligner
 import probe
 from aligner.cli import open_model
+from aligner.files import source_digest
 from aligner.methods import Method, load_method
 from aligner.runs import METHOD_MAKERS, RunInfo, list_runs, run_losses, task_examples, train_run
 from aligner.suite import LORA_LR, figure as efficiency_figure, markdown_tables
@@ -39,12 +40,10 @@ from probe.explore import (
     efficiency_summary,
     evaluation_set,
     geometry_table,
-    knowledge_probe_curves,
     paper_checkpoints,
-    source_digest,
 )
 from probe.gates import ablation_curves, answers, gate_heatmap, gate_profiles, gate_scale_curve, prefix_attention
-from probe.model_report import form_probe_curves, geometry_figure, probe_figure
+from probe.model_report import form_probe_curves, geometry_figure, knowledge_probe_curves, probe_figure
 
 ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT.parent / "shared" / "paper_aligners"  # the authors' checkpoints, where the workplace lays them
@@ -401,7 +400,8 @@ def probes_view(bench: Workbench) -> None:
     st.caption(
         "Cross-validated linear probes on the residual stream after each block (last prompt token), 95% Wilson intervals. "
         "Control: each subject's label replaced by a random one (Hewitt & Liang). Transfer: probes trained on base activations "
-        "scored on an aligner's; 'centred' first moves them by the difference of the means."
+        "scored on an aligner's; 'centred' first moves them by the difference of the means. The form probe's folds keep each "
+        "prompt's rows under every condition together, so it is at chance before an aligner's first layer."
     )
 
 

@@ -1,14 +1,17 @@
-"""Writes that never leave a half-written file behind, and provenance for what is written."""
+"""Writes that never leave a half-written file behind, provenance for what is written, and a digest of the code
+that wrote it (what caches are keyed on)."""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+import types
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -87,6 +90,19 @@ def provenance(**extra: Any) -> dict[str, Any]:
         "versions": versions,
         **extra,
     }
+
+
+def source_digest(*modules: types.ModuleType) -> str:
+    """A digest of the Python source of `modules` (a package: every file below it): what is kept on disk under it
+    (activations, the app's `st.cache_data`, whose own key hashes only the cached function's body) is computed
+    again once the code it ran through changes."""
+    digest = hashlib.sha256()
+    for module in modules:
+        path = Path(module.__file__)
+        files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+        for file in files:
+            digest.update(file.relative_to(path.parent).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _git_commit() -> str | None:

@@ -24,9 +24,9 @@ import aligner
 import probe.probes
 from benchmarks.common import Variant, command_and_machine, ratio, run_interleaved, table
 from probe import collect, knowledge_dataset
-from probe.explore import geometry_table, knowledge_probe_curves
+from probe.explore import geometry_table
 from probe.geometry import knowledge_directions, layer_geometry
-from probe.model_report import form_probe_curves
+from probe.model_report import form_probe_curves, knowledge_probe_curves
 from probe.probes import LayerwiseProbe, control_labels
 
 SETTINGS = {"BLAS as loaded (a thread per core)": None, "BLAS on one thread (the default)": 1}

@@ -16,9 +16,10 @@ each aligner):
 question of how much a head listens to the prefix is answered by the share, not by attention mass.)
 
 Each condition is one cache entry, keyed by the model's weights fingerprint, the aligner's tensors, the
-dataset's prompts and answers, the positions and the hooks; `aligner.loading.cached_directory` builds it in a
-staging directory under a file lock, records each file's size and hash, and rebuilds an entry that is damaged
-or was made from something else rather than returning wrong data.
+dataset's prompts and answers, the positions, the hooks, and the source of the code the forward runs through
+(`CODE`: a changed aligner layer or prompt format makes new entries rather than reading old ones).
+`aligner.loading.cached_directory` builds it in a staging directory under a file lock, records each file's size
+and hash, and rebuilds an entry that is damaged or was made from something else rather than returning wrong data.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,16 +40,20 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm import tqdm
 
+import aligner.chat
+import aligner.layer
+import aligner.model
 from aligner import Aligner, model_fingerprint
 from aligner.chat import example_ids, prompt_ids
 from aligner.distributed import launched_accelerator
-from aligner.files import atomic_write_json, read_json
+from aligner.files import atomic_write_json, read_json, source_digest
 from aligner.loading import cache_dir, cached_directory
 from aligner.model import AlignerHooks
 from aligner.train import reads_logits_to_keep
 from probe.dataset import ProbeDataset
 
 CACHE_FORMAT = "aligner-workbench/probe-activations/1"
+CODE = (aligner.layer, aligner.model, aligner.chat, sys.modules[__name__])  # what the kept activations depend on
 META_FILE = "meta.json"
 # How a prompt's activations become one vector: the last prompt token (where the first answer token is
 # predicted), the mean over the prompt's tokens, or the mean over the (first) gold answer's tokens read after it.
@@ -118,7 +124,7 @@ def collect(
         raise ValueError("the model has an aligner attached; detach it: collect attaches each aligner itself")
     root = Path(cache) if cache is not None else cache_dir() / "probe"
     accelerator = launched_accelerator()
-    fingerprint = model_fingerprint(model)
+    fingerprint, code = model_fingerprint(model), source_digest(*CODE)
     arrays, loaded, paths = {}, {}, {}
     for item in aligners:
         name = condition_name(item)
@@ -132,6 +138,7 @@ def collect(
             "dataset": dataset.key(),
             "positions": positions,
             "hooks": list(hooks),
+            "code": code,
         }
         entry = root / hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:24]
         shapes = _array_shapes(model, len(dataset), al, tuple(hooks))

@@ -4,20 +4,16 @@ that the app and the report agree.
 
     paper_checkpoints       the authors' released aligners in a directory, each bad file with its reason
     evaluation_set          held-out prompts (subjects no run was trained on) for behaviour, ablations, hovers
-    (form_probe_curves      which condition produced the activations, per layer, with its control: the report's
-                            own, in probe.model_report)
-    knowledge_probe_curves  a knowledge label per layer: probes trained on base, scored on each aligner's
-                            activations as they are and centred on the base mean (transfer), with the control
+    (form_probe_curves,     the probes of the report's probes section, in probe.model_report: which condition
+     knowledge_probe_curves produced the activations; a knowledge label, trained on base and scored on each
+                            aligner's activations as they are and centred on the base mean (transfer))
     geometry_table          overlap of the aligner's effect with the knowledge probes' subspace against nulls
     activation_frame        a 2-D map of activations at one layer, with prompt, labels, form and answer
     efficiency_summary      the suite's summary rows (results/sweep.json), checked
-    source_digest           what the analyses kept on disk are keyed on, beside their inputs
 """
 
 from __future__ import annotations
 
-import hashlib
-import types
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,18 +28,6 @@ from probe.dataset import ProbeDataset
 from probe.embeddings import embedding_frame
 from probe.geometry import knowledge_directions, layer_geometry
 from probe.model_report import evaluation_rows
-from probe.probes import evaluate_probe
-
-
-def source_digest(*packages: types.ModuleType) -> str:
-    """A digest of the Python source of `packages`: an analysis kept on disk under it (the app's `st.cache_data`,
-    whose own key hashes only the cached function's body) is recomputed once the code it ran through changes."""
-    digest = hashlib.sha256()
-    for package in packages:
-        root = Path(package.__file__).parent
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def paper_checkpoints(directory: str | Path) -> tuple[dict[str, Aligner], list[tuple[str, str]]]:
@@ -61,25 +45,6 @@ def paper_checkpoints(directory: str | Path) -> tuple[dict[str, Aligner], list[t
 def evaluation_set(dataset: ProbeDataset, aligners: Mapping[str, Aligner], n_eval: int = 12) -> ProbeDataset:
     """`n_eval` prompts of `dataset` (first question template) about subjects that no run was trained on."""
     return dataset.subset(evaluation_rows(dataset, dict(aligners), n_eval))
-
-
-def knowledge_probe_curves(
-    activations: Activations, label: str, conditions: Sequence[str], folds: int = 5, seed: int = 0
-) -> pd.DataFrame:
-    """Accuracy per layer of probes for the knowledge label `label`, trained on the base model's activations and
-    scored on held-out prompts: on base ("base"), on each aligned condition ("NAME") and on it centred on the
-    base mean ("NAME (centred)": a constant shift taken out); the control task on base. `conditions` are
-    aligned conditions of `activations`."""
-    base = np.asarray(activations.resid("base"))
-    transfer = {}
-    for condition in conditions:
-        aligned = np.asarray(activations.resid(condition))
-        transfer[condition] = aligned
-        transfer[f"{condition} (centred)"] = aligned - aligned.mean(axis=0) + base.mean(axis=0)  # per layer and feature
-    dataset = activations.dataset
-    results = evaluate_probe(base, dataset.labels[label], dataset.entities, transfer=transfer, folds=folds, seed=seed, desc=f"{label} probe")
-    results["scored_on"] = results["scored_on"].replace({"self": "base"})
-    return results
 
 
 def geometry_table(activations: Activations, condition: str, layers: Sequence[int], seed: int = 0) -> pd.DataFrame:

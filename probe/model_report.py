@@ -315,22 +315,16 @@ def probes_section(report: Report, activations: Activations, names: dict[str, st
         "it too; selectivity = task - control. Transfer: the probes trained on base activations, scored on the "
         "aligned activations of the same held-out prompts; 'centred': those activations moved by the difference of "
         "the two conditions' means first, so that a constant shift (which moves every probe's bias) is taken out and "
-        "what is left is whether the classes still lie where the probe looks."
+        "what is left is whether the classes still lie where the probe looks. The form probe's folds keep each "
+        "prompt's rows under every condition together, so that it never scores a prompt it saw under another "
+        "condition: before an aligner's first layer those rows are identical, and there it is at chance."
     )
-    dataset = activations.dataset
-    base = np.asarray(activations.resid("base"))
     form_results = form_probe_curves(activations, ["base", *names.values()], folds=folds, seed=seed)
     section.figure(probe_figure(form_results, "Form probe: which condition (base or which aligner) produced the activations"))
     metrics: dict[str, Any] = {"form": form_results, "form_selectivity": selectivity(form_results), "knowledge": {}, "selectivity": {}}
-    transfer = {}
-    for run, condition in names.items():
-        aligned = np.asarray(activations.resid(condition))
-        transfer[run] = aligned
-        transfer[f"{run} (centred)"] = aligned - aligned.mean(axis=0) + base.mean(axis=0)  # per layer and feature
-    for label, values in dataset.labels.items():
-        results = evaluate_probe(base, values, dataset.entities, transfer=transfer, folds=folds, seed=seed, desc=f"{label} probe")
-        metrics["selectivity"][label] = selectivity(results)
-        results["scored_on"] = results["scored_on"].replace({"self": "base"})
+    for label in activations.dataset.labels:  # each run's condition is named after it
+        results = knowledge_probe_curves(activations, label, list(names.values()), folds=folds, seed=seed)
+        metrics["selectivity"][label] = selectivity(results, scored_on="base")
         section.figure(probe_figure(results, f"Knowledge probe: {label}, trained on base activations"))
         metrics["knowledge"][label] = results
     peak = {label: s.loc[s.selectivity.idxmax()] for label, s in metrics["selectivity"].items()}
@@ -360,6 +354,25 @@ def form_probe_curves(activations: Activations, conditions: Sequence[str], folds
     stacked = np.concatenate([np.asarray(activations.resid(c)) for c in conditions])
     labels, prompts = np.repeat(list(conditions), n), np.tile(np.arange(n), len(conditions))
     return evaluate_probe(stacked, labels, prompts, folds=folds, seed=seed, desc="form probe", groups=prompts)
+
+
+def knowledge_probe_curves(
+    activations: Activations, label: str, conditions: Sequence[str], folds: int = 5, seed: int = 0
+) -> pd.DataFrame:
+    """Accuracy per layer of probes for the knowledge label `label`, trained on the base model's activations and
+    scored on held-out prompts: on base ("base"), on each aligned condition ("NAME") and on it centred on the
+    base mean ("NAME (centred)": a constant shift taken out); the control task on base. `conditions` are
+    aligned conditions of `activations`."""
+    base = np.asarray(activations.resid("base"))
+    transfer = {}
+    for condition in conditions:
+        aligned = np.asarray(activations.resid(condition))
+        transfer[condition] = aligned
+        transfer[f"{condition} (centred)"] = aligned - aligned.mean(axis=0) + base.mean(axis=0)  # per layer and feature
+    dataset = activations.dataset
+    results = evaluate_probe(base, dataset.labels[label], dataset.entities, transfer=transfer, folds=folds, seed=seed, desc=f"{label} probe")
+    results["scored_on"] = results["scored_on"].replace({"self": "base"})
+    return results
 
 
 def geometry_section(report: Report, activations: Activations, aligners: dict[str, Aligner], names: dict[str, str], seed: int) -> dict[str, Any]:

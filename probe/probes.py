@@ -131,7 +131,8 @@ def evaluate_probe(
     return pd.DataFrame(rows, columns=["layer", "target", "scored_on", "accuracy", "ci_low", "ci_high", "n", "chance"])
 
 
-def selectivity(results: pd.DataFrame) -> pd.DataFrame:
-    """Per layer: task accuracy minus control accuracy of the probes scored on their own condition."""
-    own = results[results.scored_on == "self"].pivot(index="layer", columns="target", values="accuracy")
+def selectivity(results: pd.DataFrame, scored_on: str = "self") -> pd.DataFrame:
+    """Per layer: task accuracy minus control accuracy of the probes scored on their own condition (`scored_on`:
+    its name in `results`)."""
+    own = results[results.scored_on == scored_on].pivot(index="layer", columns="target", values="accuracy")
     return (own["task"] - own["control"]).rename("selectivity").reset_index()

@@ -3,12 +3,15 @@ aligner or a damaged file is never served."""
 
 import multiprocessing
 import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import aligner
+import aligner.layer
 from probe.collect import collect
 from aligner.tasks import KNOWLEDGE_SETS
 from probe.dataset import ProbeDataset
@@ -102,6 +105,18 @@ def test_second_call_is_a_cache_hit(tiny, tmp_path, monkeypatch):
     np.testing.assert_array_equal(second.resid("base"), first.resid("base"))
 
 
+def test_a_change_to_the_code_the_forward_runs_through_makes_a_new_entry(tiny, tmp_path, monkeypatch):
+    first = collect(tiny, small_dataset(), [None], cache=tmp_path)
+    layer = tmp_path / "layer.py"  # aligner/layer.py as a user's edit leaves it
+    layer.write_text(Path(aligner.layer.__file__).read_text() + "\n# edited\n")
+    edited = types.ModuleType("aligner.layer")
+    edited.__file__ = str(layer)
+    code = sys.modules["probe.collect"].CODE
+    monkeypatch.setattr(sys.modules["probe.collect"], "CODE", tuple(edited if m is aligner.layer else m for m in code))
+    second = collect(tiny, small_dataset(), [None], cache=tmp_path)
+    assert second.paths["base"] != first.paths["base"]
+
+
 def test_cache_is_invalidated_when_the_aligner_changes(tiny, tmp_path):
     al = random_aligner(tiny)
     before = collect(tiny, small_dataset(), [al], cache=tmp_path)
@@ -114,8 +129,8 @@ def test_cache_is_invalidated_when_the_aligner_changes(tiny, tmp_path):
 
 
 def test_damaged_entry_is_rebuilt_not_served(tiny, tmp_path):
-    good = np.array(collect(tiny, small_dataset(), [None], cache=tmp_path).resid("base"))
-    entry = next(tmp_path.iterdir())
+    first = collect(tiny, small_dataset(), [None], cache=tmp_path)
+    good, entry = np.array(first.resid("base")), first.paths["base"]
     data = np.load(entry / "hook_resid_post.npy", mmap_mode="r+")
     data[0, 0, :4] = 123.0  # a silent change inside the first MiB
     data.flush()

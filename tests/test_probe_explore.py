@@ -1,7 +1,6 @@
 """The analyses behind the app's views: prefix attention for one prompt, gate profiles, the paper's checkpoints
 (one bad file hides no other) and the suite's summary rows (checked)."""
 
-import importlib
 import json
 import shutil
 
@@ -12,7 +11,7 @@ import torch
 import aligner
 from aligner.cli import open_model
 from conftest import PAPER_ALIGNERS
-from probe.explore import efficiency_summary, paper_checkpoints, source_digest
+from probe.explore import efficiency_summary, paper_checkpoints
 from probe.gates import gate_profiles, prefix_attention
 
 
@@ -53,17 +52,3 @@ def test_efficiency_summary_names_the_file_and_row_at_fault(tmp_path):
         efficiency_summary(tmp_path)
     with pytest.raises(FileNotFoundError, match="sweep.json"):
         efficiency_summary(tmp_path / "missing")
-
-
-def test_source_digest_changes_with_the_code_an_analysis_runs_through(tmp_path, monkeypatch):
-    package = tmp_path / "analysis_pkg"
-    (package / "inner").mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "inner" / "curves.py").write_text("SCALE = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module("analysis_pkg")
-    before = source_digest(module)
-    assert source_digest(module) == before
-    (package / "inner" / "curves.py").write_text("SCALE = 2\n")  # a file below the package's top
-    assert source_digest(module) != before
-    assert source_digest(module, aligner) != source_digest(module)

@@ -2,6 +2,7 @@
 runs, and the de-quantised model cache. docs/bad_inputs.md lists every bad input tried and what the user sees."""
 
 import hashlib
+import importlib
 import json
 import multiprocessing
 import re
@@ -20,6 +21,7 @@ import aligner
 from aligner import Aligner, AlignerConfig, TrainConfig, train_sft
 from aligner.cli import app
 from aligner.data import Example, load_examples
+from aligner.files import source_digest
 from aligner.loading import DEFAULT_MODEL, cached_directory, packaged_model_dir
 from aligner.train import _drop_metrics_after, tokenize_examples
 
@@ -453,3 +455,23 @@ def test_the_packaged_model_cache_records_every_file():
     record = json.loads((packaged_model_dir(DEFAULT_MODEL) / "complete.json").read_text())
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(record["files"])
     assert record["files"]["model.safetensors"]["size"] > 100 * 2**20
+
+
+def test_source_digest_changes_with_the_code_an_analysis_runs_through(tmp_path, monkeypatch):
+    package = tmp_path / "analysis_pkg"
+    (package / "inner").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "inner" / "curves.py").write_text("SCALE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("analysis_pkg")
+    before = source_digest(module)
+    assert source_digest(module) == before
+    (package / "inner" / "curves.py").write_text("SCALE = 2\n")  # a file below the package's top
+    assert source_digest(module) != before
+    assert source_digest(module, aligner) != source_digest(module)
+    curves = importlib.import_module("analysis_pkg.inner.curves")  # a module alone: its own file
+    before = source_digest(curves)
+    (package / "__init__.py").write_text("# a sibling file changed\n")
+    assert source_digest(curves) == before
+    (package / "inner" / "curves.py").write_text("SCALE = 3\n")
+    assert source_digest(curves) != before
