@@ -2,7 +2,9 @@
 batch at a time (`probe.collect.pooling`: every layer's hook_resid_post pooled at the last position as its hook
 makes it, no logits but the last position's), TransformerLens's own `run_with_cache` of the same hook points, the
 plain forward that skips the logits as the collection does (what is left is the hooks' cost), and with an aligner
-attached, the collection that also reads its pattern, norm and share, against that aligned forward.
+attached, the collection that also reads its pattern, norm and share, against that aligned forward. Each
+variant's aten operator calls per call (torch.profiler, views included) are its host work, whatever the device:
+on a model bound by the host's time per operator, what sets its pace.
 
     python -m benchmarks.probe --device cpu --shape smollm2 --batch 2 --seq 64
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.profiler import profile
 
 from benchmarks.common import (
     Variant,
@@ -33,6 +36,14 @@ from probe.collect import DEFAULT_HOOKS, pooling
 
 def is_residual(name: str) -> bool:
     return name.endswith(DEFAULT_HOOKS[0])
+
+
+def operator_calls(variant: Variant) -> int:
+    """aten operator calls of one call of `variant` inside its context (the context's own not counted)."""
+    with variant.context():
+        with profile() as prof:
+            variant.call()
+    return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
 
 
 def main() -> None:
@@ -79,11 +90,15 @@ def main() -> None:
     ]
     references = [variants[0]] * 4 + [variants[4]] * 2
     run_interleaved(variants, args.rounds, args.iters, args.device)
+    calls = [operator_calls(v) for v in variants]
     print(header(args) + "\n")
     print(
         table(
-            [[v.name, f"{rate(v):,.0f}", f"{ratio(v, ref):.3f}", ref.name] for v, ref in zip(variants, references)],
-            ["variant", "tokens/s", "/ reference", "reference"],
+            [
+                [v.name, f"{rate(v):,.0f}", f"{ratio(v, ref):.3f}", ref.name, f"{n_calls:,}"]
+                for v, ref, n_calls in zip(variants, references, calls)
+            ],
+            ["variant", "tokens/s", "/ reference", "reference", "aten calls"],
         )
     )
     if args.device == "cuda":

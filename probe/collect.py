@@ -237,10 +237,18 @@ def pooling(
     once, for every batch; an aligner, if any, is attached before."""
     n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
     state: dict[str, Any] = {}  # the batch's weights, the gated contribution of the layer running, the arrays made
+    # On a small model the host's time per operator sets the pace of a forward, so each hook runs few operators: the
+    # weights are shaped once per batch (and moved once to each device a layer runs on), and one product pools.
 
-    def pooled(activation: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, ...): weighted over T, in float32
-        weights = state["weights"].to(activation.device)
-        return (weights.unsqueeze(1) @ activation.float().flatten(2)).view(activation.shape[:1] + activation.shape[2:])
+    def weights_on(device: torch.device) -> torch.Tensor:  # (B, 1, T): the batch's weights, on `device`
+        weights = state["weights"]
+        if device not in weights:
+            weights[device] = next(iter(weights.values())).to(device)
+        return weights[device]
+
+    def pooled(activation: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, D): weighted over T, in float32
+        activation = activation if activation.dtype == torch.float32 else activation.float()
+        return torch.bmm(weights_on(activation.device), activation).squeeze(1)
 
     def keep(array: str, index: int, activation: torch.Tensor, hook: Any) -> None:
         if activation.dim() != 3 or activation.shape[-1] != d_model:
@@ -250,8 +258,8 @@ def pooling(
             )
         state[array][index] = pooled(activation)
 
-    def keep_pattern(index: int, pattern: torch.Tensor, hook: Any) -> None:  # (B, H, T, N)
-        state["aligner_pattern"][index] = pooled(pattern.transpose(1, 2))
+    def keep_pattern(index: int, pattern: torch.Tensor, hook: Any) -> None:  # (B, H, T, N) -> (B, H, N)
+        state["aligner_pattern"][index] = (pattern.float() * weights_on(pattern.device).unsqueeze(-1)).sum(2)
 
     def keep_gated(gated: torch.Tensor, hook: Any) -> None:  # (B, T, H, d_head): the aligner's, added to attn.hook_z
         state["gated"] = gated
@@ -278,11 +286,12 @@ def pooling(
 
     def pool(ids: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         state.clear()
-        state["weights"] = weights
+        state["weights"] = {weights.device: weights.unsqueeze(1)}
         state.update({array: [None] * size for array, size in sizes.items()})
         with torch.no_grad():
             model(ids, **keep_logits)
-        return {array: torch.stack([x.to(weights.device) for x in state[array]], dim=1) for array in sizes}
+        on_device = {array: [x if x.device == weights.device else x.to(weights.device) for x in state[array]] for array in sizes}
+        return {array: torch.stack(rows, dim=1) for array, rows in on_device.items()}
 
     with model.hooks(fwd_hooks=fwd_hooks):
         yield pool
