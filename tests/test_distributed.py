@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import DistributedType
+from accelerate.utils import FullyShardedDataParallelPlugin
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -28,6 +29,7 @@ import aligner
 from aligner import Aligner, TrainConfig, train_sft
 from aligner.cli import app
 from aligner.data import Example
+from aligner.distributed import fully_shard_options
 from aligner.train import _check_accelerator
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -299,6 +301,23 @@ def test_an_fsdp_launch_shards_the_frozen_model(monkeypatch):
     assert aligner.train.shard_if_asked(model, TrainConfig(**FAST), launched) and sharded == [model]
     launched.distributed_type = DistributedType.NO
     assert not aligner.train.shard_if_asked(model, TrainConfig(**FAST), launched) and len(sharded) == 1
+
+
+def test_an_fsdp_launch_s_settings_reach_fully_shard_or_are_refused_by_name():
+    assert fully_shard_options(None) == {}  # --shard-model under --multi_gpu: FSDP2's defaults
+    for plugin, reshard, offload in (
+        (FullyShardedDataParallelPlugin(), True, False),  # accelerate's defaults: FSDP1, FULL_SHARD
+        (FullyShardedDataParallelPlugin(reshard_after_forward="SHARD_GRAD_OP", cpu_offload=True), False, True),
+        (FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=False, cpu_offload=True), False, True),
+        (FullyShardedDataParallelPlugin(fsdp_version=2), True, False),
+    ):
+        options = fully_shard_options(plugin)
+        assert options["reshard_after_forward"] is reshard
+        assert isinstance(options["offload_policy"], torch.distributed.fsdp.CPUOffloadPolicy) is offload
+    with pytest.raises(ValueError, match="sharding strategy.* HYBRID_SHARD is not supported"):
+        fully_shard_options(FullyShardedDataParallelPlugin(reshard_after_forward="HYBRID_SHARD"))
+    with pytest.raises(ValueError, match="fsdp_activation_checkpointing is not supported: .* --gradient-checkpointing"):
+        fully_shard_options(FullyShardedDataParallelPlugin(fsdp_version=2, activation_checkpointing=True))
 
 
 def test_a_sharded_model_refuses_a_step_that_would_split_unevenly(monkeypatch):
