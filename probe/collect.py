@@ -290,8 +290,9 @@ def pooling(
         state.update({array: [None] * size for array, size in sizes.items()})
         with torch.no_grad():
             model(ids, **keep_logits)
-        on_device = {array: [x if x.device == weights.device else x.to(weights.device) for x in state[array]] for array in sizes}
-        return {array: torch.stack(rows, dim=1) for array, rows in on_device.items()}
+        device = weights.device  # rows that a layer on another device left there are moved
+        moved = {array: [x if x.device == device else x.to(device) for x in state[array]] for array in sizes}
+        return {array: torch.stack(rows, dim=1) for array, rows in moved.items()}
 
     with model.hooks(fwd_hooks=fwd_hooks):
         yield pool

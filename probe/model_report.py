@@ -370,7 +370,9 @@ def knowledge_probe_curves(
         transfer[condition] = aligned
         transfer[f"{condition} (centred)"] = aligned - aligned.mean(axis=0) + base.mean(axis=0)  # per layer and feature
     dataset = activations.dataset
-    results = evaluate_probe(base, dataset.labels[label], dataset.entities, transfer=transfer, folds=folds, seed=seed, desc=f"{label} probe")
+    results = evaluate_probe(
+        base, dataset.labels[label], dataset.entities, transfer=transfer, folds=folds, seed=seed, desc=f"{label} probe"
+    )
     results["scored_on"] = results["scored_on"].replace({"self": "base"})
     return results
 
