@@ -4,9 +4,7 @@ that the app and the report agree.
 
     paper_checkpoints       the authors' released aligners in a directory, each bad file with its reason
     evaluation_set          held-out prompts (subjects no run was trained on) for behaviour, ablations, hovers
-    (form_probe_curves,     the probes of the report's probes section, in probe.model_report: which condition
-     knowledge_probe_curves produced the activations; a knowledge label, trained on base and scored on each
-                            aligner's activations as they are and centred on the base mean (transfer))
+    (the probes, form_probe_curves and knowledge_probe_curves, are the report's own, in probe.model_report)
     geometry_table          overlap of the aligner's effect with the knowledge probes' subspace against nulls
     activation_frame        a 2-D map of activations at one layer, with prompt, labels, form and answer
     efficiency_summary      the suite's summary rows (results/sweep.json), checked
