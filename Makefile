@@ -28,11 +28,9 @@ test-fast: install
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 # The README's screenshots and timings of the app: SmolLM2 and the committed runs in headless Chromium
-# (docs/screenshots/). make notebooks' runs (runs/notebooks/, not committed) wait in build/ meanwhile.
+# (docs/screenshots/).
 screenshots: install
-	mkdir -p build && rm -rf build/runs-notebooks && if [ -d runs/notebooks ]; then mv runs/notebooks build/runs-notebooks; fi; \
-	$(PY) scripts/app_screenshots.py; status=$$?; \
-	if [ -d build/runs-notebooks ]; then mv build/runs-notebooks runs/notebooks; fi; exit $$status
+	$(PY) scripts/app_screenshots.py
 
 # The notebooks run for real (SmolLM2), each from notebooks/ as Jupyter runs it: executed copies in build/notebooks/,
 # HTML (plotly.js inside, opens offline) in reports/notebooks/. 01 and 02 train into runs/notebooks/, emptied first,

@@ -1,10 +1,11 @@
-"""The command line: `aligner train`, `aligner generate`, `aligner info` (also `python -m aligner ...`).
+"""The command line: `aligner train`, `generate`, `info`, `cache`, `sweep`, `eval` (also `python -m aligner ...`).
 
 Bad files, settings and model names end in one `Error: ...` line and exit code 1, not a traceback.
 """
 
 import contextlib
 import json
+import time
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
@@ -15,7 +16,7 @@ import typer
 from torch import nn
 
 from aligner.dpo import DPOConfig, train_dpo
-from aligner.loading import DEFAULT_MODEL, load_model, tiny_model
+from aligner.loading import DEFAULT_MODEL, cache_dir, cache_entries, load_model, remove_cache_entry, tiny_model
 from aligner.model import Aligner
 from aligner.train import TrainConfig, train_sft
 
@@ -227,6 +228,34 @@ def info(run: Annotated[Path, typer.Argument(help="run directory (or any directo
         for line in describe_training(training):
             typer.echo(line)
     typer.echo("provenance   " + json.dumps(provenance, indent=2, sort_keys=True).replace("\n", "\n             "))
+
+
+@app.command()
+def cache(
+    unused_days: Annotated[
+        Optional[float], typer.Option(min=0, help="remove the entries not used for this many days (0: all of them)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="with --unused-days: mark what would be removed, remove nothing")] = False,
+) -> None:
+    """List what is kept in the cache ($ALIGNER_CACHE, else ~/.cache/aligner-workbench): de-quantised models,
+    probe activations, the base model's answers; each with its size and last use. Every entry is rebuilt when
+    next needed, so removing one costs only that time."""
+    now = time.time()
+    entries = cache_entries()
+    removed = [] if unused_days is None else [e for e in entries if now - e.last_used >= unused_days * 86400]
+    typer.echo(f"cache {cache_dir()}: {len(entries)} entries, {sum(e.size for e in entries) / 1e6:,.1f} MB")
+    for entry in entries:
+        mark = "-" if entry in removed else " "
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        typer.echo(f"{mark} {entry.kind:8} {entry.path.name:40} {entry.size / 1e6:10,.1f} MB  used {when}")
+    if removed:
+        freed = f"{len(removed)} entries, {sum(e.size for e in removed) / 1e6:,.1f} MB"
+        if dry_run:
+            typer.echo(f"would remove the {freed} marked -")
+        else:
+            for entry in removed:
+                remove_cache_entry(entry)
+            typer.echo(f"removed the {freed} marked -")
 
 
 def describe_training(training: Any) -> list[str]:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -209,8 +209,10 @@ def packaged_model_dir(name: str, full_check: bool = False) -> Path:
         source = package_dir / model.filename
         if not source.is_file():
             raise FileNotFoundError(f"{source}: the GGUF file of {name!r} is missing from package {model.package}")
+        # Its bytes, not its install's timestamps: every install of one release (a fresh .venv, a CI checkout)
+        # shares one entry, rather than de-quantising another 0.5 GB copy.
         stat = source.stat()
-        identity = {"file": source.name, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+        identity = {"file": source.name, "sha256": _content_sha256(source, stat.st_size, stat.st_mtime_ns)}
         build = partial(_dequantise, source)
     key = hashlib.sha256(json.dumps([CACHE_FORMAT, identity]).encode()).hexdigest()[:16]
     return cached_directory(cache_dir() / "models" / f"{name}-{key}", build, identity, full_check)
@@ -237,6 +239,7 @@ def cached_directory(
     killed while building leaves no half entry behind.
     """
     if _cache_problem(target, source, full_check) is None:  # the common case, without taking the lock
+        mark_used(target / COMPLETE_FILE)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(target.parent / f".{target.name}.lock"):
@@ -266,6 +269,50 @@ def cached_directory(
     return target
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    path: Path
+    kind: str  # the folder of `cache_dir()` it lies in: models, probe, answers
+    size: int  # bytes, all its files
+    last_used: float  # seconds since the epoch: when it was last made or read
+
+
+def cache_entries(root: Path | None = None) -> list[CacheEntry]:
+    """What is kept under `root` (default: `cache_dir()`), least recently used first: the directories that
+    `cached_directory` made (de-quantised models, probe activations) and the files kept beside them (the base
+    model's answers). Lock files and the staging directories of builds are not entries."""
+    root = cache_dir() if root is None else root
+    entries = []
+    for folder in sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else ():
+        for path in folder.iterdir():
+            if path.name.startswith("."):
+                continue
+            files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+            used = path / COMPLETE_FILE if (path / COMPLETE_FILE).is_file() else path  # an unfinished entry: its folder
+            entries.append(CacheEntry(path, folder.name, sum(f.stat().st_size for f in files), used.stat().st_mtime))
+    return sorted(entries, key=lambda entry: entry.last_used)
+
+
+def remove_cache_entry(entry: CacheEntry) -> None:
+    """Delete a cache entry, under the lock that `cached_directory` builds it under, so that no process is
+    building it meanwhile (a process reading it keeps the files it has open). The lock file stays: another process
+    may be waiting on it."""
+    with FileLock(entry.path.parent / f".{entry.path.name}.lock"):
+        if entry.path.is_dir():
+            shutil.rmtree(entry.path)
+        else:
+            entry.path.unlink(missing_ok=True)
+
+
+def mark_used(path: Path) -> None:
+    """Record the use of a cache entry: the modification time of its file (a directory's: its complete.json) is
+    what `cache_entries` reads as its last use. A cache that cannot be written (shared, read-only) is still read."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def _cache_problem(target: Path, source: dict[str, Any], full_check: bool) -> str | None:
     """What is wrong with the cache entry `target`, or None when it is complete and intact."""
     complete = target / COMPLETE_FILE
@@ -293,6 +340,12 @@ def _cache_problem(target: Path, source: dict[str, Any], full_check: bool) -> st
             if found[field] != expected[field]:
                 return f"{path}: {field} is {found[field]}, expected {expected[field]} (recorded in {COMPLETE_FILE})"
     return None
+
+
+@cache
+def _content_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """The sha256 of a file, computed once per process for each (size, mtime) it is seen with (0.1 s for 98 MB)."""
+    return _file_record(path)["sha256"]
 
 
 def _file_record(path: Path, full: bool = True) -> dict[str, Any]:

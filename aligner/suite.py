@@ -40,7 +40,7 @@ from aligner.chat import BASE_TEMPLATE
 from aligner.config import AlignerConfig
 from aligner.files import atomic_write_json, provenance, read_json
 from aligner.generation import generate
-from aligner.loading import DEFAULT_MODEL, cache_dir, model_fingerprint
+from aligner.loading import DEFAULT_MODEL, cache_dir, mark_used, model_fingerprint
 from aligner.methods import (
     LoRA,
     LoRAConfig,
@@ -219,6 +219,8 @@ def cached_answers(
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     path = cache_dir() / "answers" / f"{fingerprint[:16]}-{key}.json"
     cache = read_json(path) if path.is_file() else {}
+    if cache:
+        mark_used(path)
     missing = sorted({p for p in prompts if p not in cache})
     if missing:
         answers = answer(model, None, missing, system, max_new_tokens, batch_size, raw_prompts=raw_prompts)

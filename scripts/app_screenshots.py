@@ -1,5 +1,7 @@
 """Screenshots of every tab of the real app and its timings: `python scripts/app_screenshots.py` (SmolLM2 and the
-runs in runs/ by default). Writes OUT/TAB.png (one per tab) and OUT/timings.json, and prints the timings.
+runs that git tracks in runs/ by default, copied into build/screenshot-runs/ so that runs trained there since, by
+a user or by `make notebooks`, stay out of the pictures). Writes OUT/TAB.png (one per tab) and OUT/timings.json,
+and prints the timings.
 
 Timings, each from the action to the end of the script run it starts, as the browser sees it (a chart must be
 drawn too):
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,15 +39,27 @@ def timed(action, page) -> float:
     return round(last_running - started, 1)
 
 
+def committed_runs(target: Path) -> Path:
+    """A fresh copy under `target` of the files that git tracks in runs/ (their times kept, as the app's caches key
+    runs by them); returns the copy's runs directory."""
+    shutil.rmtree(target, ignore_errors=True)
+    listing = subprocess.run(["git", "ls-files", "-z", "runs"], cwd=ROOT, check=True, capture_output=True, text=True)
+    for name in filter(None, listing.stdout.split("\0")):
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target / name)
+    return target / "runs"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--runs", default=str(ROOT / "runs"))
+    parser.add_argument("--runs", help="runs directory (default: a copy of the runs git tracks in runs/)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=1500)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.runs = args.runs or str(committed_runs(ROOT / "build" / "screenshot-runs"))
     env = {"ALIGNER_APP_MODEL": args.model, "ALIGNER_APP_RUNS": args.runs}
     timings: dict = {"model": args.model, "runs": args.runs, "first_visit_s": {}, "warm_s": {}}
     with served_app(env) as url, browser_page(args.width, args.height) as page:

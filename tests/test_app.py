@@ -164,3 +164,26 @@ def test_bad_runs_checkpoints_and_models_are_errors_that_hide_nothing_else(runs,
     at.sidebar.text_input[0].set_value("no-such-model-anywhere").run()
     assert not at.exception
     assert "no-such-model-anywhere" in " ".join(e.value for e in at.error)
+
+
+def test_the_screenshots_show_the_runs_git_tracks_not_those_trained_since(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import app_screenshots
+
+    repo = tmp_path / "repo"
+    for name in ("runs/json-1tok/aligner.json", "runs/data/train.jsonl", "runs/notebooks/01/aligner.json"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(name)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "runs/json-1tok", "runs/data"], check=True)  # runs/notebooks/: trained since
+    subprocess.run([*git, "commit", "-q", "-m", "runs"], check=True)
+    monkeypatch.setattr(app_screenshots, "ROOT", repo)
+    copy = app_screenshots.committed_runs(tmp_path / "copy")
+    assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()) == [
+        "data/train.jsonl", "json-1tok/aligner.json"
+    ]
+    copied, tracked = copy / "json-1tok" / "aligner.json", repo / "runs" / "json-1tok" / "aligner.json"
+    assert copied.stat().st_mtime_ns == tracked.stat().st_mtime_ns  # the app's caches key runs by their files' times

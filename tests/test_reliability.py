@@ -5,7 +5,9 @@ import hashlib
 import importlib
 import json
 import multiprocessing
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -455,6 +457,56 @@ def test_the_packaged_model_cache_records_every_file():
     record = json.loads((packaged_model_dir(DEFAULT_MODEL) / "complete.json").read_text())
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(record["files"])
     assert record["files"]["model.safetensors"]["size"] > 100 * 2**20
+
+
+def test_another_install_of_the_same_model_file_reads_the_same_cache_entry(tmp_path, monkeypatch):
+    entry = packaged_model_dir(DEFAULT_MODEL)
+    installed = aligner.loading._package_dir(aligner.loading.PACKAGED_MODELS[DEFAULT_MODEL], DEFAULT_MODEL)
+    filename = aligner.loading.PACKAGED_MODELS[DEFAULT_MODEL].filename
+    shutil.copyfile(installed / filename, tmp_path / filename)  # a fresh install: the same bytes, a new mtime
+    assert (tmp_path / filename).stat().st_mtime_ns != (installed / filename).stat().st_mtime_ns
+    monkeypatch.setattr(aligner.loading, "_package_dir", lambda model, name: tmp_path)
+    monkeypatch.setattr(aligner.loading, "_dequantise", lambda source, target: pytest.fail("de-quantised again"))
+    assert packaged_model_dir(DEFAULT_MODEL) == entry
+
+
+def age(path: Path, days: float) -> None:
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
+
+
+def test_the_cache_lists_its_entries_by_last_use_and_removes_the_unused_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNER_CACHE", str(tmp_path))
+    model, probe = tmp_path / "models" / "model-1", tmp_path / "probe" / "abc"
+    for entry in (model, probe):
+        cached_directory(entry, fake_build, SOURCE)
+    answers = tmp_path / "answers" / "base.json"
+    answers.parent.mkdir()
+    answers.write_text("{}")
+    (tmp_path / "probe" / ".abc.build-killed").mkdir()  # a build in progress (or killed): not an entry
+    age(model / "complete.json", 10)
+    age(probe / "complete.json", 3)
+    age(answers, 5)
+    entries = aligner.loading.cache_entries()
+    assert [(e.kind, e.path) for e in entries] == [("models", model), ("answers", answers), ("probe", probe)]
+    size = len(bytes(range(256)) * 8192) + len('{"model_type": "llama"}') + (model / "complete.json").stat().st_size
+    assert entries[0].size == size and entries[1].size == 2
+
+    cached_directory(probe, fake_build, SOURCE)  # a use: it is no longer 3 days old
+    listing = CliRunner().invoke(app, ["cache", "--unused-days", "4", "--dry-run"])
+    assert listing.exit_code == 0, listing.output
+    assert f"cache {tmp_path}: 3 entries" in listing.output
+    assert "would remove the 2 entries" in listing.output and model.is_dir() and answers.is_file()
+    assert re.search(r"^- models +model-1 .*\n- answers +base.json .*\n  probe +abc ", listing.output, re.M)
+
+    refused = CliRunner().invoke(app, ["cache", "--unused-days", "-1"])
+    assert refused.exit_code == 2 and "--unused-days" in refused.output and model.is_dir()
+
+    removed = CliRunner().invoke(app, ["cache", "--unused-days", "4"])
+    assert removed.exit_code == 0, removed.output
+    assert "removed the 2 entries" in removed.output
+    assert not model.exists() and not answers.exists() and (probe / "model.safetensors").is_file()
+    assert [e.path for e in aligner.loading.cache_entries()] == [probe]
 
 
 def test_source_digest_changes_with_the_code_an_analysis_runs_through(tmp_path, monkeypatch):
