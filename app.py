@@ -30,7 +30,7 @@ from aligner.cli import open_model
 from aligner.files import source_digest
 from aligner.methods import Method, load_method
 from aligner.runs import METHOD_MAKERS, RunInfo, list_runs, run_losses, task_examples, train_run
-from aligner.suite import LORA_LR, figure as efficiency_figure, markdown_tables
+from aligner.suite import LORA_LR, answer, figure as efficiency_figure, markdown_tables
 from aligner.tasks import KNOWLEDGE_SETS, TASK_NAMES, get_task
 from probe.collect import Activations, collect
 from probe.dataset import ProbeDataset, knowledge_dataset, training_form
@@ -114,11 +114,7 @@ def run_key(run: RunInfo) -> RunKey:
 @st.cache_data(show_spinner="Generating…", persist="disk")
 def generated(_model: nn.Module, cache_key: str, run: RunKey | None, prompt: str, max_new_tokens: int, scale: float) -> str:
     method = None if run is None else load_run(*run)
-    if method is None or isinstance(method, aligner.Aligner):
-        return aligner.generate(_model, [prompt], aligner=method, max_new_tokens=max_new_tokens, gate_scale=scale)[0]
-    from aligner.suite import answer
-
-    return answer(_model, method, [prompt], None, max_new_tokens, 1)[0]
+    return answer(_model, method, [prompt], None, max_new_tokens, 1, gate_scale=scale)[0]
 
 
 @st.cache_data(show_spinner="Reading the prefix attention…", persist="disk")

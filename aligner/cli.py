@@ -17,7 +17,9 @@ from torch import nn
 
 from aligner.dpo import DPOConfig, train_dpo
 from aligner.loading import DEFAULT_MODEL, cache_dir, cache_entries, load_model, remove_cache_entry, tiny_model
+from aligner.methods import load_method
 from aligner.model import Aligner
+from aligner.runs import describe_method
 from aligner.train import TrainConfig, train_sft
 
 app = typer.Typer(
@@ -171,7 +173,7 @@ def train(
         if shard_model:
             say(f"the frozen model sharded (FSDP2): this process held {held_share(base):.0%} of its weights")
     record = al.provenance["training"]
-    say(f"{al.num_parameters():,} trainable parameters ({describe(al)})")
+    say(f"{al.num_parameters():,} trainable parameters ({describe_method(al)})")
     say(f"trained {record['step']} steps in {record['elapsed_s']:.1f} s; final loss {record['loss']:.4f}")
     say(f"saved to {out}")
 
@@ -179,10 +181,12 @@ def train(
 @app.command()
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="one or more prompts")],
-    run: Annotated[Optional[Path], typer.Option(help="run directory of an aligner; without it, the base model")] = None,
+    run: Annotated[
+        Optional[Path], typer.Option(help="run directory of an aligner or another method (LoRA, ...); without it, the base model")
+    ] = None,
     model: Annotated[Optional[str], typer.Option(help=MODEL_HELP + "; default: the run's base model")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 32,
-    gate_scale: Annotated[float, typer.Option(help="multiplies every gate (0: base, 1: as trained)")] = 1.0,
+    gate_scale: Annotated[float, typer.Option(help="an aligner's: multiplies every gate (0: base, 1: as trained)")] = 1.0,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
     temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
@@ -193,20 +197,21 @@ def generate(
     ] = None,
     offload_folder: Annotated[Optional[Path], typer.Option(help="where --device-map puts the layers that fit nowhere else")] = None,
 ) -> None:
-    """Answer each prompt with the base model and, given --run, with its aligner attached."""
-    from aligner.generation import generate as generate_text
+    """Answer each prompt with the base model and, given --run, with the run's aligner (or other method) attached."""
+    from aligner.suite import answer, check_gate_scale
 
     with one_line_errors():
-        al = Aligner.load(run) if run is not None else None
+        method = load_method(run) if run is not None else None
+        check_gate_scale(method, gate_scale)
         if model is None:
-            model = (al.base_model.get("name") if al is not None else None) or DEFAULT_MODEL
+            model = (method.base_model.get("name") if method is not None else None) or DEFAULT_MODEL
         placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
         base = open_model(model, **placement)
-        options = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p)
-        options.update(seed=seed, system=system)
-        outputs = {"base": generate_text(base, prompts, **options)}
-        if al is not None:
-            outputs["aligned"] = generate_text(base, prompts, aligner=al, gate_scale=gate_scale, **options)
+        sampling = dict(do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+        batch_size = 16  # prompts per forward pass
+        outputs = {"base": answer(base, None, prompts, system, max_new_tokens, batch_size, **sampling)}
+        if method is not None:
+            outputs["aligned"] = answer(base, method, prompts, system, max_new_tokens, batch_size, gate_scale, **sampling)
     for i, prompt in enumerate(prompts):
         typer.echo(f"--- {prompt}")
         for label, texts in outputs.items():
@@ -214,16 +219,16 @@ def generate(
 
 
 @app.command()
-def info(run: Annotated[Path, typer.Argument(help="run directory (or any directory holding an aligner)")]) -> None:
-    """Print a saved aligner's config, parameter count, base model, training and provenance."""
+def info(run: Annotated[Path, typer.Argument(help="run directory of an aligner or another method (LoRA, ...)")]) -> None:
+    """Print a saved aligner's (or other method's) config, parameter count, base model, training and provenance."""
     with one_line_errors():
-        al = Aligner.load(run)
-    provenance = dict(al.provenance)
+        method = load_method(run)
+    provenance = dict(method.provenance)
     training = provenance.pop("training", None)
     typer.echo(f"run          {run}")
-    typer.echo(f"aligner      {describe(al)}")
-    typer.echo(f"parameters   {al.num_parameters():,}")
-    typer.echo(f"base model   {al.base_model.get('name')} (weights sha256 {al.base_model.get('fingerprint')})")
+    typer.echo(f"{'aligner' if isinstance(method, Aligner) else 'method':13}{describe_method(method)}")
+    typer.echo(f"parameters   {method.num_parameters():,}")
+    typer.echo(f"base model   {method.base_model.get('name')} (weights sha256 {method.base_model.get('fingerprint')})")
     if training is not None:
         for line in describe_training(training):
             typer.echo(line)
@@ -270,13 +275,6 @@ def describe_training(training: Any) -> list[str]:
         ]
     except (KeyError, TypeError, ValueError, AttributeError):
         return ["training     " + json.dumps(training, sort_keys=True)]
-
-
-def describe(al: Aligner) -> str:
-    """The aligner's shape in a few words, e.g. "Aligner, N=1, layers 2-29 x 9 heads"."""
-    kind = "Aligner" if al.config.shared else "LLaMA-Adapter (a prefix per layer)"
-    layers = f"{al.config.start_layer}-{al.shape.n_layers - 1}"
-    return f"{kind}, N={al.config.n_tokens}, layers {layers} x {al.shape.n_heads} heads"
 
 
 def _names(values: list[str]) -> tuple[str, ...]:
@@ -333,7 +331,6 @@ def evaluate(
     """Score the base model, or a trained aligner or method, on a task's evaluation splits (a .jsonl task: every
     row) with the task's checkers; greedy, batched."""
     from aligner.loading import model_fingerprint
-    from aligner.methods import load_method
     from aligner.suite import SuiteConfig, task_data
     from aligner.suite import evaluate as evaluate_splits
     from aligner.tasks import Sizes, get_task

@@ -337,6 +337,8 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> Method:
     path = Path(path)
     if (path / ALIGNER_CONFIG_FILE).is_file():
         return Aligner.load(path, device)
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a run directory (expected {ALIGNER_CONFIG_FILE} or {CONFIG_FILE} in it)")
     meta = read_json(path / CONFIG_FILE)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") not in METHOD_KINDS:
         raise ValueError(f"{path / CONFIG_FILE}: not a method file of format {FORMAT!r} with a known kind")

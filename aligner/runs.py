@@ -81,15 +81,20 @@ def method_kind(method: Method) -> str:
     return method.kind
 
 
-def summarise(method: Method) -> str:
-    """One line: what the method is, its size, its trainable parameters and its base model."""
-    base = method.base_model.get("name")
+def describe_method(method: Method) -> str:
+    """What the method is and its settings, in a few words: "Aligner, N=1, layers 2-29 x 9 heads",
+    "lora (r=8, alpha=8.0, targets=q,v)"."""
     if isinstance(method, Aligner):
         kind = "Aligner" if method.config.shared else "LLaMA-Adapter"
-        layers = f"layers {method.config.start_layer}-{method.shape.n_layers - 1}"
-        return f"{kind}, N={method.config.n_tokens}, {layers}, {method.num_parameters():,} parameters, base {base}"
+        layers = f"layers {method.config.start_layer}-{method.shape.n_layers - 1} x {method.shape.n_heads} heads"
+        return f"{kind}, N={method.config.n_tokens}, {layers}"
     settings = ", ".join(f"{k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in asdict(method.config).items())
-    return f"{method.kind} ({settings}), {method.num_parameters():,} parameters, base {base}"
+    return f"{method.kind} ({settings})"
+
+
+def summarise(method: Method) -> str:
+    """One line: what the method is, its settings, its trainable parameters and its base model."""
+    return f"{describe_method(method)}, {method.num_parameters():,} parameters, base {method.base_model.get('name')}"
 
 
 def run_losses(path: str | Path) -> list[tuple[int, float]]:

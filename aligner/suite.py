@@ -292,18 +292,26 @@ def answer(
     batch_size: int,
     gate_scale: float = 1.0,
     raw_prompts: bool = False,
+    **sampling: Any,
 ) -> list[str]:
-    """Greedy answers with `method` attached (None: the base model; an aligner's gates times `gate_scale`),
-    batched and left-padded. `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`), and the
-    answers that ended their turn are marked."""
-    options = dict(max_new_tokens=max_new_tokens, system=system, batch_size=batch_size)
+    """Answers with `method` attached (None: the base model; an aligner's gates times `gate_scale`), batched and
+    left-padded; greedy unless `sampling` says otherwise (`generate`'s do_sample, temperature, top_p, seed).
+    `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`), and the answers that ended their turn
+    are marked."""
+    options = dict(max_new_tokens=max_new_tokens, system=system, batch_size=batch_size, **sampling)
     options |= dict(chat_template=not raw_prompts, mark_end=raw_prompts)
-    if method is None:
-        return generate(model, list(prompts), **options)
-    if isinstance(method, Aligner):
+    check_gate_scale(method, gate_scale)
+    if method is None or isinstance(method, Aligner):
         return generate(model, list(prompts), aligner=method, gate_scale=gate_scale, **options)
     with method.attached(model):
         return generate(model, prompts_for(method, prompts), **options)
+
+
+def check_gate_scale(method: Method | None, gate_scale: float) -> None:
+    """Refuse a gate scale other than 1 for what has no gates: the base model, or a method other than an aligner."""
+    if gate_scale != 1.0 and not isinstance(method, Aligner):
+        has = "the base model" if method is None else f"a {type(method).__name__}"
+        raise ValueError(f"gate_scale={gate_scale} scales an aligner's gates; {has} has none")
 
 
 class EarlyStopping:

@@ -54,6 +54,35 @@ def test_generate_prints_base_and_aligned_answers(run):
     assert "--- Q1?" in result.output and "--- Hello" in result.output
 
 
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from aligner import TrainConfig
+    from aligner.cli import open_model
+    from aligner.data import Example
+    from aligner.runs import train_run
+
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    examples = [Example(f"Q{i}?", "Bananas.") for i in range(4)]
+    train_run(open_model("tiny"), examples, out, "lora", 2, TrainConfig(steps=2, batch_size=2, warmup_steps=0))
+    return out
+
+
+def test_info_and_generate_read_a_run_of_any_method(lora_run):
+    info = runner.invoke(app, ["info", str(lora_run)])
+    assert info.exit_code == 0, info.output
+    assert "method       lora (r=2, alpha=2.0, targets=q,v)" in info.output and "step 2 of 2" in info.output
+    generated = runner.invoke(app, ["generate", "Q1?", "--run", str(lora_run), "--max-new-tokens", "3"])
+    assert generated.exit_code == 0, generated.output
+    assert generated.output.count("base:") == 1 and generated.output.count("aligned:") == 1
+    sampled = [
+        runner.invoke(app, ["generate", "Q1?", "--run", str(lora_run), "--max-new-tokens", "8", "--sample", "--seed", seed])
+        for seed in ("1", "1", "2")
+    ]
+    assert sampled[0].output == sampled[1].output != sampled[2].output  # sampling options reach the method's answers
+    scaled = runner.invoke(app, ["generate", "Q1?", "--run", str(lora_run), "--gate-scale", "0"])
+    assert scaled.exit_code == 1 and "gate_scale=0.0 scales an aligner's gates; a LoRA has none" in scaled.output
+
+
 def test_existing_run_is_refused_and_resume_continues_it(run, data):
     out, _ = run
     args = ["train", "--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "2"]
@@ -70,8 +99,9 @@ def test_existing_run_is_refused_and_resume_continues_it(run, data):
     [
         (["train", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/r"], "missing.jsonl: no such file"),
         (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r"], "row 1: missing field 'response'"),
-        (["info", "{tmp}/nothing"], "not an aligner directory"),
-        (["generate", "Hi", "--run", "{tmp}/nothing"], "not an aligner directory"),
+        (["info", "{tmp}/nothing"], "nothing: not a run directory (expected aligner.json or method.json in it)"),
+        (["generate", "Hi", "--run", "{tmp}/nothing"], "nothing: not a run directory"),
+        (["generate", "Hi", "--model", "tiny", "--gate-scale", "0.5"], "gate_scale=0.5 scales an aligner's gates; the base model has none"),
     ],
 )
 def test_bad_input_gives_one_error_line_not_a_traceback(tmp_path, args, message):
