@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional
 
 import torch
 import typer
@@ -17,10 +17,13 @@ from torch import nn
 
 from aligner.dpo import DPOConfig, train_dpo
 from aligner.loading import DEFAULT_MODEL, cache_dir, cache_entries, load_model, remove_cache_entry, tiny_model
-from aligner.methods import load_method
+from aligner.methods import load_method, prompts_for
 from aligner.model import Aligner
 from aligner.runs import describe_method
 from aligner.train import TrainConfig, train_sft
+
+if TYPE_CHECKING:
+    from aligner.suite import MethodSpec
 
 app = typer.Typer(
     help="Aligner (one global token, shared by every layer) on TransformerLens 4: train, generate, inspect.",
@@ -75,6 +78,13 @@ def train(
     data: Annotated[str, typer.Option(help="JSONL or Alpaca JSON file, local dataset directory, or cached HF dataset")],
     out: Annotated[Path, typer.Option(help="run directory, e.g. runs/NAME; refused if it exists, unless --resume")],
     model: Annotated[str, typer.Option(help=MODEL_HELP)] = DEFAULT_MODEL,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="aligner (shaped by --n-tokens, --start-layer, --shared), or a baseline named as `aligner sweep` names "
+            "it: lora-R (peft's LoRA of rank R on q and v), prompt-N (prompt tuning, N virtual tokens), zbias"
+        ),
+    ] = "aligner",
     n_tokens: Annotated[int, typer.Option(help="prefix tokens N")] = TrainConfig.n_tokens,
     start_layer: Annotated[int, typer.Option(help="first adapted layer")] = TrainConfig.start_layer,
     shared: Annotated[
@@ -83,7 +93,10 @@ def train(
     steps: Annotated[int, typer.Option(help="optimizer steps in all")] = TrainConfig.steps,
     batch_size: Annotated[int, typer.Option(help="examples per forward pass")] = TrainConfig.batch_size,
     grad_accum: Annotated[int, typer.Option(help="forward passes per optimizer step")] = TrainConfig.grad_accum,
-    lr: Annotated[float, typer.Option(help="learning rate after warm-up")] = TrainConfig.lr,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(help=f"learning rate after warm-up (default: the authors' {TrainConfig.lr} for an aligner, the sweep's for a baseline)"),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = TrainConfig.weight_decay,
     warmup_steps: Annotated[int, typer.Option(help="steps of linear warm-up")] = TrainConfig.warmup_steps,
     max_length: Annotated[int, typer.Option(help="tokens per example; longer ones are cut")] = TrainConfig.max_length,
@@ -120,8 +133,8 @@ def train(
         typer.Option(help="shard the frozen model among the launched processes (FSDP2), for a model too large for one GPU"),
     ] = TrainConfig.shard_model,
 ) -> None:
-    """Train an aligner, the base model frozen, by SFT on (prompt, response) examples or by DPO on preference
-    pairs; writes the run directory. Under `accelerate launch -m aligner train ...` every process trains on its
+    """Train an aligner (or a baseline: --method), the base model frozen, by SFT on (prompt, response) examples or
+    by DPO on preference pairs; writes the run directory. Under `accelerate launch -m aligner train ...` every process trains on its
     device its share of each step (see the README: multi-GPU and multi-process); the main process prints and writes."""
     from aligner.data import Example, load_examples, load_pairs
     from aligner.distributed import held_share, launched_accelerator
@@ -132,6 +145,11 @@ def train(
         say = typer.echo if accelerator.is_main_process else lambda message: None
         if objective is Objective.sft and any(v is not None for v in dpo_options.values()):
             raise ValueError("--reference, --beta and --label-smoothing need --objective dpo")
+        baseline = None if method == "aligner" else baseline_spec(method)
+        if baseline is not None and objective is Objective.dpo:
+            raise ValueError(f"--method {method} with --objective dpo: the policy starts from --reference; give a run of it there")
+        if lr is None:
+            lr = TrainConfig.lr if baseline is None else baseline.lr
         settings = dict(
             n_tokens=n_tokens,
             start_layer=start_layer,
@@ -167,9 +185,15 @@ def train(
         # moves to the device as it is sharded.
         device = "cpu" if shard_model else accelerator.device
         base = open_model(model, device=device, dtype=getattr(torch, dtype.value))
+        fresh = {}
+        if baseline is not None:  # seeded as train_sft seeds a fresh aligner; on resume, the checkpoint replaces it
+            torch.manual_seed(seed)
+            fresh["aligner"] = baseline.make(base)
+            prompts = prompts_for(fresh["aligner"], [item.prompt for item in items])  # prompt tuning's placeholders
+            items = [replace(item, prompt=prompt) for item, prompt in zip(items, prompts)]
         processes = f"; {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         say(f"{len(items)} {noun} from {data}; base model {model} on {accelerator.device}{processes}")
-        al = trainer(base, items, config, run_dir=out, resume=resume, accelerator=accelerator)
+        al = trainer(base, items, config, run_dir=out, resume=resume, accelerator=accelerator, **fresh)
         if shard_model:
             say(f"the frozen model sharded (FSDP2): this process held {held_share(base):.0%} of its weights")
     record = al.provenance["training"]
@@ -261,6 +285,21 @@ def cache(
             for entry in removed:
                 remove_cache_entry(entry)
             typer.echo(f"removed the {freed} marked -")
+
+
+def baseline_spec(name: str) -> "MethodSpec":
+    """The suite's spec of a trained method other than an aligner (`aligner.suite.method_spec`): what
+    `aligner train --method` makes."""
+    from aligner.suite import method_spec
+
+    if ":" in name:
+        raise ValueError(f"--method {name}: the training options are --lr and --steps here, not {name.partition(':')[2]!r}")
+    spec = method_spec(name)
+    if spec.kind != "trained":
+        raise ValueError(f"--method {name}: {name!r} is not trained; choose aligner, lora-R, prompt-N or zbias")
+    if name.partition("-")[0] in ("aligner", "adapter"):
+        raise ValueError(f"--method {name}: an aligner is shaped by --n-tokens, --start-layer and --shared; give --method aligner")
+    return spec
 
 
 def describe_training(training: Any) -> list[str]:

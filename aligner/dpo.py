@@ -93,7 +93,7 @@ def train_dpo(
     """Train by DPO on preference `pairs` against `config.reference`, `model` frozen; return the policy, detached.
 
     The policy starts as a copy of the reference (a fresh aligner seeded by `config.seed` when the reference is
-    the base model); a reference aligner must have the shape `config` gives. With `run_dir` (aligners only),
+    the base model); a reference aligner must have the shape `config` gives. With `run_dir`,
     checkpoints and metrics are written there as `train_sft` writes them; `resume=True` continues a run,
     refusing other settings, other pairs or a changed reference. `accelerator` as in `aligner.train.optimize`.
     """
@@ -112,8 +112,6 @@ def train_dpo(
                 f"{config.reference}: the reference aligner has {reference.config}, the training config "
                 f"{config.aligner_config()}; the policy starts from the reference, so they must agree"
             )
-        if not isinstance(reference, Aligner) and run_dir is not None:
-            raise ValueError(f"run directories hold aligners; train a {type(reference).__name__} without run_dir")
         policy = load_method(config.reference, device=device)  # tensors of its own: the reference stays as it is
         policy.provenance = {"initialised_from": config.reference}
     # The user's turns as the policy reads them (prompt tuning puts its placeholders in front; others keep them).

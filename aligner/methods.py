@@ -50,6 +50,10 @@ class Method(Protocol):
 
     def save(self, path: str | Path) -> Path: ...
 
+    def state_dict(self) -> dict[str, torch.Tensor]: ...  # its tensors by name, as its files and checkpoints hold them
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None: ...  # in place, checked
+
 
 class HookedMethod(nn.Module):
     """The parts every method of this file shares: a config dataclass, the base model's shape and name, hooks on
@@ -141,12 +145,20 @@ class HookedMethod(nn.Module):
     def from_files(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> "HookedMethod":
         method = cls(cls.config_type(**meta["config"]), ModelShape.from_dict(meta["shape"], source), meta["base_model"])
         method.provenance = meta["provenance"]
-        expected = {k: tuple(v.shape) for k, v in method.state_dict().items()}
+        method.load_tensors(tensors, source)
+        return method
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Copy the tensors of its state dict in, in place (an optimizer over them stays valid), once their names,
+        shapes and finite values are checked; the error names `source`."""
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != found:
-            raise ValueError(f"{source}: tensors {found}, expected {expected} for {method.config}")
-        method.load_state_dict(tensors)
-        return method
+            raise ValueError(f"{source}: tensors {found}, expected {expected} for {self.config}")
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{source}: tensor {name!r} has NaN or inf values, expected all finite")
+        self.load_state_dict(tensors)
 
 
 # ---- LoRA (through peft) ----
@@ -218,7 +230,7 @@ class LoRA(HookedMethod):
             out_features, in_features = tensor.shape
             getattr(shell, matrices)[key] = nn.Linear(in_features, out_features, bias=False)
         shell.provenance = meta["provenance"]
-        shell.load_state_dict(tensors)
+        shell.load_tensors(tensors, source)
         return shell
 
 

@@ -93,8 +93,9 @@ class AlignerHooks(nn.Module):
         # layer that forms its own (`_prefix_of_all_layers`), P W_K + b_K and P W_V + b_V (`_projected`)
         self._formed: dict[int, Prefix] = {}
         self._projected: dict[int, Prefix] = {}
-        # This forward's tokens (the shared prefix, or one per adapted layer) and each adapted layer's gates.
-        self._tokens_this_forward: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+        # This forward's tokens (the shared prefix, or one per adapted layer) and each adapted layer's gates. Set with
+        # object.__setattr__: the tokens may be the `tokens` parameter itself, which nn.Module would register again.
+        object.__setattr__(self, "_tokens_this_forward", None)
         self._gates_this_forward: tuple[torch.Tensor, ...] = ()
         self._keep_prefix = False  # inside fixed_prefix()
         self._prefix: dict[int, Prefix] = {}  # K_p (None: one slot) and g V_p, kept by fixed_prefix()
@@ -167,7 +168,8 @@ class AlignerHooks(nn.Module):
         self._projected.clear()
         self._stacked = False
         self._prefix.clear()
-        self._tokens_this_forward, self._gates_this_forward = None, ()
+        object.__setattr__(self, "_tokens_this_forward", None)
+        self._gates_this_forward = ()
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module) -> Iterator["AlignerHooks"]:
@@ -213,7 +215,7 @@ class AlignerHooks(nn.Module):
         if i == 0 and not (self._keep_prefix and self._prefix):
             tokens, gates = self._tokens_and_gates(z.shape[0])
             tokens, gates = tokens.to(self._attention[0].k_proj.weight.dtype), gates.to(z.dtype)
-            self._tokens_this_forward = tokens if self.config.shared else tokens.unbind(0)
+            object.__setattr__(self, "_tokens_this_forward", tokens if self.config.shared else tokens.unbind(0))
             self._formed, self._projected = (
                 self._prefix_of_all_layers(tokens, gates, z.shape[2], z.shape[3]) if self._stacked else ({}, {})
             )

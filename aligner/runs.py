@@ -4,7 +4,8 @@ reason it cannot be read.
 
 A run directory holds an aligner (`aligner.json` + `aligner.safetensors`: Aligner, or LLaMA-Adapter when
 unshared) or another method of `aligner.methods` (`method.json` + `method.safetensors`: LoRA, prompt tuning,
-z-bias), and `metrics.jsonl`, one line per step with its loss. The examples it was trained on are written to
+z-bias), `metrics.jsonl`, one line per step with its loss, and the training state that `resume` continues
+(aligner.train). The examples it was trained on are written to
 RUNS/data/NAME.jsonl first, and its provenance names that file, so that what it learned can be checked against
 what it was shown (`probe.dataset.training_form`).
 """
@@ -160,16 +161,5 @@ def train_run(
     )
     torch.manual_seed(config.seed)  # the fresh method's initial values, as train_sft seeds its own
     method = METHOD_MAKERS[kind][1](model, size)
-    losses: list[tuple[int, float]] = []
-
-    def step(number: int, loss: float) -> bool:
-        losses.append((number, loss))
-        return bool(on_step(number, loss)) if on_step is not None else False
-
-    if isinstance(method, Aligner):  # a run directory of its own: metrics.jsonl and a resumable state
-        return train_sft(model, examples, config, run_dir=run_dir, aligner=method, on_step=step)
-    trained = train_sft(model, examples, config, aligner=method, on_step=step)
-    trained.save(run_dir)
-    atomic_write_bytes(run_dir / METRICS_FILE, "".join(json.dumps({"step": s, "loss": l}) + "\n" for s, l in losses).encode())
-    return trained
+    return train_sft(model, examples, config, run_dir=run_dir, aligner=method, on_step=on_step)
 

@@ -1,14 +1,17 @@
-"""Supervised fine-tuning of an Aligner on (prompt, response) pairs, the base model frozen.
+"""Supervised fine-tuning of an Aligner (or another method: LoRA, prompt tuning, ...) on (prompt, response) pairs,
+the base model frozen.
 
 As the authors' code (lit-llama's `finetune/adapter.py`, which the Aligner paper builds on): AdamW over the
 prefix tokens and gates alone, lr 9e-3, weight decay 0.02, a linear warm-up then a constant rate, and the loss
 on the response tokens only. A run directory holds the aligner, `metrics.jsonl` and a training state from
 which `resume=True` continues exactly where the run stopped:
 
-    runs/NAME/aligner.safetensors, aligner.json   the aligner (provenance: this config, data, step, loss)
+    runs/NAME/aligner.safetensors, aligner.json   the aligner (provenance: this config, data, step, loss), or
+                                                  method.safetensors, method.json for another method
     runs/NAME/metrics.jsonl                       one line per logged step
     runs/NAME/state.json                          step, data position, time, checks; names the file below
-    runs/NAME/state-STEP.safetensors              tokens, gates, AdamW moments and the torch RNG state
+    runs/NAME/state-STEP.safetensors              the parameters (an aligner's tokens and gates), AdamW's
+                                                  moments and the torch RNG state
 
 The loop runs under Hugging Face accelerate, on one process or many (`accelerate launch -m aligner train ...`):
 each step's examples are shared among the processes, their gradients summed, and the same step taken on each;
@@ -45,6 +48,7 @@ from aligner.config import AlignerConfig, check_fields, dataclass_spec
 from aligner.data import Example
 from aligner.distributed import check_joined, launched_accelerator, shard_frozen_model
 from aligner.files import atomic_write_bytes, atomic_write_json, read_json
+from aligner.model import CONFIG_FILE as ALIGNER_FILE
 from aligner.model import Aligner
 
 if TYPE_CHECKING:
@@ -119,16 +123,15 @@ def train_sft(
     With `run_dir`, checkpoints and metrics are written there; a directory that is not empty is refused
     unless `resume=True`, which continues its saved state: 3 steps, then resuming to 6, give the aligner that
     6 steps straight give. The base model is left with `requires_grad=False` on every weight.
-    `aligner` may be any `aligner.methods.Method` (LoRA, prompt tuning, a bias), trained the same way, without
-    a run directory. `on_step(step, loss)`, called after each step while the method is attached, ends training
+    `aligner` may be any `aligner.methods.Method` (LoRA, prompt tuning, a bias), trained the same way; to resume
+    the run of one, pass a fresh one of the run's kind and config (an aligner is made from `config` instead), and
+    the checkpoint's parameters replace its own. `on_step(step, loss)`, called after each step while the method is attached, ends training
     there by returning True (the suite's early stopping). `accelerator` (default: `launched_accelerator()`, the
     processes and mixed precision of `accelerate launch`) runs the loop; see `optimize`.
     """
     run_dir = check_run_dir(run_dir, resume)
-    if aligner is not None and not isinstance(aligner, Aligner) and run_dir is not None:
-        raise ValueError(f"run directories hold aligners; train a {type(aligner).__name__} without run_dir")
-    if resume and aligner is not None:
-        raise ValueError("resume=True continues the run's own aligner; do not pass one")
+    if resume and isinstance(aligner, Aligner):
+        raise ValueError("resume=True continues the run's own aligner, made from the config; do not pass one")
     sequences = tokenize_examples(model.tokenizer, examples, config)
     if aligner is None:
         torch.manual_seed(config.seed)
@@ -533,12 +536,12 @@ def _training_record(config: TrainConfig, run: _Run, n_examples: int, data_sha25
 
 
 def _save_state(
-    run_dir: Path, aligner: Aligner, optimizer: torch.optim.Optimizer, config: TrainConfig, run: _Run, data_sha256: str
+    run_dir: Path, aligner: Method, optimizer: torch.optim.Optimizer, config: TrainConfig, run: _Run, data_sha256: str
 ) -> None:
-    """Write the aligner, then the training state. `state.json` is written last and names its tensor file, so
-    that an interruption at any moment leaves the previous checkpoint whole."""
+    """Write the aligner (or method), then the training state. `state.json` is written last and names its tensor
+    file, so that an interruption at any moment leaves the previous checkpoint whole."""
     aligner.save(run_dir)
-    tensors = {"tokens": aligner.tokens, "gates": aligner.gates, "rng.torch": torch.get_rng_state()}
+    tensors = {**aligner.state_dict(), "rng.torch": torch.get_rng_state()}  # an aligner's: tokens, gates
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             tensors[f"optimizer.{index}.{key}"] = value
@@ -564,13 +567,14 @@ def _save_state(
 
 
 def _load_state(
-    run_dir: Path, config: TrainConfig, aligner: Aligner, optimizer: torch.optim.Optimizer, data_sha256: str
+    run_dir: Path, config: TrainConfig, aligner: Method, optimizer: torch.optim.Optimizer, data_sha256: str
 ) -> _Run:
-    """Restore tokens, gates, optimizer and RNG from `run_dir`, refusing a state that belongs to other settings,
-    other data or another base model."""
+    """Restore the parameters (an aligner's tokens and gates), optimizer and RNG from `run_dir`, refusing a state
+    that belongs to other settings, other data, another base model or another kind of method."""
     state_path = run_dir / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path}: no training state to resume")
+    _check_same_method(run_dir, aligner)
     state = check_fields(read_json(state_path), STATE_FIELDS, str(state_path), "training state")
     if state["format"] != STATE_FORMAT:
         raise ValueError(f"{state_path}: field 'format' is {state['format']!r}, expected {STATE_FORMAT!r}")
@@ -603,12 +607,13 @@ def _load_state(
         tensors = load(data)
     except SafetensorError as err:
         raise ValueError(f"{tensors_path}: not a readable safetensors file ({err})") from err
-    # What _save_state writes: tokens, gates, the torch RNG state, and AdamW's moments and step per parameter.
+    # What _save_state writes: the parameters, the torch RNG state, and AdamW's moments and step per parameter.
+    own = set(aligner.state_dict())
     expected = {"rng.torch": (tuple(torch.get_rng_state().shape), torch.uint8)}
     for index, param in enumerate(aligner.parameters()):
         expected |= {f"optimizer.{index}.{key}": (tuple(param.shape), torch.float32) for key in ("exp_avg", "exp_avg_sq")}
         expected[f"optimizer.{index}.step"] = ((), torch.float32)
-    found = {name: tensors[name] for name in tensors if name not in ("tokens", "gates")}
+    found = {name: tensors[name] for name in tensors if name not in own}
     if set(found) != set(expected):
         raise ValueError(
             f"{tensors_path}: tensors missing {sorted(set(expected) - set(found))}, "
@@ -622,7 +627,7 @@ def _load_state(
             )
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"{tensors_path}: tensor {name!r} has NaN or inf values, expected all finite")
-    aligner.load_tensors({name: tensors[name] for name in ("tokens", "gates") if name in tensors}, str(tensors_path))
+    aligner.load_tensors({name: tensors[name] for name in own if name in tensors}, str(tensors_path))
     torch.set_rng_state(found.pop("rng.torch"))
     optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in found.items():
@@ -630,6 +635,24 @@ def _load_state(
         optimizer_state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]})
     return _Run(state["step"], state["position"], state["elapsed_s"], state["loss"], state["step"])
+
+
+def _check_same_method(run_dir: Path, method: Method) -> None:
+    """Refuse to resume a run of another kind of method, or of other settings, than `method`: an aligner's
+    settings are checked with the training config; another method's against the run's method.json."""
+    from aligner.methods import CONFIG_FILE as METHOD_FILE
+
+    saved = {"kind": "aligner"} if (run_dir / ALIGNER_FILE).is_file() else read_json(run_dir / METHOD_FILE)
+    given = {"kind": "aligner"} if isinstance(method, Aligner) else {"kind": method.kind, "config": asdict(method.config)}
+    given = json.loads(json.dumps(given))  # as JSON reads back: tuples as lists
+    if {key: saved.get(key) for key in given} != given:
+        raise ValueError(f"{run_dir}: the run holds {_described(saved)}, not the {_described(given)} given to resume it")
+
+
+def _described(method_record: dict[str, Any]) -> str:
+    """A method's kind and config as method.json records them: 'lora {"alpha": 8.0, ...}', or 'aligner'."""
+    config = method_record.get("config")
+    return str(method_record.get("kind")) + ("" if config is None else f" {json.dumps(config, sort_keys=True)}")
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:

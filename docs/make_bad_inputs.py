@@ -1010,7 +1010,7 @@ def _(ws: Workspace) -> str:
     return cli("generate", "Hi", "--run", str(run), "--model", "tiny", "--max-new-tokens", "2")
 
 
-@case(AREA, "`info` on a directory that holds no aligner")
+@case(AREA, "`info` on a directory that holds no run (no aligner, no other method)")
 def _(ws: Workspace) -> str:
     path = ws.fresh("empty")
     path.mkdir()

@@ -83,6 +83,25 @@ def test_info_and_generate_read_a_run_of_any_method(lora_run):
     assert scaled.exit_code == 1 and "gate_scale=0.0 scales an aligner's gates; a LoRA has none" in scaled.output
 
 
+@pytest.mark.parametrize("method, kind", [("lora-2", "lora"), ("prompt-3", "prompt-tuning"), ("zbias", "z-bias")])
+def test_train_a_baseline_into_a_run_directory_and_resume_it(data, tmp_path, method, kind):
+    from aligner.methods import load_method
+
+    out = tmp_path / method
+    args = ["train", "--data", str(data), "--out", str(out), "--model", "tiny", "--method", method, "--batch-size", "2"]
+    trained = runner.invoke(app, [*args, "--steps", "2", "--warmup-steps", "0"])
+    assert trained.exit_code == 0, trained.output
+    assert f"trainable parameters ({kind}" in trained.output
+    resumed = runner.invoke(app, [*args, "--steps", "3", "--warmup-steps", "0", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    saved = load_method(out)
+    assert saved.kind == kind and saved.provenance["training"]["step"] == 3
+    assert saved.provenance["training"]["config"]["lr"] == {"lora": 2e-3}.get(kind, 1e-2)  # the sweep's rates
+    without_method = [arg for arg in args if arg not in ("--method", method)]  # an aligner
+    as_aligner = runner.invoke(app, [*without_method, "--steps", "4", "--warmup-steps", "0", "--resume"])
+    assert as_aligner.exit_code == 1 and f"the run holds {kind} " in as_aligner.output and "not the aligner" in as_aligner.output
+
+
 def test_existing_run_is_refused_and_resume_continues_it(run, data):
     out, _ = run
     args = ["train", "--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "2"]
@@ -102,6 +121,11 @@ def test_existing_run_is_refused_and_resume_continues_it(run, data):
         (["info", "{tmp}/nothing"], "nothing: not a run directory (expected aligner.json or method.json in it)"),
         (["generate", "Hi", "--run", "{tmp}/nothing"], "nothing: not a run directory"),
         (["generate", "Hi", "--model", "tiny", "--gate-scale", "0.5"], "gate_scale=0.5 scales an aligner's gates; the base model has none"),
+        (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--method", "lora"], "no method 'lora'; choose from"),
+        (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--method", "aligner-2"], "an aligner is shaped by --n-tokens"),
+        (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--method", "steering"], "'steering' is not trained"),
+        (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--method", "lora-8:lr=1"], "the training options are --lr"),
+        (["train", "--data", "{tmp}/p.jsonl", "--out", "{tmp}/r", "--method", "lora-8", "--objective", "dpo"], "starts from --reference"),
     ],
 )
 def test_bad_input_gives_one_error_line_not_a_traceback(tmp_path, args, message):

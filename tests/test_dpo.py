@@ -308,10 +308,12 @@ def test_a_lora_reference_gives_a_lora_policy_that_learns_the_preference(model, 
             param.normal_(0.0, 0.05)  # B off zero: a reference that differs from the base model
     lora.save(tmp_path / "lora")
     config = DPOConfig(steps=4, reference=str(tmp_path / "lora"), beta=0.5, **FAST)
-    with pytest.raises(ValueError, match="run directories hold aligners; train a LoRA without run_dir"):
-        train_dpo(model, PAIRS, config, run_dir=tmp_path / "run")
     policy = train_dpo(model, PAIRS, config)
     assert isinstance(policy, LoRA) and policy.provenance["initialised_from"] == str(tmp_path / "lora")
+    train_dpo(model, PAIRS, replace(config, steps=2), run_dir=tmp_path / "run")  # a run directory, resumed
+    resumed = train_dpo(model, PAIRS, config, run_dir=tmp_path / "run", resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), policy.state_dict().values()))
+    assert load_method(tmp_path / "run").provenance["training"]["step"] == 4
 
     reference = load_method(tmp_path / "lora")
     sequences = tokenize_pairs(model.tokenizer, PAIRS, config)

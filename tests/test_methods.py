@@ -2,6 +2,9 @@
 trace, a one-token aligner as a constant bias, peft's LoRA and prompt tuning through the bridge, steering
 vectors, files, and training any method with train_sft."""
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -205,9 +208,43 @@ def test_train_sft_trains_any_method_and_the_base_stays(model, kind):
     assert all(not p.requires_grad for p in model.parameters())
 
 
-def test_a_run_directory_is_for_aligners(model, tmp_path):
-    with pytest.raises(ValueError, match="train a LoRA without run_dir"):
-        train_sft(model, EXAMPLES, TrainConfig(steps=1), run_dir=tmp_path / "run", aligner=make("lora", model))
+@pytest.mark.parametrize("kind", ["lora", "prompt", "zbias"])
+def test_a_run_of_any_method_resumes_to_the_method_of_a_straight_run(model, tmp_path, kind):
+    config = TrainConfig(steps=6, batch_size=2, grad_accum=2, save_every=2, lr=0.02, warmup_steps=0)
+    prompts = prompts_for(make(kind, model), [e.prompt for e in EXAMPLES])  # prompt tuning's placeholders in front
+    examples = [Example(p, e.response) for p, e in zip(prompts, EXAMPLES)]
+    straight = train_sft(model, examples, config, run_dir=tmp_path / "straight", aligner=make(kind, model))
+    train_sft(model, examples, replace(config, steps=3), run_dir=tmp_path / "split", aligner=make(kind, model))
+    fresh = randomised(make(kind, model))  # its own values are replaced by the checkpoint's
+    resumed = train_sft(model, examples, config, run_dir=tmp_path / "split", resume=True, aligner=fresh)
+    assert resumed is fresh
+    for (name, value), expected in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(value, expected), name
+    saved = load_method(tmp_path / "split")
+    assert type(saved) is type(straight) and saved.provenance["training"]["step"] == 6
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), straight.state_dict().values()))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6]  # log_every 10: the last step of each call
+
+
+def test_resuming_a_run_of_one_method_with_another_is_refused(model, tmp_path):
+    config = TrainConfig(steps=2, batch_size=2, lr=0.02, warmup_steps=0)
+    train_sft(model, EXAMPLES, config, run_dir=tmp_path / "lora", aligner=make("lora", model))
+    other_rank = LoRA.for_model(model, LoRAConfig(r=4, alpha=4.0))
+    with pytest.raises(ValueError, match=r'lora: the run holds lora \{"alpha": 2.0, "r": 2, .*\}, not the lora \{"alpha": 4.0, "r": 4, '):
+        train_sft(model, EXAMPLES, replace(config, steps=4), run_dir=tmp_path / "lora", resume=True, aligner=other_rank)
+    with pytest.raises(ValueError, match=r'the run holds lora \{.*\}, not the aligner given to resume it'):
+        train_sft(model, EXAMPLES, replace(config, steps=4), run_dir=tmp_path / "lora", resume=True)
+    train_sft(model, EXAMPLES, config, run_dir=tmp_path / "aligner")
+    with pytest.raises(ValueError, match=r'aligner: the run holds aligner, not the z-bias \{"start_layer": 2\} given'):
+        train_sft(model, EXAMPLES, replace(config, steps=4), run_dir=tmp_path / "aligner", resume=True, aligner=make("zbias", model))
+
+
+def test_an_aligner_keeps_two_tensors_in_its_state_after_a_forward(model):
+    al = make("aligner", model)
+    with al.attached(model):
+        logits(model)
+        assert set(al.state_dict()) == {"tokens", "gates"}
 
 
 def test_on_step_ends_training_where_it_says(model):
