@@ -81,8 +81,8 @@ def train(
     method: Annotated[
         str,
         typer.Option(
-            help="aligner (shaped by --n-tokens, --start-layer, --shared), or a baseline named as `aligner sweep` names "
-            "it: lora-R (peft's LoRA of rank R on q and v), prompt-N (prompt tuning, N virtual tokens), zbias"
+            help="aligner (shaped by --n-tokens, --start-layer, --shared), or a baseline named as `aligner sweep` "
+            "names it: lora-R (peft's LoRA of rank R on q and v), prompt-N (prompt tuning, N virtual tokens), zbias"
         ),
     ] = "aligner",
     n_tokens: Annotated[int, typer.Option(help="prefix tokens N")] = TrainConfig.n_tokens,
@@ -95,7 +95,10 @@ def train(
     grad_accum: Annotated[int, typer.Option(help="forward passes per optimizer step")] = TrainConfig.grad_accum,
     lr: Annotated[
         Optional[float],
-        typer.Option(help=f"learning rate after warm-up (default: the authors' {TrainConfig.lr} for an aligner, the sweep's for a baseline)"),
+        typer.Option(
+            help=f"learning rate after warm-up (default: the authors' {TrainConfig.lr} for an aligner, the sweep's "
+            "for a baseline)"
+        ),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = TrainConfig.weight_decay,
     warmup_steps: Annotated[int, typer.Option(help="steps of linear warm-up")] = TrainConfig.warmup_steps,
@@ -134,8 +137,9 @@ def train(
     ] = TrainConfig.shard_model,
 ) -> None:
     """Train an aligner (or a baseline: --method), the base model frozen, by SFT on (prompt, response) examples or
-    by DPO on preference pairs; writes the run directory. Under `accelerate launch -m aligner train ...` every process trains on its
-    device its share of each step (see the README: multi-GPU and multi-process); the main process prints and writes."""
+    by DPO on preference pairs; writes the run directory. Under `accelerate launch -m aligner train ...` every
+    process trains on its device its share of each step (see the README: multi-GPU and multi-process); the main
+    process prints and writes."""
     from aligner.data import Example, load_examples, load_pairs
     from aligner.distributed import held_share, launched_accelerator
 
@@ -147,7 +151,9 @@ def train(
             raise ValueError("--reference, --beta and --label-smoothing need --objective dpo")
         baseline = None if method == "aligner" else baseline_spec(method)
         if baseline is not None and objective is Objective.dpo:
-            raise ValueError(f"--method {method} with --objective dpo: the policy starts from --reference; give a run of it there")
+            raise ValueError(
+                f"--method {method} with --objective dpo: the policy starts from --reference; give a run of it there"
+            )
         if lr is None:
             lr = TrainConfig.lr if baseline is None else baseline.lr
         settings = dict(
@@ -206,11 +212,12 @@ def train(
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="one or more prompts")],
     run: Annotated[
-        Optional[Path], typer.Option(help="run directory of an aligner or another method (LoRA, ...); without it, the base model")
+        Optional[Path],
+        typer.Option(help="run directory of an aligner or another method (LoRA, ...); without it, the base model"),
     ] = None,
     model: Annotated[Optional[str], typer.Option(help=MODEL_HELP + "; default: the run's base model")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 32,
-    gate_scale: Annotated[float, typer.Option(help="an aligner's: multiplies every gate (0: base, 1: as trained)")] = 1.0,
+    gate_scale: Annotated[float, typer.Option(help="an aligner's gates times this (0: base, 1: as trained)")] = 1.0,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
     temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 1.0,
@@ -235,7 +242,8 @@ def generate(
         batch_size = 16  # prompts per forward pass
         outputs = {"base": answer(base, None, prompts, system, max_new_tokens, batch_size, **sampling)}
         if method is not None:
-            outputs["aligned"] = answer(base, method, prompts, system, max_new_tokens, batch_size, gate_scale, **sampling)
+            aligned = answer(base, method, prompts, system, max_new_tokens, batch_size, gate_scale, **sampling)
+            outputs["aligned"] = aligned
     for i, prompt in enumerate(prompts):
         typer.echo(f"--- {prompt}")
         for label, texts in outputs.items():
@@ -243,7 +251,7 @@ def generate(
 
 
 @app.command()
-def info(run: Annotated[Path, typer.Argument(help="run directory of an aligner or another method (LoRA, ...)")]) -> None:
+def info(run: Annotated[Path, typer.Argument(help="run directory of an aligner or another method (LoRA...)")]) -> None:
     """Print a saved aligner's (or other method's) config, parameter count, base model, training and provenance."""
     with one_line_errors():
         method = load_method(run)
@@ -264,7 +272,7 @@ def cache(
     unused_days: Annotated[
         Optional[float], typer.Option(min=0, help="remove the entries not used for this many days (0: all of them)")
     ] = None,
-    dry_run: Annotated[bool, typer.Option(help="with --unused-days: mark what would be removed, remove nothing")] = False,
+    dry_run: Annotated[bool, typer.Option(help="with --unused-days: mark what would go, remove nothing")] = False,
 ) -> None:
     """List what is kept in the cache ($ALIGNER_CACHE, else ~/.cache/aligner-workbench): de-quantised models,
     probe activations, the base model's answers; each with its size and last use. Every entry is rebuilt when
@@ -293,12 +301,15 @@ def baseline_spec(name: str) -> "MethodSpec":
     from aligner.suite import method_spec
 
     if ":" in name:
-        raise ValueError(f"--method {name}: the training options are --lr and --steps here, not {name.partition(':')[2]!r}")
+        options = name.partition(":")[2]
+        raise ValueError(f"--method {name}: the training options are --lr and --steps here, not {options!r}")
     spec = method_spec(name)
     if spec.kind != "trained":
         raise ValueError(f"--method {name}: {name!r} is not trained; choose aligner, lora-R, prompt-N or zbias")
     if name.partition("-")[0] in ("aligner", "adapter"):
-        raise ValueError(f"--method {name}: an aligner is shaped by --n-tokens, --start-layer and --shared; give --method aligner")
+        raise ValueError(
+            f"--method {name}: an aligner is shaped by --n-tokens, --start-layer and --shared; give --method aligner"
+        )
     return spec
 
 

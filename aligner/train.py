@@ -48,6 +48,7 @@ from aligner.config import AlignerConfig, check_fields, dataclass_spec
 from aligner.data import Example
 from aligner.distributed import check_joined, launched_accelerator, shard_frozen_model
 from aligner.files import atomic_write_bytes, atomic_write_json, read_json
+from aligner.methods import CONFIG_FILE as METHOD_FILE
 from aligner.model import CONFIG_FILE as ALIGNER_FILE
 from aligner.model import Aligner
 
@@ -125,9 +126,10 @@ def train_sft(
     6 steps straight give. The base model is left with `requires_grad=False` on every weight.
     `aligner` may be any `aligner.methods.Method` (LoRA, prompt tuning, a bias), trained the same way; to resume
     the run of one, pass a fresh one of the run's kind and config (an aligner is made from `config` instead), and
-    the checkpoint's parameters replace its own. `on_step(step, loss)`, called after each step while the method is attached, ends training
-    there by returning True (the suite's early stopping). `accelerator` (default: `launched_accelerator()`, the
-    processes and mixed precision of `accelerate launch`) runs the loop; see `optimize`.
+    the checkpoint's parameters replace its own. `on_step(step, loss)`, called after each step while the method
+    is attached, ends training there by returning True (the suite's early stopping). `accelerator` (default:
+    `launched_accelerator()`, the processes and mixed precision of `accelerate launch`) runs the loop; see
+    `optimize`.
     """
     run_dir = check_run_dir(run_dir, resume)
     if resume and isinstance(aligner, Aligner):
@@ -640,13 +642,16 @@ def _load_state(
 def _check_same_method(run_dir: Path, method: Method) -> None:
     """Refuse to resume a run of another kind of method, or of other settings, than `method`: an aligner's
     settings are checked with the training config; another method's against the run's method.json."""
-    from aligner.methods import CONFIG_FILE as METHOD_FILE
-
     saved = {"kind": "aligner"} if (run_dir / ALIGNER_FILE).is_file() else read_json(run_dir / METHOD_FILE)
-    given = {"kind": "aligner"} if isinstance(method, Aligner) else {"kind": method.kind, "config": asdict(method.config)}
-    given = json.loads(json.dumps(given))  # as JSON reads back: tuples as lists
+    if not isinstance(saved, dict):
+        raise ValueError(f"{run_dir / METHOD_FILE}: expected a JSON object, found {type(saved).__name__}")
+    given = {"kind": "aligner"}
+    if not isinstance(method, Aligner):  # its config as JSON reads it back: tuples as lists
+        given = {"kind": method.kind, "config": json.loads(json.dumps(asdict(method.config)))}
     if {key: saved.get(key) for key in given} != given:
-        raise ValueError(f"{run_dir}: the run holds {_described(saved)}, not the {_described(given)} given to resume it")
+        raise ValueError(
+            f"{run_dir}: the run holds {_described(saved)}, not the {_described(given)} given to resume it"
+        )
 
 
 def _described(method_record: dict[str, Any]) -> str:

@@ -74,10 +74,8 @@ def test_info_and_generate_read_a_run_of_any_method(lora_run):
     generated = runner.invoke(app, ["generate", "Q1?", "--run", str(lora_run), "--max-new-tokens", "3"])
     assert generated.exit_code == 0, generated.output
     assert generated.output.count("base:") == 1 and generated.output.count("aligned:") == 1
-    sampled = [
-        runner.invoke(app, ["generate", "Q1?", "--run", str(lora_run), "--max-new-tokens", "8", "--sample", "--seed", seed])
-        for seed in ("1", "1", "2")
-    ]
+    sample = ["generate", "Q1?", "--run", str(lora_run), "--max-new-tokens", "8", "--sample", "--seed"]
+    sampled = [runner.invoke(app, [*sample, seed]) for seed in "112"]
     assert sampled[0].output == sampled[1].output != sampled[2].output  # sampling options reach the method's answers
     scaled = runner.invoke(app, ["generate", "Q1?", "--run", str(lora_run), "--gate-scale", "0"])
     assert scaled.exit_code == 1 and "gate_scale=0.0 scales an aligner's gates; a LoRA has none" in scaled.output
@@ -99,7 +97,8 @@ def test_train_a_baseline_into_a_run_directory_and_resume_it(data, tmp_path, met
     assert saved.provenance["training"]["config"]["lr"] == {"lora": 2e-3}.get(kind, 1e-2)  # the sweep's rates
     without_method = [arg for arg in args if arg not in ("--method", method)]  # an aligner
     as_aligner = runner.invoke(app, [*without_method, "--steps", "4", "--warmup-steps", "0", "--resume"])
-    assert as_aligner.exit_code == 1 and f"the run holds {kind} " in as_aligner.output and "not the aligner" in as_aligner.output
+    assert as_aligner.exit_code == 1
+    assert f"the run holds {kind} " in as_aligner.output and "not the aligner" in as_aligner.output
 
 
 def test_existing_run_is_refused_and_resume_continues_it(run, data):
@@ -113,6 +112,9 @@ def test_existing_run_is_refused_and_resume_continues_it(run, data):
     assert Aligner.load(out).provenance["training"]["step"] == 4
 
 
+TRAIN_BAD = ["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -120,12 +122,12 @@ def test_existing_run_is_refused_and_resume_continues_it(run, data):
         (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r"], "row 1: missing field 'response'"),
         (["info", "{tmp}/nothing"], "nothing: not a run directory (expected aligner.json or method.json in it)"),
         (["generate", "Hi", "--run", "{tmp}/nothing"], "nothing: not a run directory"),
-        (["generate", "Hi", "--model", "tiny", "--gate-scale", "0.5"], "gate_scale=0.5 scales an aligner's gates; the base model has none"),
-        (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--method", "lora"], "no method 'lora'; choose from"),
-        (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--method", "aligner-2"], "an aligner is shaped by --n-tokens"),
-        (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--method", "steering"], "'steering' is not trained"),
-        (["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--method", "lora-8:lr=1"], "the training options are --lr"),
-        (["train", "--data", "{tmp}/p.jsonl", "--out", "{tmp}/r", "--method", "lora-8", "--objective", "dpo"], "starts from --reference"),
+        (["generate", "Hi", "--model", "tiny", "--gate-scale", "0.5"], "aligner's gates; the base model has none"),
+        ([*TRAIN_BAD, "--method", "lora"], "no method 'lora'; choose from"),
+        ([*TRAIN_BAD, "--method", "aligner-2"], "an aligner is shaped by --n-tokens"),
+        ([*TRAIN_BAD, "--method", "steering"], "'steering' is not trained"),
+        ([*TRAIN_BAD, "--method", "lora-8:lr=1"], "the training options are --lr"),
+        ([*TRAIN_BAD, "--method", "lora-8", "--objective", "dpo"], "starts from --reference"),
     ],
 )
 def test_bad_input_gives_one_error_line_not_a_traceback(tmp_path, args, message):
