@@ -282,8 +282,9 @@ def cache_entries(root: Path | None = None) -> list[CacheEntry]:
     `cached_directory` made (de-quantised models, probe activations) and the files kept beside them (the base
     model's answers). Lock files and the staging directories of builds are not entries."""
     root = cache_dir() if root is None else root
+    folders = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
     entries = []
-    for folder in sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else ():
+    for folder in folders:
         for path in folder.iterdir():
             if path.name.startswith("."):
                 continue
