@@ -345,7 +345,8 @@ def _cache_problem(target: Path, source: dict[str, Any], full_check: bool) -> st
 
 @cache
 def _content_sha256(path: Path, size: int, mtime_ns: int) -> str:
-    """The sha256 of a file, computed once per process for each (size, mtime) it is seen with (0.1 s for 98 MB)."""
+    """The sha256 of a file, computed once per process for each (size, mtime) it is seen with: the small models'
+    tests open a packaged tokenizer again and again."""
     return _file_record(path)["sha256"]
 
 
