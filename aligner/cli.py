@@ -229,7 +229,8 @@ def generate(
     offload_folder: Annotated[Optional[Path], typer.Option(help="where --device-map puts the layers that fit nowhere else")] = None,
 ) -> None:
     """Answer each prompt with the base model and, given --run, with the run's aligner (or other method) attached."""
-    from aligner.suite import answer, check_gate_scale
+    from aligner.generation import check_gate_scale
+    from aligner.suite import answer
 
     with one_line_errors():
         method = load_method(run) if run is not None else None

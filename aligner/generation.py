@@ -73,8 +73,7 @@ def generate(
         for i, each in enumerate(aligners):
             if not isinstance(each, Aligner):
                 raise TypeError(f"aligners[{i}] is a {type(each).__name__}, expected an Aligner")
-    if gate_scale != 1.0 and aligner is None and aligners is None:
-        raise ValueError(f"gate_scale={gate_scale} needs an aligner to scale; aligner is None")
+    check_gate_scale(aligner if aligners is None else aligners[0], gate_scale)
     if aligner is None and isinstance(getattr(model, "aligner", None), AlignerHooks):
         raise ValueError(
             "aligner=None asks for the base model, but the model has an aligner attached: pass it as aligner= or detach it"
@@ -133,6 +132,14 @@ def generate(
     ended = [bool(row) and row[-1] in stops for row in answers]
     texts = tokenizer.batch_decode([row[:-1] if end else row for row, end in zip(answers, ended)], skip_special_tokens=True)
     return [text + ENDED if mark_end and end else text for text, end in zip(texts, ended)]
+
+
+def check_gate_scale(method: object, gate_scale: float) -> None:
+    """Refuse a gate scale other than 1 for what has no gates: the base model (None), or a method other than an
+    aligner (aligner.methods: LoRA, prompt tuning, ...)."""
+    if gate_scale != 1.0 and not isinstance(method, Aligner):
+        has = "the base model" if method is None else f"a {type(method).__name__}"
+        raise ValueError(f"gate_scale={gate_scale} scales an aligner's gates; {has} has none")
 
 
 def generate_batch(model: nn.Module, batch: list[list[int]], decoding: GenerationConfig) -> list[list[int]]:

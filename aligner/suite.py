@@ -39,7 +39,7 @@ from aligner.baselines import fit_steering
 from aligner.chat import BASE_TEMPLATE
 from aligner.config import AlignerConfig
 from aligner.files import atomic_write_json, provenance, read_json
-from aligner.generation import generate
+from aligner.generation import check_gate_scale, generate
 from aligner.loading import DEFAULT_MODEL, cache_dir, mark_used, model_fingerprint
 from aligner.methods import (
     LoRA,
@@ -305,13 +305,6 @@ def answer(
         return generate(model, list(prompts), aligner=method, gate_scale=gate_scale, **options)
     with method.attached(model):
         return generate(model, prompts_for(method, prompts), **options)
-
-
-def check_gate_scale(method: Method | None, gate_scale: float) -> None:
-    """Refuse a gate scale other than 1 for what has no gates: the base model, or a method other than an aligner."""
-    if gate_scale != 1.0 and not isinstance(method, Aligner):
-        has = "the base model" if method is None else f"a {type(method).__name__}"
-        raise ValueError(f"gate_scale={gate_scale} scales an aligner's gates; {has} has none")
 
 
 class EarlyStopping:
