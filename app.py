@@ -29,8 +29,8 @@ import probe
 from aligner.cli import open_model
 from aligner.files import source_digest
 from aligner.methods import Method, load_method
-from aligner.runs import METHOD_MAKERS, RunInfo, list_runs, run_losses, task_examples, train_run
-from aligner.suite import LORA_LR, answer, figure as efficiency_figure, markdown_tables
+from aligner.runs import RunInfo, list_runs, run_losses, run_lr, task_examples, train_run
+from aligner.suite import SIZED, answer, figure as efficiency_figure, markdown_tables
 from aligner.tasks import KNOWLEDGE_SETS, TASK_NAMES, get_task
 from probe.collect import Activations, collect
 from probe.dataset import ProbeDataset, knowledge_dataset, training_form
@@ -444,8 +444,8 @@ def train_view(bench: Workbench) -> None:
     with st.form("train"):
         left, right = st.columns(2)
         task = left.selectbox("Task (the suite's)", TRAINABLE_TASKS, key="train_task", help="instruct, in a prompt format of its own, runs in `aligner sweep`")
-        kind = right.selectbox("Method", list(METHOD_MAKERS), key="train_kind", format_func=lambda k: f"{k} (size: {METHOD_MAKERS[k][0]})")
-        size = left.number_input("Size N (prefix tokens, or LoRA rank)", 1, 64, 1, key="train_size")
+        kind = right.selectbox("Method", list(SIZED), key="train_kind", format_func=lambda k: f"{k} (size: {SIZED[k].counts})")
+        size = left.number_input("Size (what it counts: see Method)", 1, 64, 1, key="train_size")
         steps = right.number_input("Steps", 1, 2000, 30, key="train_steps")
         batch_size = left.number_input("Batch size", 1, 64, 8, key="train_batch")
         n_train = right.number_input("Training items", 4, 200, 40, key="train_items")
@@ -466,8 +466,7 @@ def train_view(bench: Workbench) -> None:
         st.error(f"Run name {name!r}: use letters, digits, '.', '_' and '-' only.")
         return
     examples = task_examples(bench.model, task, int(n_train), known_only)
-    lr = LORA_LR if kind == "lora" else aligner.TrainConfig.lr
-    config = aligner.TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=lr, warmup_steps=min(10, int(steps) // 5))
+    config = aligner.TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=run_lr(kind), warmup_steps=min(10, int(steps) // 5))
     progress, chart = st.progress(0.0, "Training…"), st.empty()
     losses: list[dict[str, float]] = []
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from aligner.dpo import DPOConfig, train_dpo
 from aligner.loading import DEFAULT_MODEL, cache_dir, cache_entries, load_model, remove_cache_entry, tiny_model
-from aligner.methods import load_method, prompts_for
+from aligner.methods import load_method
 from aligner.model import Aligner
 from aligner.runs import describe_method
 from aligner.train import TrainConfig, train_sft
@@ -85,11 +85,16 @@ def train(
             "names it: lora-R (peft's LoRA of rank R on q and v), prompt-N (prompt tuning, N virtual tokens), zbias"
         ),
     ] = "aligner",
-    n_tokens: Annotated[int, typer.Option(help="prefix tokens N")] = TrainConfig.n_tokens,
-    start_layer: Annotated[int, typer.Option(help="first adapted layer")] = TrainConfig.start_layer,
+    n_tokens: Annotated[Optional[int], typer.Option(help=f"prefix tokens N (default {TrainConfig.n_tokens})")] = None,
+    start_layer: Annotated[
+        Optional[int], typer.Option(help=f"first adapted layer (default {TrainConfig.start_layer})")
+    ] = None,
     shared: Annotated[
-        bool, typer.Option(help="one prefix for every layer (Aligner); --no-shared: one per layer (LLaMA-Adapter)")
-    ] = TrainConfig.shared,
+        Optional[bool],
+        typer.Option(
+            help="one prefix for every layer (Aligner, the default); --no-shared: one per layer (LLaMA-Adapter)"
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="optimizer steps in all")] = TrainConfig.steps,
     batch_size: Annotated[int, typer.Option(help="examples per forward pass")] = TrainConfig.batch_size,
     grad_accum: Annotated[int, typer.Option(help="forward passes per optimizer step")] = TrainConfig.grad_accum,
@@ -150,6 +155,11 @@ def train(
         if objective is Objective.sft and any(v is not None for v in dpo_options.values()):
             raise ValueError("--reference, --beta and --label-smoothing need --objective dpo")
         baseline = None if method == "aligner" else baseline_spec(method)
+        shape = {"n_tokens": n_tokens, "start_layer": start_layer, "shared": shared}
+        if baseline is not None and any(value is not None for value in shape.values()):
+            raise ValueError(
+                f"--n-tokens, --start-layer and --shared shape an aligner; --method {method} has its own shape"
+            )
         if baseline is not None and objective is Objective.dpo:
             raise ValueError(
                 f"--method {method} with --objective dpo: the policy starts from --reference; give a run of it there"
@@ -157,9 +167,7 @@ def train(
         if lr is None:
             lr = TrainConfig.lr if baseline is None else baseline.lr
         settings = dict(
-            n_tokens=n_tokens,
-            start_layer=start_layer,
-            shared=shared,
+            **{name: value for name, value in shape.items() if value is not None},
             steps=steps,
             batch_size=batch_size,
             grad_accum=grad_accum,
@@ -195,8 +203,6 @@ def train(
         if baseline is not None:  # seeded as train_sft seeds a fresh aligner; on resume, the checkpoint replaces it
             torch.manual_seed(seed)
             fresh["aligner"] = baseline.make(base)
-            prompts = prompts_for(fresh["aligner"], [item.prompt for item in items])  # prompt tuning's placeholders
-            items = [replace(item, prompt=prompt) for item, prompt in zip(items, prompts)]
         processes = f"; {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         say(f"{len(items)} {noun} from {data}; base model {model} on {accelerator.device}{processes}")
         al = trainer(base, items, config, run_dir=out, resume=resume, accelerator=accelerator, **fresh)

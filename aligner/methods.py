@@ -282,9 +282,21 @@ class PromptTuning(HookedMethod):
 
     def attach(self, model: nn.Module) -> None:
         placeholder_id = model.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+        # A tokenizer that pads with the placeholder adds some to a padded row, where they are masked out.
+        pads_with_it = model.tokenizer.pad_token_id == placeholder_id
 
         def keep_ids(ids: torch.Tensor, hook: HookPoint) -> None:
             self._input_ids = ids
+            if ids.shape[-1] > 1:  # a prompt, not a decoding step: each row must hold its N slots
+                n, counts = self.config.n_tokens, (ids == placeholder_id).sum(dim=-1).tolist()
+                wrong = [(row, c) for row, c in enumerate(counts) if c < n or (c > n and not pads_with_it)]
+                if wrong:
+                    row, count = wrong[0]
+                    raise ValueError(
+                        f"prompt tuning reads {n} placeholder tokens {PLACEHOLDER!r} at the start of "
+                        f"the user's turn; row {row} of the input holds {count}. Format each prompt once with "
+                        "`aligner.methods.prompts_for` (train_sft, train_dpo and suite.answer do)"
+                    )
 
         def insert(embeddings: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # (B, T, d_model)
             slots = self._input_ids == placeholder_id  # (B, T); none on the decoding steps after the prompt

@@ -20,22 +20,18 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from aligner.config import AlignerConfig
 from aligner.data import Example
 from aligner.files import atomic_write_bytes
 from aligner.methods import CONFIG_FILE as METHOD_CONFIG_FILE
-from aligner.methods import LoRA, LoRAConfig, Method, load_method
+from aligner.methods import Method, load_method
 from aligner.model import CONFIG_FILE as ALIGNER_CONFIG_FILE
 from aligner.model import Aligner
+from aligner.loading import model_fingerprint
+from aligner.suite import SIZED, SuiteConfig, task_data
+from aligner.tasks import Sizes, get_task
 from aligner.train import METRICS_FILE, TrainConfig, train_sft
 
 DATA_DIR = "data"  # RUNS/data/NAME.jsonl: the examples each run was trained on
-# What `train_run` trains: kind -> (what its size counts, a fresh one of that size for a model).
-METHOD_MAKERS: dict[str, tuple[str, Callable[[nn.Module, int], Method]]] = {
-    "aligner": ("prefix tokens", lambda model, n: Aligner.for_model(model, AlignerConfig(n_tokens=n, shared=True))),
-    "adapter": ("prefix tokens per layer", lambda model, n: Aligner.for_model(model, AlignerConfig(n_tokens=n, shared=False))),
-    "lora": ("rank", lambda model, r: LoRA.for_model(model, LoRAConfig(r, float(r)))),
-}
 
 
 @dataclass(frozen=True)
@@ -117,10 +113,6 @@ def task_examples(model: nn.Module, task: str, n_train: int = 40, known_only: bo
     """The training examples of the suite's task `task` ("json", "bracket", "inject", "value", ...): `n_train`
     items of its training split, cut as the suite cuts it; `known_only` restricts knowledge tasks to what the
     suite's audit of `model` finds it knows (form tasks) or does not know (injection)."""
-    from aligner.loading import model_fingerprint
-    from aligner.suite import SuiteConfig, task_data
-    from aligner.tasks import Sizes, get_task
-
     spec = get_task(task)
     if spec.raw_prompts:  # a run is answered in the model's own format (the app, `aligner generate`)
         raise ValueError(f"task {task!r} carries its own prompt format, which a run does not record: run it with `aligner sweep`")
@@ -136,6 +128,12 @@ def write_examples(examples: Sequence[Example], path: str | Path) -> Path:
     return path
 
 
+def run_lr(kind: str) -> float:
+    """The rate a run of `kind` trains at unless told: the authors' (TrainConfig.lr) for an aligner, shared or not,
+    and the sweep's (`aligner.suite.SIZED`) for another method, whose rate the paper does not give."""
+    return TrainConfig.lr if kind in ("aligner", "adapter") else SIZED[kind].lr
+
+
 def train_run(
     model: nn.Module,
     examples: Sequence[Example],
@@ -145,21 +143,27 @@ def train_run(
     config: TrainConfig | None = None,
     on_step: Callable[[int, float], bool | None] | None = None,
 ) -> Method:
-    """Train a fresh method of `kind` (a key of METHOD_MAKERS) and `size` on `examples` with `model` frozen, into
-    `run_dir`, which must not exist yet: its examples to RUNS/data/NAME.jsonl (named in its provenance), its
-    files, and metrics.jsonl with every step's loss. `config` gives the steps, batch size, rate and seed (its
-    aligner fields are set from kind and size); `on_step(step, loss)` follows the training (a progress bar)."""
-    if kind not in METHOD_MAKERS:
-        raise ValueError(f"no method kind {kind!r}; choose from {', '.join(METHOD_MAKERS)}")
+    """Train a fresh method of `kind` (a family of `aligner.suite.SIZED`: aligner, adapter, lora, prompt) and
+    `size` on `examples` with `model` frozen, into `run_dir`, which must not exist yet: its examples to
+    RUNS/data/NAME.jsonl (named in its provenance), its files, and metrics.jsonl with every step's loss. `config`
+    gives the steps, batch size, rate (`run_lr`) and seed (its aligner fields are set from kind and size);
+    `on_step(step, loss)` follows the training (a progress bar)."""
+    if kind not in SIZED:
+        raise ValueError(f"no method kind {kind!r}; choose from {', '.join(SIZED)}")
     run_dir = Path(run_dir)
     if run_dir.exists():
         raise FileExistsError(f"{run_dir}: a run of that name exists; choose another name")
     data = write_examples(examples, run_dir.parent / DATA_DIR / f"{run_dir.name}.jsonl")
     # Every step logged: the loss curve of a short run needs each point.
+    is_aligner = kind in ("aligner", "adapter")
     config = replace(
-        config or TrainConfig(), n_tokens=size if kind != "lora" else 1, shared=kind != "adapter", data=str(data), log_every=1
+        config or TrainConfig(lr=run_lr(kind)),
+        n_tokens=size if is_aligner else 1,
+        shared=kind != "adapter",
+        data=str(data),
+        log_every=1,
     )
     torch.manual_seed(config.seed)  # the fresh method's initial values, as train_sft seeds its own
-    method = METHOD_MAKERS[kind][1](model, size)
+    method = SIZED[kind].make(model, size)
     return train_sft(model, examples, config, run_dir=run_dir, aligner=method, on_step=on_step)
 

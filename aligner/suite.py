@@ -90,18 +90,33 @@ class MethodSpec:
 ALIGNER_LR, LORA_LR, PROMPT_LR, ZBIAS_LR = 2e-2, 2e-3, 1e-2, 1e-2
 
 
-# Methods with a size, named FAMILY-SIZE: aligner-N and adapter-N (N tokens), lora-R (rank R), prompt-N (N tokens).
-SIZED: dict[str, tuple[Callable[[nn.Module, int], Method], float]] = {
-    "aligner": (lambda model, n: Aligner.for_model(model, AlignerConfig(n_tokens=n, shared=True)), ALIGNER_LR),
-    "adapter": (lambda model, n: Aligner.for_model(model, AlignerConfig(n_tokens=n, shared=False)), ALIGNER_LR),
-    "lora": (lambda model, r: LoRA.for_model(model, LoRAConfig(r, float(r))), LORA_LR),
-    "prompt": (lambda model, n: PromptTuning.for_model(model, PromptTuningConfig(n)), PROMPT_LR),
+@dataclass(frozen=True)
+class Family:
+    """Methods with a size, named FAMILY-SIZE in the suite; `aligner.runs.train_run` trains one of any size."""
+
+    counts: str  # what the size counts
+    make: Callable[[nn.Module, int], Method]  # a fresh one of a size for a model; reads torch's RNG
+    lr: float  # the sweep's rate
+
+
+SIZED: dict[str, Family] = {
+    "aligner": Family(
+        "prefix tokens", lambda model, n: Aligner.for_model(model, AlignerConfig(n_tokens=n, shared=True)), ALIGNER_LR
+    ),
+    "adapter": Family(
+        "prefix tokens per layer",
+        lambda model, n: Aligner.for_model(model, AlignerConfig(n_tokens=n, shared=False)),
+        ALIGNER_LR,
+    ),
+    "lora": Family("rank", lambda model, r: LoRA.for_model(model, LoRAConfig(r, float(r))), LORA_LR),
+    "prompt": Family(
+        "virtual tokens", lambda model, n: PromptTuning.for_model(model, PromptTuningConfig(n)), PROMPT_LR
+    ),
 }
 
 
 def sized(family: str, size: int) -> MethodSpec:
-    make, lr = SIZED[family]
-    return MethodSpec(f"{family}-{size}", "trained", lambda model: make(model, size), lr)
+    return MethodSpec(f"{family}-{size}", "trained", lambda model: SIZED[family].make(model, size), SIZED[family].lr)
 
 
 # The suite's grid: what `aligner sweep` runs by default. Any size of a SIZED family is a method too (`aligner-3`).
@@ -314,7 +329,9 @@ class EarlyStopping:
     def __init__(
         self, model: nn.Module, method: Method, valid: Sequence[Any], system: str | None, every: int, patience: int, chat_template: bool = True
     ):
-        self.model, self.method, self.valid, self.system, self.chat_template = model, method, valid, system, chat_template
+        self.model, self.method, self.system, self.chat_template = model, method, system, chat_template
+        # each prompt as the method reads it, as train_sft trains it (prompt tuning's placeholders in front)
+        self.valid = [replace(e, prompt=p) for e, p in zip(valid, prompts_for(method, [e.prompt for e in valid]))]
         self.every, self.patience = every, patience
         self.history: list[tuple[int, float]] = []
         self.best_step, self.best_loss, self.best_state = 0, math.inf, None
@@ -364,17 +381,13 @@ def train_method(
         chat_template=not raw_prompts,
     )
 
-    def examples(items: Sequence[Item]) -> list[Any]:
-        prompts = prompts_for(method, [i.prompt for i in items])
-        return [replace(i, prompt=p).example() for i, p in zip(items, prompts)]
-
-    valid = examples(data.valid)
+    valid = [item.example() for item in data.valid]
     stopping = EarlyStopping(model, method, valid, config.system, config.eval_every, config.patience, not raw_prompts)
     started = time.perf_counter()
     model.requires_grad_(False)
     with method.attached(model):  # the held-out loss before any step
         stopping.record(0)
-    train_sft(model, examples(train), train_config, aligner=method, on_step=stopping)
+    train_sft(model, [item.example() for item in train], train_config, aligner=method, on_step=stopping)
     stopping.restore_best()
     record = {
         "train_s": time.perf_counter() - started,

@@ -28,7 +28,7 @@ import math
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
@@ -49,6 +49,7 @@ from aligner.data import Example
 from aligner.distributed import check_joined, launched_accelerator, shard_frozen_model
 from aligner.files import atomic_write_bytes, atomic_write_json, read_json
 from aligner.methods import CONFIG_FILE as METHOD_FILE
+from aligner.methods import prompts_for
 from aligner.model import CONFIG_FILE as ALIGNER_FILE
 from aligner.model import Aligner
 
@@ -124,9 +125,10 @@ def train_sft(
     With `run_dir`, checkpoints and metrics are written there; a directory that is not empty is refused
     unless `resume=True`, which continues its saved state: 3 steps, then resuming to 6, give the aligner that
     6 steps straight give. The base model is left with `requires_grad=False` on every weight.
-    `aligner` may be any `aligner.methods.Method` (LoRA, prompt tuning, a bias), trained the same way; to resume
-    the run of one, pass a fresh one of the run's kind and config (an aligner is made from `config` instead), and
-    the checkpoint's parameters replace its own. `on_step(step, loss)`, called after each step while the method
+    `aligner` may be any `aligner.methods.Method` (LoRA, prompt tuning, a bias), trained the same way, on each
+    prompt as it reads it (`prompts_for`: prompt tuning's placeholders in front); to resume the run of one, pass a
+    fresh one of the run's kind and config (an aligner is made from `config` instead), and the checkpoint's
+    parameters replace its own. `on_step(step, loss)`, called after each step while the method
     is attached, ends training there by returning True (the suite's early stopping). `accelerator` (default:
     `launched_accelerator()`, the processes and mixed precision of `accelerate launch`) runs the loop; see
     `optimize`.
@@ -134,12 +136,15 @@ def train_sft(
     run_dir = check_run_dir(run_dir, resume)
     if resume and isinstance(aligner, Aligner):
         raise ValueError("resume=True continues the run's own aligner, made from the config; do not pass one")
-    sequences = tokenize_examples(model.tokenizer, examples, config)
     if aligner is None:
         torch.manual_seed(config.seed)
         aligner = Aligner.for_model(model, config.aligner_config())
     elif isinstance(aligner, Aligner) and aligner.config != config.aligner_config():
         raise ValueError(f"the aligner given has {aligner.config}, the training config {config.aligner_config()}")
+    # The user's turns as the method reads them (prompt tuning puts its placeholders in front; others keep them).
+    prompts = prompts_for(aligner, [example.prompt for example in examples])
+    examples = [replace(example, prompt=prompt) for example, prompt in zip(examples, prompts)]
+    sequences = tokenize_examples(model.tokenizer, examples, config)
     pad_id = pad_token_id(model.tokenizer)
 
     def sft_gradients(step: Step) -> tuple[dict[str, float], int]:

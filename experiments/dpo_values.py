@@ -17,7 +17,6 @@ safe). SFT trains on the same chosen responses, which are the task's training re
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
@@ -31,12 +30,13 @@ import torch
 import typer
 from torch import nn
 
-from aligner import DEFAULT_MODEL, Aligner, AlignerConfig, DPOConfig, TrainConfig, generate, train_dpo, train_sft
+from aligner import DEFAULT_MODEL, Aligner, AlignerConfig, DPOConfig, TrainConfig, train_dpo, train_sft
 from aligner.cli import MODEL_HELP, open_model
 from aligner.data import Pair, load_pairs
 from aligner.dpo import dpo_loss, pair_logprobs, tokenize_pairs
 from aligner.files import atomic_write_bytes, atomic_write_json, provenance
-from aligner.methods import LoRA, LoRAConfig, Method, prompts_for
+from aligner.methods import LoRA, LoRAConfig, Method
+from aligner.suite import answer
 from aligner.tasks import Item, Sizes, Task, get_task
 from aligner.tasks.value import VALUE_DATA
 from aligner.train import pad_token_id
@@ -148,12 +148,8 @@ def refusal_rates(
     """(share of answers the task's refusal detector flags, the answers) per split, greedy, `method` attached."""
     rates, answers = {}, {}
     for split, items in splits.items():
-        prompts = prompts_for(method, [item.prompt for item in items])
-        if isinstance(method, Aligner):  # generate's own way, which computes the prefix once per batch
-            texts = generate(model, prompts, aligner=method, max_new_tokens=task.max_new_tokens)
-        else:
-            with method.attached(model) if method is not None else contextlib.nullcontext():
-                texts = generate(model, prompts, max_new_tokens=task.max_new_tokens)
+        prompts = [item.prompt for item in items]
+        texts = answer(model, method, prompts, None, max_new_tokens=task.max_new_tokens, batch_size=16)
         rates[split] = sum(task.metrics["refusal"](item, text) for item, text in zip(items, texts)) / len(items)
         answers[split] = texts
     return rates, answers

@@ -11,7 +11,7 @@ layer) counterpart of the one-token aligner. Each run directory records its prov
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -20,8 +20,7 @@ from aligner import TrainConfig
 from aligner.data import Example, load_examples
 from aligner.methods import CONFIG_FILE as METHOD_CONFIG_FILE
 from aligner.model import CONFIG_FILE as ALIGNER_CONFIG_FILE
-from aligner.runs import train_run, task_examples
-from aligner.suite import LORA_LR
+from aligner.runs import run_lr, task_examples, train_run
 
 JSON_DATA = Path("examples/json_form.jsonl")
 
@@ -30,9 +29,8 @@ JSON_DATA = Path("examples/json_form.jsonl")
 class DemoRun:
     name: str  # its directory under the runs directory
     data: str  # "json", "caps" (JSON_DATA, its ALL CAPS version) or a suite task ("bracket", "value", "inject")
-    kind: str = "aligner"  # aligner.runs.METHOD_MAKERS: aligner, adapter, lora
-    size: int = 1  # prefix tokens (aligner, adapter) or rank (lora)
-    lr: float | None = None  # None: TrainConfig's (the authors' 9e-3); LoRA takes the suite's rate
+    kind: str = "aligner"  # a family of aligner.suite.SIZED: aligner, adapter, lora, prompt
+    size: int = 1  # what the family's size counts: prefix tokens (aligner, adapter), rank (lora)
 
 
 DEMO_RUNS = (
@@ -41,7 +39,7 @@ DEMO_RUNS = (
     DemoRun("probe-demo-bracket-1tok", "bracket"),
     DemoRun("probe-demo-value-1tok", "value"),
     DemoRun("probe-demo-inject-10tok", "inject", size=10),  # facts to memorise: more room than one token
-    DemoRun("probe-demo-json-lora8", "json", kind="lora", size=8, lr=LORA_LR),
+    DemoRun("probe-demo-json-lora8", "json", kind="lora", size=8),
     DemoRun("probe-demo-json-adapter-1tok", "json", kind="adapter"),
 )
 
@@ -79,8 +77,7 @@ def train_demo_runs(
         paths.append(path)
         if any((path / name).is_file() for name in (ALIGNER_CONFIG_FILE, METHOD_CONFIG_FILE)):
             continue  # trained already (an interrupted run has neither file yet, and train_run refuses its directory)
-        config = TrainConfig(steps=steps, batch_size=batch_size, warmup_steps=min(10, steps), seed=seed)
-        if run.lr is not None:
-            config = replace(config, lr=run.lr)
+        lr = run_lr(run.kind)
+        config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(10, steps), seed=seed)
         train_run(model, demo_examples(model, run.data, known_only), path, run.kind, run.size, config)
     return paths

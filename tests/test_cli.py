@@ -128,6 +128,8 @@ TRAIN_BAD = ["train", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r"]
         ([*TRAIN_BAD, "--method", "steering"], "'steering' is not trained"),
         ([*TRAIN_BAD, "--method", "lora-8:lr=1"], "the training options are --lr"),
         ([*TRAIN_BAD, "--method", "lora-8", "--objective", "dpo"], "starts from --reference"),
+        ([*TRAIN_BAD, "--method", "lora-8", "--n-tokens", "4"], "shape an aligner; --method lora-8 has its own shape"),
+        ([*TRAIN_BAD, "--method", "zbias", "--no-shared"], "--start-layer and --shared shape an aligner"),
     ],
 )
 def test_bad_input_gives_one_error_line_not_a_traceback(tmp_path, args, message):

@@ -42,7 +42,8 @@ def logits(model, prompts=PROMPTS, method=None) -> torch.Tensor:
 
     ids = [prompt_ids(model.tokenizer, p) for p in prompts_for(method, prompts)]
     length = max(map(len, ids))
-    batch = torch.tensor([i + [0] * (length - len(i)) for i in ids])  # right-padded: causal, no mask needed
+    pad = model.tokenizer.pad_token_id
+    batch = torch.tensor([i + [pad] * (length - len(i)) for i in ids])  # right-padded: causal, no mask needed
     with torch.no_grad():
         return model(batch)
 
@@ -154,6 +155,21 @@ def test_prompt_tuning_answers_batched_as_one_at_a_time(model):
     assert prompts_for(prompt, ["Hi"]) == ["<|endoftext|>" * 3 + "Hi"]
 
 
+def test_prompt_tuning_refuses_a_prompt_without_its_placeholders_or_with_them_twice(model):
+    """Without its placeholders the method would read nothing and learn nothing, silently; twice, it would read
+    its tokens twice over."""
+    prompt = make("prompt", model)  # 3 virtual tokens
+    from aligner.chat import prompt_ids
+
+    once, twice = prompts_for(prompt, ["Hi", "Hey"]), prompts_for(prompt, prompts_for(prompt, ["Hi"]))
+    with prompt.attached(model):
+        model(torch.tensor([prompt_ids(model.tokenizer, p) for p in once]))  # 3 each: read
+        with pytest.raises(ValueError, match=r"reads 3 placeholder tokens '<\|endoftext\|>' .*; row 0 of the input holds 0"):
+            model(torch.tensor([prompt_ids(model.tokenizer, "Hi")]))
+        with pytest.raises(ValueError, match=r"row 0 of the input holds 6\. Format each prompt once with"):
+            model(torch.tensor([prompt_ids(model.tokenizer, twice[0])]))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_saved_methods_load_back_equal(model, kind, tmp_path):
     method = randomised(make(kind, model))
@@ -195,12 +211,13 @@ def test_train_sft_trains_any_method_and_the_base_stays(model, kind):
 
     fingerprint = aligner.model_fingerprint(model)
     method = make(kind, model)
+    # heldout_loss reads the prompts as given; train_sft formats them for the method (prompt tuning's placeholders)
     examples = [Example(p, e.response) for p, e in zip(prompts_for(method, [e.prompt for e in EXAMPLES]), EXAMPLES)]
     with method.attached(model):
         before = heldout_loss(model, examples)
     fields = {"n_tokens": 2, "shared": False} if kind == "adapter" else {}
     config = TrainConfig(steps=10, batch_size=4, lr=0.02 if kind == "lora" else 0.1, warmup_steps=0, **fields)
-    assert train_sft(model, examples, config, aligner=method) is method
+    assert train_sft(model, EXAMPLES, config, aligner=method) is method
     with method.attached(model):
         after = heldout_loss(model, examples)
     assert after < before - 0.05, (before, after)
@@ -211,12 +228,10 @@ def test_train_sft_trains_any_method_and_the_base_stays(model, kind):
 @pytest.mark.parametrize("kind", ["lora", "prompt", "zbias"])
 def test_a_run_of_any_method_resumes_to_the_method_of_a_straight_run(model, tmp_path, kind):
     config = TrainConfig(steps=6, batch_size=2, grad_accum=2, save_every=2, lr=0.02, warmup_steps=0)
-    prompts = prompts_for(make(kind, model), [e.prompt for e in EXAMPLES])  # prompt tuning's placeholders in front
-    examples = [Example(p, e.response) for p, e in zip(prompts, EXAMPLES)]
-    straight = train_sft(model, examples, config, run_dir=tmp_path / "straight", aligner=make(kind, model))
-    train_sft(model, examples, replace(config, steps=3), run_dir=tmp_path / "split", aligner=make(kind, model))
+    straight = train_sft(model, EXAMPLES, config, run_dir=tmp_path / "straight", aligner=make(kind, model))
+    train_sft(model, EXAMPLES, replace(config, steps=3), run_dir=tmp_path / "split", aligner=make(kind, model))
     fresh = randomised(make(kind, model))  # its own values are replaced by the checkpoint's
-    resumed = train_sft(model, examples, config, run_dir=tmp_path / "split", resume=True, aligner=fresh)
+    resumed = train_sft(model, EXAMPLES, config, run_dir=tmp_path / "split", resume=True, aligner=fresh)
     assert resumed is fresh
     for (name, value), expected in zip(resumed.state_dict().items(), straight.state_dict().values()):
         assert torch.equal(value, expected), name

@@ -21,19 +21,28 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     model = open_model("tiny")
     examples = load_examples(JSON_DATA)[:6]
-    for name, kind, size in (("a", "aligner", 2), ("b", "adapter", 1), ("c", "lora", 4)):
+    for name, kind, size in (("a", "aligner", 2), ("b", "adapter", 1), ("c", "lora", 4), ("d", "prompt", 3)):
         train_run(model, examples, root / name, kind, size, CONFIG)
     return root
 
 
 def test_train_run_writes_each_kind_with_its_data_and_every_steps_loss(runs):
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         assert [step for step, _ in run_losses(runs / name)] == [1, 2, 3]
         assert len((runs / DATA_DIR / f"{name}.jsonl").read_text().splitlines()) == 6
     infos = {run.name: run for run in list_runs(runs)}
-    assert {name: run.kind for name, run in infos.items()} == {"a": "aligner", "b": "adapter", "c": "lora"}
+    kinds = {"a": "aligner", "b": "adapter", "c": "lora", "d": "prompt-tuning"}
+    assert {name: run.kind for name, run in infos.items()} == kinds
     assert all(run.error is None and run.base_fingerprint for run in infos.values())
     assert "N=2" in infos["a"].summary and "LLaMA-Adapter" in infos["b"].summary and "r=4" in infos["c"].summary
+    assert "n_tokens=3" in infos["d"].summary
+
+
+def test_a_run_trains_at_the_authors_rate_for_an_aligner_and_the_sweeps_for_another_method():
+    from aligner.suite import LORA_LR, PROMPT_LR
+    from aligner.runs import run_lr
+
+    assert (run_lr("aligner"), run_lr("adapter"), run_lr("lora"), run_lr("prompt")) == (9e-3, 9e-3, LORA_LR, PROMPT_LR)
 
 
 def test_a_trained_run_names_its_data_so_its_form_is_read_back(runs):
