@@ -119,22 +119,25 @@ def test_probes_geometry_and_efficiency_tabs(app):
     assert "smollm2" not in str(app.get("plotly_chart")[0].proto.spec)
 
 
-def test_train_tab_trains_a_run_that_the_other_tabs_then_list(app, runs):
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+def test_train_tab_trains_a_run_that_the_other_tabs_then_list(app, runs, kind):
     open_tab(app, "Train")
     assert "instruct" not in app.selectbox(key="train_task").options  # its own prompt format: `aligner sweep` runs it
+    kinds = [option.split()[0] for option in app.selectbox(key="train_kind").options]  # "lora (size: rank)"
+    assert kinds == ["aligner", "adapter", "lora", "prompt"]
     app.selectbox(key="train_task").set_value("value")
-    app.selectbox(key="train_kind").set_value("lora")
+    app.selectbox(key="train_kind").set_value(kind)
     app.number_input(key="train_size").set_value(2)
     app.number_input(key="train_steps").set_value(2)
     app.number_input(key="train_items").set_value(4)
-    app.text_input(key="train_name").set_value("value-lora")
+    app.text_input(key="train_name").set_value(f"value-{kind}")
     app.button[0].click().run()
     assert_clean(app)
-    assert "value-lora" in app.success[0].value
-    assert json.loads((runs / "value-lora" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert f"value-{kind}" in app.success[0].value
+    assert json.loads((runs / f"value-{kind}" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     open_tab(app, "Generate")
-    assert "value-lora" in app.multiselect(key="generate_runs").options
-    shutil.rmtree(runs / "value-lora")  # the module's other tests see the three runs they expect
+    assert f"value-{kind}" in app.multiselect(key="generate_runs").options
+    shutil.rmtree(runs / f"value-{kind}")  # the module's other tests see the three runs they expect
 
 
 def test_bad_runs_checkpoints_and_models_are_errors_that_hide_nothing_else(runs, monkeypatch, tmp_path):
