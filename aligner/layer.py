@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,14 @@ def through(hook_point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     return hook_point(x) if hooked(hook_point) else x
 
 
+class LayerHookPoints(NamedTuple):
+    k: HookPoint
+    v: HookPoint
+    pattern: HookPoint
+    gate: HookPoint
+    z: HookPoint
+
+
 class AlignerLayer(nn.Module):
     """One adapted layer's prefix attention and its hook points.
 
@@ -139,16 +148,20 @@ class AlignerLayer(nn.Module):
         self.hook_pattern = HookPoint()  # (B, H, T, N) attention of each query onto the prefix slots
         self.hook_gate = HookPoint()  # (H,) this layer's gates
         self.hook_z = HookPoint()  # (B, T, H, d_head) the gated contribution added to attn.hook_z
+        # The same hook points where the methods below read them, at every layer of every forward: a submodule's name
+        # goes through nn.Module.__getattr__, Python work at each read; a field of this tuple does not.
+        self._points = LayerHookPoints(self.hook_k, self.hook_v, self.hook_pattern, self.hook_gate, self.hook_z)
 
     def reads_keys(self, n_slots: int) -> bool:
         """Whether K_p is needed: with one slot it changes nothing (a softmax over one slot is 1), so it is
         computed only for a hook on `hook_k`."""
-        return n_slots > 1 or hooked(self.hook_k)
+        return n_slots > 1 or hooked(self._points.k)
 
     def prefix_hooked(self) -> bool:
         """Whether a hook reads or patches K_p, V_p or the gates: then `prefix` forms this layer's own, through
         them, rather than taking its share of every layer's formed at once."""
-        return hooked(self.hook_k) or hooked(self.hook_v) or hooked(self.hook_gate)
+        points = self._points
+        return hooked(points.k) or hooked(points.v) or hooked(points.gate)
 
     def prefix(
         self,
@@ -160,12 +173,12 @@ class AlignerLayer(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """K_p and g V_p from the projected tokens (`project`), through this layer's hook points, as
         `add_attention` reads them (`attention_inputs`)."""
-        v = through(self.hook_v, v)
+        v = through(self._points.v, v)
         if k is not None:
             if key_norm is not None:  # as the layer normalises its keys (before their rotary, which K_p has none of)
                 k = key_norm(k)
-            k = through(self.hook_k, k)
-        gate = through(self.hook_gate, gate)
+            k = through(self._points.k, k)
+        gate = through(self._points.gate, gate)
         if v.dim() == 3:  # one prefix for every row: a batch of one
             k, v, gate = (None if x is None else x.unsqueeze(0) for x in (k, v, gate))
         return attention_inputs(k, v, gate, n_heads)
@@ -181,13 +194,13 @@ class AlignerLayer(nn.Module):
         """z plus the gated prefix attention of every query, (B, T, H, d_head)."""
         B, T, H, d_head = z.shape
         n_slots = v.shape[-2]
-        if hooked(self.hook_pattern):  # a hook reads or patches A: form it, as the equations say
+        if hooked(self._points.pattern):  # a hook reads or patches A: form it, as the equations say
             if n_slots == 1:  # the softmax over one slot is 1 whatever the score: q and K_p are not read
                 scores = z.new_zeros(B, H, T, 1)
             else:
                 scores = q.transpose(1, 2) @ k.transpose(-1, -2)  # (B, H, T, N)
                 scores = scores / math.sqrt(d_head) if scale is None else scores * scale
-            pattern = self.hook_pattern(scores.float().softmax(dim=-1).to(z.dtype))
+            pattern = self._points.pattern(scores.float().softmax(dim=-1).to(z.dtype))
             out = (pattern @ v).transpose(1, 2)
         elif n_slots == 1:  # A = 1 for every query, so A g V_p = g V_p, the same at every position
             out = v.transpose(1, 2).expand(B, T, H, d_head)
@@ -197,4 +210,4 @@ class AlignerLayer(nn.Module):
             out = out.transpose(1, 2).reshape(B, T, H, d_head)
         else:  # a bank: each row its own prefix
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale).transpose(1, 2)
-        return z + through(self.hook_z, out)
+        return z + through(self._points.z, out)

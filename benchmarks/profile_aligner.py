@@ -14,6 +14,7 @@ import statistics
 import time
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import (
@@ -71,16 +72,32 @@ def main() -> None:
             synchronize(args.device)
         return {e.key: (e.count, getattr(e, time_key) / 1e3) for e in prof.key_averages()}
 
+    def attribute_lookups(call) -> int:
+        """Calls of nn.Module.__getattr__ in one call: a submodule's or a parameter's name read from Python,
+        host work that no operator count shows."""
+        lookup, count = nn.Module.__getattr__, [0]
+
+        def counted(module: nn.Module, name: str):
+            count[0] += 1
+            return lookup(module, name)
+
+        nn.Module.__getattr__ = counted
+        try:
+            call()
+        finally:
+            nn.Module.__getattr__ = lookup
+        return count[0]
+
     print(header(args))
     print(f"aligner: N={args.n_tokens}, start layer {al.config.start_layer}; times per call, in ms\n")
     for name, call in (("forward", forward), ("training step", train_step(lambda: bridge(ids), ids, []))):
         walls, hook_ms = {"base": [], "aligned": []}, []
         with input_gradients(bridge):
             call()
-            base = operators(call)
+            base, base_lookups = operators(call), attribute_lookups(call)
         with al.attached(bridge):
             call()
-            aligned = operators(call)
+            aligned, aligned_lookups = operators(call), attribute_lookups(call)
         for _ in range(args.rounds):  # interleaved, medians
             with input_gradients(bridge):
                 walls["base"].append(timed_calls(call))
@@ -99,7 +116,7 @@ def main() -> None:
         print(
             f"{name}: {base_ms:.1f} ms base, {aligned_ms:.1f} ms aligned; {statistics.median(hook_ms):.2f} ms inside "
             f"the aligner's hooks ({len(al.layers)} layers); {added / len(al.layers):.1f} aten operator calls added "
-            "per adapted layer"
+            f"per adapted layer; nn.Module.__getattr__ called {base_lookups:,} times base, {aligned_lookups:,} aligned"
         )
         print(table(rows, ["operator", "calls added", "self ms, aligned", "self ms added"]) + "\n")
 

@@ -900,6 +900,19 @@ def _(ws: Workspace) -> str:
     return stand_in_launch(ws, 2, "MULTI_CPU", batch_size=3, shard_model=True)
 
 
+@case(AREA, "a prompt-tuning forward on a prompt without its placeholder tokens (not formatted by `prompts_for`)")
+def _(ws: Workspace) -> str:
+    import torch
+
+    from aligner.chat import prompt_ids
+    from aligner.methods import PromptTuning, PromptTuningConfig
+
+    model = ws.model()
+    with PromptTuning.for_model(model, PromptTuningConfig(4)).attached(model):
+        model(torch.tensor([prompt_ids(model.tokenizer, "Hi")]))
+    return "ran"
+
+
 # ---- the suite's method names ----
 
 AREA = "suite methods (`method_spec`, `aligner sweep --methods`)"
@@ -1000,6 +1013,13 @@ def cli(*args: str) -> str:
 @case(AREA, "`train --data` a file that does not exist")
 def _(ws: Workspace) -> str:
     return cli("train", "--data", str(ws.fresh("missing.jsonl")), "--out", str(ws.fresh("run")), "--model", "tiny")
+
+
+@case(AREA, "`train --method lora-8` with an option that shapes an aligner (`--n-tokens 4`)")
+def _(ws: Workspace) -> str:
+    data = ws.fresh("data.jsonl")
+    data.write_text('{"prompt": "Hi", "response": "Hello"}\n')
+    return cli("train", "--data", str(data), "--out", str(ws.fresh("run")), "--method", "lora-8", "--n-tokens", "4")
 
 
 @case(AREA, "`generate --run` an aligner for another model (`--model tiny`, aligner of 32-d)")
