@@ -62,6 +62,8 @@ METRICS_FILE = "metrics.jsonl"
 IGNORE_INDEX = -100  # label of a position that takes no loss (prompt and padding), as in HF and PyTorch
 # What may change between a run and its resumption: none of it alters the steps already taken.
 RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data", "gradient_checkpointing", "shard_model"}
+# TrainConfig's fields that shape an aligner (`aligner_config`), which another method does not read.
+ALIGNER_FIELDS = ("n_tokens", "start_layer", "shared")
 # TrainConfig fields added since runs were first saved: a state.json written before them resumes without them.
 LATER_FIELDS = ("gradient_checkpointing", "shard_model")
 STATE_TENSORS_FILE = re.compile(r"state-\d{8}\.safetensors")  # the tensors of the checkpoint of one step
@@ -262,14 +264,14 @@ def optimize(
                     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                         f.write(json.dumps({**row, "elapsed_s": run.elapsed_s}) + "\n")
             if run_dir is not None and (run.step % config.save_every == 0 or run.step == config.steps or stop):
-                aligner.provenance["training"] = _training_record(config, run, n_items, data_sha256)
+                aligner.provenance["training"] = _training_record(aligner, config, run, n_items, data_sha256)
                 if main:
                     _save_state(run_dir, aligner, optimizer, config, run, data_sha256)
                 run.saved_step = run.step  # on every process: what a later stop says is kept
             if stop:
                 break
     accelerator.wait_for_everyone()  # no process returns before the last checkpoint is written
-    aligner.provenance["training"] = _training_record(config, run, n_items, data_sha256)
+    aligner.provenance["training"] = _training_record(aligner, config, run, n_items, data_sha256)
     return aligner
 
 
@@ -530,10 +532,16 @@ def examples_sha256(examples: Sequence[Example]) -> str:
     return hashlib.sha256(json.dumps([[e.prompt, e.response] for e in examples]).encode()).hexdigest()
 
 
-def _training_record(config: TrainConfig, run: _Run, n_examples: int, data_sha256: str) -> dict[str, Any]:
-    """What the aligner's provenance says about its training."""
+def _training_record(
+    method: Method, config: TrainConfig, run: _Run, n_examples: int, data_sha256: str
+) -> dict[str, Any]:
+    """What the method's provenance says about its training. The config's aligner fields are left out for another
+    method, whose shape is its own config: a prompt tuning of 3 tokens is not recorded with n_tokens=1."""
+    settings = asdict(config)
+    if not isinstance(method, Aligner):
+        settings = {name: value for name, value in settings.items() if name not in ALIGNER_FIELDS}
     return {
-        "config": asdict(config),
+        "config": settings,
         "step": run.step,
         "loss": run.loss,
         "elapsed_s": run.elapsed_s,

@@ -32,7 +32,8 @@ def test_train_writes_a_run_and_reports_it(run):
     al = Aligner.load(out)
     assert (al.config.n_tokens, al.config.shared) == (2, False)
     assert al.base_model["name"] == "tiny"
-    assert al.provenance["training"]["config"]["lr"] == 0.05
+    recorded = al.provenance["training"]["config"]
+    assert (recorded["lr"], recorded["n_tokens"], recorded["shared"]) == (0.05, 2, False)
     assert f"{al.num_parameters():,} trainable parameters" in output
     assert "trained 3 steps in" in output and "final loss" in output
 
@@ -94,7 +95,9 @@ def test_train_a_baseline_into_a_run_directory_and_resume_it(data, tmp_path, met
     assert resumed.exit_code == 0, resumed.output
     saved = load_method(out)
     assert saved.kind == kind and saved.provenance["training"]["step"] == 3
-    assert saved.provenance["training"]["config"]["lr"] == {"lora": 2e-3}.get(kind, 1e-2)  # the sweep's rates
+    recorded = saved.provenance["training"]["config"]
+    assert recorded["lr"] == {"lora": 2e-3}.get(kind, 1e-2)  # the sweep's rates
+    assert not {"n_tokens", "start_layer", "shared"} & set(recorded)  # an aligner's shape, which it does not have
     without_method = [arg for arg in args if arg not in ("--method", method)]  # an aligner
     as_aligner = runner.invoke(app, [*without_method, "--steps", "4", "--warmup-steps", "0", "--resume"])
     assert as_aligner.exit_code == 1
