@@ -445,7 +445,7 @@ def train_view(bench: Workbench) -> None:
         left, right = st.columns(2)
         task = left.selectbox("Task (the suite's)", TRAINABLE_TASKS, key="train_task", help="instruct, in a prompt format of its own, runs in `aligner sweep`")
         kind = right.selectbox("Method", list(SIZED), key="train_kind", format_func=lambda k: f"{k} (size: {SIZED[k].counts})")
-        size = left.number_input("Size (what it counts: see Method)", 1, 64, 1, key="train_size")
+        size = left.number_input("Size (prefix tokens, rank or virtual tokens: see Method)", 1, 64, 1, key="train_size")
         steps = right.number_input("Steps", 1, 2000, 30, key="train_steps")
         batch_size = left.number_input("Batch size", 1, 64, 8, key="train_batch")
         n_train = right.number_input("Training items", 4, 200, 40, key="train_items")

@@ -22,11 +22,11 @@ from torch import nn
 
 from aligner.data import Example
 from aligner.files import atomic_write_bytes
+from aligner.loading import model_fingerprint
 from aligner.methods import CONFIG_FILE as METHOD_CONFIG_FILE
 from aligner.methods import Method, load_method
 from aligner.model import CONFIG_FILE as ALIGNER_CONFIG_FILE
 from aligner.model import Aligner
-from aligner.loading import model_fingerprint
 from aligner.suite import SIZED, SuiteConfig, task_data
 from aligner.tasks import Sizes, get_task
 from aligner.train import METRICS_FILE, TrainConfig, train_sft
