@@ -444,7 +444,9 @@ def train_view(bench: Workbench) -> None:
     with st.form("train"):
         left, right = st.columns(2)
         task = left.selectbox("Task (the suite's)", TRAINABLE_TASKS, key="train_task", help="instruct, in a prompt format of its own, runs in `aligner sweep`")
-        kind = right.selectbox("Method", list(SIZED), key="train_kind", format_func=lambda k: f"{k} (size: {SIZED[k].counts})")
+        kind = right.selectbox(
+            "Method", list(SIZED), key="train_kind", format_func=lambda k: f"{k} (size: {SIZED[k].counts})"
+        )
         size = left.number_input("Size (prefix tokens, rank or virtual tokens: see Method)", 1, 64, 1, key="train_size")
         steps = right.number_input("Steps", 1, 2000, 30, key="train_steps")
         batch_size = left.number_input("Batch size", 1, 64, 8, key="train_batch")
@@ -466,7 +468,9 @@ def train_view(bench: Workbench) -> None:
         st.error(f"Run name {name!r}: use letters, digits, '.', '_' and '-' only.")
         return
     examples = task_examples(bench.model, task, int(n_train), known_only)
-    config = aligner.TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=run_lr(kind), warmup_steps=min(10, int(steps) // 5))
+    config = aligner.TrainConfig(
+        steps=int(steps), batch_size=int(batch_size), lr=run_lr(kind), warmup_steps=min(10, int(steps) // 5)
+    )
     progress, chart = st.progress(0.0, "Training…"), st.empty()
     losses: list[dict[str, float]] = []
 

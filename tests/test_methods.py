@@ -158,13 +158,14 @@ def test_prompt_tuning_answers_batched_as_one_at_a_time(model):
 def test_prompt_tuning_refuses_a_prompt_without_its_placeholders_or_with_them_twice(model):
     """Without its placeholders the method would read nothing and learn nothing, silently; twice, it would read
     its tokens twice over."""
-    prompt = make("prompt", model)  # 3 virtual tokens
     from aligner.chat import prompt_ids
 
+    prompt = make("prompt", model)  # 3 virtual tokens
     once, twice = prompts_for(prompt, ["Hi", "Hey"]), prompts_for(prompt, prompts_for(prompt, ["Hi"]))
     with prompt.attached(model):
         model(torch.tensor([prompt_ids(model.tokenizer, p) for p in once]))  # 3 each: read
-        with pytest.raises(ValueError, match=r"reads 3 placeholder tokens '<\|endoftext\|>' .*; row 0 of the input holds 0"):
+        unformatted = r"reads 3 placeholder tokens '<\|endoftext\|>' .*; row 0 of the input holds 0\."
+        with pytest.raises(ValueError, match=unformatted):
             model(torch.tensor([prompt_ids(model.tokenizer, "Hi")]))
         with pytest.raises(ValueError, match=r"row 0 of the input holds 6\. Format each prompt once with"):
             model(torch.tensor([prompt_ids(model.tokenizer, twice[0])]))

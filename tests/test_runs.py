@@ -9,7 +9,8 @@ import pytest
 from aligner import TrainConfig
 from aligner.cli import open_model
 from aligner.data import load_examples
-from aligner.runs import DATA_DIR, list_runs, run_losses, train_run
+from aligner.runs import DATA_DIR, list_runs, run_losses, run_lr, train_run
+from aligner.suite import LORA_LR, PROMPT_LR
 from probe.dataset import training_form
 
 JSON_DATA = Path(__file__).resolve().parents[1] / "examples" / "json_form.jsonl"
@@ -39,9 +40,6 @@ def test_train_run_writes_each_kind_with_its_data_and_every_steps_loss(runs):
 
 
 def test_a_run_trains_at_the_authors_rate_for_an_aligner_and_the_sweeps_for_another_method():
-    from aligner.suite import LORA_LR, PROMPT_LR
-    from aligner.runs import run_lr
-
     assert (run_lr("aligner"), run_lr("adapter"), run_lr("lora"), run_lr("prompt")) == (9e-3, 9e-3, LORA_LR, PROMPT_LR)
 
 
