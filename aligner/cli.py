@@ -19,7 +19,7 @@ from aligner.dpo import DPOConfig, train_dpo
 from aligner.loading import DEFAULT_MODEL, cache_dir, cache_entries, load_model, remove_cache_entry, tiny_model
 from aligner.methods import load_method
 from aligner.model import Aligner
-from aligner.runs import describe_method
+from aligner.runs import ALIGNER_KINDS, describe_method
 from aligner.train import TrainConfig, train_sft
 
 if TYPE_CHECKING:
@@ -246,10 +246,9 @@ def generate(
         placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
         base = open_model(model, **placement)
         sampling = dict(do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
-        batch_size = 16  # prompts per forward pass
-        outputs = {"base": answer(base, None, prompts, system, max_new_tokens, batch_size, **sampling)}
+        outputs = {"base": answer(base, None, prompts, system, max_new_tokens, **sampling)}
         if method is not None:
-            aligned = answer(base, method, prompts, system, max_new_tokens, batch_size, gate_scale, **sampling)
+            aligned = answer(base, method, prompts, system, max_new_tokens, gate_scale=gate_scale, **sampling)
             outputs["aligned"] = aligned
     for i, prompt in enumerate(prompts):
         typer.echo(f"--- {prompt}")
@@ -313,7 +312,7 @@ def baseline_spec(name: str) -> "MethodSpec":
     spec = method_spec(name)
     if spec.kind != "trained":
         raise ValueError(f"--method {name}: {name!r} is not trained; choose aligner, lora-R, prompt-N or zbias")
-    if name.partition("-")[0] in ("aligner", "adapter"):
+    if name.partition("-")[0] in ALIGNER_KINDS:
         raise ValueError(
             f"--method {name}: an aligner is shaped by --n-tokens, --start-layer and --shared; give --method aligner"
         )

@@ -26,6 +26,7 @@ from aligner.bank import AlignerBank
 from aligner.chat import end_of_turn_id, prompt_ids, stop_ids
 from aligner.model import Aligner, AlignerHooks
 
+BATCH_SIZE = 16  # prompts per forward pass, unless told
 ENDED = "<|end of turn|>"  # what `generate(mark_end=True)` appends to an answer that ended its turn
 
 
@@ -41,7 +42,7 @@ def generate(
     seed: int | None = None,
     system: str | None = None,
     chat_template: bool = True,
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     aligners: Sequence[Aligner] | None = None,
     mark_end: bool = False,
 ) -> list[str]:

@@ -32,6 +32,7 @@ from aligner.tasks import Sizes, get_task
 from aligner.train import METRICS_FILE, TrainConfig, train_sft
 
 DATA_DIR = "data"  # RUNS/data/NAME.jsonl: the examples each run was trained on
+ALIGNER_KINDS = ("aligner", "adapter")  # the kinds that are an Aligner object, shared or not
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class RunInfo:
     @property
     def is_aligner(self) -> bool:
         """Whether the run is an Aligner object (shared or not): what the gate, probe and geometry views read."""
-        return self.kind in ("aligner", "adapter")
+        return self.kind in ALIGNER_KINDS
 
 
 def list_runs(root: str | Path) -> list[RunInfo]:
@@ -131,7 +132,7 @@ def write_examples(examples: Sequence[Example], path: str | Path) -> Path:
 def run_lr(kind: str) -> float:
     """The rate a run of `kind` trains at unless told: the authors' (TrainConfig.lr) for an aligner, shared or not,
     and the sweep's (`aligner.suite.SIZED`) for another method, whose rate the paper does not give."""
-    return TrainConfig.lr if kind in ("aligner", "adapter") else SIZED[kind].lr
+    return TrainConfig.lr if kind in ALIGNER_KINDS else SIZED[kind].lr
 
 
 def train_run(
@@ -155,10 +156,9 @@ def train_run(
         raise FileExistsError(f"{run_dir}: a run of that name exists; choose another name")
     data = write_examples(examples, run_dir.parent / DATA_DIR / f"{run_dir.name}.jsonl")
     # Every step logged: the loss curve of a short run needs each point.
-    is_aligner = kind in ("aligner", "adapter")
     config = replace(
         config or TrainConfig(lr=run_lr(kind)),
-        n_tokens=size if is_aligner else 1,
+        n_tokens=size if kind in ALIGNER_KINDS else 1,
         shared=kind != "adapter",
         data=str(data),
         log_every=1,

@@ -39,7 +39,7 @@ from aligner.baselines import fit_steering
 from aligner.chat import BASE_TEMPLATE
 from aligner.config import AlignerConfig
 from aligner.files import atomic_write_json, provenance, read_json
-from aligner.generation import check_gate_scale, generate
+from aligner.generation import BATCH_SIZE, check_gate_scale, generate
 from aligner.loading import DEFAULT_MODEL, cache_dir, mark_used, model_fingerprint
 from aligner.methods import (
     LoRA,
@@ -304,7 +304,7 @@ def answer(
     prompts: Sequence[str],
     system: str | None,
     max_new_tokens: int,
-    batch_size: int,
+    batch_size: int = BATCH_SIZE,
     gate_scale: float = 1.0,
     raw_prompts: bool = False,
     **sampling: Any,

@@ -63,7 +63,7 @@ IGNORE_INDEX = -100  # label of a position that takes no loss (prompt and paddin
 # What may change between a run and its resumption: none of it alters the steps already taken.
 RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data", "gradient_checkpointing", "shard_model"}
 # TrainConfig's fields that shape an aligner (`aligner_config`), which another method does not read.
-ALIGNER_FIELDS = ("n_tokens", "start_layer", "shared")
+ALIGNER_FIELDS = tuple(field.name for field in fields(AlignerConfig))
 # TrainConfig fields added since runs were first saved: a state.json written before them resumes without them.
 LATER_FIELDS = ("gradient_checkpointing", "shard_model")
 STATE_TENSORS_FILE = re.compile(r"state-\d{8}\.safetensors")  # the tensors of the checkpoint of one step

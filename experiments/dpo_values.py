@@ -149,7 +149,7 @@ def refusal_rates(
     rates, answers = {}, {}
     for split, items in splits.items():
         prompts = [item.prompt for item in items]
-        texts = answer(model, method, prompts, None, max_new_tokens=task.max_new_tokens, batch_size=16)
+        texts = answer(model, method, prompts, None, max_new_tokens=task.max_new_tokens)
         rates[split] = sum(task.metrics["refusal"](item, text) for item, text in zip(items, texts)) / len(items)
         answers[split] = texts
     return rates, answers
