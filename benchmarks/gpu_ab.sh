@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The SmolLM2-shape GPU check of benchmarks/RESULTS.md after host-time changes, sized for one call (about 5
-# minutes on an H100): the throughput table of this tree and of an earlier tree's aligner package, alternated
-# A B A B on the same warm machine (the host's speed moves the ratios by up to 0.1 between machines), then the
-# profile at N = 1 and N = 10 and the stacked projection, on this tree. On the device machine, after
-# benchmarks/accelerate_wheels.sh and `git archive REV aligner | tar -x -C /tmp/old && cp -r /tmp/old/aligner
-# .whl/before-aligner` here: `bash benchmarks/gpu_ab.sh` with carry
-# [".whl/accelerate", ".whl/smollm2-tokenizer", ".whl/before-aligner"]. Each table comes back as $OUT/LABEL.txt.
+# minutes on an H100 with training; under 3 with SMALL_THROUGHPUT="--tables forward --rounds 10"): the throughput
+# table of this tree and of an earlier tree's aligner package, alternated A B A B on the same warm machine (the
+# host's speed moves the ratios by up to 0.1 between machines), then the profile of each at PROFILE_N tokens (10 by
+# default). On the device machine, after benchmarks/accelerate_wheels.sh and `git archive REV aligner | tar -x -C
+# /tmp/old && cp -r /tmp/old/aligner .whl/before-aligner` here: `bash benchmarks/gpu_ab.sh` with carry
+# [".whl/accelerate", ".whl/smollm2-tokenizer", ".whl/before-aligner"]. Every table is appended to $OUT/ab.txt under
+# its label, as each step ends (one file, so that it comes back beside gpu_run.sh's in the same call).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_ab} BEFORE=${BEFORE:-.whl/before-aligner}
@@ -15,13 +16,13 @@ mkdir -p "$OUT"
 before=$(mktemp -d)/tree
 cp -r . "$before" && rm -rf "$before/aligner" && cp -r "$BEFORE" "$before/aligner"
 
-run() {  # run LABEL TREE STEP [VARIABLE=VALUE ...]: one gpu_run.sh step, its table kept as $OUT/LABEL.txt
+run() {  # run LABEL TREE STEP [VARIABLE=VALUE ...]: one gpu_run.sh step, its table appended to $OUT/ab.txt
     local label=$1 tree=$2 name=$3
     shift 3
     local step
     step=$(mktemp -d)
     env "$@" ONLY="$name" OUT="$step" bash "$tree/benchmarks/gpu_run.sh"
-    cp "$step/$name.txt" "$OUT/$label.txt"
+    { echo "### $label"; cat "$step/$name.txt"; } >>"$OUT/ab.txt"
     cat "$step/errors.log" >>"$OUT/errors.log"
     rm -rf "$step"
 }
@@ -32,7 +33,6 @@ run after-1 . throughput-smollm2
 run before-1 "$before" throughput-smollm2
 run after-2 . throughput-smollm2
 run before-2 "$before" throughput-smollm2
-run profile-n1 . profile-smollm2 PROFILE_N=1
-run profile-n10 . profile-smollm2 PROFILE_N=10
-run stacked . stacked-smollm2
+run profile-after . profile-smollm2 PROFILE_N="${PROFILE_N:-10}"
+run profile-before "$before" profile-smollm2 PROFILE_N="${PROFILE_N:-10}"
 echo "total $SECONDS s"

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU run of benchmarks/RESULTS.md in one command (306 s on an H200, the install included, with the
-# bank's generation in batches of 256; now 512, which halves its decoding steps, not yet timed on a device): the
-# targets' benchmarks on random weights of SmolLM2-135M's and LLaMA-2-7B's shapes (bf16, batch 8 x 512). On the
+# The whole GPU run of benchmarks/RESULTS.md in one command (292 s on an H200 in the seventh GPU run, the install
+# included; 306 s with the bank's generation in batches of 256): the targets' benchmarks on random weights of SmolLM2-135M's and LLaMA-2-7B's shapes (bf16, batch 8 x 512). On the
 # device machine, after benchmarks/accelerate_wheels.sh here: run `WHEELS=.whl/accelerate bash
 # benchmarks/gpu_run.sh` with carry [".whl/accelerate", ".whl/smollm2-tokenizer"]. Each table goes to
 # $OUT/NAME.txt and every error message to $OUT/errors.log. ONLY="throughput-smollm2 bank-smollm2" runs a subset,
@@ -40,8 +39,8 @@ step throughput-llama2-7b 200 benchmarks.throughput --shape "$BIG" --rounds 3 --
 # SMALL_THROUGHPUT: more options for it, which override these ("--tables forward --rounds 20": the forward alone,
 # with the rounds its scatter needs on a host-bound model).
 step throughput-smollm2 180 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 3 ${SMALL_THROUGHPUT:-}
-# Generation in batches of 512 prompts: the bank's 1,024 answers in two batches, half the decoding steps of the
-# sixth run's batches of 256 (a step of the host-bound small model is mostly host time; 122 s in batches of 256).
+# Generation in batches of 512 prompts: the bank's 1,024 answers in two batches, half the decoding steps of
+# batches of 256 (a step of the host-bound small model is mostly host time): 79 s, against 122 s in batches of 256.
 step bank-smollm2 240 benchmarks.bank --shape "$SMALL" --rounds 2 --gen-batch 512 $BANK
 step probe-smollm2 60 benchmarks.probe --shape "$SMALL"
 step probe-llama2-7b 90 benchmarks.probe --shape "$BIG" --rounds 3 --iters 2
