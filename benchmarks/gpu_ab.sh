@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The SmolLM2-shape GPU check of benchmarks/RESULTS.md after host-time changes, sized for one call (about 5
-# minutes on an H100 with training; under 3 with SMALL_THROUGHPUT="--tables forward --rounds 10"): the throughput
+# The SmolLM2-shape GPU check of benchmarks/RESULTS.md after host-time changes, sized for one call: the throughput
 # table of this tree and of an earlier tree's aligner package, alternated A B A B on the same warm machine (the
 # host's speed moves the ratios by up to 0.1 between machines), then the profile of each at PROFILE_N tokens (10 by
-# default). On the device machine, after benchmarks/accelerate_wheels.sh and `git archive REV aligner | tar -x -C
-# /tmp/old && cp -r /tmp/old/aligner .whl/before-aligner` here: `bash benchmarks/gpu_ab.sh` with carry
-# [".whl/accelerate", ".whl/smollm2-tokenizer", ".whl/before-aligner"]. Every table is appended to $OUT/ab.txt under
-# its label, as each step ends (one file, so that it comes back beside gpu_run.sh's in the same call).
+# default). With SMALL_THROUGHPUT="--tables forward --rounds 10", a table took 48 to 51 s and a profile 40 s on an
+# H200 (the seventh GPU run), about 280 s in all; training's tables take longer. On the device machine, after
+# benchmarks/accelerate_wheels.sh and `git archive REV aligner | tar -x -C /tmp/old && cp -r /tmp/old/aligner
+# .whl/before-aligner` here: `bash benchmarks/gpu_ab.sh` with carry [".whl/accelerate", ".whl/smollm2-tokenizer",
+# ".whl/before-aligner"]. Every table is appended to $OUT/ab.txt under its label, as each step ends (one file, so
+# that it comes back beside gpu_run.sh's in the same call).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_ab} BEFORE=${BEFORE:-.whl/before-aligner}

@@ -11,6 +11,11 @@ PATH), with counting switched on only around the measured calls (`callgrind_cont
 under valgrind count nothing. Each variant is `--iters` calls after two warm-up calls; one round. Python's
 garbage collector is frozen after the setup (`gc.freeze`), so that a full collection walks only the objects the
 calls make, not the model's: otherwise it lands in one variant or another by chance.
+
+Two more forward variants say what the hooks cost by themselves: where an aligner of N > 1 hooks each adapted
+layer (`attn.hook_rot_q`, read; `attn.hook_z`, returned), functions that do nothing else, added through
+TransformerLens (`add_hook`: its wrapper and the bridge's layout conversions, as the aligner adds them) and as
+plain torch forward hooks on the same hook points (torch's module-hook path alone).
 """
 
 from __future__ import annotations
@@ -60,6 +65,30 @@ def callgrind(*options: str) -> None:
         time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def noop_hooks(bridge: torch.nn.Module, through_lens: bool):
+    """Inside, each adapted layer's `attn.hook_rot_q` and `attn.hook_z` run a hook that does nothing but what a hook
+    must: read its input, and return hook_z's (so that TransformerLens reverts its layout, as after the aligner's).
+    `through_lens`: added through TransformerLens (`hooks`), as the aligner adds its own; else as torch hooks."""
+    layers = range(AlignerConfig().start_layer, len(bridge.blocks))
+    names = ("hook_rot_q", "hook_z")
+    points = [(f"blocks.{layer}.attn.{name}", name == "hook_z") for layer in layers for name in names]
+    if through_lens:
+        with bridge.hooks(fwd_hooks=[(name, lambda x, hook, back=back: x if back else None) for name, back in points]):
+            yield
+        return
+    hook_points = bridge.hook_dict
+    handles = [
+        hook_points[name].register_forward_hook(lambda module, inputs, x, back=back: x if back else None)
+        for name, back in points
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def measure(args: argparse.Namespace) -> None:
     """Under valgrind: run each variant and have callgrind write its count, named after it."""
     hf, tokenizer = hf_model(args)
@@ -78,6 +107,8 @@ def measure(args: argparse.Namespace) -> None:
             (f"forward: aligner N={n}, prefix kept (fixed_prefix)", forward, lambda al=al: prefix_kept(al, bridge))
             for n, al in aligners.items()
         ),
+        ("forward: no-op hooks where N > 1 hooks, through TransformerLens", forward, lambda: noop_hooks(bridge, True)),
+        ("forward: no-op hooks where N > 1 hooks, as torch hooks", forward, lambda: noop_hooks(bridge, False)),
         ("training: bridge, frozen, input gradients", train_step(logits, ids, []), lambda: input_gradients(bridge)),
         *(
             (
