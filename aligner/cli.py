@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from aligner.suite import MethodSpec
 
 app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Aligner (one global token, shared by every layer) on TransformerLens 4: train, generate, inspect.",
     no_args_is_help=True,
     add_completion=False,

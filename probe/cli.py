@@ -12,6 +12,7 @@ from aligner.cli import MODEL_HELP, one_line_errors, open_model
 from aligner.loading import DEFAULT_MODEL
 
 app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Probe what aligners change inside a model: activations, probes, gates, geometry, embeddings, reports.",
     no_args_is_help=True,
     add_completion=False,
