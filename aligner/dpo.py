@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
@@ -41,7 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from aligner.data import Example, Pair
 from aligner.distributed import launched_accelerator
-from aligner.methods import Method, load_method, prompts_for
+from aligner.methods import Method, formatted_for, load_method
 from aligner.model import Aligner
 from aligner.train import (
     Step,
@@ -115,8 +115,7 @@ def train_dpo(
         policy = load_method(config.reference, device=device)  # tensors of its own: the reference stays as it is
         policy.provenance = {"initialised_from": config.reference}
     # The user's turns as the policy reads them (prompt tuning puts its placeholders in front; others keep them).
-    prompts = prompts_for(policy, [pair.prompt for pair in pairs])
-    sequences = tokenize_pairs(model.tokenizer, [replace(p, prompt=q) for p, q in zip(pairs, prompts)], config)
+    sequences = tokenize_pairs(model.tokenizer, formatted_for(policy, pairs), config)
     pad_id = pad_token_id(model.tokenizer)
     # Each process scores its share of the pairs, in the mixed precision the policy's log-probabilities will have
     # (at step 0 they must equal the reference's); gathered in process order, the shares are the pairs in order.

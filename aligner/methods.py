@@ -17,9 +17,9 @@ through the one token P. `one_token_aligner_as_bias` writes that out (tests chec
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save
@@ -401,3 +401,12 @@ def prompts_for(method: Method | None, prompts: Sequence[str]) -> list[str]:
     if isinstance(method, HookedMethod):
         return [method.format_prompt(p) for p in prompts]
     return list(prompts)
+
+
+Prompted = TypeVar("Prompted")  # a dataclass with a `prompt` field: an Example, a Pair
+
+
+def formatted_for(method: Method | None, records: Sequence[Prompted]) -> list[Prompted]:
+    """Each record with its prompt as `method` reads it (`prompts_for`), the rest of it unchanged."""
+    prompts = prompts_for(method, [record.prompt for record in records])
+    return [replace(record, prompt=prompt) for record, prompt in zip(records, prompts)]

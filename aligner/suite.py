@@ -49,6 +49,7 @@ from aligner.methods import (
     PromptTuningConfig,
     ZBias,
     ZBiasConfig,
+    formatted_for,
     heldout_loss,
     prompts_for,
 )
@@ -331,7 +332,7 @@ class EarlyStopping:
     ):
         self.model, self.method, self.system, self.chat_template = model, method, system, chat_template
         # each prompt as the method reads it, as train_sft trains it (prompt tuning's placeholders in front)
-        self.valid = [replace(e, prompt=p) for e, p in zip(valid, prompts_for(method, [e.prompt for e in valid]))]
+        self.valid = formatted_for(method, valid)
         self.every, self.patience = every, patience
         self.history: list[tuple[int, float]] = []
         self.best_step, self.best_loss, self.best_state = 0, math.inf, None

@@ -28,7 +28,7 @@ import math
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
@@ -49,7 +49,7 @@ from aligner.data import Example
 from aligner.distributed import check_joined, launched_accelerator, shard_frozen_model
 from aligner.files import atomic_write_bytes, atomic_write_json, read_json
 from aligner.methods import CONFIG_FILE as METHOD_FILE
-from aligner.methods import prompts_for
+from aligner.methods import formatted_for
 from aligner.model import CONFIG_FILE as ALIGNER_FILE
 from aligner.model import Aligner
 
@@ -144,8 +144,7 @@ def train_sft(
     elif isinstance(aligner, Aligner) and aligner.config != config.aligner_config():
         raise ValueError(f"the aligner given has {aligner.config}, the training config {config.aligner_config()}")
     # The user's turns as the method reads them (prompt tuning puts its placeholders in front; others keep them).
-    prompts = prompts_for(aligner, [example.prompt for example in examples])
-    examples = [replace(example, prompt=prompt) for example, prompt in zip(examples, prompts)]
+    examples = formatted_for(aligner, examples)
     sequences = tokenize_examples(model.tokenizer, examples, config)
     pad_id = pad_token_id(model.tokenizer)
 
