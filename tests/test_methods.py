@@ -20,6 +20,7 @@ from aligner.methods import (
     PromptTuningConfig,
     ZBias,
     ZBiasConfig,
+    formatted_for,
     load_method,
     one_token_aligner_as_bias,
     prompts_for,
@@ -213,7 +214,7 @@ def test_train_sft_trains_any_method_and_the_base_stays(model, kind):
     fingerprint = aligner.model_fingerprint(model)
     method = make(kind, model)
     # heldout_loss reads the prompts as given; train_sft formats them for the method (prompt tuning's placeholders)
-    examples = [Example(p, e.response) for p, e in zip(prompts_for(method, [e.prompt for e in EXAMPLES]), EXAMPLES)]
+    examples = formatted_for(method, EXAMPLES)
     with method.attached(model):
         before = heldout_loss(model, examples)
     fields = {"n_tokens": 2, "shared": False} if kind == "adapter" else {}
