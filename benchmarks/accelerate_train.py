@@ -113,7 +113,7 @@ def main() -> None:
         f"{accelerator.num_processes} process, mixed precision {accelerator.mixed_precision}; aligner N=1, "
         f"{al.num_parameters():,} parameters; {args.steps} optimizer steps a call"
     )
-    run_interleaved(variants, args.rounds, args.iters, args.device)
+    run_interleaved(variants, args.rounds, args.iters, args.device, settle=False)
     rows = [[v.name, f"{rate(v):,.0f}", f"{ratio(v, variants[0]):.3f}"] for v in variants]
     print("\nTraining (forward + backward + AdamW), tokens/s and ratio to the plain steps:\n")
     print(table(rows, ["variant", "tokens/s", "/ plain steps"]))

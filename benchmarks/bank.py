@@ -88,7 +88,7 @@ def main() -> None:
             ),
         ]
         run_interleaved(forwards, args.rounds, args.iters, args.device)
-        run_interleaved(generations, args.rounds, 1, args.device)
+        run_interleaved(generations, args.rounds, 1, args.device, settle=False)
         for one, many in (forwards, generations):
             rows += [[v.name, f"{rate(v):,.0f}", f"{ratio(v, one):.3f}"] for v in (one, many)]
     print(table(rows, ["variant", "tokens/s", "/ one aligner"]))

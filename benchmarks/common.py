@@ -7,7 +7,8 @@ parameter tensors (the bridge and peft rewire the module they are given, so each
 
 Timing: every round runs each variant in turn, so that a change in the machine's load (the CPUs here are shared
 with other developers) falls on all of them alike; a ratio is the median over rounds of the ratio measured within
-a round, and a rate the median over rounds.
+a round, and a rate the median over rounds. Within a round, a variant's timed calls follow an untimed one inside
+its context (`run_interleaved`).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def arguments(description: str, **defaults) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=defaults.get("batch", 8))
     parser.add_argument("--seq", type=int, default=defaults.get("seq", 512))
     parser.add_argument("--rounds", type=int, default=defaults.get("rounds", 5), help="interleaved rounds")
-    parser.add_argument("--iters", type=int, default=defaults.get("iters", 3), help="calls per variant per round")
+    parser.add_argument("--iters", type=int, default=defaults.get("iters", 3), help="timed calls per variant per round")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return parser
 
@@ -124,7 +125,7 @@ def header(args: argparse.Namespace) -> str:
         [
             command_and_machine(args.device),
             f"model: {args.shape} ({args.weights} weights, {str(args.dtype).removeprefix('torch.')}); "
-            f"batch {args.batch} x {args.seq} tokens; {args.rounds} interleaved rounds x {args.iters} calls; "
+            f"batch {args.batch} x {args.seq} tokens; {args.rounds} interleaved rounds x {args.iters} timed calls; "
             f"{datetime.datetime.now().isoformat(timespec='seconds')}",
         ]
     )
@@ -249,14 +250,23 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_interleaved(variants: list[Variant], rounds: int, iters: int, device: str) -> None:
-    """Fill each variant's `seconds`: one warm-up call each, then `rounds` rounds of `iters` calls of each in turn."""
-    for variant in variants:
-        with variant.context():
-            variant.call()
+def run_interleaved(variants: list[Variant], rounds: int, iters: int, device: str, settle: bool = True) -> None:
+    """Fill each variant's `seconds`: `rounds` rounds of `iters` timed calls of each in turn.
+
+    `settle`: in every round, each variant's timed calls follow one untimed call of it inside its context, so that
+    what a context leaves to its first call (the prefix that `fixed_prefix` keeps, formed anew each time it is
+    entered) is not timed, and every variant's timed calls start on a device that has just run it, not one that
+    idled while an aligner was attached. Else one untimed call of each before the rounds: for calls long enough
+    to be timed one at a time (a generation, a training loop), which would pay twice."""
+    if not settle:
+        for variant in variants:
+            with variant.context():
+                variant.call()
     for _ in range(rounds):
         for variant in variants:
             with variant.context():
+                if settle:
+                    variant.call()
                 synchronize(device)
                 start = time.perf_counter()
                 for _ in range(iters):

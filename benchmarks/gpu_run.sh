@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU run of benchmarks/RESULTS.md in one command (292 s on an H200 in the seventh GPU run, the install
-# included; 306 s with the bank's generation in batches of 256): the targets' benchmarks on random weights of SmolLM2-135M's and LLaMA-2-7B's shapes (bf16, batch 8 x 512). On the
+# included, before each round's untimed call; 306 s with the bank's generation in batches of 256): the targets'
+# benchmarks on random weights of SmolLM2-135M's and LLaMA-2-7B's shapes (bf16, batch 8 x 512). On the
 # device machine, after benchmarks/accelerate_wheels.sh here: run `WHEELS=.whl/accelerate bash
 # benchmarks/gpu_run.sh` with carry [".whl/accelerate", ".whl/smollm2-tokenizer"]. Each table goes to
 # $OUT/NAME.txt and every error message to $OUT/errors.log. ONLY="throughput-smollm2 bank-smollm2" runs a subset,
@@ -34,16 +35,19 @@ step() {  # step NAME SECONDS MODULE ARGS...: one benchmark, its table printed a
     echo "($name: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s)"
 }
 
-# Most wanted first: if the call's time runs out, what ran is already in $OUT.
-step throughput-llama2-7b 200 benchmarks.throughput --shape "$BIG" --rounds 3 --iters 2
+# Most wanted first: if the call's time runs out, what ran is already in $OUT. Each round times --iters calls of a
+# variant after one untimed call (benchmarks/common.py's run_interleaved): 2 + 1 per round on the small model and
+# 1 + 1 on the 7B one, which the GPU bounds, make as many calls as the 3 and 2 timed per round and one warm-up
+# call before the rounds of the seventh GPU run.
+step throughput-llama2-7b 200 benchmarks.throughput --shape "$BIG" --rounds 3 --iters 1
 # SMALL_THROUGHPUT: more options for it, which override these ("--tables forward --rounds 20": the forward alone,
 # with the rounds its scatter needs on a host-bound model).
-step throughput-smollm2 180 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 3 ${SMALL_THROUGHPUT:-}
+step throughput-smollm2 180 benchmarks.throughput --shape "$SMALL" --rounds 5 --iters 2 ${SMALL_THROUGHPUT:-}
 # Generation in batches of 512 prompts: the bank's 1,024 answers in two batches, half the decoding steps of
 # batches of 256 (a step of the host-bound small model is mostly host time): 79 s, against 122 s in batches of 256.
 step bank-smollm2 240 benchmarks.bank --shape "$SMALL" --rounds 2 --gen-batch 512 $BANK
-step probe-smollm2 60 benchmarks.probe --shape "$SMALL"
-step probe-llama2-7b 90 benchmarks.probe --shape "$BIG" --rounds 3 --iters 2
+step probe-smollm2 60 benchmarks.probe --shape "$SMALL" --iters 2
+step probe-llama2-7b 90 benchmarks.probe --shape "$BIG" --rounds 3 --iters 1
 # Diagnostics, run only when ONLY names them. One product for every layer's prefix against each layer's own
 # projections (layer.py's project_stacked); the profile (PROFILE_N=1 profiles one token instead of ten).
 diagnostic() { [[ " ${ONLY:-} " == *" $1 "* ]] && step "$@"; }

@@ -93,7 +93,7 @@ def main() -> None:
         f"{datetime.datetime.now().isoformat(timespec='seconds')}\n"
     )
     if args.rounds:
-        run_interleaved(list(variants.values()), args.rounds, 1, "cpu")
+        run_interleaved(list(variants.values()), args.rounds, 1, "cpu", settle=False)
         loaded, one = SETTINGS
         rows = [
             [
