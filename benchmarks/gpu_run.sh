@@ -37,8 +37,8 @@ step() {  # step NAME SECONDS MODULE ARGS...: one benchmark, its table printed a
 
 # Most wanted first: if the call's time runs out, what ran is already in $OUT. Each round times --iters calls of a
 # variant after one untimed call (benchmarks/common.py's run_interleaved): 2 + 1 per round on the small model and
-# 1 + 1 on the 7B one, which the GPU bounds, make as many calls as the 3 and 2 timed per round and one warm-up
-# call before the rounds of the seventh GPU run.
+# 1 + 1 on the 7B one, which the GPU bounds, make one call fewer per variant than the seventh GPU run's one warm-up
+# call and 3 or 2 timed calls per round.
 step throughput-llama2-7b 200 benchmarks.throughput --shape "$BIG" --rounds 3 --iters 1
 # SMALL_THROUGHPUT: more options for it, which override these ("--tables forward --rounds 20": the forward alone,
 # with the rounds its scatter needs on a host-bound model).
