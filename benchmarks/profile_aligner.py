@@ -113,11 +113,12 @@ def main() -> None:
         # The operators whose calls the aligner adds (or removes), by what those calls cost the host: their number
         # times the operator's mean self time per call, less noisy than a difference of two totals. On a host-bound
         # model that time, not the device's, is what the aligner costs.
-        added_by_op = {
-            op: (calls - base.get(op, (0,))[0], host / calls, device / calls)
-            for op, (calls, host, device) in aligned.items()
-            if calls != base.get(op, (0,))[0]
-        }
+        # An operator that only the base calls is counted too, at its mean time there.
+        added_by_op = {}
+        for op in aligned.keys() | base.keys():
+            (calls, host, device), base_calls = aligned.get(op) or base[op], base.get(op, (0,))[0]
+            if op not in aligned or calls != base_calls:
+                added_by_op[op] = (aligned.get(op, (0,))[0] - base_calls, host / calls, device / calls)
         rows = [
             [op, str(calls), f"{calls * host_per_call:+.3f}"]
             + ([f"{calls * device_per_call:+.3f}"] if args.device == "cuda" else [])
