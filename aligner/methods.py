@@ -25,7 +25,9 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 from transformer_lens.hook_points import HookPoint, LensHandle
+from transformers import PreTrainedTokenizerBase
 
+from aligner.chat import prompt_ids
 from aligner.config import ModelShape
 from aligner.files import atomic_write_bytes, atomic_write_json, provenance, read_json
 from aligner.model import CONFIG_FILE as ALIGNER_CONFIG_FILE
@@ -240,18 +242,58 @@ class LoRA(HookedMethod):
 @dataclass(frozen=True)
 class PromptTuningConfig:
     n_tokens: int = 10  # virtual tokens
+    # The special token that marks each virtual token's slot in a prompt; None: the model's own (`placeholder_for`),
+    # chosen by `PromptTuning.for_model` and saved with the method.
+    placeholder: str | None = None
 
 
-# A token the chat template never emits; each one in a prompt is a slot whose embedding the method replaces.
-PLACEHOLDER = "<|endoftext|>"
+# The placeholder of every prompt-tuning file written before it was chosen per tokenizer (SmolLM2's unknown token).
+FORMER_PLACEHOLDER = "<|endoftext|>"
+
+
+def placeholder_problem(tokenizer: PreTrainedTokenizerBase, placeholder: str) -> str | None:
+    """Why `placeholder` cannot mark prompt tuning's slots for `tokenizer`, or None where it can. It must be one
+    token of its own, and one that nothing else puts in a prompt: not the tokens that pad, begin or end a sequence
+    (padding would add slots to a row, and left padding would move the count along it), nor one the chat template
+    writes."""
+    ids = tokenizer(placeholder, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        return f"it is {len(ids)} tokens of this tokenizer, not one"
+    roles = {
+        "pad": tokenizer.pad_token_id,
+        "beginning-of-sequence": tokenizer.bos_token_id,
+        "end-of-sequence": tokenizer.eos_token_id,
+    }
+    taken = [role for role, token in roles.items() if token == ids[0]]
+    if taken:
+        return f"it is the tokenizer's {taken[0]} token"
+    if ids[0] in prompt_ids(tokenizer, "Hi"):
+        return "the chat template writes it"
+    return None
+
+
+def placeholder_for(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The special token that marks prompt tuning's slots for `tokenizer`: its unknown token (SmolLM2's
+    `<|endoftext|>`, LLaMA's and Gemma's `<unk>`), else `<|endoftext|>`, else its first other special token by id,
+    the first of them that `placeholder_problem` lets through. Its embedding is never read: the hook replaces it."""
+    specials = [token.content for _, token in sorted(tokenizer.added_tokens_decoder.items()) if token.special]
+    for candidate in dict.fromkeys([tokenizer.unk_token, FORMER_PLACEHOLDER, *specials]):
+        if candidate is not None and placeholder_problem(tokenizer, candidate) is None:
+            return candidate
+    raise ValueError(
+        f"{type(tokenizer).__name__} ({tokenizer.name_or_path}) has no special token free to mark prompt tuning's "
+        "slots: each one pads, begins or ends a sequence, is written by the chat template, or is not one token. "
+        "Name one in PromptTuningConfig(placeholder=...)"
+    )
 
 
 class PromptTuning(HookedMethod):
     """N learned input embeddings (Lester et al. 2021), held in peft's `PromptEmbedding` and initialised from the
     embeddings of random vocabulary tokens (peft's SAMPLE_VOCAB). peft prepends them to the whole input; here they
-    sit at the start of the user's turn: `format_prompt` puts N placeholder tokens there, and a hook on
-    `hook_embed` puts the learned embeddings in their place. Positions, padding and the KV cache are then the
-    bridge's own, so generation needs nothing else."""
+    sit at the start of the user's turn: `format_prompt` puts N placeholder tokens there (a special token of the
+    model's that nothing else puts in a prompt: `placeholder_for`), and a hook on `hook_embed` puts the learned
+    embeddings in their place. Positions, padding and the KV cache are then the bridge's own, so generation needs
+    nothing else."""
 
     kind = "prompt-tuning"
     config_type = PromptTuningConfig
@@ -275,34 +317,52 @@ class PromptTuning(HookedMethod):
         return PromptEmbedding(config, word_embeddings)
 
     def initialise(self, model: nn.Module) -> None:
+        if self.config.placeholder is None:
+            self.config = replace(self.config, placeholder=placeholder_for(model.tokenizer))
         self.prompt = self._peft_embedding(model.embed.original_component, init="SAMPLE_VOCAB")
 
+    @classmethod
+    def from_files(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> "PromptTuning":
+        config = {"placeholder": FORMER_PLACEHOLDER, **meta["config"]}  # a file from before the field
+        return super().from_files({**meta, "config": config}, tensors, source)
+
     def format_prompt(self, prompt: str) -> str:
-        return PLACEHOLDER * self.config.n_tokens + prompt
+        if self.config.placeholder is None:
+            raise ValueError(
+                "this prompt tuning has no placeholder yet: make it with PromptTuning.for_model(model, config), "
+                "which chooses the model's, or name one in PromptTuningConfig(placeholder=...)"
+            )
+        return self.config.placeholder * self.config.n_tokens + prompt
 
     def attach(self, model: nn.Module) -> None:
-        placeholder_id = model.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
-        # A tokenizer that pads with the placeholder adds some to a padded row, where they are masked out.
-        pads_with_it = model.tokenizer.pad_token_id == placeholder_id
+        placeholder = self.config.placeholder
+        problem = None if placeholder is None else placeholder_problem(model.tokenizer, placeholder)
+        if placeholder is None or problem is not None:
+            raise ValueError(
+                f"prompt tuning's placeholder {placeholder!r} cannot mark its slots on {model.cfg.model_name}: "
+                f"{problem or 'none was chosen'}. A prompt tuning made by PromptTuning.for_model(model, config) "
+                "has the model's own (aligner.methods.placeholder_for)"
+            )
+        (placeholder_id,) = model.tokenizer(placeholder, add_special_tokens=False)["input_ids"]
 
         def keep_ids(ids: torch.Tensor, hook: HookPoint) -> None:
             self._input_ids = ids
             if ids.shape[-1] > 1:  # a prompt, not a decoding step: each row must hold its N slots
                 n, counts = self.config.n_tokens, (ids == placeholder_id).sum(dim=-1).tolist()
-                wrong = [(row, c) for row, c in enumerate(counts) if c < n or (c > n and not pads_with_it)]
+                wrong = [(row, c) for row, c in enumerate(counts) if c != n]
                 if wrong:
                     row, count = wrong[0]
                     raise ValueError(
-                        f"prompt tuning reads {n} placeholder tokens {PLACEHOLDER!r} at the start of "
+                        f"prompt tuning reads {n} placeholder tokens {placeholder!r} at the start of "
                         f"the user's turn; row {row} of the input holds {count}. Format each prompt once with "
                         "`aligner.methods.prompts_for` (train_sft, train_dpo and suite.answer do)"
                     )
 
         def insert(embeddings: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # (B, T, d_model)
-            slots = self._input_ids == placeholder_id  # (B, T); none on the decoding steps after the prompt
-            if not slots.any():
-                return embeddings
-            index = (slots.cumsum(dim=-1) - 1).clamp(min=0) % self.config.n_tokens  # k-th placeholder -> token k
+            # The k-th slot of a row reads virtual token k; no padding holds the placeholder, so the count starts at the
+            # row's slots whatever the padding. A decoding step after the prompt holds none, and keeps its embedding.
+            slots = self._input_ids == placeholder_id  # (B, T)
+            index = (slots.cumsum(dim=-1) - 1).clamp(min=0)
             virtual = self.prompt.embedding.weight[index].to(embeddings.dtype)  # (B, T, d_model)
             return torch.where(slots[..., None], virtual, embeddings)
 

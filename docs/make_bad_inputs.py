@@ -913,6 +913,15 @@ def _(ws: Workspace) -> str:
     return "ran"
 
 
+@case(AREA, "prompt tuning given a placeholder that padding writes (SmolLM2's pad token, its end of turn)")
+def _(ws: Workspace) -> str:
+    from aligner.methods import PromptTuning, PromptTuningConfig
+
+    model = ws.model()
+    with PromptTuning.for_model(model, PromptTuningConfig(4, placeholder="<|im_end|>")).attached(model):
+        return "attached"
+
+
 # ---- the suite's method names ----
 
 AREA = "suite methods (`method_spec`, `aligner sweep --methods`)"

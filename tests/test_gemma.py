@@ -316,3 +316,23 @@ def test_gemma_270m_continues_as_transformers_does(gemma, gemma_hf):
 def test_gemma_270m_answers_base_format_questions_on_one_line(gemma):
     questions = ["What is the capital of France?", "What is the capital of Japan?"]
     assert aligner.generate(gemma, questions, max_new_tokens=16) == [" Paris", " Tokyo"]
+
+
+@pytest.mark.slow
+def test_gemma_270m_prompt_tuning_marks_its_slots_with_its_unknown_token(gemma):
+    """Gemma's vocabulary has no `<|endoftext|>` (it would be six tokens of text): its slots are `<unk>`, a token
+    nothing else writes, and a batch answers as each prompt alone, in the base format and in raw text."""
+    from aligner.methods import PromptTuning, PromptTuningConfig
+    from aligner.suite import answer
+
+    torch.manual_seed(0)
+    prompt = PromptTuning.for_model(gemma, PromptTuningConfig(2))
+    assert prompt.config.placeholder == "<unk>"
+    with torch.no_grad():
+        prompt.prompt.embedding.weight.mul_(3)  # a prompt that changes the answers
+    questions = ["What is the capital of France?", "What is the capital city of Japan, the island country?"]
+    for raw in (False, True):
+        batched = answer(gemma, prompt, questions, None, max_new_tokens=4, batch_size=2, raw_prompts=raw)
+        alone = [answer(gemma, prompt, [q], None, max_new_tokens=4, batch_size=1, raw_prompts=raw)[0] for q in questions]
+        assert batched == alone
+    assert batched != answer(gemma, None, questions, None, max_new_tokens=4, raw_prompts=True)

@@ -23,6 +23,8 @@ from aligner.methods import (
     formatted_for,
     load_method,
     one_token_aligner_as_bias,
+    placeholder_for,
+    placeholder_problem,
     prompts_for,
 )
 from aligner.tasks import Item
@@ -170,6 +172,85 @@ def test_prompt_tuning_refuses_a_prompt_without_its_placeholders_or_with_them_tw
             model(torch.tensor([prompt_ids(model.tokenizer, "Hi")]))
         with pytest.raises(ValueError, match=r"row 0 of the input holds 6\. Format each prompt once with"):
             model(torch.tensor([prompt_ids(model.tokenizer, twice[0])]))
+
+
+def with_tokenizer(**special_tokens):
+    """The tiny model with a copy of its tokenizer whose special tokens are reassigned (None: the role unset)."""
+    import copy
+
+    model = aligner.tiny_model()
+    model.tokenizer = copy.deepcopy(model.tokenizer)
+    for role, token in special_tokens.items():
+        setattr(model.tokenizer, role, token)
+    return model
+
+
+def test_prompt_tuning_placeholder_is_a_special_token_nothing_else_puts_in_a_prompt(model):
+    """SmolLM2's unknown token, `<|endoftext|>`; where padding or the end of a sequence is that token, the next
+    special token the chat template does not write; where there is none, an error that says what to do."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    assert placeholder_for(model.tokenizer) == "<|endoftext|>"
+    padded = with_tokenizer(pad_token="<|endoftext|>", unk_token=None).tokenizer
+    assert placeholder_problem(padded, "<|endoftext|>") == "it is the tokenizer's pad token"
+    assert placeholder_problem(padded, "<|im_start|>") == "it is the tokenizer's beginning-of-sequence token"
+    assert placeholder_for(padded) == "<repo_name>"  # <|im_end|> ends SmolLM2's sequences and its turns
+    assert placeholder_problem(model.tokenizer, "<|placeholder|>") == "it is 5 tokens of this tokenizer, not one"
+    # GPT-2's way: one special token, which begins and ends every sequence
+    word_level = Tokenizer(WordLevel({"<|endoftext|>": 0, "Hi": 1}, unk_token="<|endoftext|>"))
+    gpt2_like = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    with pytest.raises(ValueError, match=r"has no special token free to mark prompt tuning's slots.*placeholder=\.\.\."):
+        placeholder_for(gpt2_like)
+
+
+def test_prompt_tuning_counts_its_slots_from_each_rows_own_whatever_the_padding():
+    """A model whose sequences end, and are padded, with `<|endoftext|>`: raw prompts end their answers with it,
+    and generation left-pads with it. Were it the placeholder, a padded row would hold more slots than N and
+    read the wrong virtual tokens; the placeholder is another token, and a batch answers as each prompt alone."""
+    model = with_tokenizer(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    prompt = randomised(PromptTuning.for_model(model, PromptTuningConfig(3)))
+    assert prompt.config.placeholder == "<repo_name>"
+    from aligner.suite import answer
+
+    batched = answer(model, prompt, PROMPTS, None, max_new_tokens=5, batch_size=3, raw_prompts=True)
+    alone = [answer(model, prompt, [p], None, max_new_tokens=5, batch_size=1, raw_prompts=True)[0] for p in PROMPTS]
+    assert batched == alone
+    # What the hook puts in: each row's slots, after its left padding, hold virtual tokens 0, 1, 2 in order.
+    from aligner.chat import end_of_turn_id, prompt_ids
+
+    ids = [prompt_ids(model.tokenizer, p, chat_template=False) for p in prompts_for(prompt, PROMPTS)]
+    pad, length = end_of_turn_id(model.tokenizer, chat_template=False), max(map(len, ids))
+    batch = torch.tensor([[pad] * (length - len(i)) + i for i in ids])
+    with prompt.attached(model), torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter="hook_embed")
+    slots = batch == model.tokenizer.convert_tokens_to_ids("<repo_name>")
+    for row in range(len(PROMPTS)):
+        torch.testing.assert_close(cache["hook_embed"][row, slots[row]], prompt.prompt.embedding.weight, rtol=0, atol=0)
+    config = TrainConfig(steps=1, batch_size=3, chat_template=False)  # right-padded with <|endoftext|>, which ends each
+    train_sft(model, [Example(p, "Yes.") for p in PROMPTS], config, aligner=prompt)
+
+
+def test_prompt_tuning_files_from_before_the_placeholder_field_read_endoftext(model, tmp_path):
+    prompt = make("prompt", model)
+    prompt.save(tmp_path)
+    meta = json.loads((tmp_path / "method.json").read_text())
+    assert meta["config"] == {"n_tokens": 3, "placeholder": "<|endoftext|>"}
+    del meta["config"]["placeholder"]
+    (tmp_path / "method.json").write_text(json.dumps(meta))
+    assert load_method(tmp_path).config == PromptTuningConfig(3, "<|endoftext|>")
+
+
+def test_prompt_tuning_refuses_a_placeholder_that_padding_puts_in_prompts(model):
+    prompt = PromptTuning.for_model(model, PromptTuningConfig(3, placeholder="<|im_end|>"))
+    message = r"placeholder '<\|im_end\|>' cannot mark its slots on tiny-llama.*: it is the tokenizer's pad token"
+    with pytest.raises(ValueError, match=message), prompt.attached(model):
+        pass
+    with pytest.raises(ValueError, match=r"no placeholder yet: make it with PromptTuning\.for_model"):
+        PromptTuning(PromptTuningConfig(3), prompt.shape).format_prompt("Hi")
 
 
 @pytest.mark.parametrize("kind", KINDS)
