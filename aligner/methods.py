@@ -274,7 +274,7 @@ def placeholder_problem(tokenizer: PreTrainedTokenizerBase, placeholder: str) ->
 
 def placeholder_for(tokenizer: PreTrainedTokenizerBase) -> str:
     """The special token that marks prompt tuning's slots for `tokenizer`: its unknown token (SmolLM2's
-    `<|endoftext|>`, LLaMA's and Gemma's `<unk>`), else `<|endoftext|>`, else its first other special token by id,
+    `<|endoftext|>`, Gemma 3's `<unk>`), else `<|endoftext|>`, else its first other special token by id,
     the first of them that `placeholder_problem` lets through. Its embedding is never read: the hook replaces it."""
     specials = [token.content for _, token in sorted(tokenizer.added_tokens_decoder.items()) if token.special]
     for candidate in dict.fromkeys([tokenizer.unk_token, FORMER_PLACEHOLDER, *specials]):
