@@ -145,10 +145,18 @@ class HookedMethod(nn.Module):
 
     @classmethod
     def from_files(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> "HookedMethod":
-        method = cls(cls.config_type(**meta["config"]), ModelShape.from_dict(meta["shape"], source), meta["base_model"])
+        shape = ModelShape.from_dict(meta["shape"], source)
+        method = cls.to_load(cls.config_type(**meta["config"]), shape, meta["base_model"], tensors)
         method.provenance = meta["provenance"]
         method.load_tensors(tensors, source)
         return method
+
+    @classmethod
+    def to_load(
+        cls, config: Any, shape: ModelShape, base_model: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> "HookedMethod":
+        """The method that a file's `tensors` are loaded into; a size the model shape does not hold comes from them."""
+        return cls(config, shape, base_model)
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Copy the tensors of its state dict in, in place (an optimizer over them stays valid), once their names,
@@ -224,15 +232,15 @@ class LoRA(HookedMethod):
         self._wrapped = []
 
     @classmethod
-    def from_files(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> "LoRA":
+    def to_load(
+        cls, config: LoRAConfig, shape: ModelShape, base_model: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> "LoRA":
         # The matrices' sizes come from the tensors: the model shape does not hold the key/value width.
-        shell = cls(LoRAConfig(**meta["config"]), ModelShape.from_dict(meta["shape"], source), meta["base_model"])
+        shell = cls(config, shape, base_model)
         for name, tensor in tensors.items():
             matrices, key, _ = name.split(".")
             out_features, in_features = tensor.shape
             getattr(shell, matrices)[key] = nn.Linear(in_features, out_features, bias=False)
-        shell.provenance = meta["provenance"]
-        shell.load_tensors(tensors, source)
         return shell
 
 
@@ -389,12 +397,31 @@ class ZBias(HookedMethod):
     kind = "z-bias"
     config_type = ZBiasConfig
 
-    def __init__(self, config: ZBiasConfig, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: ZBiasConfig, shape: ModelShape, base_model: dict[str, Any] | None = None, d_head: int | None = None
+    ) -> None:
+        """`d_head`: the width of each head's output, the model's `cfg.d_head`; None: d_model / H, which the model
+        shape implies on most models but not all (Gemma 3 270M: 256, against 640 / 4). `for_model` and the files
+        set the model's own."""
         super().__init__(config, shape, base_model)
         n_active = shape.n_layers - config.start_layer
-        self.bias = nn.Parameter(torch.zeros(n_active, shape.n_heads, shape.d_model // shape.n_heads))
+        self.bias = nn.Parameter(torch.zeros(n_active, shape.n_heads, d_head or shape.d_model // shape.n_heads))
+
+    def initialise(self, model: nn.Module) -> None:
+        if self.bias.shape[-1] != model.cfg.d_head:
+            self.bias = nn.Parameter(self.bias.new_zeros(*self.bias.shape[:-1], model.cfg.d_head))
+
+    @classmethod
+    def to_load(
+        cls, config: ZBiasConfig, shape: ModelShape, base_model: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> "ZBias":
+        # d_head comes from the tensor, as LoRA's widths do; a tensor of another rank fails load_tensors' check.
+        bias = tensors.get("bias")
+        return cls(config, shape, base_model, bias.shape[-1] if bias is not None and bias.dim() == 3 else None)
 
     def attach(self, model: nn.Module) -> None:
+        if self.bias.shape[-1] != model.cfg.d_head:
+            raise ValueError(f"z-bias of {self.bias.shape[-1]} numbers per head, model has d_head {model.cfg.d_head}")
         for i, layer in enumerate(range(self.config.start_layer, self.shape.n_layers)):
             self.add_hook(model.blocks[layer].attn.hook_z, lambda z, hook, i=i: z + self.bias[i].to(z.dtype))
 
@@ -403,7 +430,7 @@ def one_token_aligner_as_bias(aligner: Aligner, model: nn.Module) -> ZBias:
     """The `ZBias` that computes what a one-token aligner computes: b[l, h] = g[l, h] * (P W_V^l + b_V^l)[h]."""
     if aligner.config.n_tokens != 1:
         raise ValueError(f"only a one-token aligner is a constant bias; this one has N={aligner.config.n_tokens}")
-    bias = ZBias(ZBiasConfig(aligner.config.start_layer), aligner.shape, aligner.base_model)
+    bias = ZBias(ZBiasConfig(aligner.config.start_layer), aligner.shape, aligner.base_model, model.cfg.d_head)
     with torch.no_grad():
         for i, layer in enumerate(aligner.layer_indices):
             v_proj = projection(model.blocks[layer].attn.v)  # the weight the aligner itself reads

@@ -149,6 +149,30 @@ def test_merged_one_token_aligner_equals_the_attached_one_on_gemma3():
     torch.testing.assert_close(merged, attached, atol=1e-5, rtol=1e-5)
 
 
+def test_z_bias_takes_the_models_d_head_which_gemma3_sets_apart_from_d_model_over_heads(tmp_path):
+    """Tiny Gemma 3: d_head 32, against d_model / H = 16. A z-bias made for it, the one that a one-token aligner
+    is, and one read back from its files all have 32 numbers per head, and the bias computes what the aligner
+    does; one of another width is refused."""
+    from aligner.methods import ZBias, ZBiasConfig, load_method, one_token_aligner_as_bias
+
+    model = aligner.from_hf(random_model("gemma3"), None)
+    assert (model.cfg.d_head, model.cfg.d_model // model.cfg.n_heads) == (32, 16)
+    assert ZBias.for_model(model, ZBiasConfig(start_layer=1)).bias.shape == (3, 4, 32)
+    al = random_aligner(model, n_tokens=1, start_layer=1)
+    bias = one_token_aligner_as_bias(al, model)
+    loaded = load_method(bias.save(tmp_path))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        with al.attached(model):
+            by_aligner = model(ids)
+        with loaded.attached(model):
+            by_bias = model(ids)
+    torch.testing.assert_close(by_bias, by_aligner, atol=1e-5, rtol=1e-5)
+    narrow = ZBias(ZBiasConfig(start_layer=1), bias.shape)  # d_model / H
+    with pytest.raises(ValueError, match="z-bias of 16 numbers per head, model has d_head 32"), narrow.attached(model):
+        pass
+
+
 def test_attention_scale_is_the_layers_own():
     gemma = aligner.from_hf(random_model("gemma3"), None)
     qwen = aligner.from_hf(random_model("qwen3"), None)
