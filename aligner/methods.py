@@ -344,12 +344,12 @@ class PromptTuning(HookedMethod):
 
     def attach(self, model: nn.Module) -> None:
         placeholder = self.config.placeholder
-        problem = None if placeholder is None else placeholder_problem(model.tokenizer, placeholder)
-        if placeholder is None or problem is not None:
+        problem = "none was chosen" if placeholder is None else placeholder_problem(model.tokenizer, placeholder)
+        if problem is not None:
             raise ValueError(
                 f"prompt tuning's placeholder {placeholder!r} cannot mark its slots on {model.cfg.model_name}: "
-                f"{problem or 'none was chosen'}. A prompt tuning made by PromptTuning.for_model(model, config) "
-                "has the model's own (aligner.methods.placeholder_for)"
+                f"{problem}. A prompt tuning made by PromptTuning.for_model(model, config) has the model's own "
+                "(aligner.methods.placeholder_for)"
             )
         (placeholder_id,) = model.tokenizer(placeholder, add_special_tokens=False)["input_ids"]
 

@@ -116,9 +116,10 @@ def main() -> None:
         # An operator that only the base calls is counted too, at its mean time there.
         added_by_op = {}
         for op in aligned.keys() | base.keys():
-            (calls, host, device), base_calls = aligned.get(op) or base[op], base.get(op, (0,))[0]
-            if op not in aligned or calls != base_calls:
-                added_by_op[op] = (aligned.get(op, (0,))[0] - base_calls, host / calls, device / calls)
+            calls_added = aligned.get(op, (0,))[0] - base.get(op, (0,))[0]
+            if calls_added:
+                count, host, device = aligned.get(op) or base[op]  # the mean per call, where the op is called
+                added_by_op[op] = (calls_added, host / count, device / count)
         rows = [
             [op, str(calls), f"{calls * host_per_call:+.3f}"]
             + ([f"{calls * device_per_call:+.3f}"] if args.device == "cuda" else [])
