@@ -24,8 +24,9 @@ app: install
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# The unit tier: no real model, no process, app or browser of its own.
 test-fast: install
-	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
 # The README's screenshots and timings of the app: SmolLM2 and the committed runs in headless Chromium
 # (docs/screenshots/).
@@ -52,3 +53,8 @@ REPORT_RUNS ?= probe-demo-json-1tok probe-demo-caps-1tok probe-demo-inject-10tok
 report: install
 	$(VENV)/bin/probe report --runs runs $(foreach run,$(REPORT_RUNS),--run $(run)) --out reports/smollm2-demo
 	$(VENV)/bin/probe paper-report --dir ../shared/paper_aligners --out reports/paper-gates
+
+# The documentation's generated tables against the data they render (docs/check.py; --write regenerates them).
+.PHONY: docs-check
+docs-check: install
+	$(PY) docs/check.py

@@ -20,30 +20,39 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 from torch import nn
 
 import aligner
 import probe
-from aligner.cli import open_model
+from aligner.adapter import Adapter, load_adapter
 from aligner.files import source_digest
-from aligner.methods import Method, load_method
-from aligner.runs import RunInfo, list_runs, run_losses, run_lr, task_examples, train_run
-from aligner.suite import SIZED, answer, figure as efficiency_figure, markdown_tables
+from aligner.generation import answer
+from aligner.loading import open_model
+from aligner.registry import FAMILIES, default_lr
+from aligner.runs import RunInfo, list_runs, task_examples, train_run
+from aligner.tables import figure as efficiency_figure
+from aligner.tables import markdown_tables
 from aligner.tasks import KNOWLEDGE_SETS, TASK_NAMES, get_task
-from probe.collect import Activations, collect
-from probe.dataset import ProbeDataset, knowledge_dataset, training_form
-from probe.embeddings import prefix_frame, scatter, token_frame
-from probe.explore import (
-    activation_frame,
-    efficiency_summary,
-    evaluation_set,
-    geometry_table,
-    paper_checkpoints,
+from probe import analyses
+from probe.collect import Activations, collect, condition_name
+from probe.dataset import ProbeDataset, evaluation_set, knowledge_dataset, training_form
+from probe.embeddings import prefix_frame, token_frame
+from probe.explore import efficiency_summary, paper_checkpoints
+from probe.figures import (
+    cumulative_ablation_figure,
+    gate_heatmap,
+    gate_profile_figure,
+    gate_scale_figure,
+    geometry_figure,
+    layer_ablation_figure,
+    loss_figure,
+    prefix_share_heatmap,
+    probe_figure,
+    scatter,
+    slot_attention_heatmap,
 )
-from probe.gates import ablation_curves, answers, gate_heatmap, gate_profiles, gate_scale_curve, prefix_attention
-from probe.model_report import form_probe_curves, geometry_figure, knowledge_probe_curves, probe_figure
+from probe.gates import gate_profiles, prefix_attention
 
 ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT.parent / "shared" / "paper_aligners"  # the authors' checkpoints, where the workplace lays them
@@ -73,7 +82,7 @@ class Workbench:
     n_subjects: int
 
     def aligner_runs(self) -> dict[str, RunInfo]:
-        return {name: run for name, run in self.runs.items() if run.is_aligner}
+        return {name: run for name, run in self.runs.items() if run.has_gates}
 
 
 def shows_errors(view: Callable[[Workbench], None]) -> Callable[[Workbench], None]:
@@ -103,8 +112,8 @@ def load_base(name: str) -> tuple[nn.Module, str]:
 
 
 @st.cache_resource(show_spinner=False)
-def load_run(path: str, version: str) -> Method:
-    return load_method(path)
+def load_run(path: str, version: str) -> Adapter:
+    return load_adapter(path)
 
 
 def run_key(run: RunInfo) -> RunKey:
@@ -138,8 +147,8 @@ def bench_activations(bench: Workbench, runs: dict[str, RunInfo]) -> Activations
 
 
 def condition(run: RunInfo) -> str:
-    """The run's condition name in `Activations` (probe.collect names a run by its directory)."""
-    return run.path.name
+    """The run's condition name in `Activations`."""
+    return condition_name(run.path)
 
 
 @st.cache_data(show_spinner=False)
@@ -152,34 +161,25 @@ def held_out_answers(
     _model: nn.Module, cache_key: str, run: RunKey | None, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int
 ) -> dict[str, str]:
     """prompt -> answer on the held-out prompts of `runs` (the base model for run None)."""
-    evaluation = evaluation_set(dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs})
-    if not len(evaluation):  # every subject was trained on: nothing held out to answer
-        return {}
-    method = None if run is None else load_run(*run)
-    return dict(zip(evaluation.prompts, answers(_model, evaluation, method, max_new_tokens=24, batch_size=len(evaluation))))
+    adapter = None if run is None else load_run(*run)
+    return analyses.held_out_answers(_model, dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs}, adapter)
 
 
 @st.cache_data(show_spinner="Switching gates off, layer by layer (kept on disk after the first time)…", persist="disk")
 def gate_curves(_model: nn.Module, cache_key: str, run: RunKey, form: str, knowledge: str, n_subjects: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     al = load_run(*run)
-    evaluation = evaluation_set(dataset_for(knowledge, n_subjects), {run[0]: al})
-    if not len(evaluation):
-        raise ValueError(f"{run[0]} was trained on every subject of the probing data; raise Subjects in the sidebar")
-    options = {"max_new_tokens": 24, "batch_size": len(evaluation)}
-    scale = gate_scale_curve(_model, evaluation, al, form, **options).drop(columns="outputs")
-    return scale, ablation_curves(_model, evaluation, al, form, **options)
+    scale, ablation = analyses.gate_curves(_model, evaluation_set(dataset_for(knowledge, n_subjects), {run[0]: al}), al, form)
+    return scale.drop(columns="outputs"), ablation
 
 
 @st.cache_data(show_spinner="Fitting probes…", persist="disk")
 def probe_results(_activations: Activations, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, label: str, conditions: tuple[str, ...]) -> pd.DataFrame:
-    if label == "form":
-        return form_probe_curves(_activations, ("base", *conditions))
-    return knowledge_probe_curves(_activations, label, conditions)
+    return analyses.probe_curves(_activations, label, conditions)
 
 
 @st.cache_data(show_spinner="Measuring overlaps against the nulls…", persist="disk")
 def geometry_results(_activations: Activations, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, name: str, layers: tuple[int, ...]) -> pd.DataFrame:
-    return geometry_table(_activations, name, layers)
+    return analyses.geometry_table(_activations, name, layers)
 
 
 @st.cache_data(show_spinner="Embedding…", persist="disk")
@@ -187,7 +187,7 @@ def activation_map(
     _activations: Activations, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int,
     layer: int, conditions: tuple[str, ...], forms: tuple[tuple[str, str | None], ...], outputs: tuple[tuple[str, tuple[tuple[str, str], ...]], ...], method: str,
 ) -> pd.DataFrame:
-    return activation_frame(_activations, layer, conditions, dict(forms), {c: dict(o) for c, o in outputs}, method)
+    return analyses.activation_frame(_activations, layer, conditions, dict(forms), {c: dict(o) for c, o in outputs}, method)
 
 
 @st.cache_data(show_spinner="Embedding the tokens…", persist="disk")
@@ -243,36 +243,29 @@ def generate_view(bench: Workbench) -> None:
             st.subheader(name)
             st.caption(run.summary)
             scale = 1.0
-            if run.is_aligner:
+            if run.has_gates:
                 scale = st.slider("Gate scale", 0.0, 1.5, 1.0, 0.05, key=f"scale:{name}", help="Every gate multiplied by this (0: the base model)")
             st.write(generated(bench.model, bench.cache_key, run_key(run), prompt, max_new_tokens, scale))
 
     st.subheader("Prefix attention for this prompt")
-    aligners = {name: run for name, run in chosen.items() if run.is_aligner}
+    aligners = {name: run for name, run in chosen.items() if run.has_gates}
     if not aligners:
         st.info("Choose an aligner or LLaMA-Adapter run above to see how its prefix is read.")
         return
     name = st.selectbox("Run", list(aligners), key="attention_run")
     table = prefix_table(bench.model, bench.cache_key, run_key(aligners[name]), prompt)
-    tokens = table.drop_duplicates("position").set_index("position")["token"]
+    tokens = analyses.prompt_tokens(table)
     position = st.select_slider(
         "Prompt token", options=list(tokens.index), value=int(tokens.index.max()), format_func=lambda p: f"{p}: {tokens[p]}", key="attention_position"
     )
     at = table[table.position == position]
     left, right = st.columns(2)
     with left:
-        share = at.drop_duplicates(["layer", "head"]).pivot(index="layer", columns="head", values="share")
-        st.plotly_chart(
-            px.imshow(share, aspect="auto", color_continuous_scale="Viridis", title=f"{name}: |g A V_p| / |z_context| per head at {tokens[position]!r}"),
-            key="attention_share",
-        )
+        title = f"{name}: |g A V_p| / |z_context| per head at {tokens[position]!r}"
+        st.plotly_chart(prefix_share_heatmap(at, title), key="attention_share")
     with right:
         head = st.selectbox("Head", sorted(at["head"].unique()), key="attention_head")
-        slots = at[at["head"] == head].pivot(index="layer", columns="slot", values="attention")
-        st.plotly_chart(
-            px.imshow(slots, aspect="auto", zmin=0, zmax=1, color_continuous_scale="Blues", title=f"Attention over the prefix slots, head {head}"),
-            key="attention_slots",
-        )
+        st.plotly_chart(slot_attention_heatmap(at[at["head"] == head], f"Attention over the prefix slots, head {head}"), key="attention_slots")
     st.caption("The prefix has a softmax of its own: over N slots it sums to 1 (one slot: always 1). How much a head listens to the prefix is the share on the left.")
 
 
@@ -298,13 +291,10 @@ def gates_view(bench: Workbench) -> None:
             st.plotly_chart(gate_heatmap(papers[name], f"{name} (paper): gates"), key=f"heatmap-paper:{name}")
     compared = {**{name: load_run(*run_key(run)) for name, run in chosen.items()}, **{f"{n} (paper)": papers[n] for n in chosen_papers}}
     if compared:
-        profiles = gate_profiles(compared)
-        st.plotly_chart(
-            px.line(profiles, x="depth", y="mean_abs", color="run", markers=True, title="Mean |gate| per layer, on relative depth (layer / (n_layers - 1))"),
-            key="gate_profiles",
-        )
+        title = "Mean |gate| per layer, on relative depth (layer / (n_layers - 1))"
+        st.plotly_chart(gate_profile_figure(gate_profiles(compared), title), key="gate_profiles")
     if chosen_papers:
-        tokens = token_frame({n: papers[n] for n in chosen_papers if papers[n].shape.d_model == papers[chosen_papers[0]].shape.d_model})
+        tokens = token_frame(analyses.same_width({n: papers[n] for n in chosen_papers}))
         st.plotly_chart(scatter(tokens, "run", "PCA of the paper checkpoints' tokens (the first one's width)", hover=["slot", "norm"]), key="paper_tokens")
 
     st.subheader("Ablation curves")
@@ -321,16 +311,10 @@ def gates_view(bench: Workbench) -> None:
     scale, ablation = gate_curves(bench.model, bench.cache_key, run_key(run), form, bench.knowledge, bench.n_subjects)
     left, right = st.columns(2)
     with left:
-        long = scale.melt(id_vars="scale", value_vars=["form", "content"], var_name="measure", value_name="share")
-        st.plotly_chart(px.line(long, x="scale", y="share", color="measure", markers=True, title=f"{name}: every gate × s ({form} form)"), key="scale_curve")
+        st.plotly_chart(gate_scale_figure(scale, f"{name}: every gate × s ({form} form)"), key="scale_curve")
     with right:
-        single = ablation[ablation["mode"] == "single"].melt(id_vars="layer", value_vars=["form", "content"], var_name="measure", value_name="share")
-        st.plotly_chart(px.line(single, x="layer", y="share", color="measure", markers=True, title=f"{name}: one layer's gates off"), key="single_ablation")
-    cumulative = ablation[ablation["mode"] != "single"].melt(id_vars=["mode", "n_off"], value_vars=["form", "content"], var_name="measure", value_name="share")
-    st.plotly_chart(
-        px.line(cumulative, x="n_off", y="share", color="measure", line_dash="mode", markers=True, title=f"{name}: gates off from the top or the bottom"),
-        key="cumulative_ablation",
-    )
+        st.plotly_chart(layer_ablation_figure(ablation, f"{name}: one layer's gates off"), key="single_ablation")
+    st.plotly_chart(cumulative_ablation_figure(ablation, f"{name}: gates off from the top or the bottom"), key="cumulative_ablation")
 
 
 @shows_errors
@@ -366,16 +350,15 @@ def embeddings_view(bench: Workbench) -> None:
         )
     frame = activation_map(activations, bench.cache_key, keys, bench.knowledge, bench.n_subjects, layer, conditions, forms, outputs, method)
     colour = st.selectbox("Colour by", ["condition", "form", *activations.dataset.labels], key="map_colour")
-    frame = frame.reset_index(names="row")
-    fig = px.scatter(
-        frame, x="x", y="y", color=colour, symbol="condition", custom_data=["row"], hover_data=["prompt", "output"],
-        title=f"{method.upper()} of layer {layer} activations, coloured by {colour}",
+    fig = scatter(
+        frame, colour, f"{method.upper()} of layer {layer} activations, coloured by {colour}", hover=["prompt", "output"],
+        symbol="condition", selectable=True,
     )
     event = st.plotly_chart(fig, on_select="rerun", selection_mode=("box", "lasso"), key="activation_map")
     st.caption("Answers are shown for the held-out prompts (subjects none of the chosen runs was trained on). Select points with the box or lasso to list them.")
     rows = [point["customdata"][0] for point in event.selection.points] if event and event.selection.points else []
     if rows:
-        st.dataframe(frame.loc[frame.row.isin(rows), ["condition", "form", "prompt", "output", *activations.dataset.labels]], hide_index=True)
+        st.dataframe(frame.loc[frame.index.isin(rows), ["condition", "form", "prompt", "output", *activations.dataset.labels]], hide_index=True)
 
 
 @shows_errors
@@ -445,7 +428,7 @@ def train_view(bench: Workbench) -> None:
         left, right = st.columns(2)
         task = left.selectbox("Task (the suite's)", TRAINABLE_TASKS, key="train_task", help="instruct, in a prompt format of its own, runs in `aligner sweep`")
         kind = right.selectbox(
-            "Method", list(SIZED), key="train_kind", format_func=lambda k: f"{k} (size: {SIZED[k].counts})"
+            "Method", list(FAMILIES), key="train_kind", format_func=lambda k: f"{k} (size: {FAMILIES[k].counts})"
         )
         size = left.number_input("Size (prefix tokens, rank or virtual tokens: see Method)", 1, 64, 1, key="train_size")
         steps = right.number_input("Steps", 1, 2000, 30, key="train_steps")
@@ -455,13 +438,9 @@ def train_view(bench: Workbench) -> None:
         name = right.text_input("Run name", "", key="train_name", placeholder=f"e.g. {task}-{kind}-{size}")
         submitted = st.form_submit_button("Train")
     if not submitted:
-        curves = [pd.DataFrame(run_losses(run.path), columns=["step", "loss"]).assign(run=name) for name, run in bench.runs.items()]
-        curves = [curve for curve in curves if len(curve)]
-        if curves:
-            st.plotly_chart(
-                px.line(pd.concat(curves), x="step", y="loss", color="run", log_y=True, title="Training loss of the runs (metrics.jsonl)"),
-                key="loss_curves",
-            )
+        history = analyses.loss_table({name: run.path for name, run in bench.runs.items()})
+        if len(history):
+            st.plotly_chart(loss_figure(history, "Training loss of the runs (metrics.jsonl)"), key="loss_curves")
         return
     name = name.strip() or f"{task}-{kind}-{size}"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
@@ -469,7 +448,7 @@ def train_view(bench: Workbench) -> None:
         return
     examples = task_examples(bench.model, task, int(n_train), known_only)
     config = aligner.TrainConfig(
-        steps=int(steps), batch_size=int(batch_size), lr=run_lr(kind), warmup_steps=min(10, int(steps) // 5)
+        steps=int(steps), batch_size=int(batch_size), lr=default_lr(kind), warmup_steps=min(10, int(steps) // 5)
     )
     progress, chart = st.progress(0.0, "Training…"), st.empty()
     losses: list[dict[str, float]] = []

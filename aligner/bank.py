@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,6 +41,9 @@ class AlignerBank(AlignerHooks):
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    def save(self, path: str | Path, **provenance_extra: Any) -> Path:
+        raise TypeError("a bank is made of saved aligners, AlignerBank([Aligner.load(path), ...]): save each aligner")
 
     @contextlib.contextmanager
     def selected(self, rows: Sequence[int] | torch.Tensor) -> Iterator["AlignerBank"]:

@@ -4,54 +4,29 @@ CAA (Rimsky et al. 2024; Turner et al. 2023): the mean difference of the residua
 that show a behaviour and responses that do not, taken over the response tokens of the same prompts, added
 (times a multiplier) at every position of one layer's `hook_resid_pre`. A one-token aligner adds a constant
 to every position too (see aligner.methods), learned and spread over all adapted layers; this is the same kind
-of intervention with no training at all. The layer and multiplier are chosen by the loss of held-out target
+of intervention with no training at all. The vector is held by `aligner.methods.SteeringVector`. The layer and multiplier are chosen by the loss of held-out target
 responses, as the trained methods are stopped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from aligner.config import ModelShape
 from aligner.data import Example
-from aligner.methods import HookedMethod, heldout_loss
-from aligner.tasks.spec import Item
-from aligner.train import (
+from aligner.methods import SteeringConfig, SteeringVector
+from aligner.objective import (
     IGNORE_INDEX,
-    TrainConfig,
+    Formatting,
+    heldout_loss,
     make_batch,
     pad_token_id,
     tokenize_examples,
 )
-
-
-@dataclass(frozen=True)
-class SteeringConfig:
-    layer: int = 0  # the layer whose residual input (blocks.{layer}.hook_resid_pre) is steered
-    multiplier: float = 1.0  # times the contrastive mean difference
-
-
-class SteeringVector(HookedMethod):
-    """multiplier * vector added to `blocks.{layer}.hook_resid_pre` at every position. The vector is a buffer,
-    not a parameter: nothing here is trained."""
-
-    kind = "steering"
-    config_type = SteeringConfig
-
-    def __init__(self, config: SteeringConfig, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
-        super().__init__(config, shape, base_model)
-        self.register_buffer("vector", torch.zeros(shape.d_model))
-
-    def attach(self, model: nn.Module) -> None:
-        def steer(resid: torch.Tensor, hook: Any) -> torch.Tensor:
-            return resid + self.config.multiplier * self.vector.to(resid.dtype)
-
-        self.add_hook(model.hook_dict[f"blocks.{self.config.layer}.hook_resid_pre"], steer)
+from aligner.tasks.spec import Item
 
 
 def contrastive_vectors(
@@ -64,7 +39,7 @@ def contrastive_vectors(
     if not pairs:
         raise ValueError("steering vectors need items with a contrast response; this task has none")
     examples = [Example(i.prompt, r) for i in pairs for r in (i.response, i.contrast)]  # positive, negative, ...
-    sequences = tokenize_examples(model.tokenizer, examples, TrainConfig(system=system))
+    sequences = tokenize_examples(model.tokenizer, examples, Formatting(system))
     signs = torch.tensor([1.0, -1.0] * len(pairs))
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
     total = torch.zeros(model.cfg.n_layers, model.cfg.d_model)

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 BASE_TEMPLATE = "Question: {prompt}\nAnswer:"  # for tokenizers without a chat template (base models)
 BASE_SYSTEM = "{system}\n\n"  # a system text, where one is given, leads the prompt as a paragraph of its own
 BASE_END_OF_TURN = "\n"
+ENDED = "<|end of turn|>"  # what `generate(mark_end=True)` appends to an answer that ended its turn
 
 
 def prompt_ids(

@@ -3,27 +3,31 @@
 Bad files, settings and model names end in one `Error: ...` line and exit code 1, not a traceback.
 """
 
-import contextlib
 import json
 import time
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import typer
-from torch import nn
 
+from aligner.adapter import load_adapter
+from aligner.config import AlignerConfig
 from aligner.dpo import DPOConfig, train_dpo
-from aligner.loading import DEFAULT_MODEL, cache_dir, cache_entries, load_model, remove_cache_entry, tiny_model
-from aligner.methods import load_method
+from aligner.errors import one_line_errors
+from aligner.loading import (
+    DEFAULT_MODEL,
+    MODEL_HELP,
+    cache_dir,
+    cache_entries,
+    open_model,
+    remove_cache_entry,
+)
 from aligner.model import Aligner
-from aligner.runs import ALIGNER_KINDS, describe_method
+from aligner.registry import default_lr, trained_spec
 from aligner.train import TrainConfig, train_sft
-
-if TYPE_CHECKING:
-    from aligner.suite import MethodSpec
 
 app = typer.Typer(
     rich_markup_mode="markdown",
@@ -32,32 +36,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-TINY = "tiny"  # the model name that means `tiny_model()`: a random 4-layer Llama, for tests and quick tries
-MODEL_HELP = f"base model: {DEFAULT_MODEL} (packaged, offline), a Hugging Face id, a local directory, or {TINY!r}"
-
-
-def open_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **placement: Any) -> nn.Module:
-    """`load_model(name, device, dtype, **placement)` (placement: device_map, offload_folder), or `tiny_model()`
-    for "tiny"; the tiny model is named "tiny" so that the runs trained on it record a name this function opens
-    again."""
-    if name != TINY:
-        return load_model(name, device=device, dtype=dtype, **placement)
-    model = tiny_model()
-    model.cfg.model_name = TINY
-    return model.to(device=device, dtype=dtype, print_details=False)
-
-
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Print what went wrong with a file, a setting or a model as one line, and exit with status 1.
-    (NotImplementedError: a model whose layers the aligner cannot read.)"""
-    try:
-        yield
-    except (OSError, ValueError, ImportError, FloatingPointError, NotImplementedError) as err:
-        typer.secho(f"Error: {err}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1) from None
-
 
 class Objective(str, Enum):
     sft = "sft"  # supervised fine-tuning on (prompt, response) examples
@@ -82,13 +60,14 @@ def train(
     method: Annotated[
         str,
         typer.Option(
-            help="aligner (shaped by --n-tokens, --start-layer, --shared), or a baseline named as `aligner sweep` "
-            "names it: lora-R (peft's LoRA of rank R on q and v), prompt-N (prompt tuning, N virtual tokens), zbias"
+            help="aligner (shaped by --n-tokens, --start-layer, --shared), or a method named as `aligner sweep` "
+            "names it: aligner-N, adapter-N (LLaMA-Adapter), lora-R (peft's LoRA of rank R on q and v), prompt-N "
+            "(prompt tuning, N virtual tokens), zbias"
         ),
     ] = "aligner",
-    n_tokens: Annotated[Optional[int], typer.Option(help=f"prefix tokens N (default {TrainConfig.n_tokens})")] = None,
+    n_tokens: Annotated[Optional[int], typer.Option(help=f"prefix tokens N (default {AlignerConfig.n_tokens})")] = None,
     start_layer: Annotated[
-        Optional[int], typer.Option(help=f"first adapted layer (default {TrainConfig.start_layer})")
+        Optional[int], typer.Option(help=f"first adapted layer (default {AlignerConfig.start_layer})")
     ] = None,
     shared: Annotated[
         Optional[bool],
@@ -102,8 +81,8 @@ def train(
     lr: Annotated[
         Optional[float],
         typer.Option(
-            help=f"learning rate after warm-up (default: the authors' {TrainConfig.lr} for an aligner, the sweep's "
-            "for a baseline)"
+            help=f"learning rate after warm-up (default: the method family's, aligner/registry.py: the authors' "
+            f"{default_lr('aligner')} for an aligner)"
         ),
     ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = TrainConfig.weight_decay,
@@ -142,9 +121,9 @@ def train(
         typer.Option(help="shard the frozen model among the launched processes (FSDP2), for a model too large for one GPU"),
     ] = TrainConfig.shard_model,
 ) -> None:
-    """Train an aligner (or a baseline: --method), the base model frozen, by SFT on (prompt, response) examples or
+    """Train an aligner (or another method: --method), the base model frozen, by SFT on (prompt, response) examples or
     by DPO on preference pairs; writes the run directory. Under `accelerate launch -m aligner train ...` every
-    process trains on its device its share of each step (see the README: multi-GPU and multi-process); the main
+    process trains on its device its share of each step (docs/multi_gpu.md); the main
     process prints and writes."""
     from aligner.data import Example, load_examples, load_pairs
     from aligner.distributed import held_share, launched_accelerator
@@ -155,20 +134,13 @@ def train(
         say = typer.echo if accelerator.is_main_process else lambda message: None
         if objective is Objective.sft and any(v is not None for v in dpo_options.values()):
             raise ValueError("--reference, --beta and --label-smoothing need --objective dpo")
-        baseline = None if method == "aligner" else baseline_spec(method)
-        shape = {"n_tokens": n_tokens, "start_layer": start_layer, "shared": shared}
-        if baseline is not None and any(value is not None for value in shape.values()):
-            raise ValueError(
-                f"--n-tokens, --start-layer and --shared shape an aligner; --method {method} has its own shape"
-            )
-        if baseline is not None and objective is Objective.dpo:
-            raise ValueError(
-                f"--method {method} with --objective dpo: the policy starts from --reference; give a run of it there"
-            )
-        if lr is None:
-            lr = TrainConfig.lr if baseline is None else baseline.lr
+        shape = {name: value for name, value in (("n_tokens", n_tokens), ("start_layer", start_layer), ("shared", shared)) if value is not None}
+        spec = None if method == "aligner" else trained_spec(method)
+        if spec is not None and shape:
+            raise ValueError(f"--n-tokens, --start-layer and --shared shape --method aligner; {method} has its own shape")
+        if method != "aligner" and reference is not None:
+            raise ValueError(f"--method {method} with --reference: the policy starts from the reference's own method")
         settings = dict(
-            **{name: value for name, value in shape.items() if value is not None},
             steps=steps,
             batch_size=batch_size,
             grad_accum=grad_accum,
@@ -201,16 +173,16 @@ def train(
         device = "cpu" if shard_model else accelerator.device
         base = open_model(model, device=device, dtype=getattr(torch, dtype.value))
         fresh = {}
-        if baseline is not None:  # seeded as train_sft seeds a fresh aligner; on resume, the checkpoint replaces it
-            torch.manual_seed(seed)
-            fresh["aligner"] = baseline.make(base)
+        if (spec is not None or shape or not resume) and reference is None:  # else the run's or the reference's
+            torch.manual_seed(seed)  # on resume, the checkpoint's tensors replace these
+            fresh["adapter"] = spec.make(base) if spec is not None else Aligner.for_model(base, AlignerConfig(**shape))
         processes = f"; {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         say(f"{len(items)} {noun} from {data}; base model {model} on {accelerator.device}{processes}")
         al = trainer(base, items, config, run_dir=out, resume=resume, accelerator=accelerator, **fresh)
         if shard_model:
             say(f"the frozen model sharded (FSDP2): this process held {held_share(base):.0%} of its weights")
     record = al.provenance["training"]
-    say(f"{al.num_parameters():,} trainable parameters ({describe_method(al)})")
+    say(f"{al.num_parameters():,} trainable parameters ({al.describe()})")
     say(f"trained {record['step']} steps in {record['elapsed_s']:.1f} s; final loss {record['loss']:.4f}")
     say(f"saved to {out}")
 
@@ -236,11 +208,10 @@ def generate(
     offload_folder: Annotated[Optional[Path], typer.Option(help="where --device-map puts the layers that fit nowhere else")] = None,
 ) -> None:
     """Answer each prompt with the base model and, given --run, with the run's aligner (or other method) attached."""
-    from aligner.generation import check_gate_scale
-    from aligner.suite import answer
+    from aligner.generation import answer, check_gate_scale
 
     with one_line_errors():
-        method = load_method(run) if run is not None else None
+        method = load_adapter(run) if run is not None else None
         check_gate_scale(method, gate_scale)
         if model is None:
             model = (method.base_model.get("name") if method is not None else None) or DEFAULT_MODEL
@@ -261,11 +232,11 @@ def generate(
 def info(run: Annotated[Path, typer.Argument(help="run directory of an aligner or another method (LoRA...)")]) -> None:
     """Print a saved aligner's (or other method's) config, parameter count, base model, training and provenance."""
     with one_line_errors():
-        method = load_method(run)
+        method = load_adapter(run)
     provenance = dict(method.provenance)
     training = provenance.pop("training", None)
     typer.echo(f"run          {run}")
-    typer.echo(f"{'aligner' if isinstance(method, Aligner) else 'method':13}{describe_method(method)}")
+    typer.echo(f"{'adapter':13}{method.describe()}")
     typer.echo(f"parameters   {method.num_parameters():,}")
     typer.echo(f"base model   {method.base_model.get('name')} (weights sha256 {method.base_model.get('fingerprint')})")
     if training is not None:
@@ -300,24 +271,6 @@ def cache(
             for entry in removed:
                 remove_cache_entry(entry)
             typer.echo(f"removed the {freed} marked -")
-
-
-def baseline_spec(name: str) -> "MethodSpec":
-    """The suite's spec of a trained method other than an aligner (`aligner.suite.method_spec`): what
-    `aligner train --method` makes."""
-    from aligner.suite import method_spec
-
-    if ":" in name:
-        options = name.partition(":")[2]
-        raise ValueError(f"--method {name}: the training options are --lr and --steps here, not {options!r}")
-    spec = method_spec(name)
-    if spec.kind != "trained":
-        raise ValueError(f"--method {name}: {name!r} is not trained; choose aligner, lora-R, prompt-N or zbias")
-    if name.partition("-")[0] in ALIGNER_KINDS:
-        raise ValueError(
-            f"--method {name}: an aligner is shaped by --n-tokens, --start-layer and --shared; give --method aligner"
-        )
-    return spec
 
 
 def describe_training(training: Any) -> list[str]:
@@ -357,8 +310,9 @@ def sweep(
     and the figure."""
     import torch
 
-    from aligner.suite import QUICK, SuiteConfig, summarise
+    from aligner.suite import QUICK, SuiteConfig
     from aligner.suite import sweep as run_sweep
+    from aligner.tables import summarise
 
     if tables_only:
         with one_line_errors():
@@ -387,20 +341,19 @@ def evaluate(
 ) -> None:
     """Score the base model, or a trained aligner or method, on a task's evaluation splits (a .jsonl task: every
     row) with the task's checkers; greedy, batched."""
+    from aligner.audit import task_data
     from aligner.loading import model_fingerprint
-    from aligner.suite import SuiteConfig, task_data
     from aligner.suite import evaluate as evaluate_splits
     from aligner.tasks import Sizes, get_task
 
     with one_line_errors():
-        method = load_method(run) if run is not None else None
+        method = load_adapter(run) if run is not None else None
         name = model or (method.base_model.get("name") if method is not None else None) or DEFAULT_MODEL
         base = open_model(name)
         spec = get_task(task, checker)
         sizes = Sizes(train=0, valid=0, eval=10**9) if spec.family == "custom" else Sizes()
         fingerprint = model_fingerprint(base)
-        config = SuiteConfig(model=name, sizes=sizes, system=system, audit_shots=audit_shots)
-        data = task_data(base, fingerprint, spec, config, {})
+        data = task_data(base, spec, sizes, system=system, audit_shots=audit_shots, fingerprint=fingerprint)
         metrics, outputs = evaluate_splits(base, fingerprint, spec, data.eval, method, system, spec.max_new_tokens)
     typer.echo(f"task {spec.name} ({spec.description}); {'base model' if run is None else run} on {name}")
     for split, values in metrics.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Collection, TypeVar
+from typing import Any, ClassVar, Collection, TypeVar
 
 T = TypeVar("T")
 
@@ -30,16 +30,33 @@ class AlignerConfig:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of the base model that an aligner's tensors depend on."""
+    """The dimensions of the base model that an adapter's tensors depend on."""
 
     d_model: int
     n_layers: int
     n_heads: int  # query heads: one gate per query head
+    # Each head's width and the key/value heads (LoRA's and the z-bias's widths); None in files written before
+    # they were recorded, whose tensors then give them. Gemma 3 270M: d_head 256, not d_model / n_heads.
+    d_head: int | None = None
+    n_kv_heads: int | None = None
+
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("d_head", "n_kv_heads")
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelShape.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("d_model", "n_layers", "n_heads", *self.LATER_FIELDS):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"ModelShape.{name} must be >= 1, got {value}")
+
+    def mismatches(self, other: "ModelShape") -> list[tuple[str, int, int]]:
+        """(field, self's, other's) for each dimension the two disagree on; one that either leaves unrecorded
+        (None) is not compared."""
+        return [
+            (f.name, getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if None not in (getattr(self, f.name), getattr(other, f.name))
+            and getattr(self, f.name) != getattr(other, f.name)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,8 +66,21 @@ class ModelShape:
         return from_json_object(cls, data, source)
 
 
-# JSON value types by the annotation that names them; "int | None" allows either. bool is not an int here.
+# JSON value types by the annotation that names them; "int | None" allows either, "tuple[str, ...]" a list of
+# strings. bool is not an int here.
 JSON_TYPES = {"int": int, "bool": bool, "float": float, "str": str, "dict": dict, "list": list, "None": type(None)}
+
+
+def json_matches(value: Any, annotation: str) -> bool:
+    """Whether JSON `value` is of the type `annotation` names. An integer is a valid float in JSON ("lr": 1)."""
+    for part in annotation.split("|"):
+        part = part.strip()
+        if part.startswith("tuple[") and part.endswith(", ...]"):
+            if isinstance(value, list) and all(json_matches(v, part[6:-6]) for v in value):
+                return True
+        elif type(value) is JSON_TYPES[part] or (part == "float" and type(value) is int):
+            return True
+    return False
 
 
 def check_fields(
@@ -68,9 +98,7 @@ def check_fields(
             f"{source}: {kind} fields missing {missing}, unexpected {extra} (expected the fields {sorted(spec)})"
         )
     for name, value in data.items():
-        allowed = [JSON_TYPES[part.strip()] for part in spec[name].split("|")]
-        # An integer is a valid float in JSON ("lr": 1); a bool is neither.
-        if not (type(value) in allowed or (float in allowed and type(value) is int)):
+        if not json_matches(value, spec[name]):
             raise ValueError(
                 f"{source}: field {name!r} must be {spec[name]}, found {short_repr(value)} ({type(value).__name__})"
             )
@@ -89,9 +117,10 @@ def dataclass_spec(cls: type) -> dict[str, str]:
 
 
 def from_json_object(cls: type[T], data: Any, source: str) -> T:
-    """Dataclass `cls` from a JSON object with exactly its fields; its own checks' errors also name `source`."""
-    values = check_fields(data, dataclass_spec(cls), source, cls.__name__)
+    """Dataclass `cls` from a JSON object with exactly its fields (those in its `LATER_FIELDS` may be absent, and
+    take their defaults); its own checks' errors also name `source`."""
+    values = check_fields(data, dataclass_spec(cls), source, cls.__name__, getattr(cls, "LATER_FIELDS", ()))
     try:
         return cls(**values)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise ValueError(f"{source}: {err}") from err

@@ -1,7 +1,7 @@
 """Which processes there are: the one place that asks Hugging Face accelerate.
 
 Training (`aligner.train.optimize`) and activation collection (`probe.collect`) run on one process or on many
-launched together (`accelerate launch ...`, see the README's multi-GPU section); each asks `launched_accelerator()`
+launched together (`accelerate launch ...`, docs/multi_gpu.md); each asks `launched_accelerator()`
 which process it is, on which device, in which mixed precision. A frozen model too large to be held whole by every
 process is sharded among them by torch's FSDP2 (`shard_frozen_model`).
 """

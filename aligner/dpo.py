@@ -11,8 +11,8 @@ log π(y|x) the summed log-probabilities of the response's tokens (its end-of-tu
 averaged over the pairs of a step: with ε = 0, trl's `DPOTrainer` loss "sigmoid"; with ε > 0, conservative DPO
 (Mitchell 2023), which earlier trl versions computed under "sigmoid" too.
 
-The policy and the reference are two `Aligner`s (or two copies of another method of aligner.methods, such as
-LoRA) on one model; only one is attached at a time. Before training,
+The policy and the reference are two adapters of one kind (two Aligners, two LoRAs, ...) on one model; only one
+is attached at a time. Before training,
 one pass under `torch.no_grad()` with the reference attached (nothing attached when the base model is the
 reference) computes every pair's reference log-probabilities, kept as an (n_pairs, 2) tensor indexed by the
 pair's position. The reference is frozen, so they never change: each training step is then one policy pass,
@@ -39,23 +39,22 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from aligner.adapter import Adapter, load_adapter
+from aligner.checkpoint import check_run_dir
 from aligner.data import Example, Pair
 from aligner.distributed import launched_accelerator
-from aligner.methods import Method, formatted_for, load_method
-from aligner.model import Aligner
-from aligner.train import (
-    Step,
-    TrainConfig,
-    check_run_dir,
+from aligner.model import AlignerHooks
+from aligner.objective import (
+    PromptFormat,
+    Tokenized,
+    formatted_for,
     make_batch,
-    optimize,
     pad_token_id,
     response_logprobs,
-    shard_if_asked,
     tokenize_examples,
 )
+from aligner.train import Step, TrainConfig, optimize, shard_if_asked, starting_adapter
 
-Tokenized = tuple[list[int], int]  # (token ids, number of prompt tokens), as `tokenize_examples` makes them
 # What each DPO step logs besides the learning rate and speed: means over the step's pairs.
 METRICS = (
     "loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_chosen", "logp_rejected"
@@ -64,14 +63,14 @@ METRICS = (
 
 @dataclass(frozen=True)
 class DPOConfig(TrainConfig):
-    """TrainConfig's settings (aligner shape, steps, batch_size and grad_accum counted in pairs, AdamW lr, weight
-    decay and warm-up, seed, max_length per response, log and save intervals, chat template), and DPO's own."""
+    """TrainConfig's settings (steps, batch_size and grad_accum counted in pairs, AdamW lr, weight decay and
+    warm-up, seed, max_length per response, log and save intervals, chat template), and DPO's own."""
 
     beta: float = 0.1  # β: scales the implicit reward; the larger, the closer the policy is held to the reference
     label_smoothing: float = 0.0  # ε: the assumed chance that a pair's preference is flipped (cDPO); 0: plain DPO
-    # Directory of the reference aligner (a run directory) or other saved method (aligner.methods, e.g. LoRA), which
-    # the policy starts from (the paper: the SFT aligner); None: the base model is the reference and the policy a
-    # fresh aligner (zero gates: equal to it at step 0).
+    # Directory of the reference adapter (a run directory: an aligner, a LoRA, ...), which the policy starts from
+    # (the paper: the SFT aligner); None: the base model is the reference, and the policy starts as `train_dpo`'s
+    # `adapter` or a fresh aligner (zero gates: equal to it at step 0).
     reference: str | None = None
 
     def __post_init__(self) -> None:
@@ -89,11 +88,12 @@ def train_dpo(
     run_dir: str | Path | None = None,
     resume: bool = False,
     accelerator: Accelerator | None = None,
-) -> Method:
+    adapter: Adapter | None = None,
+) -> Adapter:
     """Train by DPO on preference `pairs` against `config.reference`, `model` frozen; return the policy, detached.
 
-    The policy starts as a copy of the reference (a fresh aligner seeded by `config.seed` when the reference is
-    the base model); a reference aligner must have the shape `config` gives. With `run_dir`,
+    The policy starts as a copy of the reference; when the reference is the base model, as `adapter` (None: a
+    fresh one-token aligner seeded by `config.seed`, or with `resume=True` the run's own). With `run_dir`,
     checkpoints and metrics are written there as `train_sft` writes them; `resume=True` continues a run,
     refusing other settings, other pairs or a changed reference. `accelerator` as in `aligner.train.optimize`.
     """
@@ -103,16 +103,12 @@ def train_dpo(
     device = next(model.parameters()).device
     if config.reference is None:
         reference = None
-        torch.manual_seed(config.seed)
-        policy = Aligner.for_model(model, config.aligner_config())
+        policy = adapter or starting_adapter(model, config.seed, run_dir if resume else None)
     else:
-        reference = load_method(config.reference, device=device)
-        if isinstance(reference, Aligner) and reference.config != config.aligner_config():
-            raise ValueError(
-                f"{config.reference}: the reference aligner has {reference.config}, the training config "
-                f"{config.aligner_config()}; the policy starts from the reference, so they must agree"
-            )
-        policy = load_method(config.reference, device=device)  # tensors of its own: the reference stays as it is
+        if adapter is not None:
+            raise ValueError(f"the policy starts from the reference {config.reference}; pass no adapter with it")
+        reference = load_adapter(config.reference, device=device)
+        policy = load_adapter(config.reference, device=device)  # tensors of its own: the reference stays as it is
         policy.provenance = {"initialised_from": config.reference}
     # The user's turns as the policy reads them (prompt tuning puts its placeholders in front; others keep them).
     sequences = tokenize_pairs(model.tokenizer, formatted_for(policy, pairs), config)
@@ -196,17 +192,17 @@ def accumulate_dpo_gradients(
 
 def pair_logprobs(
     model: nn.Module,
-    aligner: Method | None,
+    adapter: Adapter | None,
     pairs: Sequence[tuple[Tokenized, Tokenized]],
     batch_size: int,
     pad_id: int,
 ) -> torch.Tensor:
-    """(log π(chosen|x), log π(rejected|x)) of each pair, (n_pairs, 2) on the CPU, by `model` with `aligner` (or
-    another method) attached for the call (None: the base model), without gradients."""
-    if isinstance(getattr(model, "aligner", None), Aligner):
-        raise ValueError("the model has an aligner attached; detach it and pass the one to score with as aligner=")
+    """(log π(chosen|x), log π(rejected|x)) of each pair, (n_pairs, 2) on the CPU, by `model` with `adapter`
+    attached for the call (None: the base model), without gradients."""
+    if isinstance(getattr(model, "aligner", None), AlignerHooks):
+        raise ValueError("the model has an aligner attached; detach it and pass the one to score with as adapter=")
     rows = []
-    with torch.no_grad(), aligner.attached(model) if aligner is not None else contextlib.nullcontext():
+    with torch.no_grad(), adapter.attached(model) if adapter is not None else contextlib.nullcontext():
         for k in tqdm(range(0, len(pairs), batch_size), desc="log-probs", unit="batch"):
             chosen, rejected = _pair_logprobs(model, pairs[k : k + batch_size], pad_id)
             rows.append(torch.stack([chosen, rejected], dim=1).cpu())  # (b, 2)
@@ -224,7 +220,7 @@ def _pair_logprobs(
 
 
 def tokenize_pairs(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], config: TrainConfig
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], config: PromptFormat
 ) -> list[tuple[Tokenized, Tokenized]]:
     """(chosen, rejected) token sequences of each pair, made as `tokenize_examples` makes SFT examples (chat
     template, cut to `config.max_length`). Both responses follow the same prompt tokens, so a prompt that leaves
@@ -234,7 +230,7 @@ def tokenize_pairs(
     return list(zip(flat[0::2], flat[1::2]))
 
 
-def pairs_sha256(pairs: Sequence[Pair], reference: Method | None) -> str:
+def pairs_sha256(pairs: Sequence[Pair], reference: Adapter | None) -> str:
     """A digest of what the policy is trained against: the pairs and the reference's tensors (its
     log-probabilities are part of each pair's target), so that a run is never resumed on other data."""
     digest = hashlib.sha256(json.dumps([[p.prompt, p.chosen, p.rejected] for p in pairs]).encode())

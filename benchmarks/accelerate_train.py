@@ -13,7 +13,7 @@ the loss on all but a short prompt), `--steps` optimizer steps a call:
 - the same with gradient checkpointing of the frozen layers (TrainConfig.gradient_checkpointing).
 On a GPU the weights are bf16 (benchmarks.common): mixed precision then adds only what autocast keeps in
 float32 (softmax, norms). One process: what several processes add is one all-reduce of the aligner's gradients
-a step (README, multi-GPU).
+a step (docs/multi_gpu.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ from accelerate import Accelerator
 
 from aligner import TrainConfig, train_sft
 from aligner.data import Example
-from aligner.train import count_targets, make_batch, pad_token_id, response_loss, tokenize_examples
+from aligner.objective import (
+    count_targets,
+    make_batch,
+    pad_token_id,
+    response_loss,
+    tokenize_examples,
+)
 from benchmarks.common import (
     Variant,
     arguments,

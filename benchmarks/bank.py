@@ -23,17 +23,19 @@ from benchmarks.common import (
     finish,
     header,
     hf_model,
+    json_option,
     no_grad,
     random_aligner,
     rate,
     ratio,
     run_interleaved,
     table,
+    write_json,
 )
 
 
 def main() -> None:
-    parser = arguments(__doc__, rounds=3, iters=3)
+    parser = json_option(arguments(__doc__, rounds=3, iters=3))
     parser.add_argument("--bank", type=int, default=1024, help="K, the aligners in the bank")
     parser.add_argument("--n-tokens", default="1,10", help="the aligner sizes N to measure")
     parser.add_argument("--prompts", type=int, default=1024, help="prompts to answer, each with its own aligner (<= K)")
@@ -52,7 +54,7 @@ def main() -> None:
         f"batches of {args.gen_batch}\n"
     )
 
-    rows = []
+    rows, data = [], []
     for n_tokens in [int(n) for n in args.n_tokens.split(",")]:
         aligners = [random_aligner(bridge, n_tokens) for _ in range(args.bank)]
         bank = AlignerBank(aligners)
@@ -91,7 +93,9 @@ def main() -> None:
         run_interleaved(generations, args.rounds, 1, args.device, settle=False)
         for one, many in (forwards, generations):
             rows += [[v.name, f"{rate(v):,.0f}", f"{ratio(v, one):.3f}"] for v in (one, many)]
+            data += [{"variant": v.name, "tokens_per_s": rate(v), "vs_one": ratio(v, one)} for v in (one, many)]
     print(table(rows, ["variant", "tokens/s", "/ one aligner"]))
+    write_json(args, "bank", {"bank": data})
 
 
 if __name__ == "__main__":

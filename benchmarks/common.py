@@ -18,12 +18,15 @@ import contextlib
 import copy
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
 import torch
@@ -32,9 +35,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import aligner
+from aligner.adapter import shape_of
 from aligner.loading import DEFAULT_MODEL, packaged_model_dir
 from aligner.methods import LoRA, LoRAConfig
-from aligner.model import shape_of
 
 # Real models' shapes (their config.json on the Hugging Face Hub), for random-weight models.
 SHAPES = {
@@ -92,6 +95,17 @@ def arguments(description: str, **defaults) -> argparse.ArgumentParser:
     return parser
 
 
+def json_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--json PATH`, for the scripts whose tables RESULTS.md shows (`write_json`)."""
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="also write the tables as data, with the command, commit and device, to this file "
+        "(benchmarks/results/DEVICE-BENCHMARK-SHAPE.json, which `python -m benchmarks.report` renders)",
+    )
+    return parser
+
+
 def finish(args: argparse.Namespace) -> argparse.Namespace:
     if args.weights is None:
         args.weights = "real" if (args.device, args.shape) == ("cpu", "smollm2") else "random"
@@ -104,18 +118,32 @@ def finish(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def command_and_machine(
-    device: str, packages: Sequence[str] = ("torch", "transformers", "transformer-lens", "peft")
-) -> str:
-    """The command a table was printed by, and the machine, Python and package versions it ran on."""
+PACKAGES = ("torch", "transformers", "transformer-lens", "peft")
+
+
+def machine(device: str, packages: Sequence[str] = PACKAGES) -> str:
+    """The machine, Python and package versions a table was measured on."""
     if device == "cuda":
-        machine = f"{torch.cuda.get_device_name()} ({torch.version.cuda and 'CUDA ' + torch.version.cuda})"
+        where = f"{torch.cuda.get_device_name()} ({torch.version.cuda and 'CUDA ' + torch.version.cuda})"
     else:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+        where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in packages)
+    return f"{where}; python {platform.python_version()}; {versions}"
+
+
+def command_and_machine(device: str, packages: Sequence[str] = PACKAGES) -> str:
+    """The command a table was printed by, and the machine, Python and package versions it ran on."""
     return (
         f"command: {' '.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])}\n"
-        f"machine: {machine}; python {platform.python_version()}; {versions}"
+        f"machine: {machine(device, packages)}"
+    )
+
+
+def model_line(args: argparse.Namespace) -> str:
+    """The model, its batch and the rounds of timed calls."""
+    return (
+        f"{args.shape} ({args.weights} weights, {str(args.dtype).removeprefix('torch.')}); "
+        f"batch {args.batch} x {args.seq} tokens; {args.rounds} interleaved rounds x {args.iters} timed calls"
     )
 
 
@@ -124,11 +152,60 @@ def header(args: argparse.Namespace) -> str:
     return "\n".join(
         [
             command_and_machine(args.device),
-            f"model: {args.shape} ({args.weights} weights, {str(args.dtype).removeprefix('torch.')}); "
-            f"batch {args.batch} x {args.seq} tokens; {args.rounds} interleaved rounds x {args.iters} timed calls; "
-            f"{datetime.datetime.now().isoformat(timespec='seconds')}",
+            f"model: {model_line(args)}; {datetime.datetime.now().isoformat(timespec='seconds')}",
         ]
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """The commit the measured code is at: $BENCH_COMMIT where set (a device machine gets a copy of the tree without
+    its .git), else git's HEAD, with "+changes" when the code a benchmark runs differs from it."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=7", "HEAD")
+        changed = git("status", "--porcelain", "--", "aligner", "probe", "benchmarks/*.py")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if changed else "")
+
+
+def _rounded(value):
+    """`value` with its floats to 6 decimals: what any table prints, without float noise in the file."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
+
+
+def write_json(args: argparse.Namespace, benchmark: str, tables: dict[str, list[dict]]) -> None:
+    """With `--json PATH`, the run's tables as data: one dict per row, keyed as benchmarks.report reads them."""
+    if not args.json:
+        return
+    result = {
+        "benchmark": benchmark,
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
+        "commit": commit(),
+        "command": " ".join(["python -m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
+        "machine": machine(args.device),
+        "model": model_line(args),
+        "measured": datetime.datetime.now().isoformat(timespec="seconds"),
+        "tables": _rounded(tables),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"\nwrote {args.json}")
 
 
 # ---- models ----

@@ -1,6 +1,6 @@
 """How far the geometry's numbers move when the activations move by a few float32 roundings, with the
 knowledge subspace spanned as `LayerwiseProbe.directions` gives it (a multiclass probe's class weights centred)
-and as it was before (each class's raw weight vector), side by side on SmolLM2's activations of a knowledge set
+and uncentred (each class's raw weight vector), side by side on SmolLM2's activations of a knowledge set
 under the base model and committed runs (collected first, or read from probe's disk cache). Per run and way: the
 knowledge subspace's dimension at the first layer, the geometry's means over the adapted layers, and the largest
 change of each per-layer number under the perturbation. Every condition's activations move by the same noise, so
@@ -29,11 +29,11 @@ MOVED = ("overlap", "min_angle", "covariance_q50", "covariance_q95", "random_q50
 
 
 def uncentred(probe: LayerwiseProbe) -> list[np.ndarray]:
-    """The directions as `LayerwiseProbe.directions` gave them before centring: each class's own weight vector."""
+    """The directions without centring: each class's own weight vector, the way to set the centred one against."""
     return [p[-1].coef_ / p[0].scale_ for p in probe.probes_]
 
 
-WAYS = {"centred (probe.probes)": LayerwiseProbe.directions, "uncentred (before)": uncentred}
+WAYS = {"centred (probe.probes)": LayerwiseProbe.directions, "uncentred (raw class weights)": uncentred}
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The SmolLM2-shape GPU check of benchmarks/RESULTS.md after host-time changes, sized for one call: the throughput
-# table of this tree and of an earlier tree's aligner package, alternated A B A B on the same warm machine (the
-# host's speed moves the ratios by up to 0.1 between machines), then the profile of each at PROFILE_N tokens (10 by
-# default). With SMALL_THROUGHPUT="--tables forward --rounds 10", a table took 48 to 51 s and a profile 40 s on an
-# H200 (the seventh GPU run), about 280 s in all; training's tables take longer. On the device machine, after
+# A change to the aligner's hot path on the SmolLM2 shape, on a GPU, sized for one call: the throughput table of
+# this tree and of an earlier tree's aligner package, alternated A B A B on the same warm machine (the host's speed
+# moves the ratios by up to 0.1 between machines, so two trees compare only on one machine), then the profile of
+# each at PROFILE_N tokens (10 by default). SMALL_THROUGHPUT="--tables forward --rounds 10" keeps the forward
+# alone, which fits a call; training's tables take longer. On the device machine, after
 # benchmarks/accelerate_wheels.sh and `git archive REV aligner | tar -x -C /tmp/old && cp -r /tmp/old/aligner
 # .whl/before-aligner` here: `bash benchmarks/gpu_ab.sh` with carry [".whl/accelerate", ".whl/smollm2-tokenizer",
 # ".whl/before-aligner"]. Every table is appended to $OUT/ab.txt under its label, as each step ends (one file, so

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The second GPU run of benchmarks/RESULTS.md, sized for what is left of a session's device time (under 8 minutes):
-# the SmolLM2-shape throughput table (now with peft's LoRA inside the bridge too), aligner training under accelerate
-# on the LLaMA-2-7B shape (accelerate_gpu.sh), and the bank of 1,024 aligners with a third round. On the device
+# A shorter GPU run than gpu_run.sh, for what is left of a session's device time: the SmolLM2-shape throughput
+# table, aligner training under accelerate on the LLaMA-2-7B shape (accelerate_gpu.sh), and the bank of 1,024
+# aligners with three rounds. On the device
 # machine, after benchmarks/accelerate_wheels.sh here: `bash benchmarks/gpu_check.sh` with carry
 # [".whl/accelerate", ".whl/smollm2-tokenizer"] (no pyarrow: the image's own serves datasets).
 set -u

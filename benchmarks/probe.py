@@ -23,6 +23,7 @@ from benchmarks.common import (
     finish,
     header,
     hf_model,
+    json_option,
     no_grad,
     peak_gib,
     random_aligner,
@@ -30,6 +31,7 @@ from benchmarks.common import (
     ratio,
     run_interleaved,
     table,
+    write_json,
 )
 from probe.collect import DEFAULT_HOOKS, pooling
 
@@ -47,7 +49,7 @@ def operator_calls(variant: Variant) -> int:
 
 
 def main() -> None:
-    parser = arguments(__doc__)
+    parser = json_option(arguments(__doc__))
     parser.add_argument("--n-tokens", type=int, default=10, help="the aligner's prefix slots")
     args = finish(parser.parse_args())
     hf, tokenizer = hf_model(args)
@@ -101,9 +103,23 @@ def main() -> None:
             ["variant", "tokens/s", "/ reference", "reference", "aten calls"],
         )
     )
+    data = {
+        "collection": [
+            {
+                "variant": v.name,
+                "tokens_per_s": rate(v),
+                "vs_reference": ratio(v, ref),
+                "reference": ref.name,
+                "aten_calls": n_calls,
+            }
+            for v, ref, n_calls in zip(variants, references, calls)
+        ]
+    }
     if args.device == "cuda":
+        data["peak_gib"] = [{"variant": v.name, "peak_gib": peak_gib(v)} for v in variants]
         print("\nPeak GPU memory of a call (weights included):\n")
-        print(table([[v.name, f"{peak_gib(v):.2f}"] for v in variants], ["variant", "peak GiB"]))
+        print(table([[r["variant"], f"{r['peak_gib']:.2f}"] for r in data["peak_gib"]], ["variant", "peak GiB"]))
+    write_json(args, "probe", data)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,15 @@ from threadpoolctl import threadpool_info
 
 import aligner
 import probe.probes
-from benchmarks.common import Variant, command_and_machine, ratio, run_interleaved, table
+from benchmarks.common import (
+    Variant,
+    command_and_machine,
+    ratio,
+    run_interleaved,
+    table,
+)
 from probe import collect, knowledge_dataset
-from probe.explore import geometry_table
+from probe.analyses import geometry_table
 from probe.geometry import knowledge_directions, layer_geometry
 from probe.model_report import form_probe_curves, knowledge_probe_curves
 from probe.probes import LayerwiseProbe, control_labels

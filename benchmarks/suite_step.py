@@ -1,5 +1,5 @@
 """One training step of the suite (a one-token aligner, a batch of a task's real training examples, forward and
-backward) with the logits taken over every position, as before, and from the first position that predicts a
+backward) with the logits taken over every position, and from the first position that predicts a
 response token on (`logits_to_keep`, what `aligner.train.response_logprobs` does), side by side in one run.
 The real models, on the CPU:
 
@@ -20,11 +20,12 @@ from unittest import mock
 
 import torch
 
-from aligner.cli import open_model
 from aligner.config import AlignerConfig
+from aligner.loading import open_model
 from aligner.model import Aligner
+from aligner.objective import make_batch, pad_token_id, response_loss, tokenize_examples
 from aligner.tasks import Sizes, get_task
-from aligner.train import TrainConfig, make_batch, pad_token_id, response_loss, tokenize_examples
+from aligner.train import TrainConfig
 from benchmarks.common import Variant, ratio, run_interleaved, table
 
 

@@ -27,6 +27,7 @@ from benchmarks.common import (
     header,
     hf_model,
     input_gradients,
+    json_option,
     no_grad,
     peak_gib,
     prefix_kept,
@@ -38,6 +39,7 @@ from benchmarks.common import (
     sharing_copy,
     table,
     train_step,
+    write_json,
 )
 
 START_LAYER = 2  # the aligner's default, and AdaptionPrompt's adapted layers are the same top ones
@@ -45,7 +47,7 @@ TABLES = ("training", "forward")  # what --tables may name, in the order they ar
 
 
 def main() -> None:
-    parser = arguments(__doc__)
+    parser = json_option(arguments(__doc__))
     parser.add_argument("--n-tokens", default="1,10", help="the aligner sizes N to measure")
     parser.add_argument(
         "--tables", default="training,forward", help="which tables to measure (a forward alone takes more rounds)"
@@ -146,10 +148,16 @@ def main() -> None:
         "training": ("Training (forward + backward + optimizer step)", training),
         "forward": ("Forward (no gradients)", forward),
     }
-    for title, variants in (titled[name] for name in TABLES if name in tables):
+    data: dict[str, list[dict]] = {}
+    for name in (name for name in TABLES if name in tables):
+        title, variants = titled[name]
         run_interleaved(variants, args.rounds, args.iters, args.device)
         raw, bridged = variants[0], variants[1]
         rows = [[v.name, f"{rate(v):,.0f}", f"{ratio(v, raw):.3f}", f"{ratio(v, bridged):.3f}"] for v in variants]
+        data[name] = [
+            {"variant": v.name, "tokens_per_s": rate(v), "vs_raw": ratio(v, raw), "vs_bridge": ratio(v, bridged)}
+            for v in variants
+        ]
         print(f"\n{title}, tokens/s and ratios to the two floors:\n")
         print(table(rows, ["variant", "tokens/s", "/ raw HF", "/ bridge"]))
 
@@ -158,21 +166,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for k, al in aligners.items():
             saved = al.save(Path(tmp) / f"n{k}")
-            on_disk = sum(f.stat().st_size for f in saved.iterdir())
-            in_memory = sum(p.numel() * p.element_size() for p in al.parameters())
             sizes.append(
-                [f"aligner N={k}", f"{al.num_parameters():,}", f"{in_memory:,}", f"{on_disk:,} (safetensors + json)"]
+                {
+                    "variant": f"aligner N={k}",
+                    "parameters": al.num_parameters(),
+                    "bytes_in_memory": sum(p.numel() * p.element_size() for p in al.parameters()),
+                    "bytes_on_disk": sum(f.stat().st_size for f in saved.iterdir()),  # safetensors + json
+                }
             )
     for name, model in (("peft LoRA r=8 q,v", lora), ("peft AdaptionPrompt len 10", adaption)):
         params = trainable(model)
         sizes.append(
-            [name, f"{sum(p.numel() for p in params):,}", f"{sum(p.numel() * p.element_size() for p in params):,}", ""]
+            {
+                "variant": name,
+                "parameters": sum(p.numel() for p in params),
+                "bytes_in_memory": sum(p.numel() * p.element_size() for p in params),
+            }
         )
-    print(table(sizes, ["adapter", "parameters", "bytes in memory", "bytes on disk"]))
+    data["size"] = sizes
+    rows = [
+        [
+            r["variant"],
+            f"{r['parameters']:,}",
+            f"{r['bytes_in_memory']:,}",
+            f"{r['bytes_on_disk']:,} (safetensors + json)" if "bytes_on_disk" in r else "",
+        ]
+        for r in sizes
+    ]
+    print(table(rows, ["adapter", "parameters", "bytes in memory", "bytes on disk"]))
 
     if args.device == "cuda" and "training" in tables:
+        data["peak_gib"] = [{"variant": v.name, "peak_gib": peak_gib(v)} for v in training]
         print("\nPeak GPU memory of one training step (weights included):\n")
-        print(table([[v.name, f"{peak_gib(v):.2f}"] for v in training], ["variant", "peak GiB"]))
+        print(table([[r["variant"], f"{r['peak_gib']:.2f}"] for r in data["peak_gib"]], ["variant", "peak GiB"]))
+    write_json(args, "throughput", data)
 
 
 if __name__ == "__main__":

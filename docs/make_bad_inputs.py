@@ -99,14 +99,14 @@ def edit_json(path: Path, edit: Callable[[dict], None]) -> None:
 
 
 def write_tensors(run: Path, tensors: dict[str, Any]) -> None:
-    """Replace the aligner's tensors and update the sha256 in aligner.json, so that the tensors themselves are judged."""
+    """Replace the aligner's tensors and update the sha256 in adapter.json, so that the tensors themselves are judged."""
     import hashlib
 
     from safetensors.torch import save
 
     data = save(tensors)
-    (run / "aligner.safetensors").write_bytes(data)
-    edit_json(run / "aligner.json", lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
+    (run / "adapter.safetensors").write_bytes(data)
+    edit_json(run / "adapter.json", lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
 
 
 def load_aligner(run: Path) -> str:
@@ -126,108 +126,108 @@ def _(ws: Workspace) -> str:
     return load_aligner(ws.fresh("missing"))
 
 
-@case(AREA, "aligner.json missing")
+@case(AREA, "adapter.json missing")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    (run / "aligner.json").unlink()
+    (run / "adapter.json").unlink()
     return load_aligner(run)
 
 
-@case(AREA, "aligner.json is not JSON (cut off mid-write by another tool)")
+@case(AREA, "adapter.json is not JSON (cut off mid-write by another tool)")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    (run / "aligner.json").write_bytes((run / "aligner.json").read_bytes()[:50])
+    (run / "adapter.json").write_bytes((run / "adapter.json").read_bytes()[:50])
     return load_aligner(run)
 
 
-@case(AREA, "aligner.json has non-UTF-8 bytes")
+@case(AREA, "adapter.json has non-UTF-8 bytes")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    (run / "aligner.json").write_bytes(b'{"format": "\xff"}')
+    (run / "adapter.json").write_bytes(b'{"format": "\xff"}')
     return load_aligner(run)
 
 
-@case(AREA, "aligner.json holds a list, not an object")
+@case(AREA, "adapter.json holds a list, not an object")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    (run / "aligner.json").write_text("[]")
+    (run / "adapter.json").write_text("[]")
     return load_aligner(run)
 
 
-@case(AREA, "aligner.json: a field missing (`shape`)")
+@case(AREA, "adapter.json: a field missing (`shape`)")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta.pop("shape"))
+    edit_json(run / "adapter.json", lambda meta: meta.pop("shape"))
     return load_aligner(run)
 
 
-@case(AREA, "aligner.json: an extra field")
+@case(AREA, "adapter.json: an extra field")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta.update(notes="mine"))
+    edit_json(run / "adapter.json", lambda meta: meta.update(notes="mine"))
     return load_aligner(run)
 
 
-@case(AREA, "aligner.json: another format version")
+@case(AREA, "adapter.json: another format version")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta.update(format="aligner-workbench/aligner/0"))
+    edit_json(run / "adapter.json", lambda meta: meta.update(format="aligner-workbench/aligner/0"))
     return load_aligner(run)
 
 
 @case(AREA, "config.n_tokens is a string")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta["config"].update(n_tokens="one"))
+    edit_json(run / "adapter.json", lambda meta: meta["config"].update(n_tokens="one"))
     return load_aligner(run)
 
 
 @case(AREA, "config.n_tokens is 0")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta["config"].update(n_tokens=0))
+    edit_json(run / "adapter.json", lambda meta: meta["config"].update(n_tokens=0))
     return load_aligner(run)
 
 
 @case(AREA, "config has an extra field")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta["config"].update(gate_init=0.0))
+    edit_json(run / "adapter.json", lambda meta: meta["config"].update(gate_init=0.0))
     return load_aligner(run)
 
 
 @case(AREA, "shape lacks n_heads")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta["shape"].pop("n_heads"))
+    edit_json(run / "adapter.json", lambda meta: meta["shape"].pop("n_heads"))
     return load_aligner(run)
 
 
 @case(AREA, "start_layer leaves no layer to adapt")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta["config"].update(start_layer=4))
+    edit_json(run / "adapter.json", lambda meta: meta["config"].update(start_layer=4))
     return load_aligner(run)
 
 
 @case(AREA, "num_parameters disagrees with config and shape")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta.update(num_parameters=5056))
+    edit_json(run / "adapter.json", lambda meta: meta.update(num_parameters=5056))
     return load_aligner(run)
 
 
 @case(AREA, "base_model has an extra field")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta["base_model"].update(revision="main"))
+    edit_json(run / "adapter.json", lambda meta: meta["base_model"].update(revision="main"))
     return load_aligner(run)
 
 
 @case(AREA, "base_model.name is a number")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta["base_model"].update(name=7))
+    edit_json(run / "adapter.json", lambda meta: meta["base_model"].update(name=7))
     return load_aligner(run)
 
 
@@ -236,32 +236,32 @@ def _(ws: Workspace) -> str:
     from aligner import Aligner
 
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta["base_model"].pop("architecture"))
+    edit_json(run / "adapter.json", lambda meta: meta["base_model"].pop("architecture"))
     return f"loads; base_model['architecture'] is {Aligner.load(run).base_model['architecture']} (not checked at attach)"
 
 
-@case(AREA, "aligner.safetensors missing")
+@case(AREA, "adapter.safetensors missing")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    (run / "aligner.safetensors").unlink()
+    (run / "adapter.safetensors").unlink()
     return load_aligner(run)
 
 
-@case(AREA, "aligner.safetensors truncated")
+@case(AREA, "adapter.safetensors truncated")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
-    (run / "aligner.safetensors").write_bytes((run / "aligner.safetensors").read_bytes()[:-10])
+    (run / "adapter.safetensors").write_bytes((run / "adapter.safetensors").read_bytes()[:-10])
     return load_aligner(run)
 
 
-@case(AREA, "aligner.safetensors is not safetensors (its sha256 updated to match)")
+@case(AREA, "adapter.safetensors is not safetensors (its sha256 updated to match)")
 def _(ws: Workspace) -> str:
     import hashlib
 
     run = ws.saved_aligner()
     data = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}  "
-    (run / "aligner.safetensors").write_bytes(data)
-    edit_json(run / "aligner.json", lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
+    (run / "adapter.safetensors").write_bytes(data)
+    edit_json(run / "adapter.json", lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
     return load_aligner(run)
 
 
@@ -274,7 +274,7 @@ def _(ws: Workspace) -> str:
     return load_aligner(run)
 
 
-@case(AREA, "tokens of another d_model (32, where aligner.json says 64)")
+@case(AREA, "tokens of another d_model (32, where adapter.json says 64)")
 def _(ws: Workspace) -> str:
     import torch
 
@@ -330,7 +330,7 @@ def _(ws: Workspace) -> str:
     return load_aligner(run)
 
 
-@case(AREA, "aligner.json asks for 10^12 parameters (n_layers = 10^12), num_parameters to match")
+@case(AREA, "adapter.json asks for 10^12 parameters (n_layers = 10^12), num_parameters to match")
 def _(ws: Workspace) -> str:
     run = ws.saved_aligner()
 
@@ -338,7 +338,7 @@ def _(ws: Workspace) -> str:
         meta["shape"]["n_layers"] = 10**12
         meta["num_parameters"] = 64 + (10**12 - 2) * 4
 
-    edit_json(run / "aligner.json", huge)
+    edit_json(run / "adapter.json", huge)
     return load_aligner(run)
 
 
@@ -376,8 +376,9 @@ def _(ws: Workspace) -> str:
 
 @case(AREA, "another model family of the same shape (a Llama aligner on GPT-2, 64-d, 4 layers, 4 heads)")
 def _(ws: Workspace) -> str:
-    import aligner
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    import aligner
 
     config = GPT2Config(vocab_size=100, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
     gpt2 = aligner.from_hf(GPT2LMHeadModel(config), None, name="tiny-gpt2")
@@ -824,7 +825,7 @@ def _(ws: Workspace) -> str:
     al = Aligner.for_model(ws.model())
     al.gates.register_hook(lambda grad: grad * float("inf"))
     config = TrainConfig(steps=2, save_every=1, batch_size=4, lr=0.1, warmup_steps=0)
-    train_sft(ws.model(), examples(), config, run_dir=ws.fresh("overflow"), aligner=al)
+    train_sft(ws.model(), examples(), config, run_dir=ws.fresh("overflow"), adapter=al)
     return "trained"
 
 
@@ -928,7 +929,7 @@ AREA = "suite methods (`method_spec`, `aligner sweep --methods`)"
 
 
 def spec(name: str) -> str:
-    from aligner.suite import method_spec
+    from aligner.registry import method_spec
 
     got = method_spec(name)
     return f"accepted: lr={got.lr}, steps={got.steps}, train={got.train}, gate_scale={got.gate_scale}"
@@ -996,7 +997,8 @@ def _(ws: Workspace) -> str:
 
 @case(AREA, "more training items than the task's training split (`aligner-1:train=100`, quick `json` task)")
 def _(ws: Workspace) -> str:
-    from aligner.suite import QUICK, method_spec, train_method
+    from aligner.registry import method_spec
+    from aligner.suite import QUICK, train_method
     from aligner.tasks import get_task
 
     data = get_task("json").build(None, QUICK.sizes)
@@ -1053,7 +1055,7 @@ def _(ws: Workspace) -> str:
     from aligner.cli import app
 
     run = ws.saved_aligner()
-    edit_json(run / "aligner.json", lambda meta: meta["provenance"].update(training={"step": "three"}))
+    edit_json(run / "adapter.json", lambda meta: meta["provenance"].update(training={"step": "three"}))
     result = CliRunner().invoke(app, ["info", str(run)])
     [training] = [line for line in result.output.splitlines() if line.startswith("training")]
     return f"exit status {result.exit_code}, prints: {training}"
@@ -1074,7 +1076,7 @@ def _(ws: Workspace) -> str:
 
 @case(AREA, "a few-shot audit (`sweep --audit-shots`) of as many shots as the knowledge set has facts")
 def _(ws: Workspace) -> str:
-    from aligner.suite import demonstrations
+    from aligner.audit import demonstrations
     from aligner.tasks import KNOWLEDGE_SETS
 
     return demonstrations(KNOWLEDGE_SETS["capitals"], 250)

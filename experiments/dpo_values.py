@@ -30,16 +30,25 @@ import torch
 import typer
 from torch import nn
 
-from aligner import DEFAULT_MODEL, Aligner, AlignerConfig, DPOConfig, TrainConfig, train_dpo, train_sft
-from aligner.cli import MODEL_HELP, open_model
+from aligner import (
+    DEFAULT_MODEL,
+    Aligner,
+    AlignerConfig,
+    DPOConfig,
+    TrainConfig,
+    train_dpo,
+    train_sft,
+)
+from aligner.adapter import Adapter
 from aligner.data import Pair, load_pairs
 from aligner.dpo import dpo_loss, pair_logprobs, tokenize_pairs
 from aligner.files import atomic_write_bytes, atomic_write_json, provenance
-from aligner.methods import LoRA, LoRAConfig, Method
-from aligner.suite import answer
+from aligner.generation import answer
+from aligner.loading import MODEL_HELP, open_model
+from aligner.methods import LoRA, LoRAConfig
+from aligner.objective import pad_token_id
 from aligner.tasks import Item, Sizes, Task, get_task
 from aligner.tasks.value import VALUE_DATA
-from aligner.train import pad_token_id
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 COLUMNS = ("method", "stage", "refusal_harmful", "over_refusal_benign", "heldout_reward_accuracy", "parameters",
@@ -80,7 +89,7 @@ def main(
     configs: dict[str, dict[str, Any]] = {}
     samples: dict[str, dict[str, list[str]]] = {}
 
-    def score(name: str, stage: str, method: Method | None, steps: int, train_s: float, accuracy: float | None) -> None:
+    def score(name: str, stage: str, method: Adapter | None, steps: int, train_s: float, accuracy: float | None) -> None:
         rates, answers = refusal_rates(model, method, task, data.eval)
         samples[f"{name} {stage}"] = {split: texts[:3] for split, texts in answers.items()}
         parameters = 0 if method is None else method.num_parameters()
@@ -95,7 +104,7 @@ def main(
             configs[name] = {"sft": asdict(sft_config)}
             torch.manual_seed(seed)
             clock = time.perf_counter()
-            sft = train_sft(model, [item.example() for item in data.train], sft_config, aligner=fresh())
+            sft = train_sft(model, [item.example() for item in data.train], sft_config, adapter=fresh())
             sft_s = time.perf_counter() - clock
             score(name, "sft", sft, sft_steps, sft_s, None)
             reference_dir = sft.save(Path(saved) / name.replace(" ", "_").replace("=", "").replace(",", ""))
@@ -143,7 +152,7 @@ def rates(text: str) -> tuple[float, float]:
 
 
 def refusal_rates(
-    model: nn.Module, method: Method | None, task: Task, splits: dict[str, list[Item]]
+    model: nn.Module, method: Adapter | None, task: Task, splits: dict[str, list[Item]]
 ) -> tuple[dict[str, float], dict[str, list[str]]]:
     """(share of answers the task's refusal detector flags, the answers) per split, greedy, `method` attached."""
     rates, answers = {}, {}
@@ -156,7 +165,7 @@ def refusal_rates(
 
 
 def heldout_reward_accuracy(
-    model: nn.Module, policy: Method, reference: Method, pairs: Sequence[Pair], config: DPOConfig
+    model: nn.Module, policy: Adapter, reference: Adapter, pairs: Sequence[Pair], config: DPOConfig
 ) -> float:
     """The share of held-out pairs whose chosen response gets the higher implicit reward β log(π / π_ref)."""
     sequences = tokenize_pairs(model.tokenizer, pairs, config)

@@ -1,112 +1,230 @@
-"""The README's tables of one base model's results, printed from results/sweep.json (what `aligner sweep` wrote),
-and what its sweep cost, from results/cells/MODEL/ (each cell's training and answering seconds), so that every
-number there comes from the committed results:
+"""The documentation's tables of results, as Markdown, rendered from the committed results: results/sweep.json
+(what `aligner sweep` wrote), the cells under results/cells/MODEL/ (provenance and cost), and
+results/dpo_values.csv / .json (experiments/dpo_values.py). Nothing here runs a model: the pages hold these
+tables as generated blocks, and docs/check.py fails when a page and this output disagree.
 
-    .venv/bin/python experiments/readme_tables.py [MODEL [RESULTS]]   # smollm2-135m-instruct, results; gemma-3-270m
+    .venv/bin/python -m experiments.readme_tables TABLE [--model MODEL] [--results DIR]
 
-Each cell is the mean over seeds, "± std" where two seeds ran; zero-training methods are deterministic and ran once.
+TABLE is one of: provenance, json, forms, instruct, inject, value, variants (one base model's, --model), dpo,
+headline (both models), or all (every table of --model, each with a title). A cell is the mean over seeds,
+"± std" (sample std) where two seeds ran; zero-training methods are deterministic and ran once; "–": not run.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
-import sys
+import textwrap
 from pathlib import Path
+from typing import Callable
 
 from aligner.loading import DEFAULT_MODEL
-from aligner.suite import method_order, model_folder
+from aligner.tables import method_order, model_folder
 
 FORMS = ("json", "caps", "terse", "frame", "bracket")
 NEW = "test_template"  # the held-out question wording
+WIDTH = 120  # the pages' line length, for the lines of prose printed here
+MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "gemma-3-270m": "Gemma-3-270M"}  # the headline's
+
+FORM_COLUMNS = [("test", "form"), ("test", "content"), (NEW, "form"), (NEW, "content")]
+FORM_HEADER = ["form", "content", "form, new wording", "content, new wording"]
 
 
-def main(model: str, results: Path) -> None:
-    cells = [json.loads(path.read_text()) for path in sorted((results / "cells" / model_folder(model)).glob("*/*/seed*.json"))]
-    trained = [cell for cell in cells if cell["kind"] == "trained"]
-    hours = sum((cell.get("train_s") or 0) + cell["eval_s"] for cell in cells) / 3600
-    print(f"{len(cells)} cells ({len(trained)} trained), {hours:.1f} h of cell time (training and answering)\n")
-    rows = [r for r in json.loads((results / "sweep.json").read_text()) if r["model"] == model]
-    by_key = {(r["task"], r["method"], r["split"], r["metric"]): r for r in rows}
-    params = {r["method"]: r["params"] for r in rows}
+class Results:
+    """One base model's summary rows (results/sweep.json) and cells (results/cells/MODEL/)."""
 
-    def value(task: str, method: str, split: str, metric: str) -> str:
-        r = by_key.get((task, method, split, metric))
+    def __init__(self, model: str, results: Path) -> None:
+        self.model, self.results = model, results
+        self.rows = [r for r in json.loads((results / "sweep.json").read_text()) if r["model"] == model]
+        self.by_key = {(r["task"], r["method"], r["split"], r["metric"]): r for r in self.rows}
+        self.params = {r["method"]: r["params"] for r in self.rows}
+        self.tasks = {r["task"] for r in self.rows}
+        folder = results / "cells" / model_folder(model)
+        self.cells = [json.loads(path.read_text()) for path in sorted(folder.glob("*/*/seed*.json"))]
+
+    def value(self, task: str, method: str, split: str, metric: str) -> str:
+        r = self.by_key.get((task, method, split, metric))
         if r is None:
             return "–"
         return f"{r['mean']:.2f}" + ("" if r["std"] is None else f" ± {r['std']:.2f}")
 
-    def methods(task: str, variants: bool = False) -> list[str]:
-        names = {r["method"] for r in rows if r["task"] == task}
+    def methods(self, task: str, variants: bool = False) -> list[str]:
+        names = {r["method"] for r in self.rows if r["task"] == task}
         return sorted((m for m in names if variants or ":" not in m), key=method_order)
 
-    tasks = {r["task"] for r in rows}
 
-    def table(title: str, header: list[str], lines: list[list[str]]) -> None:
-        if not lines:  # a task this sweep did not run
-            return
-        print(f"**{title}**\n")
-        print("| " + " | ".join(header) + " |")
-        print("|" + " --- |" * len(header))
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-        print()
+def table(header: list[str], lines: list[list[str]]) -> list[str]:
+    """A Markdown table; no lines: nothing (a task the sweep did not run)."""
+    if not lines:
+        return []
+    rows = [header, *lines]
+    return ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows[1:]]
 
-    form_columns = [("test", "form"), ("test", "content"), (NEW, "form"), (NEW, "content")]
-    form_header = ["form", "content", "form, new wording", "content, new wording"]
 
-    table(
-        "Form, every method (`json`)",
-        ["method", "parameters", *form_header],
-        [[f"`{m}`", f"{params[m]:,}", *(value("json", m, s, k) for s, k in form_columns)] for m in methods("json")],
+def provenance(res: Results) -> list[str]:
+    """What produced one model's tables, once: the cells, their command's commits, budget, items and seeds."""
+    cells = res.cells
+    trained = [c for c in cells if c["kind"] == "trained"]
+    commits = sorted({c["provenance"]["git_commit"][:7] for c in cells})
+    torches = sorted({c["provenance"]["versions"]["torch"] for c in cells})
+    budgets = sorted({c["config"]["steps"] for c in trained} | {c["steps"] for c in trained if ":steps=" in c["method"]})
+    items = sorted({n for c in cells for n in c["n"].values()})
+    seeds = sorted({c["seed"] for c in trained})
+    hours = sum((c.get("train_s") or 0) + c["eval_s"] for c in cells) / 3600
+    rates: dict[str, set[float]] = {}  # each family's learning rate, variants that set their own left out
+    for c in trained:
+        if ":lr=" not in c["method"]:
+            rates.setdefault(c["method"].split(":")[0].partition("-")[0], set()).add(c["lr"])
+    families = sorted(rates, key=method_order)
+    lrs = ", ".join(f"{family} {'/'.join(f'{lr:g}' for lr in sorted(rates[family]))}" for family in families)
+    return textwrap.wrap(
+        f"{len(cells)} cells ({len(trained)} trained) in `results/cells/{model_folder(res.model)}/`, written by "
+        f"`aligner sweep` at commit {', '.join(commits)} (torch {', '.join(torches)}); step budgets "
+        f"{', '.join(map(str, budgets))}; {', '.join(map(str, items))} held-out items per split; training seeds "
+        f"{', '.join(map(str, seeds))}; learning rates {lrs}; {hours:.1f} h of cell time (training and answering).",
+        WIDTH,
     )
 
-    trained = [("aligner-1", "test", "form"), ("aligner-1", "test", "content"), ("aligner-1", NEW, "form")]
-    trained += [("lora-8", "test", "form"), ("lora-8", "test", "content"), ("lora-8", NEW, "form")]
-    table(
-        "The five forms: zero training, one token, LoRA r = 8",
-        ["form task", "base: content", "`prompting`: form", "`steering`: form"]
-        + [f"`{m}`: {'form, new wording' if s == NEW else k}" for m, s, k in trained],
-        [
-            [f"`{task}`", value(task, "base", "test", "content"), value(task, "prompting", "test", "form"),
-             value(task, "steering", "test", "form"), *(value(task, m, s, k) for m, s, k in trained)]
-            for task in FORMS
-            if task in tasks
-        ],
-    )  # fmt: skip
 
-    instruct = [("test", "stops"), ("test", "format"), ("test", "content"), ("test", "all"), (NEW, "all")]
-    table(
-        "Instruction following in the Alpaca format (`instruct`)",
+def json_table(res: Results) -> list[str]:
+    """Every method on the JSON form."""
+    return table(
+        ["method", "parameters", *FORM_HEADER],
+        [[f"`{m}`", f"{res.params[m]:,}", *(res.value("json", m, s, k) for s, k in FORM_COLUMNS)] for m in res.methods("json")],
+    )
+
+
+def forms_table(res: Results) -> list[str]:
+    """Each form task: zero training, the one token and LoRA r = 8."""
+    lines = []
+    for task in (t for t in FORMS if t in res.tasks):
+        for m in ("base", "prompting", "steering", "aligner-1", "lora-8"):
+            if m in res.methods(task):
+                lines.append([f"`{task}`", f"`{m}`", *(res.value(task, m, s, k) for s, k in FORM_COLUMNS)])
+    return table(["form task", "method", *FORM_HEADER], lines)
+
+
+def instruct_table(res: Results) -> list[str]:
+    """Instruction following in the Alpaca format."""
+    columns = [("test", "stops"), ("test", "format"), ("test", "content"), ("test", "all"), (NEW, "all")]
+    return table(
         ["method", "parameters", "stops", "one-line reply", "content", "all three", "all three, new wording"],
-        [[f"`{m}`", f"{params[m]:,}", *(value("instruct", m, s, k) for s, k in instruct)] for m in methods("instruct", variants=True)],
+        [[f"`{m}`", f"{res.params[m]:,}", *(res.value("instruct", m, s, k) for s, k in columns)] for m in res.methods("instruct", variants=True)],
     )
 
-    inject = ["taught", "taught_template", "unknown_heldout", "known_heldout"]
-    table(
-        "Knowledge injection (`inject`)",
+
+def inject_table(res: Results) -> list[str]:
+    """Knowledge injection: taught facts, and held-out unknown and known ones."""
+    splits = ["taught", "taught_template", "unknown_heldout", "known_heldout"]
+    return table(
         ["method", "parameters", "taught facts", "taught, new wording", "held-out unknown", "held-out known"],
-        [[f"`{m}`", f"{params[m]:,}", *(value("inject", m, s, "content") for s in inject)] for m in methods("inject")],
+        [[f"`{m}`", f"{res.params[m]:,}", *(res.value("inject", m, s, "content") for s in splits)] for m in res.methods("inject")],
     )
 
-    table(
-        "Values (`value`)",
+
+def value_table(res: Results) -> list[str]:
+    """Refusal of held-out harmful prompts and over-refusal of held-out benign ones."""
+    return table(
         ["method", "parameters", "refusal of held-out harmful", "over-refusal of held-out benign"],
         [
-            [f"`{m}`", f"{params[m]:,}", value("value", m, "harmful", "refusal"), value("value", m, "benign", "refusal")]
-            for m in methods("value")
+            [f"`{m}`", f"{res.params[m]:,}", res.value("value", m, "harmful", "refusal"), res.value("value", m, "benign", "refusal")]
+            for m in res.methods("value")
         ],
     )
 
-    def one_token(task: str) -> list[str]:  # aligner-1 and its variants, where the task has variants
-        names = [m for m in methods(task, variants=True) if m.split(":")[0] == "aligner-1"]
+
+def variants_table(res: Results) -> list[str]:
+    """The one token and its variants (learning rate, steps, data, gate scale), on the form tasks that have them."""
+
+    def one_token(task: str) -> list[str]:
+        names = [m for m in res.methods(task, variants=True) if m.split(":")[0] == "aligner-1"]
         return names if any(":" in m for m in names) else []
 
-    table(
-        "What moves a form's result (one token)",
-        ["task", "one token", *form_header],
-        [[f"`{t}`", f"`{m}`", *(value(t, m, s, k) for s, k in form_columns)] for t in FORMS for m in one_token(t)],
+    return table(
+        ["task", "one token", *FORM_HEADER],
+        [[f"`{t}`", f"`{m}`", *(res.value(t, m, s, k) for s, k in FORM_COLUMNS)] for t in FORMS for m in one_token(t)],
     )
+
+
+def headline(results: Path) -> list[str]:
+    """Both models' base model, one token and LoRA r = 8 on one measure of each task family."""
+    measures = [
+        ("json", "test", "form"),
+        ("json", "test", "content"),
+        ("instruct", "test", "all"),
+        ("inject", "taught", "content"),
+        ("value", "harmful", "refusal"),
+        ("value", "benign", "refusal"),
+    ]
+    header = ["model", "method", "JSON form", "content in JSON", "instruct: all three", "taught facts",
+              "refuses harmful", "refuses benign"]  # fmt: skip
+    lines = []
+    for model, name in MODELS.items():
+        res = Results(model, results)
+        for m in ("base", "aligner-1", "lora-8"):
+            lines.append([name, f"`{m}`", *(res.value(task, m, split, metric) for task, split, metric in measures)])
+    return table(header, lines)
+
+
+def dpo(results: Path) -> list[str]:
+    """results/dpo_values.csv: base, SFT, then DPO from the SFT; and what produced it (results/dpo_values.json)."""
+    with open(results / "dpo_values.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    meta = json.loads((results / "dpo_values.json").read_text())
+    settings, prov = meta["settings"], meta["provenance"]
+
+    def rate(text: str) -> str:
+        return "" if text == "" else f"{float(text):.3f}"
+
+    lines = [
+        [f"`{r['method']}`", f"{int(r['parameters']):,}", r["stage"].upper() if r["stage"] != "base" else "",
+         rate(r["refusal_harmful"]), rate(r["over_refusal_benign"]),
+         "" if r["heldout_reward_accuracy"] == "" else f"{float(r['heldout_reward_accuracy']):.2f}"]
+        for r in rows
+    ]  # fmt: skip
+    n = sorted({(r["n_harmful"], r["n_benign"]) for r in rows})
+    produced = (
+        f"{settings['model']}; `experiments/dpo_values.py` at commit {prov['git_commit'][:7]} "
+        f"(torch {prov['versions']['torch']}); {settings['train_items']} training prompts; held out: "
+        f"{', '.join(f'{h} harmful and {b} benign prompts' for h, b in n)}, {settings['valid_pairs']} pairs for the "
+        f"implicit reward; {settings['max_new_tokens']} new tokens, greedy; one seed."
+    )
+    header = ["method", "parameters", "stage", "refusal, harmful", "over-refusal, benign", "held-out reward accuracy"]
+    return [*textwrap.wrap(produced, WIDTH), "", *table(header, lines)]
+
+
+TABLES: dict[str, tuple[str, Callable[[Results], list[str]]]] = {
+    "provenance": ("What produced these tables", provenance),
+    "json": ("Form, every method (`json`)", json_table),
+    "forms": ("The forms: zero training, one token, LoRA r = 8", forms_table),
+    "instruct": ("Instruction following in the Alpaca format (`instruct`)", instruct_table),
+    "inject": ("Knowledge injection (`inject`)", inject_table),
+    "value": ("Values (`value`)", value_table),
+    "variants": ("What moves a form's result (one token)", variants_table),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=[*TABLES, "dpo", "headline", "all"])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="base model of the one-model tables")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="the results directory")
+    args = parser.parse_args()
+    if args.table == "headline":
+        lines = headline(args.results)
+    elif args.table == "dpo":
+        lines = dpo(args.results)
+    elif args.table == "all":
+        res = Results(args.model, args.results)
+        lines = []
+        for title, render in TABLES.values():
+            body = render(res)
+            lines += [f"**{title}**", "", *body, ""] if body else []
+    else:
+        lines = TABLES[args.table][1](Results(args.model, args.results))
+    print("\n".join(lines).rstrip("\n"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL, Path(sys.argv[2] if len(sys.argv) > 2 else "results"))
+    main()

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from aligner.cli import MODEL_HELP, one_line_errors, open_model
-from aligner.loading import DEFAULT_MODEL
+from aligner.errors import one_line_errors
+from aligner.loading import DEFAULT_MODEL, MODEL_HELP, open_model
 
 app = typer.Typer(
     rich_markup_mode="markdown",

@@ -49,7 +49,7 @@ from aligner.distributed import launched_accelerator
 from aligner.files import atomic_write_json, read_json, source_digest
 from aligner.loading import cache_dir, cached_directory
 from aligner.model import AlignerHooks
-from aligner.train import reads_logits_to_keep
+from aligner.objective import reads_logits_to_keep
 from probe.dataset import ProbeDataset
 
 CACHE_FORMAT = "aligner-workbench/probe-activations/1"

@@ -8,7 +8,8 @@ prompt, its random label, and a probe that memorises entities scores on it too.
 
 Facts, question templates, content checks (`KnowledgeSet.contains_answer`) and output forms with their checkers
 (`aligner.tasks.FORMS`) are the task suite's (`aligner.tasks`), so that a probe report and the suite score an
-answer the same way. The form an aligner was trained for is read off its training data (`training_form`).
+answer the same way. The form an aligner was trained for is read off its training data (`training_form`), and
+the prompts that behaviour is measured on are those about subjects no run was trained on (`evaluation_set`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from aligner import Aligner
+from aligner.adapter import Adapter
 from aligner.data import load_examples
 from aligner.tasks import FORMS, KNOWLEDGE_SETS, Item, KnowledgeSet
 from aligner.tasks.spec import shuffled
@@ -94,8 +96,8 @@ def knowledge_dataset(name: str = "capitals", n_subjects: int = 60) -> ProbeData
     )
 
 
-def training_form(aligner: Aligner) -> str | None:
-    """The output form an aligner was trained to produce: the `aligner.tasks.FORMS` checker that passes most of
+def training_form(aligner: Adapter) -> str | None:
+    """The output form an aligner (any adapter) was trained to produce: the `aligner.tasks.FORMS` checker that passes most of
     its training responses (read from the data file its provenance names), if it passes at least FORM_SHARE of
     them; None when none does or the data is not here."""
     data = aligner.provenance.get("training", {}).get("config", {}).get("data")
@@ -107,3 +109,32 @@ def training_form(aligner: Aligner) -> str | None:
     }
     best = max(shares, key=shares.get)
     return best if shares[best] >= FORM_SHARE else None
+
+
+def evaluation_rows(
+    dataset: ProbeDataset, runs: Mapping[str, Adapter], n_eval: int, known: frozenset[str] | None = None
+) -> np.ndarray:
+    """`n_eval` prompts of the first template, spread over the entities that no run's training prompts name (and,
+    given `known`, that are among them): answers about them show what a run does to knowledge it was not taught."""
+    trained = []
+    for run in runs.values():
+        data = run.provenance.get("training", {}).get("config", {}).get("data")
+        if data is not None and Path(data).exists():
+            trained += [example.prompt for example in load_examples(data)]
+    first_prompts = np.sort(np.unique(dataset.entities, return_index=True)[1])  # each entity's first prompt
+    fresh = [i for i in first_prompts if not any(dataset.entities[i] in prompt for prompt in trained)]
+    if known is not None:
+        fresh = [i for i in fresh if dataset.entities[i] in known]
+    if not fresh:
+        raise ValueError(
+            f"{dataset.name}: no prompt left to evaluate on: every subject is trained on, or none is known; "
+            "ask about more subjects"
+        )
+    return np.array(fresh)[np.linspace(0, len(fresh) - 1, min(n_eval, len(fresh))).round().astype(int)]
+
+
+def evaluation_set(
+    dataset: ProbeDataset, runs: Mapping[str, Adapter], n_eval: int = 12, known: frozenset[str] | None = None
+) -> ProbeDataset:
+    """The prompts of `dataset` that `evaluation_rows` picks: behaviour, ablations and answers are measured on them."""
+    return dataset.subset(evaluation_rows(dataset, runs, n_eval, known))

@@ -17,10 +17,10 @@ from pathlib import Path
 from torch import nn
 
 from aligner import TrainConfig
+from aligner.adapter import adapter_files
 from aligner.data import Example, load_examples
-from aligner.methods import CONFIG_FILE as METHOD_CONFIG_FILE
-from aligner.model import CONFIG_FILE as ALIGNER_CONFIG_FILE
-from aligner.runs import run_lr, task_examples, train_run
+from aligner.registry import default_lr
+from aligner.runs import task_examples, train_run
 
 JSON_DATA = Path("examples/json_form.jsonl")
 
@@ -29,7 +29,7 @@ JSON_DATA = Path("examples/json_form.jsonl")
 class DemoRun:
     name: str  # its directory under the runs directory
     data: str  # "json", "caps" (JSON_DATA, its ALL CAPS version) or a suite task ("bracket", "value", "inject")
-    kind: str = "aligner"  # a family of aligner.suite.SIZED: aligner, adapter, lora, prompt
+    kind: str = "aligner"  # a family of aligner.registry.FAMILIES: aligner, adapter, lora, prompt
     size: int = 1  # what the family's size counts: prefix tokens (aligner, adapter), rank (lora)
 
 
@@ -75,9 +75,9 @@ def train_demo_runs(
             continue
         path = runs / run.name
         paths.append(path)
-        if any((path / name).is_file() for name in (ALIGNER_CONFIG_FILE, METHOD_CONFIG_FILE)):
+        if adapter_files(path) is not None:
             continue  # trained already (an interrupted run has neither file yet, and train_run refuses its directory)
-        lr = run_lr(run.kind)
+        lr = default_lr(run.kind)
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(10, steps), seed=seed)
         train_run(model, demo_examples(model, run.data, known_only), path, run.kind, run.size, config)
     return paths

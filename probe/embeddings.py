@@ -1,18 +1,14 @@
-"""2-D maps (PCA, UMAP) of aligner tokens, per-layer prefix keys and values, and activations, as DataFrames and
-plotly scatter plots whose hover text shows what each point is (the prompt and the answer, for activations).
-
-Every function returns the DataFrame it plots (the descriptive columns plus x and y), so that a map can be
-re-coloured, filtered or checked without re-running it.
+"""2-D maps (PCA, UMAP) of aligner tokens, per-layer prefix keys and values, and activations, as DataFrames: the
+descriptive columns of each point (run, layer, slot; for activations the prompt and the answer) plus x and y,
+so that a map can be re-coloured, filtered or checked without re-running it. `probe.figures.scatter` draws them.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 from sklearn.decomposition import PCA
 from torch import nn
 
@@ -38,13 +34,6 @@ def embedding_frame(X: np.ndarray, info: pd.DataFrame, method: str = "pca", seed
     """`info` (one row per row of X) with the 2-D coordinates x, y added."""
     coordinates = embed(X, method, seed)
     return info.reset_index(drop=True).assign(x=coordinates[:, 0], y=coordinates[:, 1])
-
-
-def scatter(frame: pd.DataFrame, color: str, title: str, hover: Sequence[str] = (), symbol: str | None = None) -> go.Figure:
-    """A scatter plot of an embedding frame, coloured by `color`, with `hover` columns in the hover text."""
-    fig = px.scatter(frame, x="x", y="y", color=color, symbol=symbol, hover_data=list(hover), title=title)
-    fig.update_traces(marker={"size": 7, "opacity": 0.8})
-    return fig
 
 
 def token_frame(aligners: Mapping[str, Aligner], method: str = "pca", seed: int = 0) -> pd.DataFrame:

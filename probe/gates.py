@@ -16,18 +16,24 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import torch
 from torch import nn
 from tqdm import tqdm
 from transformer_lens.hook_points import HookPoint
 
 from aligner import Aligner, generate
+from aligner.adapter import Adapter
 from aligner.chat import prompt_ids
 from aligner.data import Example
-from aligner.methods import heldout_loss
-from aligner.train import TrainConfig, count_targets, make_batch, pad_token_id, response_loss, tokenize_examples
+from aligner.objective import (
+    Formatting,
+    count_targets,
+    heldout_loss,
+    make_batch,
+    pad_token_id,
+    response_loss,
+    tokenize_examples,
+)
 from probe.collect import Activations
 from probe.dataset import ProbeDataset
 
@@ -52,22 +58,6 @@ def gate_profile(aligner: Aligner) -> pd.DataFrame:
     )
     profile["depth"] = profile.index / (aligner.shape.n_layers - 1)
     return profile.reset_index()
-
-
-def gate_heatmap(aligner: Aligner, title: str) -> go.Figure:
-    """Layers × heads heatmap of the gates (signed, centred colour scale)."""
-    return layer_head_heatmap(gate_table(aligner), "gate", title)
-
-
-def layer_head_heatmap(table: pd.DataFrame, column: str, title: str, label: str | None = None) -> go.Figure:
-    """Layers × heads heatmap of `column` of a table with a row per layer and head (signed, centred colour
-    scale); `label` names the colour bar (default: the column)."""
-    grid = table.pivot(index="layer", columns="head", values=column)
-    limit = float(np.abs(grid.values).max()) or 1.0
-    return px.imshow(
-        grid, color_continuous_scale="RdBu_r", zmin=-limit, zmax=limit, aspect="auto", title=title,
-        labels={"x": "head", "y": "layer", "color": label or column},
-    )
 
 
 def head_activity(activations: Activations, condition: str) -> pd.DataFrame:
@@ -102,14 +92,16 @@ def gates_off(layers: Sequence[int], heads: Sequence[int] | None = None) -> list
 def answers(
     model: nn.Module,
     dataset: ProbeDataset,
-    aligner: Aligner | None = None,
+    aligner: Adapter | None = None,
     gate_scale: float = 1.0,
     off: Sequence[int] = (),
     max_new_tokens: int = 16,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers to `dataset` with `aligner` (None: the base model), its gates scaled by `gate_scale` and
-    those of the layers in `off` switched off."""
+    """Greedy answers to `dataset` with `aligner` (any adapter; None: the base model) and, for an adapter with
+    gates, its gates scaled by `gate_scale` and those of the layers in `off` switched off."""
+    if off and not (aligner is not None and aligner.has_gates):
+        raise ValueError(f"off={list(off)} switches gates off; {'the base model' if aligner is None else f'a {aligner.kind}'} has none")
     with contextlib.ExitStack() as stack:
         if aligner is not None:
             stack.enter_context(aligner.attached(model))
@@ -172,11 +164,11 @@ def head_effects(
     """How much each head's gated prefix carries the answers `targets` (one per prompt of `dataset`; the aligner's
     own greedy answers, say): the rise in their mean loss per token when that head's gate alone is switched off.
     Every adapted head gets the first-order estimate -g dL/dg from one backward pass (attribution patching: exact
-    for a loss linear in the gate, and cheap, where switching 30 x 9 gates off one by one takes 270 passes); the
-    `exact` heads it ranks first are also measured with their gate off. Columns: layer, head, gate, estimate,
+    for a loss linear in the gate, and one pass for all heads, where switching each gate off takes a pass per
+    head); the `exact` heads it ranks first are also measured with their gate off. Columns: layer, head, gate, estimate,
     exact (NaN where not measured), largest estimate first."""
     examples = [Example(prompt, target) for prompt, target in zip(dataset.prompts, targets, strict=True)]
-    sequences = tokenize_examples(model.tokenizer, examples, TrainConfig(system=dataset.system))
+    sequences = tokenize_examples(model.tokenizer, examples, Formatting(dataset.system))
     n_targets, device = count_targets(sequences), next(model.parameters()).device
     gradient = torch.zeros_like(aligner.gates)
     with aligner.attached(model), torch.enable_grad():

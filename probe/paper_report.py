@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from aligner import Aligner, import_paper_checkpoint
 from probe.embeddings import token_frame
-from probe.gates import gate_heatmap, gate_profile, gate_table
+from probe.figures import gate_heatmap
+from probe.gates import gate_profile, gate_table
 from probe.report import Report
 
 NAME = re.compile(r"(?P<task>.+)-llama2-(?P<size>\d+b)-(?P<tokens>\d+)token")

@@ -24,11 +24,10 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-# A probe fits on a few hundred rows of d_model numbers, and the geometry's null draws are as small: products so small
-# that BLAS threads spend longer waiting on each other than computing (on SmolLM2's activations, with two threads on
-# two cores, the form probe fits 13 times slower than with one, and the geometry runs 2.5 times slower:
-# benchmarks/probe_fit.py). So probe's fits and draws run on BLAS_THREADS threads; None leaves the libraries' own
-# setting (a thread per core).
+# A probe fits on a few hundred rows of d_model numbers, and the geometry's null draws are as small: on products this
+# small, BLAS threads spend longer waiting on each other than computing, so every thread beyond one slows the fits
+# and draws down (benchmarks/probe_fit.py measures by how much). So probe's fits and draws run on BLAS_THREADS
+# threads; None leaves the libraries' own setting (a thread per core).
 BLAS_THREADS: int | None = 1
 
 
@@ -66,8 +65,8 @@ class LayerwiseProbe(ClassifierMixin, BaseEstimator):
         directions it reads. Standardising divides feature j by its scale, so w_raw = w / scale. A softmax over
         K > 2 classes reads only the differences of their weight vectors, so the K vectors are centred: they then
         span the K - 1 dimensions the probe reads. Uncentred, fitted on float32 activations, they also carry the
-        rounding of a shift common to all K (the penalised fit has none), which a subspace spanned by them keeps as
-        one more direction: noise that moved the geometry's per-layer numbers from one build to the next."""
+        rounding of a shift common to all K (the penalised fit has none), which a subspace spanned by them would keep
+        as one more direction: rounding noise that the geometry's per-layer numbers would then depend on."""
         weights = [p[-1].coef_ / p[0].scale_ for p in self.probes_]
         return [w - w.mean(axis=0) if len(w) > 1 else w for w in weights]
 

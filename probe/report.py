@@ -2,8 +2,9 @@
 
 Sections are numbered (§1, §2, ...) and each holds text, plotly figures and tables; every number that the
 summary quotes is also in metrics.json under the key of the section it comes from. The HTML carries plotly.js
-itself, gzip-compressed and base64-encoded (1.9 MB instead of 4.8 MB), unpacked by the browser's own
-`DecompressionStream` when the page opens; the figures are plotly JSON, drawn once it has loaded.
+itself, so that it opens offline, gzip-compressed and base64-encoded, so that a committed report stays small, and
+unpacked by the browser's own `DecompressionStream` when the page opens; the figures are plotly JSON, drawn once
+it has loaded.
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ class Report:
     def show(self, *keys: str) -> None:
         """Display the sections with `keys` (every section without) in a Jupyter notebook, as report.html draws
         them: text, plotly figures, tables with their captions."""
-        from IPython.display import HTML, display  # imported here: only a notebook needs IPython
+        from IPython.display import (  # imported here: only a notebook needs IPython
+            HTML,
+            display,
+        )
 
         unknown = set(keys) - {s.key for s in self.sections}
         if unknown:

@@ -21,7 +21,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from app_browser import ROOT, browser_page, open_app, open_tab, served_app, wait_for_chart
+from app_browser import (
+    ROOT,
+    browser_page,
+    open_app,
+    open_tab,
+    served_app,
+    wait_for_chart,
+)
 
 from aligner import DEFAULT_MODEL
 

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import aligner
 from aligner import Aligner, AlignerConfig, ModelShape
-from aligner.model import shape_of
+from aligner.adapter import shape_of
 
 HOOK_SHAPES = {  # name -> shape for batch B=2, T=7, N=3, H=4, d_head=16, d_model=64
     "aligner.hook_tokens": (3, 64),
@@ -236,14 +236,14 @@ def test_load_names_the_file_and_field_at_fault(tiny, tmp_path):
 
     al = Aligner.for_model(tiny, AlignerConfig())
     run = al.save(tmp_path / "run")
-    meta = json.loads((run / "aligner.json").read_text())
+    meta = json.loads((run / "adapter.json").read_text())
     meta["config"]["n_tokens"] = "one"
-    (run / "aligner.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"aligner\.json.*'n_tokens' must be int"):
+    (run / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"adapter\.json.*'n_tokens' must be int"):
         Aligner.load(run)
     al.save(run)
-    (run / "aligner.safetensors").write_bytes((run / "aligner.safetensors").read_bytes()[:-8])
-    with pytest.raises(ValueError, match=r"aligner\.safetensors: contents do not match"):
+    (run / "adapter.safetensors").write_bytes((run / "adapter.safetensors").read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"adapter\.safetensors: .*cut short or padded"):
         Aligner.load(run)
-    with pytest.raises(FileNotFoundError, match="not an aligner directory"):
+    with pytest.raises(FileNotFoundError, match="not an adapter directory"):
         Aligner.load(tmp_path / "missing")

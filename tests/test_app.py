@@ -8,13 +8,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import PAPER_ALIGNERS
 from streamlit.testing.v1 import AppTest
 
 from aligner import TrainConfig
-from aligner.cli import open_model
+from aligner.adapter import CONFIG_FILE
 from aligner.data import load_examples
+from aligner.loading import open_model
 from aligner.runs import train_run
-from conftest import PAPER_ALIGNERS
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 JSON_DATA = ROOT / "examples" / "json_form.jsonl"
@@ -143,7 +146,7 @@ def test_train_tab_trains_a_run_that_the_other_tabs_then_list(app, runs, kind):
 def test_bad_runs_checkpoints_and_models_are_errors_that_hide_nothing_else(runs, monkeypatch, tmp_path):
     bad = tmp_path / "runs"
     shutil.copytree(runs, bad)
-    (bad / "json-aligner" / "aligner.json").write_text("{ not json")  # corrupt
+    (bad / "json-aligner" / CONFIG_FILE).write_text("{ not json")  # corrupt
     (bad / "foreign").mkdir()
     (bad / "foreign" / "method.json").write_text(json.dumps({"format": "someone-else/1", "kind": "magic"}))  # foreign
     papers = tmp_path / "papers"
@@ -158,7 +161,7 @@ def test_bad_runs_checkpoints_and_models_are_errors_that_hide_nothing_else(runs,
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
     assert not at.exception
     errors = " ".join(e.value for e in at.error)
-    assert "json-aligner" in errors and "aligner.json" in errors and "foreign" in errors
+    assert "json-aligner" in errors and CONFIG_FILE in errors and "foreign" in errors
     assert set(at.multiselect(key="generate_runs").options) == {"json-adapter", "json-lora"}  # the others still there
     open_tab(at, "Gates")
     assert not at.exception and "broken-llama2-7b-1token.pth" in " ".join(e.value for e in at.error)
@@ -176,7 +179,7 @@ def test_the_screenshots_show_the_runs_git_tracks_not_those_trained_since(tmp_pa
     import app_screenshots
 
     repo = tmp_path / "repo"
-    for name in ("runs/json-1tok/aligner.json", "runs/data/train.jsonl", "runs/notebooks/01/aligner.json"):
+    for name in ("runs/json-1tok/adapter.json", "runs/data/train.jsonl", "runs/notebooks/01/adapter.json"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text(name)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -186,7 +189,7 @@ def test_the_screenshots_show_the_runs_git_tracks_not_those_trained_since(tmp_pa
     monkeypatch.setattr(app_screenshots, "ROOT", repo)
     copy = app_screenshots.committed_runs(tmp_path / "copy")
     assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()) == [
-        "data/train.jsonl", "json-1tok/aligner.json"
+        "data/train.jsonl", "json-1tok/adapter.json"
     ]
-    copied, tracked = copy / "json-1tok" / "aligner.json", repo / "runs" / "json-1tok" / "aligner.json"
+    copied, tracked = copy / "json-1tok" / "adapter.json", repo / "runs" / "json-1tok" / "adapter.json"
     assert copied.stat().st_mtime_ns == tracked.stat().st_mtime_ns  # the app's caches key runs by their files' times

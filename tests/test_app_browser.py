@@ -6,21 +6,32 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PAPER_ALIGNERS
 
 from aligner import TrainConfig
-from aligner.cli import open_model
 from aligner.data import load_examples
+from aligner.loading import open_model
 from aligner.runs import train_run
-from conftest import PAPER_ALIGNERS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from app_browser import CHROMIUM, browser_page, exceptions, open_app, open_tab, served_app, wait_for_chart  # noqa: E402
+from app_browser import (  # noqa: E402
+    CHROMIUM,
+    browser_page,
+    exceptions,
+    open_app,
+    open_tab,
+    served_app,
+    wait_for_chart,
+)
 
 VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Efficiency", "Train")
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: .ci/run installs Debian's chromium"),
+]
 
 
 def test_every_tab_draws_a_chart_in_a_real_browser_without_exceptions(tmp_path):

@@ -10,18 +10,24 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import PreTrainedModel
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedModel
 from typer.testing import CliRunner
 
 import aligner
-from aligner import Aligner, DPOConfig, TrainConfig, train_dpo, train_sft
+from aligner import Aligner, AlignerConfig, DPOConfig, TrainConfig, train_dpo, train_sft
+from aligner.adapter import load_adapter
 from aligner.chat import example_ids
 from aligner.cli import app
 from aligner.data import Example, Pair, load_pairs
-from aligner.dpo import accumulate_dpo_gradients, dpo_loss, pair_logprobs, tokenize_pairs
-from aligner.methods import LoRA, LoRAConfig, load_method
-from aligner.train import pad_token_id
+from aligner.dpo import (
+    accumulate_dpo_gradients,
+    dpo_loss,
+    pair_logprobs,
+    tokenize_pairs,
+)
+from aligner.methods import LoRA, LoRAConfig
+from aligner.objective import pad_token_id
 
 # A fixed preference over varied prompts: something a prefix alone can learn. A high rate keeps the runs short.
 PAIRS = [Pair(f"What is {i} + {i}?", "Bananas are yellow.", "Apples are red, sometimes green.") for i in range(4)]
@@ -295,9 +301,11 @@ def test_resume_refuses_a_changed_reference(model, sft_run, tmp_path):
         train_dpo(model, PAIRS, config, run_dir=tmp_path / "run", resume=True)
 
 
-def test_reference_of_another_shape_is_refused(model, sft_run):
-    with pytest.raises(ValueError, match="the reference aligner has .*n_tokens=1.*n_tokens=2.* must agree"):
-        train_dpo(model, PAIRS, DPOConfig(steps=1, n_tokens=2, reference=str(sft_run), **FAST))
+def test_a_policy_of_its_own_beside_a_reference_is_refused(model, sft_run):
+    """The policy starts as a copy of the reference: a second adapter could only disagree with it."""
+    other = Aligner.for_model(model, AlignerConfig(n_tokens=2))
+    with pytest.raises(ValueError, match="the policy starts from the reference .*; pass no adapter with it"):
+        train_dpo(model, PAIRS, DPOConfig(steps=1, reference=str(sft_run), **FAST), adapter=other)
 
 
 def test_a_lora_reference_gives_a_lora_policy_that_learns_the_preference(model, tmp_path):
@@ -313,9 +321,9 @@ def test_a_lora_reference_gives_a_lora_policy_that_learns_the_preference(model, 
     train_dpo(model, PAIRS, replace(config, steps=2), run_dir=tmp_path / "run")  # a run directory, resumed
     resumed = train_dpo(model, PAIRS, config, run_dir=tmp_path / "run", resume=True)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), policy.state_dict().values()))
-    assert load_method(tmp_path / "run").provenance["training"]["step"] == 4
+    assert load_adapter(tmp_path / "run").provenance["training"]["step"] == 4
 
-    reference = load_method(tmp_path / "lora")
+    reference = load_adapter(tmp_path / "lora")
     sequences = tokenize_pairs(model.tokenizer, PAIRS, config)
     pad_id = pad_token_id(model.tokenizer)
     reference_logps = pair_logprobs(model, reference, sequences, 4, pad_id)

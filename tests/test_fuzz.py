@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from aligner import Aligner, AlignerConfig, ModelShape, TrainConfig
+from aligner.checkpoint import RunState, load_state, save_state
 from aligner.data import load_examples
 from aligner.paper import import_paper_checkpoint
-from aligner.train import _load_state, _Run, _save_state
 
 DOCUMENTED = (ValueError, OSError)
 FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -77,7 +77,7 @@ def test_any_rows_as_jsonl_json_or_csv(data, layout):
     assert examples is None or all(e.prompt.strip() and e.response.strip() for e in examples)
 
 
-# ---- aligner files: aligner.json and aligner.safetensors ----
+# ---- aligner files: adapter.json and adapter.safetensors ----
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +105,11 @@ def set_field(path: Path, section: str | None, key: str, value: object, delete: 
 
 
 def set_tensors_file(run: Path, data: bytes) -> None:
-    """Write aligner.safetensors with the sha256 in aligner.json to match, so that the bytes themselves are judged."""
-    (run / "aligner.safetensors").write_bytes(data)
-    meta = json.loads((run / "aligner.json").read_text())
+    """Write adapter.safetensors with the sha256 in adapter.json to match, so that the bytes themselves are judged."""
+    (run / "adapter.safetensors").write_bytes(data)
+    meta = json.loads((run / "adapter.json").read_text())
     meta["tensors_sha256"] = hashlib.sha256(data).hexdigest()
-    (run / "aligner.json").write_text(json.dumps(meta))
+    (run / "adapter.json").write_text(json.dumps(meta))
 
 
 @FUZZ
@@ -119,7 +119,7 @@ def set_tensors_file(run: Path, data: bytes) -> None:
 def test_any_field_of_aligner_json_set_to_anything(saved_aligner, section, key, value, delete):
     with tempfile.TemporaryDirectory() as root:
         run = copy_of(saved_aligner, root)
-        set_field(run / "aligner.json", section, key, value, delete)
+        set_field(run / "adapter.json", section, key, value, delete)
         loads_or_refuses(Aligner.load, run)
 
 
@@ -128,14 +128,14 @@ def test_any_field_of_aligner_json_set_to_anything(saved_aligner, section, key, 
 def test_any_json_as_aligner_json(saved_aligner, meta):
     with tempfile.TemporaryDirectory() as root:
         run = copy_of(saved_aligner, root)
-        (run / "aligner.json").write_text(json.dumps(meta))
+        (run / "adapter.json").write_text(json.dumps(meta))
         loads_or_refuses(Aligner.load, run)
 
 
 @FUZZ
 @given(cut=st.integers(min_value=0, max_value=400), flips=st.lists(st.integers(min_value=0, max_value=400), max_size=3))
 def test_truncated_or_flipped_safetensors_bytes(saved_aligner, cut, flips):
-    data = bytearray((saved_aligner / "aligner.safetensors").read_bytes())
+    data = bytearray((saved_aligner / "adapter.safetensors").read_bytes())
     for index in flips:
         if index < len(data):
             data[index] ^= 0xFF
@@ -252,13 +252,13 @@ def saved_state(tmp_path_factory) -> Path:
     optimizer.step()
     run_dir = tmp_path_factory.mktemp("state") / "run"
     run_dir.mkdir()
-    _save_state(run_dir, al, optimizer, STATE_CONFIG, _Run(1, 2, 0.5, 1.0, None), "data")
+    save_state(run_dir, al, optimizer, STATE_CONFIG, RunState(1, 2, 0.5, 1.0, None), "data")
     return run_dir
 
 
 def resume(run_dir: Path) -> None:
     al, optimizer = fresh_training()
-    _load_state(run_dir, STATE_CONFIG, al, optimizer, "data")
+    load_state(run_dir, STATE_CONFIG, al, optimizer, "data", "base")
 
 
 def test_the_saved_state_resumes(saved_state):

@@ -5,6 +5,7 @@ tests/test_aligner.py pins Llama against; the base-model prompt format; and Gemm
 import copy
 import functools
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,9 +26,15 @@ from transformers import (
 )
 
 import aligner
-from aligner import Aligner, AlignerConfig
-from aligner.chat import BASE_TEMPLATE, end_of_turn_id, example_ids, prompt_ids, stop_ids
-from aligner.generation import ENDED
+from aligner import Aligner, AlignerConfig, load_adapter
+from aligner.chat import (
+    BASE_TEMPLATE,
+    ENDED,
+    end_of_turn_id,
+    example_ids,
+    prompt_ids,
+    stop_ids,
+)
 from aligner.model import attention_parts
 
 VOCAB = 101
@@ -153,14 +160,14 @@ def test_z_bias_takes_the_models_d_head_which_gemma3_sets_apart_from_d_model_ove
     """Tiny Gemma 3: d_head 32, against d_model / H = 16. A z-bias made for it, the one that a one-token aligner
     is, and one read back from its files all have 32 numbers per head, and the bias computes what the aligner
     does; one of another width is refused."""
-    from aligner.methods import ZBias, ZBiasConfig, load_method, one_token_aligner_as_bias
+    from aligner.methods import ZBias, ZBiasConfig, one_token_aligner_as_bias
 
     model = aligner.from_hf(random_model("gemma3"), None)
     assert (model.cfg.d_head, model.cfg.d_model // model.cfg.n_heads) == (32, 16)
     assert ZBias.for_model(model, ZBiasConfig(start_layer=1)).bias.shape == (3, 4, 32)
     al = random_aligner(model, n_tokens=1, start_layer=1)
     bias = one_token_aligner_as_bias(al, model)
-    loaded = load_method(bias.save(tmp_path))
+    loaded = load_adapter(bias.save(tmp_path))
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         with al.attached(model):
@@ -168,7 +175,7 @@ def test_z_bias_takes_the_models_d_head_which_gemma3_sets_apart_from_d_model_ove
         with loaded.attached(model):
             by_bias = model(ids)
     torch.testing.assert_close(by_bias, by_aligner, atol=1e-5, rtol=1e-5)
-    narrow = ZBias(ZBiasConfig(start_layer=1), bias.shape)  # d_model / H
+    narrow = ZBias(ZBiasConfig(start_layer=1), replace(bias.shape, d_head=None))  # no d_head given: d_model / H
     with pytest.raises(ValueError, match="z-bias of 16 numbers per head, model has d_head 32"), narrow.attached(model):
         pass
 
@@ -346,8 +353,8 @@ def test_gemma_270m_answers_base_format_questions_on_one_line(gemma):
 def test_gemma_270m_prompt_tuning_marks_its_slots_with_its_unknown_token(gemma):
     """Gemma's vocabulary has no `<|endoftext|>` (it would be six tokens of text): its slots are `<unk>`, a token
     nothing else writes, and a batch answers as each prompt alone, in the base format and in raw text."""
+    from aligner.generation import answer
     from aligner.methods import PromptTuning, PromptTuningConfig
-    from aligner.suite import answer
 
     torch.manual_seed(0)
     prompt = PromptTuning.for_model(gemma, PromptTuningConfig(2))

@@ -1,4 +1,4 @@
-"""The methods the suite compares, on the tiny model: the Method protocol, attaching and detaching without a
+"""The methods the suite compares, on the tiny model: the Adapter base, attaching and detaching without a
 trace, a one-token aligner as a constant bias, peft's LoRA and prompt tuning through the bridge, steering
 vectors, files, and training any method with train_sft."""
 
@@ -10,23 +10,23 @@ import torch
 
 import aligner
 from aligner import Aligner, AlignerConfig, TrainConfig, train_sft
-from aligner.baselines import SteeringConfig, SteeringVector, contrastive_vectors
+from aligner.adapter import Adapter, load_adapter
+from aligner.baselines import contrastive_vectors
 from aligner.data import Example
 from aligner.methods import (
     LoRA,
     LoRAConfig,
-    Method,
     PromptTuning,
     PromptTuningConfig,
+    SteeringConfig,
+    SteeringVector,
     ZBias,
     ZBiasConfig,
-    formatted_for,
-    load_method,
     one_token_aligner_as_bias,
     placeholder_for,
     placeholder_problem,
-    prompts_for,
 )
+from aligner.objective import formatted_for, heldout_loss, prompts_for
 from aligner.tasks import Item
 
 PROMPTS = ["Hi", "What is the capital of France, and why is it there?", "Tell me a joke."]
@@ -76,7 +76,7 @@ KINDS = ["aligner", "adapter", "lora", "prompt", "zbias"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_method_fits_the_protocol_and_counts_its_trainable_parameters(model, kind):
     method = make(kind, model)
-    assert isinstance(method, Method)
+    assert isinstance(method, Adapter)
     assert method.num_parameters() == sum(p.numel() for p in method.parameters()) > 0
     base_names = {id(p) for p in model.parameters()}
     assert not any(id(p) in base_names for p in method.parameters())  # never a base weight
@@ -150,7 +150,7 @@ def test_lora_goes_through_peft_and_leaves_the_linear_components_as_they_were(mo
 def test_prompt_tuning_answers_batched_as_one_at_a_time(model):
     """Its virtual tokens ride on placeholder tokens, so left padding and the KV cache are the bridge's own."""
     prompt = randomised(make("prompt", model))
-    from aligner.suite import answer
+    from aligner.generation import answer
 
     batched = answer(model, prompt, PROMPTS, None, max_new_tokens=5, batch_size=3)
     alone = [answer(model, prompt, [p], None, max_new_tokens=5, batch_size=1)[0] for p in PROMPTS]
@@ -214,7 +214,7 @@ def test_prompt_tuning_counts_its_slots_from_each_rows_own_whatever_the_padding(
     model = with_tokenizer(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     prompt = randomised(PromptTuning.for_model(model, PromptTuningConfig(3)))
     assert prompt.config.placeholder == "<repo_name>"
-    from aligner.suite import answer
+    from aligner.generation import answer
 
     batched = answer(model, prompt, PROMPTS, None, max_new_tokens=5, batch_size=3, raw_prompts=True)
     alone = [answer(model, prompt, [p], None, max_new_tokens=5, batch_size=1, raw_prompts=True)[0] for p in PROMPTS]
@@ -231,17 +231,20 @@ def test_prompt_tuning_counts_its_slots_from_each_rows_own_whatever_the_padding(
     for row in range(len(PROMPTS)):
         torch.testing.assert_close(cache["hook_embed"][row, slots[row]], prompt.prompt.embedding.weight, rtol=0, atol=0)
     config = TrainConfig(steps=1, batch_size=3, chat_template=False)  # right-padded with <|endoftext|>, which ends each
-    train_sft(model, [Example(p, "Yes.") for p in PROMPTS], config, aligner=prompt)
+    train_sft(model, [Example(p, "Yes.") for p in PROMPTS], config, adapter=prompt)
 
 
-def test_prompt_tuning_files_from_before_the_placeholder_field_read_endoftext(model, tmp_path):
+def test_prompt_tuning_files_of_the_method_json_layout_read_endoftext(model, tmp_path):
     prompt = make("prompt", model)
     prompt.save(tmp_path)
-    meta = json.loads((tmp_path / "method.json").read_text())
+    meta = json.loads((tmp_path / "adapter.json").read_text())
     assert meta["config"] == {"n_tokens": 3, "placeholder": "<|endoftext|>"}
-    del meta["config"]["placeholder"]
-    (tmp_path / "method.json").write_text(json.dumps(meta))
-    assert load_method(tmp_path).config == PromptTuningConfig(3, "<|endoftext|>")
+    # The layout before one format: method.json (no placeholder field, no tensors' sha256), method.safetensors.
+    del meta["config"]["placeholder"], meta["tensors_sha256"]
+    (tmp_path / "method.json").write_text(json.dumps({**meta, "format": "aligner-workbench/method/1"}))
+    (tmp_path / "adapter.json").unlink()
+    (tmp_path / "adapter.safetensors").rename(tmp_path / "method.safetensors")
+    assert load_adapter(tmp_path).config == PromptTuningConfig(3, "<|endoftext|>")
 
 
 def test_prompt_tuning_refuses_a_placeholder_that_padding_puts_in_prompts(model):
@@ -257,7 +260,7 @@ def test_prompt_tuning_refuses_a_placeholder_that_padding_puts_in_prompts(model)
 def test_saved_methods_load_back_equal(model, kind, tmp_path):
     method = randomised(make(kind, model))
     method.save(tmp_path / kind)
-    loaded = load_method(tmp_path / kind)
+    loaded = load_adapter(tmp_path / kind)
     assert type(loaded) is type(method)
     for (name, a), (_, b) in zip(method.named_parameters(), loaded.named_parameters()):
         assert torch.equal(a, b), name
@@ -290,7 +293,6 @@ EXAMPLES = [Example(f"What is {i} + {i}?", "Bananas are yellow.") for i in range
 
 @pytest.mark.parametrize("kind", ["lora", "prompt", "zbias", "adapter"])
 def test_train_sft_trains_any_method_and_the_base_stays(model, kind):
-    from aligner.methods import heldout_loss
 
     fingerprint = aligner.model_fingerprint(model)
     method = make(kind, model)
@@ -298,9 +300,8 @@ def test_train_sft_trains_any_method_and_the_base_stays(model, kind):
     examples = formatted_for(method, EXAMPLES)
     with method.attached(model):
         before = heldout_loss(model, examples)
-    fields = {"n_tokens": 2, "shared": False} if kind == "adapter" else {}
-    config = TrainConfig(steps=10, batch_size=4, lr=0.02 if kind == "lora" else 0.1, warmup_steps=0, **fields)
-    assert train_sft(model, EXAMPLES, config, aligner=method) is method
+    config = TrainConfig(steps=10, batch_size=4, lr=0.02 if kind == "lora" else 0.1, warmup_steps=0)
+    assert train_sft(model, EXAMPLES, config, adapter=method) is method
     with method.attached(model):
         after = heldout_loss(model, examples)
     assert after < before - 0.05, (before, after)
@@ -311,14 +312,14 @@ def test_train_sft_trains_any_method_and_the_base_stays(model, kind):
 @pytest.mark.parametrize("kind", ["lora", "prompt", "zbias"])
 def test_a_run_of_any_method_resumes_to_the_method_of_a_straight_run(model, tmp_path, kind):
     config = TrainConfig(steps=6, batch_size=2, grad_accum=2, save_every=2, lr=0.02, warmup_steps=0)
-    straight = train_sft(model, EXAMPLES, config, run_dir=tmp_path / "straight", aligner=make(kind, model))
-    train_sft(model, EXAMPLES, replace(config, steps=3), run_dir=tmp_path / "split", aligner=make(kind, model))
+    straight = train_sft(model, EXAMPLES, config, run_dir=tmp_path / "straight", adapter=make(kind, model))
+    train_sft(model, EXAMPLES, replace(config, steps=3), run_dir=tmp_path / "split", adapter=make(kind, model))
     fresh = randomised(make(kind, model))  # its own values are replaced by the checkpoint's
-    resumed = train_sft(model, EXAMPLES, config, run_dir=tmp_path / "split", resume=True, aligner=fresh)
+    resumed = train_sft(model, EXAMPLES, config, run_dir=tmp_path / "split", resume=True, adapter=fresh)
     assert resumed is fresh
     for (name, value), expected in zip(resumed.state_dict().items(), straight.state_dict().values()):
         assert torch.equal(value, expected), name
-    saved = load_method(tmp_path / "split")
+    saved = load_adapter(tmp_path / "split")
     assert type(saved) is type(straight) and saved.provenance["training"]["step"] == 6
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), straight.state_dict().values()))
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
@@ -327,16 +328,18 @@ def test_a_run_of_any_method_resumes_to_the_method_of_a_straight_run(model, tmp_
 
 def test_resuming_a_run_of_one_method_with_another_is_refused(model, tmp_path):
     config = TrainConfig(steps=2, batch_size=2, lr=0.02, warmup_steps=0)
-    train_sft(model, EXAMPLES, config, run_dir=tmp_path / "lora", aligner=make("lora", model))
+    train_sft(model, EXAMPLES, config, run_dir=tmp_path / "lora", adapter=make("lora", model))
     other_rank = LoRA.for_model(model, LoRAConfig(r=4, alpha=4.0))
     with pytest.raises(ValueError, match=r'the run holds lora \{"alpha": 2.0, "r": 2, .*\}, not the lora \{"alpha": 4'):
-        train_sft(model, EXAMPLES, replace(config, steps=4), run_dir=tmp_path / "lora", resume=True, aligner=other_rank)
-    with pytest.raises(ValueError, match=r'the run holds lora \{.*\}, not the aligner given to resume it'):
-        train_sft(model, EXAMPLES, replace(config, steps=4), run_dir=tmp_path / "lora", resume=True)
+        train_sft(model, EXAMPLES, replace(config, steps=4), run_dir=tmp_path / "lora", resume=True, adapter=other_rank)
+    # Without one, the run's own adapter is resumed.
+    resumed = train_sft(model, EXAMPLES, replace(config, steps=4), run_dir=tmp_path / "lora", resume=True)
+    assert isinstance(resumed, LoRA) and resumed.provenance["training"]["step"] == 4
     train_sft(model, EXAMPLES, config, run_dir=tmp_path / "aligner")
     zbias = make("zbias", model)
-    with pytest.raises(ValueError, match=r'aligner: the run holds aligner, not the z-bias \{"start_layer": 2\} given'):
-        train_sft(model, EXAMPLES, replace(config, steps=4), run_dir=tmp_path / "aligner", resume=True, aligner=zbias)
+    message = r'aligner: the run holds aligner \{"n_tokens": 1, "shared": true, "start_layer": 2\}, not the z-bias \{"start'
+    with pytest.raises(ValueError, match=message):
+        train_sft(model, EXAMPLES, replace(config, steps=4), run_dir=tmp_path / "aligner", resume=True, adapter=zbias)
 
 
 def test_an_aligner_keeps_two_tensors_in_its_state_after_a_forward(model):

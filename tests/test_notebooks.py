@@ -9,11 +9,13 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
+from conftest import PAPER_ALIGNERS
 from nbconvert import HTMLExporter
 from traitlets.config import Config
 
-from conftest import PAPER_ALIGNERS
 from probe.report import Report
+
+pytestmark = pytest.mark.integration
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_train_an_aligner", "02_form_vs_knowledge", "03_paper_checkpoints")
@@ -81,7 +83,7 @@ def test_notebooks_use_only_the_public_api(name):
 def test_train_an_aligner_runs_on_the_tiny_model(tmp_path):
     run = tmp_path / "run"
     notebook = execute("01_train_an_aligner", tmp_path, MODEL="tiny", STEPS=3, RUN_DIR=str(run), N_EVAL=3, MAX_NEW_TOKENS=4, KNOWN_ONLY=False)
-    training = json.loads((run / "aligner.json").read_text())["provenance"]["training"]
+    training = json.loads((run / "adapter.json").read_text())["provenance"]["training"]
     assert training["step"] == 3 and training["config"]["data"] == "examples/json_form.jsonl"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # a line per step: the loss curve
     assert "the saved run holds the trained tensors: True" in text_of(notebook)
@@ -94,7 +96,7 @@ def test_form_vs_knowledge_runs_on_the_tiny_model(tmp_path):
         SUITE_OUT=str(tmp_path / "suite"), N_SUBJECTS=10, N_EVAL=3, SCALES=[0.0, 1.0], FOLDS=2, CACHE=str(tmp_path / "cache"),
     )
     assert (tmp_path / "suite" / "sweep.csv").is_file()
-    assert {path.parent.name for path in (tmp_path / "runs").glob("*/aligner.json")} == {"json-aligner-1tok", "json-adapter-1tok"}
+    assert {path.parent.name for path in (tmp_path / "runs").glob("*/adapter.json")} == {"json-aligner-1tok", "json-adapter-1tok"}
     verdict = notebook.cells[-1].outputs
     table = next(output.data["text/plain"] for output in verdict if "outcome" in output.get("data", {}).get("text/plain", ""))
     assert "json-aligner-1tok" in table and "json-adapter-1tok" in table

@@ -5,9 +5,9 @@ import pickle
 
 import pytest
 import torch
+from conftest import PAPER_ALIGNERS
 
 import aligner
-from conftest import PAPER_ALIGNERS
 
 EXPECTED = {  # file -> (N, d_model, n_layers, n_heads, parameters)
     "alpaca-sft-llama2-7b-1token.pth": (1, 4096, 32, 32, 5056),

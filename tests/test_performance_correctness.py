@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import aligner
+import aligner.layer
 from aligner import Aligner, AlignerConfig
 from aligner.chat import end_of_turn_id, prompt_ids
 
@@ -78,7 +79,7 @@ def test_one_product_for_every_layer_equals_each_layer_projecting_its_own(monkey
 
     stacked, called, *one_product = run()
     assert stacked and called == 0
-    monkeypatch.setattr(aligner.model, "STACKED_PREFIX_BYTES", 0)
+    monkeypatch.setattr(aligner.layer, "STACKED_PREFIX_BYTES", 0)
     stacked, called, *per_layer = run()
     assert not stacked and called == len(projections)
     for handle in handles:

@@ -12,8 +12,8 @@ import torch
 
 import aligner
 import aligner.layer
-from probe.collect import collect
 from aligner.tasks import KNOWLEDGE_SETS
+from probe.collect import collect
 from probe.dataset import ProbeDataset
 
 PROMPTS = ["What is the capital of Peru?", "Name a river.", "Which city is the capital of the United Kingdom of Great Britain?"]
@@ -145,6 +145,7 @@ def collect_in_another_process(cache, queue):
     queue.put(np.array(acts.resid("base")))
 
 
+@pytest.mark.integration
 def test_two_processes_share_one_cache(tmp_path):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import PAPER_ALIGNERS
 
 import aligner
-from aligner.cli import open_model
-from conftest import PAPER_ALIGNERS
+from aligner.loading import open_model
 from probe.explore import efficiency_summary, paper_checkpoints
 from probe.gates import gate_profiles, prefix_attention
 

@@ -5,7 +5,7 @@ import torch
 
 import aligner
 from aligner.data import Example
-from aligner.methods import heldout_loss
+from aligner.objective import heldout_loss
 from probe.dataset import knowledge_dataset
 from probe.gates import head_effects
 

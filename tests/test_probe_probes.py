@@ -6,7 +6,13 @@ from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from probe.probes import LayerwiseProbe, control_labels, evaluate_probe, selectivity, wilson_interval
+from probe.probes import (
+    LayerwiseProbe,
+    control_labels,
+    evaluate_probe,
+    selectivity,
+    wilson_interval,
+)
 
 
 def planted(n_entities=60, repeats=3, d=32, layers=3, seed=0):

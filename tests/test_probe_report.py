@@ -5,16 +5,24 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from conftest import PAPER_ALIGNERS
 from typer.testing import CliRunner
 
 import aligner
-import probe.model_report
-from aligner.cli import open_model
+import probe.analyses
 from aligner.data import load_examples
+from aligner.loading import open_model
 from probe.cli import app
 from probe.model_report import build_model_report
-from conftest import PAPER_ALIGNERS
+from probe.verdict import (
+    CONTENT_TOLERANCE,
+    FORM_LEARNED,
+    TRANSFER_TOLERANCE,
+    WITHIN_NULL,
+    verdict,
+)
 
 JSON_DATA = Path(__file__).resolve().parents[1] / "examples" / "json_form.jsonl"
 
@@ -25,8 +33,8 @@ def figures(html: str) -> dict:
 
 def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     # Switching a layer's gates off can raise the form's compliance too (a negative drop): the summary must say so.
-    ranked = probe.model_report.rank_layers
-    monkeypatch.setattr(probe.model_report, "rank_layers", lambda *args: ranked(*args).assign(form_drop=-0.25))
+    ranked = probe.analyses.rank_layers
+    monkeypatch.setattr(probe.analyses, "rank_layers", lambda *args: ranked(*args).assign(form_drop=-0.25))
     model = open_model("tiny")
     config = aligner.TrainConfig(steps=2, batch_size=4, warmup_steps=1, data=str(JSON_DATA))
     aligner.train_sft(model, load_examples(JSON_DATA)[:8], config, run_dir=tmp_path / "runs" / "tiny-json")
@@ -47,6 +55,35 @@ def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path, monkeypatch)
     assert "2 (form +25%)" in summary and "3 (form +25%)" in summary and "form -" not in summary
     heads = metrics["behaviour"]["tiny-json"]["head_effects"]
     assert len(heads) == 2 * 4 and sum(row["exact"] is not None for row in heads) == 8  # 2 adapted layers x 4 heads
+
+
+def report_metrics(form_gain: float, content_change: float, transfer_loss: float, within_null: int) -> dict:
+    """The metrics `verdict` reads for one aligner "run" (json form) over 10 adapted layers, `within_null` of
+    them inside the covariance null, its knowledge probes losing `transfer_loss` once centred."""
+    layers = range(10)
+    geometry = pd.DataFrame(
+        {"layer": layers, "overlap": [0.1] * within_null + [0.9] * (10 - within_null), "covariance_q95": 0.5, "covariance_q50": 0.2}
+    )
+    accuracy = {"base": 0.8, "run": 0.8 - transfer_loss, "run (centred)": 0.8 - transfer_loss}
+    probes = pd.DataFrame(
+        [{"layer": layer, "target": "task", "scored_on": on, "accuracy": a} for layer in layers for on, a in accuracy.items()]
+    )
+    base = {"form:json": 0.0, "content": 0.9}
+    aligned = {"form:json": form_gain, "content": 0.9 + content_change}
+    return {"geometry": {"run": geometry}, "probes": {"knowledge": {"region": probes}}, "behaviour": {"base": base, "run": aligned}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "outcome"),
+    [
+        ((FORM_LEARNED, 0.0, 0.0, 10), "supported"),
+        ((FORM_LEARNED, -CONTENT_TOLERANCE - 0.05, 0.0, 10), "partly supported"),
+        ((FORM_LEARNED, 0.0, TRANSFER_TOLERANCE + 0.05, round(10 * WITHIN_NULL) - 1), "not supported"),
+        ((FORM_LEARNED - 0.1, 0.0, 0.0, 10), "not supported (no form learned)"),
+    ],
+)
+def test_verdict_supports_the_claim_only_when_the_form_is_learned_and_knowledge_kept(changes, outcome):
+    assert verdict(report_metrics(*changes), "run", "json")["outcome"] == outcome
 
 
 @pytest.mark.skipif(not PAPER_ALIGNERS.is_dir(), reason="../shared/paper_aligners is not here")

@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 
 import aligner
 from aligner import Aligner, AlignerConfig, TrainConfig, train_sft
+from aligner.checkpoint import drop_metrics_after
 from aligner.cli import app
 from aligner.data import Example, load_examples
 from aligner.files import source_digest
 from aligner.loading import DEFAULT_MODEL, cached_directory, packaged_model_dir
-from aligner.train import _drop_metrics_after, tokenize_examples
+from aligner.objective import tokenize_examples
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +47,10 @@ def edit_json(path: Path, edit) -> None:
 
 
 def write_tensors(run: Path, tensors: dict) -> None:
-    """New tensors for a saved aligner, with the sha256 in aligner.json to match: the tensors alone are judged."""
+    """New tensors for a saved aligner, with the sha256 in adapter.json to match: the tensors alone are judged."""
     data = save(tensors)
-    (run / "aligner.safetensors").write_bytes(data)
-    edit_json(run / "aligner.json", lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
+    (run / "adapter.safetensors").write_bytes(data)
+    edit_json(run / "adapter.json", lambda meta: meta.update(tensors_sha256=hashlib.sha256(data).hexdigest()))
 
 
 # ---- aligner files and attaching ----
@@ -70,15 +71,15 @@ def test_the_architecture_is_recorded_and_another_family_is_refused_at_attach(mo
 
 
 def test_files_written_before_the_architecture_was_recorded_still_load(saved):
-    edit_json(saved / "aligner.json", lambda meta: meta["base_model"].pop("architecture"))
+    edit_json(saved / "adapter.json", lambda meta: meta["base_model"].pop("architecture"))
     assert Aligner.load(saved).base_model["architecture"] is None
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda meta: meta.pop("shape"), r"aligner file fields missing \['shape'\], unexpected \[\]"),
-        (lambda meta: meta.update(notes=1), r"aligner file fields missing \[\], unexpected \['notes'\]"),
+        (lambda meta: meta.pop("shape"), r"adapter file fields missing \['shape'\], unexpected \[\]"),
+        (lambda meta: meta.update(notes=1), r"adapter file fields missing \[\], unexpected \['notes'\]"),
         (lambda meta: meta["config"].update(shared="yes"), r"field 'config': field 'shared' must be bool, found 'yes'"),
         (lambda meta: meta["config"].update(n_tokens=0), r"field 'config': AlignerConfig.n_tokens must be >= 1, got 0"),
         (lambda meta: meta["shape"].update(d_model=-64), r"field 'shape': ModelShape.d_model must be >= 1, got -64"),
@@ -89,16 +90,16 @@ def test_files_written_before_the_architecture_was_recorded_still_load(saved):
     ],
 )
 def test_each_bad_field_of_aligner_json_is_named(saved, edit, message):
-    edit_json(saved / "aligner.json", edit)
-    with pytest.raises(ValueError, match=re.escape(str(saved / "aligner.json")) + ": .*" + message):
+    edit_json(saved / "adapter.json", edit)
+    with pytest.raises(ValueError, match=re.escape(str(saved / "adapter.json")) + ": .*" + message):
         Aligner.load(saved)
 
 
 @pytest.mark.parametrize(
     "tokens, gates, message",
     [
-        (torch.zeros(1, 64, dtype=torch.int64), torch.zeros(2, 4), r"'tokens' has dtype torch.int64, expected one of"),
-        (torch.zeros(1, 64, dtype=torch.float64), torch.zeros(2, 4), r"'tokens' has dtype torch.float64"),
+        (torch.zeros(1, 64, dtype=torch.int64), torch.zeros(2, 4), r"'tokens' has dtype I64, expected one of F32 \(float32\), BF16"),
+        (torch.zeros(1, 64, dtype=torch.float64), torch.zeros(2, 4), r"'tokens' has dtype F64, expected one of"),
         (torch.zeros(1, 32), torch.zeros(2, 4), r"'tokens' has shape \(1, 32\), expected \(1, 64\)"),
         (torch.zeros(1, 64), torch.zeros(2, 8), r"'gates' has shape \(2, 8\), expected \(2, 4\)"),
         (torch.zeros(1, 64), torch.full((2, 4), float("nan")), r"'gates' has 8 NaN or inf values of 8, expected all"),
@@ -107,7 +108,7 @@ def test_each_bad_field_of_aligner_json_is_named(saved, edit, message):
 )
 def test_tensors_of_the_wrong_dtype_shape_or_value_are_refused(saved, tokens, gates, message):
     write_tensors(saved, {"tokens": tokens, "gates": gates})
-    with pytest.raises(ValueError, match=re.escape(str(saved / "aligner.safetensors")) + ": tensor " + message):
+    with pytest.raises(ValueError, match=re.escape(str(saved / "adapter.safetensors")) + ": tensor " + message):
         Aligner.load(saved)
 
 
@@ -122,7 +123,7 @@ def test_a_config_asking_for_a_trillion_parameters_is_refused_before_allocating(
         meta["shape"]["n_layers"] = 10**12
         meta["num_parameters"] = 64 + (10**12 - 2) * 4
 
-    edit_json(saved / "aligner.json", huge)
+    edit_json(saved / "adapter.json", huge)
     with pytest.raises(ValueError, match=r"'gates' has shape \(2, 4\), expected \(999999999998, 4\)"):
         Aligner.load(saved)
 
@@ -131,7 +132,7 @@ def test_saving_writes_both_files_through_temporary_ones_and_leaves_none(model, 
     al = Aligner.for_model(model, AlignerConfig())
     for _ in range(2):  # the second save replaces the first
         al.save(tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["aligner.json", "aligner.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter.json", "adapter.safetensors"]
     Aligner.load(tmp_path / "run")
 
 
@@ -233,6 +234,7 @@ def logged_losses(run: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, whole)}
 
 
+@pytest.mark.integration
 def test_a_run_killed_mid_training_resumes_to_the_aligner_of_an_unkilled_run(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": "Bananas."}) + "\n" for i in range(5)))
@@ -276,7 +278,7 @@ def test_an_update_that_turns_the_tokens_nan_stops_before_any_save(model, tmp_pa
     al.gates.register_hook(overflow_second_step)
     config = TrainConfig(steps=3, save_every=1, batch_size=4, lr=0.1, warmup_steps=0)
     with pytest.raises(FloatingPointError, match=r"became NaN or inf in the update of step 2 .* \(checkpoint of step 1 kept\)"):
-        train_sft(model, EXAMPLES, config, run_dir=tmp_path / "run", aligner=al)
+        train_sft(model, EXAMPLES, config, run_dir=tmp_path / "run", adapter=al)
     kept = Aligner.load(tmp_path / "run")
     assert kept.provenance["training"]["step"] == 1 and torch.isfinite(kept.gates).all()
 
@@ -284,11 +286,11 @@ def test_an_update_that_turns_the_tokens_nan_stops_before_any_save(model, tmp_pa
 def test_a_torn_last_metrics_line_is_dropped_and_a_bad_earlier_line_is_named(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"step": 3, "lo')
-    _drop_metrics_after(path, 1)
+    drop_metrics_after(path, 1)
     assert path.read_bytes() == b'{"step": 1, "loss": 2.0}\n'
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": \n{"step": 2, "loss": 1.0}\n')
     with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: not a metrics row with a 'step'")):
-        _drop_metrics_after(path, 1)
+        drop_metrics_after(path, 1)
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +340,7 @@ def test_optimizer_tensors_of_the_wrong_shape_are_refused(model, trained_run, tm
 
 
 def test_info_prints_a_hand_edited_training_record_instead_of_a_traceback(saved):
-    edit_json(saved / "aligner.json", lambda meta: meta["provenance"].update(training={"step": "three"}))
+    edit_json(saved / "adapter.json", lambda meta: meta["provenance"].update(training={"step": "three"}))
     result = CliRunner().invoke(app, ["info", str(saved)])
     assert result.exit_code == 0, result.output
     assert 'training     {"step": "three"}' in result.output

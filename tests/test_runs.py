@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from aligner import TrainConfig
-from aligner.cli import open_model
+from aligner import TrainConfig, load_adapter
 from aligner.data import load_examples
-from aligner.runs import DATA_DIR, list_runs, run_losses, run_lr, train_run
-from aligner.suite import LORA_LR, PROMPT_LR
+from aligner.loading import open_model
+from aligner.registry import default_lr
+from aligner.runs import DATA_DIR, list_runs, run_losses, train_run
 from probe.dataset import training_form
 
 JSON_DATA = Path(__file__).resolve().parents[1] / "examples" / "json_form.jsonl"
@@ -32,28 +32,29 @@ def test_train_run_writes_each_kind_with_its_data_and_every_steps_loss(runs):
         assert [step for step, _ in run_losses(runs / name)] == [1, 2, 3]
         assert len((runs / DATA_DIR / f"{name}.jsonl").read_text().splitlines()) == 6
     infos = {run.name: run for run in list_runs(runs)}
-    kinds = {"a": "aligner", "b": "adapter", "c": "lora", "d": "prompt-tuning"}
+    kinds = {"a": "aligner", "b": "adapter", "c": "lora", "d": "prompt"}
     assert {name: run.kind for name, run in infos.items()} == kinds
     assert all(run.error is None and run.base_fingerprint for run in infos.values())
     assert "N=2" in infos["a"].summary and "LLaMA-Adapter" in infos["b"].summary and "r=4" in infos["c"].summary
     assert "n_tokens=3" in infos["d"].summary
 
 
-def test_a_run_trains_at_the_authors_rate_for_an_aligner_and_the_sweeps_for_another_method():
-    assert (run_lr("aligner"), run_lr("adapter"), run_lr("lora"), run_lr("prompt")) == (9e-3, 9e-3, LORA_LR, PROMPT_LR)
+def test_a_run_trains_at_its_familys_rate_the_authors_for_an_aligner(runs):
+    assert default_lr("aligner") == default_lr("adapter") == 9e-3
+    for name, family in (("a", "aligner"), ("c", "lora"), ("d", "prompt")):
+        assert load_adapter(runs / name).provenance["training"]["config"]["lr"] == default_lr(family)
+    assert {run.name: run.has_gates for run in list_runs(runs)} == {"a": True, "b": True, "c": False, "d": False}
 
 
 def test_a_trained_run_names_its_data_so_its_form_is_read_back(runs):
-    from aligner.methods import load_method
-
-    assert training_form(load_method(runs / "a")) == "json"
+    assert training_form(load_adapter(runs / "a")) == "json"
 
 
 def test_train_run_refuses_an_existing_directory_and_an_unknown_kind(runs):
     model = open_model("tiny")
     with pytest.raises(FileExistsError, match="exists"):
         train_run(model, load_examples(JSON_DATA)[:2], runs / "a", "aligner", 1, CONFIG)
-    with pytest.raises(ValueError, match="no method kind 'prefix'"):
+    with pytest.raises(ValueError, match="no adapter family 'prefix'"):
         train_run(model, load_examples(JSON_DATA)[:2], runs / "new", "prefix", 1, CONFIG)
 
 
@@ -62,12 +63,12 @@ def test_a_damaged_or_foreign_run_is_listed_with_its_error_and_hides_no_other(ru
 
     root = tmp_path / "runs"
     shutil.copytree(runs, root)
-    (root / "a" / "aligner.safetensors").write_bytes(b"garbage")
+    (root / "a" / "adapter.safetensors").write_bytes(b"garbage")
     (root / "foreign").mkdir()
-    (root / "foreign" / "method.json").write_text(json.dumps({"format": "other/1", "kind": "magic"}))
+    (root / "foreign" / "adapter.json").write_text(json.dumps({"format": "other/1", "kind": "magic"}))
     infos = {run.name: run for run in list_runs(root)}
-    assert "aligner.safetensors" in infos["a"].error
-    assert "foreign/method.json" in infos["foreign"].error
+    assert "adapter.safetensors" in infos["a"].error
+    assert "foreign/adapter.json" in infos["foreign"].error
     assert infos["b"].error is None and infos["c"].error is None
 
 
@@ -77,7 +78,7 @@ def test_a_run_version_changes_when_its_files_change(runs, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(runs, root)
     before = {run.name: run.version for run in list_runs(root)}
-    config = root / "c" / "method.json"
+    config = root / "c" / "adapter.json"
     config.write_text(config.read_text() + " ")
     after = {run.name: run.version for run in list_runs(root)}
     assert before["c"] != after["c"] and before["a"] == after["a"]

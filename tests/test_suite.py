@@ -11,27 +11,18 @@ import torch
 from typer.testing import CliRunner
 
 import aligner
+import aligner.objective
+from aligner.audit import audit, cached_answers, demonstrations
 from aligner.cli import app
-from aligner.suite import (
-    QUICK,
-    RUN_COLUMNS,
-    SUMMARY_COLUMNS,
-    EarlyStopping,
-    audit,
-    cached_answers,
-    cell_path,
-    demonstrations,
-    method_order,
-    method_spec,
-    summarise,
-    sweep,
-)
+from aligner.registry import method_order, method_spec
+from aligner.suite import QUICK, EarlyStopping, cell_path, sweep
+from aligner.tables import RUN_COLUMNS, SUMMARY_COLUMNS, summarise
 from aligner.tasks import KNOWLEDGE_SETS
 
 runner = CliRunner()
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +30,7 @@ def private_cache(tmp_path_factory):
     """Cached answers of this module's models in a folder of their own, not the user's cache."""
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("aligner.suite.cache_dir", lambda: folder)
+        patch.setattr("aligner.audit.cache_dir", lambda: folder)
         yield folder
 
 
@@ -59,7 +50,7 @@ def test_audit_marks_known_facts_by_the_content_check_and_is_cached(model, monke
     def no_generation(*args, **kwargs):
         raise AssertionError("the audit should have come from the cache")
 
-    monkeypatch.setattr("aligner.suite.generate", no_generation)
+    monkeypatch.setattr("aligner.generation.generate", no_generation)
     assert audit(model, elements, fingerprint) == first
     with pytest.raises(AssertionError, match="from the cache"):
         audit(model, elements, "f" * 64)  # another model's weights: not the same cache
@@ -75,7 +66,7 @@ def test_a_few_shot_audit_shows_answered_facts_first_and_never_counts_them_known
         gold = {capitals.question(f): f.answers[0] for f in capitals.facts()}
         return [gold[p] for p in prompts]
 
-    monkeypatch.setattr("aligner.suite.generate", answer_everything)
+    monkeypatch.setattr("aligner.generation.generate", answer_everything)
     result = audit(model, capitals, "a" * 64, shots=3)
     assert result.known == {f.subject for f in capitals.facts()} - {f.subject for f in shown} and len(shown) == 3
     question = capitals.question(shown[0])
@@ -151,7 +142,7 @@ def test_variants_train_on_fewer_items_for_fewer_steps_and_answer_with_scaled_ga
         scales.append(kwargs.get("gate_scale", 1.0))
         return aligner.generate(*args, **kwargs)
 
-    monkeypatch.setattr("aligner.suite.generate", generate)
+    monkeypatch.setattr("aligner.generation.generate", generate)
     sweep(model, config, tmp_path)
     cell = {m: json.loads((tmp_path / f"cells/tiny/json/{m.replace(':', '+')}/seed0.json").read_text()) for m in config.methods}
     assert {c["method"] for c in cell.values()} == set(config.methods)
@@ -174,9 +165,9 @@ def test_a_task_in_its_own_format_is_trained_and_answered_as_raw_text_with_its_e
 
     def heldout_loss(*args, **kwargs):
         calls.append(("heldout_loss", kwargs["chat_template"]))
-        return aligner.methods.heldout_loss(*args, **kwargs)
+        return aligner.objective.heldout_loss(*args, **kwargs)
 
-    monkeypatch.setattr("aligner.suite.generate", generate)
+    monkeypatch.setattr("aligner.generation.generate", generate)
     monkeypatch.setattr("aligner.suite.heldout_loss", heldout_loss)
     sweep(model, config, tmp_path)
     assert set(calls) == {("generate", False, True), ("heldout_loss", False)}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from aligner.generation import ENDED
+from aligner.chat import ENDED
 from aligner.tasks import FORMS, KNOWLEDGE_SETS, Item, Sizes, get_task, is_refusal
 from aligner.tasks.knowledge import contains_answer, element_position
 from aligner.tasks.value import VALUE_DATA, load_value_items

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import aligner
-from aligner import Aligner, TrainConfig, train_sft
+from aligner import Aligner, AlignerConfig, TrainConfig, train_sft
 from aligner.data import Example
-from aligner.train import IGNORE_INDEX, make_batch, response_loss, stream_order, tokenize_examples
+from aligner.objective import IGNORE_INDEX, make_batch, response_loss, tokenize_examples
+from aligner.train import stream_order
 
 # A fixed reply to varied prompts: something a prefix alone can teach. A high rate keeps the run short.
 EXAMPLES = [Example(f"What is {i} + {i}?", "Bananas are yellow.") for i in range(8)]
@@ -144,10 +145,10 @@ def test_resume_refuses_other_settings_or_data(model, trained):
 
 def test_existing_run_directory_is_not_overwritten(model, trained, tmp_path):
     _, run_dir, _ = trained
-    before = (run_dir / "aligner.safetensors").read_bytes()
+    before = (run_dir / "adapter.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="run directory exists"):
         train_sft(model, EXAMPLES, TrainConfig(steps=1, **FAST), run_dir=run_dir)
-    assert (run_dir / "aligner.safetensors").read_bytes() == before
+    assert (run_dir / "adapter.safetensors").read_bytes() == before
     with pytest.raises(FileNotFoundError, match="no training state to resume"):
         train_sft(model, EXAMPLES, TrainConfig(steps=1, **FAST), run_dir=tmp_path / "new", resume=True)
 
@@ -184,9 +185,22 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(model, tmp_path):
     assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["loss"] > 0
 
 
-def test_a_given_aligner_is_trained_further_if_it_fits_the_config(model):
-    given = Aligner.for_model(model, TrainConfig().aligner_config())
-    assert train_sft(model, EXAMPLES, TrainConfig(steps=1, **FAST), aligner=given) is given
-    assert given.gates.abs().sum() > 0
-    with pytest.raises(ValueError, match="n_tokens=2"):
-        train_sft(model, EXAMPLES, TrainConfig(steps=1, n_tokens=2, **FAST), aligner=given)
+def test_a_given_adapter_is_trained_further_and_the_training_config_holds_no_shape(model):
+    given = Aligner.for_model(model, AlignerConfig(n_tokens=2))
+    assert train_sft(model, EXAMPLES, TrainConfig(steps=1, **FAST), adapter=given) is given
+    assert given.gates.abs().sum() > 0 and given.tokens.shape[0] == 2
+    with pytest.raises(TypeError, match="n_tokens"):
+        TrainConfig(steps=1, n_tokens=2)
+
+
+def test_the_rate_defaults_to_the_adapter_familys_and_is_recorded(model):
+    from aligner.methods import LoRA, LoRAConfig
+    from aligner.registry import default_lr
+
+    lora = train_sft(model, EXAMPLES, TrainConfig(steps=1, batch_size=2), adapter=LoRA.for_model(model, LoRAConfig(2)))
+    aligner = train_sft(model, EXAMPLES, TrainConfig(steps=1, batch_size=2))
+    assert lora.provenance["training"]["config"]["lr"] == default_lr("lora") != default_lr("aligner") == 9e-3
+    assert aligner.provenance["training"]["config"]["lr"] == 9e-3
+    for bad in ({"lr": float("inf")}, {"lr": -1.0}, {"steps": 2.5}, {"batch_size": True}):
+        with pytest.raises(ValueError, match=f"TrainConfig.{next(iter(bad))}"):
+            TrainConfig(**bad)

@@ -18,7 +18,7 @@ format kept the knowledge rather than whether there was any.
 
 from __future__ import annotations
 
-from aligner.generation import ENDED
+from aligner.chat import ENDED
 from aligner.tasks.forms import known_splits
 from aligner.tasks.knowledge import Fact, KnowledgeSet
 from aligner.tasks.spec import Item, Sizes, Task, TaskData

@@ -1,0 +1,84 @@
+"""Every contact with TransformerLens's and torch's internals, in one place.
+
+The adapters change a `TransformerBridge` through its public hook points where they can. Some things have no
+public call: adding hook points to a bridge after it is built (its name registry), telling whether a hook point
+has anything hooked (torch's hook dictionaries), removing a permanent hook, and reaching or swapping the
+transformers module that a bridge component wraps. They live here, so that a change in either library is mended
+in one file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+from transformer_lens.hook_points import HookPoint, LensHandle
+
+Handle = tuple[HookPoint, LensHandle]
+
+
+def hooked(hook_point: HookPoint) -> bool:
+    """Whether anything is hooked at `hook_point`: a forward or backward hook, added by TransformerLens
+    (`add_hook`, `run_with_cache`, `hooks()`) or by torch on it (`register_forward_hook`, ...). torch's global
+    module hooks, which watch every module, do not count."""
+    return bool(
+        hook_point._forward_hooks
+        or hook_point._forward_pre_hooks
+        or hook_point._backward_hooks
+        or hook_point._backward_pre_hooks
+    )
+
+
+def add_permanent_hook(hook_point: HookPoint, fn: Callable[..., Any], prepend: bool = False) -> Handle:
+    """Add `fn` at `hook_point` so that a user's `reset_hooks()` leaves it in place; `remove_hook` takes it away."""
+    return hook_point, hook_point.add_hook(fn, is_permanent=True, prepend=prepend)
+
+
+def remove_hook(handle: Handle) -> None:
+    """Remove a hook that `add_permanent_hook` added (TransformerLens keeps no public call for one permanent hook)."""
+    hook_point, lens_handle = handle
+    lens_handle.hook.remove()
+    if lens_handle in hook_point.fwd_hooks:
+        hook_point.fwd_hooks.remove(lens_handle)
+
+
+def register_hook_point(model: nn.Module, name: str, hook_point: HookPoint) -> None:
+    """Make `hook_point` one of `model`'s under `name`: the bridge fills its name registry when it is built, and
+    `run_with_cache`, `hooks()` and `hook_dict` find hook points there."""
+    hook_point.name = name
+    model._hook_registry[name] = hook_point
+
+
+def unregister_hook_point(model: nn.Module, name: str) -> None:
+    model._hook_registry.pop(name, None)
+
+
+def set_submodule(parent: nn.Module, name: str, module: nn.Module | None) -> None:
+    """Put `module` under `parent.name` (None: take it away, if there), so that its parameters and hook points
+    follow the parent's `.to()`, `named_modules()` and state dict while there."""
+    if module is not None:
+        parent.add_module(name, module)
+    elif name in parent._modules:
+        del parent._modules[name]
+
+
+def wrapped(component: nn.Module) -> nn.Module:
+    """The transformers module a bridge component wraps (`attn.k` -> its nn.Linear); the module itself where it
+    wraps none."""
+    return getattr(component, "original_component", component)
+
+
+def rewrap(component: nn.Module, module: nn.Module) -> None:
+    """Make bridge `component` wrap `module` instead (peft's LoRA layer around the base projection, and back)."""
+    component.set_original_component(module)
+
+
+def transformers_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model under a bridge; None for a module that is not one."""
+    return getattr(model, "original_model", None)
+
+
+def submodule(component: nn.Module, name: str) -> nn.Module | None:
+    """The bridge component's declared child `name` (e.g. an attention's `k_norm`) where it has one, without
+    nn.Module's attribute lookup falling through to the wrapped module."""
+    return component._modules.get(name)
