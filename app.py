@@ -2,9 +2,9 @@
 `aligner` and `probe`, this file only lays them out.
 
 The base model loads once (`st.cache_resource`); runs and activations are kept as resources keyed by their
-files' versions, analyses in `st.cache_data` (on disk, keyed by the base model's weights fingerprint and the
-source of `aligner` and `probe`), and
-activations in the probe's own disk cache, so that changing a widget recomputes only what depends on it. Only
+files' versions, analyses in `st.cache_data` (in memory only, keyed by the base model's weights fingerprint:
+Streamlit persists to disk with pickle, which would run whatever a planted file holds), and activations in the
+probe's own disk cache (plain `.npy` arrays), so that changing a widget recomputes only what depends on it. Only
 the open tab runs (`st.tabs(on_change="rerun")`). Environment variables set the sidebar's defaults:
 ALIGNER_APP_MODEL, ALIGNER_APP_RUNS, ALIGNER_APP_PAPERS, ALIGNER_APP_RESULTS (the tests point them at the tiny
 model and temporary directories).
@@ -24,9 +24,7 @@ import streamlit as st
 from torch import nn
 
 import aligner
-import probe
 from aligner.adapter import Adapter, load_adapter
-from aligner.files import source_digest
 from aligner.generation import answer
 from aligner.loading import open_model
 from aligner.registry import FAMILIES, default_lr
@@ -73,7 +71,7 @@ class Workbench:
 
     model_name: str
     model: nn.Module | None
-    cache_key: str | None  # what analyses kept on disk are keyed on: the base model's weights and the code's source
+    cache_key: str | None  # what cached analyses are keyed on: the base model's weights fingerprint
     runs: dict[str, RunInfo]  # name -> a readable run trained on this very model
     runs_dir: Path
     papers_dir: Path | None
@@ -120,13 +118,13 @@ def run_key(run: RunInfo) -> RunKey:
     return (str(run.path), run.version)
 
 
-@st.cache_data(show_spinner="Generating…", persist="disk")
+@st.cache_data(show_spinner="Generating…")
 def generated(_model: nn.Module, cache_key: str, run: RunKey | None, prompt: str, max_new_tokens: int, scale: float) -> str:
     method = None if run is None else load_run(*run)
     return answer(_model, method, [prompt], None, max_new_tokens, 1, gate_scale=scale)[0]
 
 
-@st.cache_data(show_spinner="Reading the prefix attention…", persist="disk")
+@st.cache_data(show_spinner="Reading the prefix attention…")
 def prefix_table(_model: nn.Module, cache_key: str, run: RunKey, prompt: str) -> pd.DataFrame:
     return prefix_attention(_model, load_run(*run), prompt)
 
@@ -156,7 +154,7 @@ def trained_form(run: RunKey) -> str | None:
     return training_form(load_run(*run))
 
 
-@st.cache_data(show_spinner="Answering the held-out prompts…", persist="disk")
+@st.cache_data(show_spinner="Answering the held-out prompts…")
 def held_out_answers(
     _model: nn.Module, cache_key: str, run: RunKey | None, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int
 ) -> dict[str, str]:
@@ -165,24 +163,24 @@ def held_out_answers(
     return analyses.held_out_answers(_model, dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs}, adapter)
 
 
-@st.cache_data(show_spinner="Switching gates off, layer by layer (kept on disk after the first time)…", persist="disk")
+@st.cache_data(show_spinner="Switching gates off, layer by layer…")
 def gate_curves(_model: nn.Module, cache_key: str, run: RunKey, form: str, knowledge: str, n_subjects: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     al = load_run(*run)
     scale, ablation = analyses.gate_curves(_model, evaluation_set(dataset_for(knowledge, n_subjects), {run[0]: al}), al, form)
     return scale.drop(columns="outputs"), ablation
 
 
-@st.cache_data(show_spinner="Fitting probes…", persist="disk")
+@st.cache_data(show_spinner="Fitting probes…")
 def probe_results(_activations: Activations, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, label: str, conditions: tuple[str, ...]) -> pd.DataFrame:
     return analyses.probe_curves(_activations, label, conditions)
 
 
-@st.cache_data(show_spinner="Measuring overlaps against the nulls…", persist="disk")
+@st.cache_data(show_spinner="Measuring overlaps against the nulls…")
 def geometry_results(_activations: Activations, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, name: str, layers: tuple[int, ...]) -> pd.DataFrame:
     return analyses.geometry_table(_activations, name, layers)
 
 
-@st.cache_data(show_spinner="Embedding…", persist="disk")
+@st.cache_data(show_spinner="Embedding…")
 def activation_map(
     _activations: Activations, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int,
     layer: int, conditions: tuple[str, ...], forms: tuple[tuple[str, str | None], ...], outputs: tuple[tuple[str, tuple[tuple[str, str], ...]], ...], method: str,
@@ -190,12 +188,12 @@ def activation_map(
     return analyses.activation_frame(_activations, layer, conditions, dict(forms), {c: dict(o) for c, o in outputs}, method)
 
 
-@st.cache_data(show_spinner="Embedding the tokens…", persist="disk")
+@st.cache_data(show_spinner="Embedding the tokens…")
 def token_map(runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> pd.DataFrame:
     return token_frame({name: load_run(*run) for name, run in zip(names, runs)}, method)
 
 
-@st.cache_data(show_spinner="Embedding the prefix keys and values…", persist="disk")
+@st.cache_data(show_spinner="Embedding the prefix keys and values…")
 def prefix_map(_model: nn.Module, cache_key: str, runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> pd.DataFrame:
     return prefix_frame(_model, {name: load_run(*run) for name, run in zip(names, runs)}, method)
 
@@ -506,8 +504,7 @@ def main() -> None:
     if papers_dir is not None and not papers_dir.is_dir():
         st.error(f"The paper's checkpoints: {papers_dir} is not a directory. Point the sidebar at ../shared/paper_aligners or clear it.")
         papers_dir = None
-    cache_key = None if fingerprint is None else f"{fingerprint}-{source_digest(aligner, probe)}"
-    bench = Workbench(model_name, model, cache_key, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects)
+    bench = Workbench(model_name, model, fingerprint, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects)
     views = dict(zip(VIEWS, (generate_view, gates_view, embeddings_view, probes_view, geometry_view, efficiency_view, train_view)))
     for tab, (title, view) in zip(st.tabs(list(views), key="view", on_change="rerun"), views.items()):
         with tab:

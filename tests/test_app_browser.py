@@ -1,7 +1,10 @@
 """The app in a real browser: `streamlit run app.py` headless on the tiny model with a tiny trained run of each
 kind, opened in headless Chromium (playwright); every tab draws a plotly chart and shows no Streamlit exception
-block. Screenshots of each tab go to test-artifacts/browser/."""
+block; a pickle planted in Streamlit's disk cache is never read; two pages generating at once on the one shared
+model both get their answers. Screenshots of each tab go to test-artifacts/browser/."""
 
+import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -29,24 +32,40 @@ VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Efficiency", 
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 
 pytestmark = [
-    pytest.mark.integration,
+    pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: .ci/run installs Debian's chromium"),
 ]
 
 
-def test_every_tab_draws_a_chart_in_a_real_browser_without_exceptions(tmp_path):
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The app's environment: the tiny model and a run of each kind, trained for two steps."""
+    runs = tmp_path_factory.mktemp("runs")
     model = open_model("tiny")
     config = TrainConfig(steps=2, batch_size=4, warmup_steps=1)
     examples = load_examples(ROOT / "examples" / "json_form.jsonl")[:8]
     for name, kind in (("json-aligner", "aligner"), ("json-adapter", "adapter"), ("json-lora", "lora")):
-        train_run(model, examples, tmp_path / "runs" / name, kind, 1, config)
-    env = {
+        train_run(model, examples, runs / name, kind, 1, config)
+    return {
         "ALIGNER_APP_MODEL": "tiny",
-        "ALIGNER_APP_RUNS": str(tmp_path / "runs"),
+        "ALIGNER_APP_RUNS": str(runs),
         "ALIGNER_APP_PAPERS": str(PAPER_ALIGNERS) if PAPER_ALIGNERS.is_dir() else "",
         "ALIGNER_APP_RESULTS": str(ROOT / "results"),
         "OMP_NUM_THREADS": "1",
     }
+
+
+class Planted:
+    """A pickle that, once loaded, creates the file `marker`: what an attacker would put in a cache file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_every_tab_draws_a_chart_in_a_real_browser_without_exceptions(env):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with served_app(env) as url, browser_page() as page:
         open_app(page, url)
@@ -56,3 +75,27 @@ def test_every_tab_draws_a_chart_in_a_real_browser_without_exceptions(tmp_path):
             page.screenshot(path=str(ARTIFACTS / f"{view.lower()}.png"), full_page=True)
             assert exceptions(page) == [], f"{view}: {exceptions(page)}"
         assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+
+
+def test_a_pickle_planted_in_streamlits_disk_cache_is_never_loaded(env, tmp_path):
+    """Streamlit keeps `st.cache_data(persist="disk")` results as pickles in ~/.streamlit/cache/*.memo and loads
+    them when a page asks again. The app is opened on Generate (its answers are cached), every `.memo` file there
+    is then replaced by a crafted pickle, one more is planted beside them, and the app is served and opened again:
+    nothing may load them."""
+    home = tmp_path / "home"
+    cache = home / ".streamlit" / "cache"
+    cache.mkdir(parents=True)
+    aligner_cache = os.environ.get("ALIGNER_CACHE", str(Path.home() / ".cache" / "aligner-workbench"))
+    env = {**env, "HOME": str(home), "ALIGNER_CACHE": aligner_cache}  # the models' cache stays where it is
+    marker = tmp_path / "pickle-ran"
+    with served_app(env) as url, browser_page() as page:
+        open_app(page, url)
+        wait_for_chart(page)
+    for memo in [*cache.glob("*.memo"), cache / "planted.memo"]:
+        memo.write_bytes(pickle.dumps(Planted(marker)))
+    with served_app(env) as url, browser_page() as page:
+        open_app(page, url)
+        wait_for_chart(page)
+        assert exceptions(page) == []
+    assert not marker.exists(), "a pickle in ~/.streamlit/cache was loaded"
+    assert [p.name for p in cache.iterdir()] == ["planted.memo"]  # the app wrote nothing there that it would read
