@@ -24,9 +24,9 @@ app: install
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The unit tier: no real model, no process, app or browser of its own.
+# The unit tier: the markers in pyproject.toml name what it leaves to `make test`.
 test-fast: install
-	$(VENV)/bin/pytest -m "not slow and not integration" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not (slow or subprocess or browser or notebooks or integration)" $(PYTEST_ARGS)
 
 # The README's screenshots and timings of the app: SmolLM2 and the committed runs in headless Chromium
 # (docs/screenshots/).

@@ -32,7 +32,7 @@ from aligner.data import Example
 from aligner.distributed import fully_shard_options
 from aligner.train import _check_accelerator
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.subprocess
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 runner = CliRunner()

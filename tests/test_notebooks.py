@@ -15,7 +15,7 @@ from traitlets.config import Config
 
 from probe.report import Report
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.notebooks
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_train_an_aligner", "02_form_vs_knowledge", "03_paper_checkpoints")

@@ -145,7 +145,7 @@ def collect_in_another_process(cache, queue):
     queue.put(np.array(acts.resid("base")))
 
 
-@pytest.mark.integration
+@pytest.mark.subprocess
 def test_two_processes_share_one_cache(tmp_path):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
