@@ -4,8 +4,8 @@ CAA (Rimsky et al. 2024; Turner et al. 2023): the mean difference of the residua
 that show a behaviour and responses that do not, taken over the response tokens of the same prompts, added
 (times a multiplier) at every position of one layer's `hook_resid_pre`. A one-token aligner adds a constant
 to every position too (see aligner.methods), learned and spread over all adapted layers; this is the same kind
-of intervention with no training at all. The vector is held by `aligner.methods.SteeringVector`. The layer and multiplier are chosen by the loss of held-out target
-responses, as the trained methods are stopped.
+of intervention with no training at all. The vector is held by `aligner.methods.SteeringVector`. The layer and
+multiplier are chosen by the loss of held-out target responses, as the trained methods are stopped.
 """
 
 from __future__ import annotations
@@ -62,20 +62,35 @@ def fit_steering(
     layers: Sequence[int],
     multipliers: Sequence[float],
     system: str | None = None,
+    reach: int = 0,
 ) -> tuple[SteeringVector, dict[str, float]]:
     """The steering vector of `train`'s contrasts at the (layer, multiplier) whose held-out loss on `valid`'s
-    target responses is lowest; also every candidate's loss, keyed "layer=L,multiplier=M"."""
+    target responses is lowest; also every candidate's loss, keyed "layer=L,multiplier=M". Where the best
+    multiplier is the largest (or smallest) tried, the grid goes on past it, doubling (or halving), at most
+    `reach` times: a grid that ends at its best has not found it."""
     vectors = contrastive_vectors(model, train, system)
     valid_examples = [Example(item.prompt, item.response) for item in valid]
-    losses: dict[str, float] = {}
+    losses: dict[tuple[int, float], float] = {}
     steering = SteeringVector.for_model(model, SteeringConfig())
-    for layer in layers:
-        steering.vector.copy_(vectors[layer])
-        for multiplier in multipliers:
-            steering.config = SteeringConfig(layer, multiplier)
-            with steering.attached(model):
-                losses[f"layer={layer},multiplier={multiplier}"] = heldout_loss(model, valid_examples, system)
-    layer, multiplier = min(((l, m) for l in layers for m in multipliers), key=lambda lm: losses[f"layer={lm[0]},multiplier={lm[1]}"])
+
+    def try_multipliers(grid: Sequence[float]) -> None:
+        for layer in layers:
+            steering.vector.copy_(vectors[layer])
+            for multiplier in grid:
+                steering.config = SteeringConfig(layer, multiplier)
+                with steering.attached(model):
+                    losses[layer, multiplier] = heldout_loss(model, valid_examples, system)
+
+    grid = sorted(multipliers)
+    try_multipliers(grid)
+    for _ in range(reach):
+        best = min(losses, key=losses.get)[1]
+        if len(grid) < 2 or min(grid) < best < max(grid):
+            break
+        beyond = best * 2 if best == max(grid) else best / 2
+        grid = sorted([*grid, beyond])
+        try_multipliers([beyond])
+    layer, multiplier = min(losses, key=losses.get)
     steering.config = SteeringConfig(layer, multiplier)
     steering.vector.copy_(vectors[layer])
-    return steering, losses
+    return steering, {f"layer={l},multiplier={m}": loss for (l, m), loss in losses.items()}

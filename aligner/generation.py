@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -97,6 +98,17 @@ def generate(
     for i, prompt_tokens in enumerate(ids):
         if not prompt_tokens:
             raise ValueError(f"prompts[{i}] is empty once tokenized; there is nothing to answer")
+    longest = max(map(len, ids))
+    room = model.cfg.n_ctx - longest  # the model reads no position past its context
+    if room < 1:
+        raise ValueError(f"a prompt of {longest} tokens fills the model's context of {model.cfg.n_ctx}; shorten it")
+    if max_new_tokens > room:
+        warnings.warn(
+            f"max_new_tokens={max_new_tokens} is more than the model's context of {model.cfg.n_ctx} tokens leaves "
+            f"after a prompt of {longest}: at most {room} are generated",
+            stacklevel=2,
+        )
+        max_new_tokens = room
     decoding = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -106,9 +118,6 @@ def generate(
         eos_token_id=list(stop_ids(tokenizer, chat_template)),  # the end of turn; a base model's: its line's end
         pad_token_id=end_of_turn_id(tokenizer, chat_template),
     )
-
-    def scale_gate(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        return gate * gate_scale
 
     bank, rows = None, []
     if aligners is not None:  # each distinct aligner once in the bank; rows[i]: the one prompts[i] reads
@@ -121,7 +130,7 @@ def generate(
         if adapter is not None and adapter.attached_to is not model:
             stack.enter_context(adapter.attached(model))
         if gate_scale != 1.0:
-            gate_hooks = [(lambda name: name.endswith("aligner.hook_gate"), scale_gate)]  # every adapted layer
+            gate_hooks = [(lambda name: name.endswith("aligner.hook_gate"), scaled(gate_scale))]  # every adapted layer
             stack.enter_context(model.hooks(fwd_hooks=gate_hooks))
         stack.enter_context(torch.no_grad())
         if seed is not None:  # seeded sampling that leaves the caller's random state alone
@@ -139,6 +148,15 @@ def generate(
     ended = [bool(row) and row[-1] in stops for row in answers]
     texts = tokenizer.batch_decode([row[:-1] if end else row for row, end in zip(answers, ended)], skip_special_tokens=True)
     return [text + ENDED if mark_end and end else text for text, end in zip(texts, ended)]
+
+
+def scaled(gate_scale: float) -> Callable[[torch.Tensor, HookPoint], torch.Tensor]:
+    """A hook on `hook_gate` that multiplies every gate by `gate_scale`: an aligner's strength, turned."""
+
+    def scale_gate(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        return gate * gate_scale
+
+    return scale_gate
 
 
 def check_gate_scale(adapter: Adapter | None, gate_scale: float) -> None:

@@ -1,10 +1,16 @@
 """The names of methods, in one place: `aligner-4`, `adapter-1`, `lora-8`, `prompt-10`, `zbias`, `steering`,
-`base`, `prompting`, each turned into an adapter for a model and its default learning rate.
+`base`, `prompting`, `fewshot`, each turned into an adapter for a model and its family's learning rate.
 
-A sized family is named FAMILY-SIZE (`aligner-4`: four prefix tokens); a trained method may change its factors
-after colons (`aligner-1:lr=0.05`, `aligner-1:steps=40:train=10`, `aligner-1:gate_scale=0.5`). `base` (the base
-model in its own form), `prompting` (the task's behaviour told in the system prompt) and `steering` (contrastive
-activation addition, computed, not trained) have no size.
+A sized family is named FAMILY-SIZE (`aligner-4`: four prefix tokens; `aligner-28` on SmolLM2 holds as many
+numbers as `adapter-1`, one token per adapted layer, shared instead); a trained method may change its factors
+after colons (`aligner-1:lr=0.05`, `aligner-1:steps=40:train=10`, `aligner-1:gate_scale=0.5`). Without `lr=`
+the suite chooses the rate on the validation loss, around the family's. Two controls are options too:
+`aligner-1:tokens=random` trains `aligner-1`, then answers with its tokens replaced by random ones of the same
+norms and its trained gates (is a change of the learned one's size, in any direction, enough to do what it
+does?), and `METHOD:data=own` trains on the base model's own answers to the training prompts (what training
+alone costs, with no new form to learn). `base` (the base model in its own form), `prompting` (the task's
+behaviour told in the system prompt), `fewshot` (answered training examples in the new form before each
+question) and `steering` (contrastive activation addition, computed, not trained) have no size.
 """
 
 from __future__ import annotations
@@ -54,35 +60,75 @@ UNSIZED: dict[str, Family] = {"zbias": Family("", lambda model, _: ZBias.for_mod
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    kind: str  # "zero" (no parameters: base, prompting), "steering" (computed), "trained"
+    kind: str  # "zero" (no parameters: base, prompting, fewshot), "steering" (computed), "trained"
     make: Callable[[nn.Module], Adapter] | None = None  # a fresh adapter for the model; reads torch's RNG
-    lr: float = 0.0  # AdamW's rate after warm-up (trained methods)
+    family: str | None = None  # FAMILIES' or UNSIZED's key (trained methods): the rate's family
     # The factors a method name may change (`aligner-1:steps=40:train=10`); None: the sweep's own.
+    lr: float | None = None  # AdamW's rate after warm-up; None: chosen on validation around the family's
     steps: int | None = None  # step budget
     train: int | None = None  # training items: the first this many of the task's training split
     gate_scale: float = 1.0  # every gate times this when answering (aligners): the aligner's strength
+    tokens: str | None = None  # "random": answer with random tokens of the trained ones' norms (a control)
+    data: str | None = None  # "own": train on the base model's own answers (a control)
+
+    @property
+    def family_lr(self) -> float:
+        """The family's rate: where the suite's search starts, and what `aligner train` uses unless told."""
+        return default_lr(self.family)
 
 
 def sized(family: str, size: int) -> MethodSpec:
-    return MethodSpec(f"{family}-{size}", "trained", lambda model: FAMILIES[family].make(model, size), FAMILIES[family].lr)
+    return MethodSpec(f"{family}-{size}", "trained", lambda model: FAMILIES[family].make(model, size), family)
 
 
 # The suite's grid: what `aligner sweep` runs by default. Any size of a sized family is a method too (`aligner-3`).
 METHODS: dict[str, MethodSpec] = {
     "base": MethodSpec("base", "zero"),
     "prompting": MethodSpec("prompting", "zero"),
+    "fewshot": MethodSpec("fewshot", "zero"),
     "steering": MethodSpec("steering", "steering"),
     **{spec.name: spec for spec in (sized("aligner", n) for n in (1, 2, 4, 10))},
     **{spec.name: spec for spec in (sized("adapter", n) for n in (1, 10))},
     **{spec.name: spec for spec in (sized("lora", r) for r in (1, 8))},
     "prompt-10": sized("prompt", 10),
-    **{name: MethodSpec(name, "trained", lambda model, f=f: f.make(model, 0), f.lr) for name, f in UNSIZED.items()},
+    **{name: MethodSpec(name, "trained", lambda model, f=f: f.make(model, 0), name) for name, f in UNSIZED.items()},
 }
 
 
-# The options a method name may carry: each sets the MethodSpec field of its name, read as this type. A variant
+def number(kind: type, zero_ok: bool = False) -> Callable[[str], float]:
+    """A parser of a finite number of `kind`, > 0 (>= 0 where `zero_ok`)."""
+
+    def parse(value: str) -> float:
+        try:
+            parsed = kind(value)
+        except ValueError:
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        if not (math.isfinite(parsed) and (parsed > 0 or zero_ok and parsed == 0)):
+            raise ValueError(f"must be finite and {'>= 0' if zero_ok else '> 0'}, got {value}")
+        return parsed
+
+    return parse
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be {' or '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    return parse
+
+
+# The options a method name may carry: each sets the MethodSpec field of its name, read by its parser. A variant
 # is trained afresh with the same seed, so `aligner-1:gate_scale=0.5` answers with the gates of `aligner-1`, halved.
-OPTIONS = {"lr": float, "steps": int, "train": int, "gate_scale": float}
+OPTIONS: dict[str, Callable[[str], Any]] = {
+    "lr": number(float),
+    "steps": number(int),
+    "train": number(int),
+    "gate_scale": number(float, zero_ok=True),  # a gate scale of 0 answers as the base model
+    "tokens": one_of("random"),
+    "data": one_of("own"),
+}
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -109,14 +155,11 @@ def method_spec(name: str) -> MethodSpec:
             raise ValueError(f"{name!r}: option {key!r} given twice")
         try:
             changes[key] = OPTIONS[key](value)
-        except ValueError:
-            kind = "an integer" if OPTIONS[key] is int else "a number"
-            raise ValueError(f"{name!r}: {key} must be {kind}, got {value!r}") from None
-        zero_ok = key == "gate_scale"  # a gate scale of 0 answers as the base model
-        if not (math.isfinite(changes[key]) and (changes[key] > 0 or zero_ok and changes[key] == 0)):
-            raise ValueError(f"{name!r}: {key} must be finite and {'>= 0' if zero_ok else '> 0'}, got {value}")
-    if "gate_scale" in changes and family not in ("aligner", "adapter"):
-        raise ValueError(f"{name!r}: gate_scale scales an aligner's gates; {base!r} has none")
+        except ValueError as err:
+            raise ValueError(f"{name!r}: {key} {err}") from None
+    for key in ("gate_scale", "tokens"):
+        if key in changes and family not in ("aligner", "adapter"):
+            raise ValueError(f"{name!r}: {key} changes an aligner's gates or tokens; {base!r} has neither")
     return replace(spec, name=name, **changes)
 
 

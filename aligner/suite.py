@@ -1,22 +1,27 @@
-"""The form-vs-knowledge suite: every method on the same frozen model, the same data and the same step budget,
-scored by the tasks' checkers.
+"""The form-vs-knowledge suite: every method on the same frozen model, the same data, and training to
+convergence at a rate chosen on validation; scored per item by the tasks' checkers and by the gold answer's
+log-probability under teacher forcing (aligner/recall.py), with intervals over items and seeds (aligner/stats.py).
 
     run_cell    one method (aligner.registry's names) on one task with one seed: train (early stopping on the
-                held-out loss), answer, score
+                held-out loss), answer, score every item
+    choose_lr   a trained method's rate on one task: each of the family's rate times `lr_factors`, trained with
+                the first seed, the one whose best held-out loss is lowest; kept as OUT/cells/.../lr.json
     sweep       methods x tasks x seeds; each cell is a JSON file under OUT/cells/MODEL, skipped when it exists
                 with the same settings; then the tables and the figure (aligner/tables.py)
 
 Which facts each task may use comes from the base model's audit (aligner/audit.py). Decoding is greedy, answers
 are batched with left padding and stop at the end of the turn; training is seeded; base-model answers are cached
-per weights fingerprint.
+per weights fingerprint. Nothing is chosen on the test splits: the rate, the step and the steering baseline's
+layer and multiplier are read on `valid`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,11 +32,14 @@ from tqdm import tqdm
 from aligner.adapter import Adapter
 from aligner.audit import Audit, cached_answers, task_data, write_audit
 from aligner.baselines import fit_steering
+from aligner.chat import BASE_TEMPLATE, ENDED
 from aligner.files import atomic_write_json, provenance, read_json
 from aligner.generation import answer
 from aligner.loading import DEFAULT_MODEL, model_fingerprint
 from aligner.objective import formatted_for, heldout_loss
+from aligner.recall import Framed, answer_scores
 from aligner.registry import METHODS, MethodSpec, method_spec
+from aligner.stats import MARGIN
 from aligner.tables import model_folder, summarise
 from aligner.tasks import (
     KNOWLEDGE_SETS,
@@ -50,51 +58,64 @@ class SuiteConfig:
     model: str = DEFAULT_MODEL  # as `aligner.open_model` reads it ("tiny": the random test model)
     tasks: tuple[str, ...] = TASK_NAMES
     methods: tuple[str, ...] = tuple(METHODS)
-    seeds: tuple[int, ...] = (0, 1)  # trained methods run once per seed; the others, deterministic, once
-    sizes: Sizes = field(default_factory=Sizes)
-    steps: int = 20  # the step budget of every trained method
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # trained methods run once per seed; the others, deterministic, once
+    sizes: Sizes = field(default_factory=lambda: Sizes(train=32, valid=8, eval=40))
+    steps: int = 200  # the most steps of a trained method: early stopping ends it sooner, at convergence
     batch_size: int = 8  # examples per step
-    warmup_steps: int = 3
-    eval_every: int = 5  # steps between held-out losses
-    patience: int = 2  # held-out losses without improvement before training stops; the best step is kept
+    warmup_steps: int = 5
+    eval_every: int = 10  # steps between held-out losses
+    patience: int = 3  # held-out losses without improvement before training stops; the best step is kept
+    lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)  # rates tried on validation, times the family's rate
     known_only: bool = True  # form tasks on facts the audit found known (False: any fact, for a random model)
     audit_shots: int = 0  # answered questions before each audit question (`demonstrations`): for base models
     system: str | None = None  # the system prompt of every method but prompting; None: the model's default
     max_new_tokens: int | None = None  # None: each task's own
     generate_batch_size: int = 16
+    fewshot_shots: int = 3  # answered training items before each question: the few-shot baseline
     steering_layers: tuple[float, ...] = (0.25, 0.4, 0.55)  # candidate layers, as fractions of the depth
-    steering_multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    # Candidate multipliers; where the best lies at an end of the grid, the grid goes on past it (`STEERING_REACH`).
+    steering_multipliers: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     checker: str | None = None  # the regular expression of a user's JSONL task among `tasks`
+    # Read by the tables alone, fixed before the run: every method's paired difference against `reference`, and
+    # the margin within which a difference counts as none (`aligner.stats.compare`).
+    reference: str = "lora-8"
+    margin: float = MARGIN
 
     def cell_key(self) -> dict[str, Any]:
         """What a cell's result depends on besides its task, method and seed: a cell whose key differs is rerun."""
-        keys = ("model", "sizes", "steps", "batch_size", "warmup_steps", "eval_every", "patience", "known_only", "audit_shots")
-        keys += ("system", "max_new_tokens", "steering_layers", "steering_multipliers", "checker")
+        keys = ("model", "sizes", "steps", "batch_size", "warmup_steps", "eval_every", "patience", "lr_factors")
+        keys += ("known_only", "audit_shots", "system", "max_new_tokens", "fewshot_shots", "steering_layers")
+        keys += ("steering_multipliers", "checker")
         return {k: (asdict(v) if k == "sizes" else v) for k, v in ((k, getattr(self, k)) for k in keys)}
 
 
 QUICK = SuiteConfig(
     model="tiny",
     tasks=("json", "value"),
-    methods=("base", "prompting", "steering", "aligner-1", "lora-1"),
+    methods=("base", "prompting", "fewshot", "steering", "aligner-1", "aligner-1:tokens=random", "lora-1"),
     seeds=(0, 1),
     sizes=Sizes(train=4, valid=2, eval=3),
     steps=2,
     batch_size=2,
     warmup_steps=0,
     eval_every=1,
+    lr_factors=(0.5, 2.0),
     known_only=False,
     max_new_tokens=4,
+    fewshot_shots=2,
     steering_multipliers=(1.0,),
+    reference="lora-1",
 )
+STEERING_REACH = 4  # how many times the steering grid may go on past an end where its best lies
+RANDOM_TOKENS_STREAM = 104_729  # added to a seed for the random-token control's draws (torch keeps 32 bits of a seed)
 
 
 # ---- one cell ----
 
 
-def score(task: Task, items: Sequence[Item], answers: Sequence[str]) -> dict[str, float]:
-    """metric -> the share of `items` whose answer passes the metric's check."""
-    return {name: sum(check(i, a) for i, a in zip(items, answers)) / len(items) for name, check in task.metrics.items()}
+def score(task: Task, items: Sequence[Item], answers: Sequence[str]) -> dict[str, list[float]]:
+    """metric -> for each of `items`, 1.0 where its answer passes the metric's check, else 0.0."""
+    return {name: [float(check(i, a)) for i, a in zip(items, answers)] for name, check in task.metrics.items()}
 
 
 class EarlyStopping:
@@ -131,11 +152,18 @@ class EarlyStopping:
 
 
 def train_method(
-    model: nn.Module, spec: MethodSpec, data: TaskData, config: SuiteConfig, seed: int, raw_prompts: bool = False
+    model: nn.Module,
+    spec: MethodSpec,
+    data: TaskData,
+    config: SuiteConfig,
+    seed: int,
+    raw_prompts: bool = False,
+    lr: float | None = None,
 ) -> tuple[Adapter, dict[str, Any]]:
-    """A fresh method of `spec` (seeded) trained on `data.train` for at most `config.steps` steps, stopped early on
-    the held-out loss of `data.valid`; returned at its best step, with a record of the training. `raw_prompts`:
-    the prompts carry their own format (`Task.raw_prompts`)."""
+    """A fresh method of `spec` (seeded) trained on `data.train` at rate `lr` (None: the spec's, else its family's)
+    for at most `config.steps` steps, stopped early on the held-out loss of `data.valid`; returned at its best
+    step, with a record of the training. `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`)."""
+    lr = lr or spec.lr or spec.family_lr
     torch.manual_seed(seed)
     method = spec.make(model)
     if spec.train and spec.train > len(data.train):
@@ -145,7 +173,7 @@ def train_method(
     train_config = TrainConfig(
         steps=steps,
         batch_size=config.batch_size,
-        lr=spec.lr,
+        lr=lr,
         warmup_steps=config.warmup_steps,
         seed=seed,
         log_every=config.eval_every,
@@ -165,19 +193,88 @@ def train_method(
     record = {
         "train_s": time.perf_counter() - started,
         "steps": method.provenance["training"]["step"],
+        "budget": steps,
         "best_step": stopping.best_step,
         "valid_loss": stopping.history,
-        "lr": spec.lr,
+        "lr": lr,
         "train_items": len(train),
     }
     return method, record
 
 
+def training_name(spec: MethodSpec) -> str:
+    """The name of what `spec` trains: its name without the options that change only how it answers."""
+    base, *options = spec.name.split(":")
+    return ":".join([base, *(o for o in options if o.partition("=")[0] not in ("gate_scale", "tokens"))])
+
+
+def choose_lr(
+    model: nn.Module, spec: MethodSpec, data: TaskData, config: SuiteConfig, raw_prompts: bool, path: Path
+) -> float:
+    """The rate `spec` trains at on this task: the one given in its name, else, of the family's rate times each
+    of `config.lr_factors`, the one whose best held-out loss is lowest, trained with the first seed. The search is
+    kept in `path` (JSON), and read from there while the settings are the same."""
+    if spec.lr is not None:
+        return spec.lr
+    key = json.loads(json.dumps(config.cell_key()))
+    if path.is_file():
+        saved = read_json(path)
+        if saved.get("config") == key:
+            return saved["lr"]
+    candidates = []
+    for factor in config.lr_factors:
+        _, record = train_method(model, spec, data, config, config.seeds[0], raw_prompts, spec.family_lr * factor)
+        best = min(loss for _, loss in record["valid_loss"])
+        candidates.append({"lr": record["lr"], "valid_loss": best, "best_step": record["best_step"], "steps": record["steps"]})
+    chosen = min(candidates, key=lambda c: c["valid_loss"])["lr"]
+    atomic_write_json(path, {"method": training_name(spec), "lr": chosen, "candidates": candidates, "config": key, "provenance": provenance()})
+    return chosen
+
+
+def own_answers(model: nn.Module, fingerprint: str, task: Task, items: Sequence[Item], config: SuiteConfig) -> list[Item]:
+    """`items` with the base model's own greedy answers as the responses to train on: the own-answers control,
+    which learns no new form, so that what it costs is what training alone costs."""
+    prompts = [item.prompt for item in items]
+    max_new_tokens = config.max_new_tokens or task.max_new_tokens
+    answers = cached_answers(model, fingerprint, prompts, config.system, max_new_tokens, config.generate_batch_size, task.raw_prompts)
+    return [replace(item, response=text.removesuffix(ENDED)) for item, text in zip(items, answers)]
+
+
+def fewshot_system(train: Sequence[Item], shots: int, system: str | None) -> str | None:
+    """The few-shot baseline's system prompt: `shots` training items answered in the new form, in the base
+    model's question format (the audit's), after `system`; None where the task has no training items."""
+    shown = list(train[:shots])
+    if not shown:
+        return None
+    examples = "\n\n".join(f"{BASE_TEMPLATE.format(prompt=item.prompt)} {item.response}" for item in shown)
+    return examples if system is None else f"{system}\n\n{examples}"
+
+
+def randomise_tokens(aligner: Adapter, seed: int) -> None:
+    """Replace an aligner's tokens by random directions of the same norms (each token its own), its gates kept:
+    the random-vector control. Seeded by `seed` in a stream of its own: the seed alone would draw the very
+    directions that initialised the tokens (`train_method` seeds torch with it)."""
+    generator = torch.Generator().manual_seed(RANDOM_TOKENS_STREAM + seed)
+    with torch.no_grad():
+        tokens = aligner.tokens
+        noise = torch.randn(tokens.shape, generator=generator, dtype=torch.float32)
+        noise = noise / noise.norm(dim=-1, keepdim=True) * tokens.float().norm(dim=-1, keepdim=True)
+        tokens.copy_(noise.to(tokens))
+
+
 def run_cell(
-    model: nn.Module, fingerprint: str, task: Task, data: TaskData, spec: MethodSpec, seed: int, config: SuiteConfig
+    model: nn.Module,
+    fingerprint: str,
+    task: Task,
+    data: TaskData,
+    spec: MethodSpec,
+    seed: int,
+    config: SuiteConfig,
+    lr: float | None = None,
 ) -> dict[str, Any] | None:
-    """One method on one task with one seed: the record that `sweep` writes (None where the method does not
-    apply: prompting without an instruction, steering without contrasts)."""
+    """One method on one task with one seed, trained at `lr` (`choose_lr`'s): the record that `sweep` writes, with
+    every item's score (None where the method does not apply: prompting without an instruction, few-shot
+    without training items, steering without contrasts)."""
     max_new_tokens = config.max_new_tokens or task.max_new_tokens
     batch = config.generate_batch_size
     record: dict[str, Any] = {"task": task.name, "family": task.family, "method": spec.name, "kind": spec.kind, "seed": seed}
@@ -187,22 +284,68 @@ def run_cell(
         if task.instruction is None:
             return None
         system = task.instruction
+    if spec.name == "fewshot":
+        system = fewshot_system(data.train, config.fewshot_shots, config.system)
+        if system is None:
+            return None
     if spec.kind == "steering":
         if not any(item.contrast is not None for item in data.train):
             return None
         layers = sorted({min(round(f * model.cfg.n_layers), model.cfg.n_layers - 1) for f in config.steering_layers})
-        method, losses = fit_steering(model, data.train, data.valid, layers, config.steering_multipliers, system)
+        method, losses = fit_steering(model, data.train, data.valid, layers, config.steering_multipliers, system, STEERING_REACH)
         record.update(params=0, steering={**asdict(method.config), "valid_loss": losses})
     elif spec.kind == "trained":
-        method, training = train_method(model, spec, data, config, seed, task.raw_prompts)
+        if spec.data == "own":
+            own = {name: own_answers(model, fingerprint, task, getattr(data, name), config) for name in ("train", "valid")}
+            data = replace(data, **own)
+        method, training = train_method(model, spec, data, config, seed, task.raw_prompts, lr)
+        if spec.tokens == "random":
+            randomise_tokens(method, seed)
         record.update(params=method.num_parameters(), **training)
     else:
         record.update(params=0)
     started = time.perf_counter()
     metrics, outputs = evaluate(model, fingerprint, task, data.eval, method, system, max_new_tokens, batch, spec.gate_scale)
-    record.update(eval_s=time.perf_counter() - started, metrics=metrics, n={s: len(i) for s, i in data.eval.items()})
+    scores = {split: score(task, data.eval[split], [o["answer"] for o in outputs[split]]) for split in data.eval}
+    if task.family in ("form", "knowledge"):
+        for split, items in data.eval.items():
+            scores[split].update(knowledge_scores(model, method, items, system, task.raw_prompts, spec.gate_scale))
+    metrics = {split: {metric: sum(values) / len(values) for metric, values in scores[split].items()} for split in scores}
+    record.update(eval_s=time.perf_counter() - started, metrics=metrics, scores=scores, n={s: len(i) for s, i in data.eval.items()})
     record["outputs"] = outputs
     return record
+
+
+def frame_in(text: str, answers: Sequence[str]) -> Framed | None:
+    """`text` split at the first gold answer it holds (any case: an all-caps form upper-cases it): the frame
+    before it and the answer as it stands; None where it holds none."""
+    for gold in answers:
+        match = re.search(re.escape(gold), text, re.IGNORECASE)
+        if match:
+            return Framed("", text[: match.start()], match.group())
+    return None
+
+
+def knowledge_scores(
+    model: nn.Module,
+    method: Adapter | None,
+    items: Sequence[Item],
+    system: str | None,
+    raw_prompts: bool,
+    gate_scale: float = 1.0,
+) -> dict[str, list[float]]:
+    """The gold answer under teacher forcing (`aligner.recall`) in the trained response's frame (`answer_*`)
+    and in the base model's own sentence (`own_*`, the items' contrast where they have one), for every item; a
+    frame that some item lacks is left out for all."""
+    scores: dict[str, list[float]] = {}
+    for prefix, texts in (("answer", [i.response for i in items]), ("own", [i.contrast for i in items])):
+        framed = [frame_in(text, item.answers) if text else None for text, item in zip(texts, items)]
+        if not items or any(f is None for f in framed):
+            continue
+        framed = [replace(f, prompt=item.prompt) for f, item in zip(framed, items)]
+        found = answer_scores(model, method, framed, system, raw_prompts, gate_scale=gate_scale)
+        scores.update({metric.replace("answer", prefix, 1): values for metric, values in found.items()})
+    return scores
 
 
 def evaluate(
@@ -226,7 +369,7 @@ def evaluate(
             answers = cached_answers(model, fingerprint, prompts, system, max_new_tokens, batch_size, task.raw_prompts)
         else:
             answers = answer(model, method, prompts, system, max_new_tokens, batch_size, gate_scale, task.raw_prompts)
-        metrics[split] = score(task, items, answers)
+        metrics[split] = {name: sum(values) / len(values) for name, values in score(task, items, answers).items()}
         outputs[split] = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
     return metrics, outputs
 
@@ -255,16 +398,27 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
             continue
         if task.name not in datas:
             datas[task.name] = suite_task_data(model, fingerprint, task, config, audits)
-        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config)
+        lr = None
+        if spec.kind == "trained":
+            lr_path = cell_path(out, config.model, task.name, training_name(spec), seed).with_name("lr.json")
+            lr = choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path)
+        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, lr)
         if record is not None:
             atomic_write_json(path, {**record, "config": config.cell_key(), "provenance": provenance()})
             ran += 1
     for name, result in audits.items():
         shots = f"-{config.audit_shots}shot" if config.audit_shots else ""
         write_audit(result, KNOWLEDGE_SETS[name], out / "audits" / f"{model_folder(config.model)}-{name}{shots}.csv")
-    rows = summarise(out)
+    rows = summarise(out, config.reference, config.margin)
     entry = {
-        "config": {**config.cell_key(), "tasks": config.tasks, "methods": config.methods, "seeds": config.seeds},
+        "config": {
+            **config.cell_key(),
+            "tasks": config.tasks,
+            "methods": config.methods,
+            "seeds": config.seeds,
+            "reference": config.reference,
+            "margin": config.margin,
+        },
         "cells_run": ran,
         "wall_s": time.perf_counter() - started,
         "threads": torch.get_num_threads(),

@@ -1,7 +1,9 @@
 """The sweep's results as tables and a figure: every cell file under OUT/cells read into rows, summarised over
-seeds, and written as OUT/sweep_runs.csv (a row per seed), OUT/sweep.csv and .json (mean and std over seeds),
-OUT/sweep.md (a table per task) and OUT/sweep.html and .png (metric against trainable parameters, per task
-family).
+items and seeds, and written as OUT/sweep_runs.csv (a row per seed), OUT/sweep.csv and .json (the mean with its
+95% bootstrap interval over items and seeds, `aligner.stats`), OUT/sweep_paired.csv (each method's paired
+difference against a reference method on the same items, and what it says against the margin), OUT/sweep.md (a
+table per task) and OUT/sweep.html and .png (metric against trainable parameters, per task family). Every table
+names its base model's weights (`model_precision`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from aligner.files import atomic_write_json, read_json
+from aligner.loading import PACKAGED_MODELS
 from aligner.registry import method_order
+from aligner.stats import MARGIN, Estimate, bootstrap, compare, paired_difference
 
 
 def model_folder(model: str) -> str:
@@ -23,13 +27,33 @@ def model_folder(model: str) -> str:
     return re.sub(r"[^\w.+-]+", "_", model).strip("_")
 
 
-RUN_COLUMNS = ("model", "method", "kind", "params", "task", "family", "split", "metric", "seed", "value", "n", "steps", "best_step", "train_s", "eval_s")
-SUMMARY_COLUMNS = ("model", "method", "kind", "params", "task", "family", "split", "metric", "n_seeds", "mean", "std", "train_s")
+def model_precision(model: str) -> str:
+    """What the base model's weights are, for every table that reports on it: a packaged GGUF's quantisation
+    (the numbers come from a 4-bit model de-quantised, not from the original weights)."""
+    if model in PACKAGED_MODELS:
+        found = re.search(r"\.(q\d\w*)\.gguf$", PACKAGED_MODELS[model].filename, re.IGNORECASE)
+        quant = found.group(1).upper() if found else "quantised"
+        return f"{model}, {quant} GGUF de-quantised to float32"
+    if model == "tiny":
+        return "tiny, random weights (float32)"
+    return f"{model}, weights as stored"
+
+
+RUN_COLUMNS = ("model", "method", "kind", "params", "task", "family", "split", "metric", "seed", "value", "n", "lr", "steps", "best_step", "train_s", "eval_s")
+SUMMARY_COLUMNS = (
+    "model", "precision", "method", "kind", "params", "task", "family", "split", "metric", "n_seeds", "n_items",
+    "mean", "ci_low", "ci_high", "lr", "best_step", "at_budget", "train_s",
+)  # fmt: skip
+PAIRED_COLUMNS = (
+    "model", "precision", "task", "family", "split", "metric", "method", "reference", "n_items", "difference",
+    "ci_low", "ci_high", "margin", "verdict",
+)  # fmt: skip
 GROUP = ("model", "method", "kind", "params", "task", "family", "split", "metric")  # a summary row: these, over seeds
 
 
 def run_rows(out: str | Path) -> list[dict[str, Any]]:
-    """One row per cell, split and metric, from every cell file under `out/cells`."""
+    """One row per cell, split and metric, from every cell file under `out/cells`; `scores` holds the per-item
+    values where the cell kept them."""
     old = sorted(Path(out).glob("cells/*/*/seed*.json"))
     if old:
         raise ValueError(
@@ -41,16 +65,28 @@ def run_rows(out: str | Path) -> list[dict[str, Any]]:
         cell = read_json(path)
         for split, metrics in cell["metrics"].items():
             for metric, value in metrics.items():
-                row = {key: cell.get(key) for key in ("method", "kind", "params", "task", "family", "seed", "steps", "best_step", "train_s", "eval_s")}
+                keys = ("method", "kind", "params", "task", "family", "seed", "lr", "steps", "best_step", "budget", "train_s", "eval_s")
+                row = {key: cell.get(key) for key in keys}
                 row["model"] = cell["config"]["model"]
-                rows.append({**row, "split": split, "metric": metric, "value": value, "n": cell["n"][split]})
+                scores = cell.get("scores", {}).get(split, {}).get(metric)
+                rows.append({**row, "split": split, "metric": metric, "value": value, "n": cell["n"][split], "scores": scores})
     return rows
 
 
-def summarise(out: str | Path) -> list[dict[str, Any]]:
-    """Write OUT/sweep_runs.csv, OUT/sweep.csv and OUT/sweep.json (mean and sample std over seeds; std empty for
-    one seed; a row per base model, method, task, split and metric), OUT/sweep.md, and the figure as OUT/sweep.html
-    and OUT/sweep.png; return the summary rows."""
+def interval(rows: Sequence[dict[str, Any]]) -> Estimate | None:
+    """The bootstrap estimate over the items and seeds of `rows` (one seed each), None where a cell kept no
+    per-item scores or the seeds answered different numbers of items."""
+    scores = [r["scores"] for r in rows]
+    if any(s is None for s in scores) or len({len(s) for s in scores}) != 1:
+        return None
+    return bootstrap(scores)
+
+
+def summarise(out: str | Path, reference: str = "lora-8", margin: float = MARGIN) -> list[dict[str, Any]]:
+    """Write OUT/sweep_runs.csv, OUT/sweep.csv and OUT/sweep.json (a row per base model, method, task, split and
+    metric: the mean over items and seeds with its 95% interval), OUT/sweep_paired.csv (every method against
+    `reference` on the same items, read against `margin`), OUT/sweep.md, and the figure as OUT/sweep.html and
+    OUT/sweep.png; return the summary rows."""
     out = Path(out)
     runs = run_rows(out)
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -58,27 +94,66 @@ def summarise(out: str | Path) -> list[dict[str, Any]]:
         groups.setdefault(tuple(row[k] for k in GROUP), []).append(row)
     summary = []
     for key, rows in groups.items():
-        values = [r["value"] for r in rows]
+        rows = sorted(rows, key=lambda r: r["seed"])
+        estimate = interval(rows)
         times = [r["train_s"] for r in rows if r["train_s"] is not None]
+        best = [r["best_step"] for r in rows if r["best_step"] is not None]
+        at_budget = [r["steps"] == r["budget"] and r["best_step"] == r["steps"] for r in rows if r["budget"] is not None]
         summary.append(
             {
                 **dict(zip(GROUP, key)),
-                "n_seeds": len(values),
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else None,
+                "precision": model_precision(key[0]),
+                "n_seeds": len(rows),
+                "n_items": rows[0]["n"],
+                "mean": estimate.mean if estimate else statistics.fmean(r["value"] for r in rows),
+                "ci_low": estimate.low if estimate else None,
+                "ci_high": estimate.high if estimate else None,
+                "lr": rows[0]["lr"],
+                "best_step": statistics.fmean(best) if best else None,
+                "at_budget": sum(at_budget) if at_budget else None,  # seeds whose best step was the last allowed
                 "train_s": statistics.fmean(times) if times else None,
+                "scores": [r["scores"] for r in rows],
             }
         )
     summary.sort(key=lambda r: (r["model"], r["family"], r["task"], r["split"], r["metric"], method_order(r["method"])))
+    paired = paired_rows(summary, reference, margin)
     _write_csv(out / "sweep_runs.csv", RUN_COLUMNS, runs)
     _write_csv(out / "sweep.csv", SUMMARY_COLUMNS, summary)
+    _write_csv(out / "sweep_paired.csv", PAIRED_COLUMNS, paired)
+    summary = [{k: v for k, v in row.items() if k != "scores"} for row in summary]
     atomic_write_json(out / "sweep.json", summary)
-    (out / "sweep.md").write_text(markdown_tables(summary), encoding="utf-8")
+    (out / "sweep.md").write_text(markdown_tables(summary, paired), encoding="utf-8")
     if summary:
         fig = figure(summary)
         fig.write_html(out / "sweep.html", include_plotlyjs=True)  # readable offline
         write_png(fig, out / "sweep.png")
     return summary
+
+
+def paired_rows(summary: Sequence[dict[str, Any]], reference: str, margin: float) -> list[dict[str, Any]]:
+    """Each method's paired difference against `reference` on the same task, split and metric (both with
+    per-item scores), with its interval and `aligner.stats.compare`'s verdict."""
+    by_key = {(r["model"], r["task"], r["split"], r["metric"], r["method"]): r for r in summary}
+    rows = []
+    for r in summary:
+        base = by_key.get((r["model"], r["task"], r["split"], r["metric"], reference))
+        if base is None or r["method"] == reference or None in (*r["scores"], *base["scores"]):
+            continue
+        if len({len(s) for s in (*r["scores"], *base["scores"])}) != 1:
+            continue
+        difference = paired_difference(r["scores"], base["scores"])
+        rows.append(
+            {
+                **{k: r[k] for k in ("model", "precision", "task", "family", "split", "metric", "method", "n_items")},
+                "reference": reference,
+                "difference": difference.mean,
+                "ci_low": difference.low,
+                "ci_high": difference.high,
+                "margin": margin,
+                "verdict": compare(difference, margin),
+            }
+        )
+    return rows
 
 
 def write_png(fig: Any, path: Path) -> None:
@@ -90,15 +165,18 @@ def write_png(fig: Any, path: Path) -> None:
         warnings.warn(f"{path} not written: {str(error).strip()}")
 
 
-def markdown_tables(summary: Sequence[dict[str, Any]]) -> str:
-    """One table per task: a row per method (trainable parameters, mean training seconds), a column per split
-    and metric, each cell "mean ± std" over seeds (the seed count in brackets when it is not 2)."""
+def markdown_tables(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str, Any]] = ()) -> str:
+    """One table per task and base model (named with its weights' precision): a row per method (trainable
+    parameters, mean training seconds), a column per split and metric, each cell "mean [95% interval]" over
+    items and seeds (the seed count in brackets where it is not the most common); then each method's paired
+    difference against the reference where `paired` has it, on the task's first split."""
     lines = []
-    models = list(dict.fromkeys(r["model"] for r in summary))
     for model, task in dict.fromkeys((r["model"], r["task"]) for r in summary):
         rows = [r for r in summary if (r["model"], r["task"]) == (model, task)]
         columns = list(dict.fromkeys((r["split"], r["metric"]) for r in rows))
-        lines += [f"### {task}" + (f" on {model}" if len(models) > 1 else ""), "", "| method | params | train s | " + " | ".join(f"{s} {m}" for s, m in columns) + " |"]
+        seeds = statistics.mode(r["n_seeds"] for r in rows)
+        lines += [f"### {task} on {rows[0]['precision']}", ""]
+        lines += ["| method | params | train s | " + " | ".join(f"{s} {m}" for s, m in columns) + " |"]
         lines.append("|" + " --- |" * (3 + len(columns)))
         for method in dict.fromkeys(r["method"] for r in rows):
             cells = {(r["split"], r["metric"]): r for r in rows if r["method"] == method}
@@ -109,11 +187,24 @@ def markdown_tables(summary: Sequence[dict[str, Any]]) -> str:
                 if r is None:
                     values.append("")
                     continue
-                text = f"{r['mean']:.2f}" + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
-                values.append(text + (f" ({r['n_seeds']})" if r["n_seeds"] != 2 else ""))
+                digits = 1 if "logprob" in column[1] else 2
+                text = f"{r['mean']:.{digits}f}"
+                if r["ci_low"] is not None:
+                    text += f" [{r['ci_low']:.{digits}f}, {r['ci_high']:.{digits}f}]"
+                values.append(text + (f" ({r['n_seeds']})" if r["n_seeds"] != seeds else ""))
             train_s = "" if first["train_s"] is None else f"{first['train_s']:.0f}"
             lines.append(f"| {method} | {first['params']:,} | {train_s} | " + " | ".join(values) + " |")
-        lines.append("")
+        lines += ["", f"{seeds} seeds per trained method; items per split: " + ", ".join(dict.fromkeys(f"{r['split']} {r['n_items']}" for r in rows)), ""]
+        differences = [p for p in paired if (p["model"], p["task"]) == (model, task)]
+        if differences:
+            lines += [f"Paired differences against {differences[0]['reference']} (margin ±{differences[0]['margin']:.2f}):", ""]
+            lines += ["| method | split | metric | difference [95% interval] | verdict |", "| --- | --- | --- | --- | --- |"]
+            for p in differences:
+                lines.append(
+                    f"| {p['method']} | {p['split']} | {p['metric']} | "
+                    f"{p['difference']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['verdict']} |"
+                )
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -140,7 +231,8 @@ PANELS = (
 
 def figure(summary: Sequence[dict[str, Any]]) -> Any:
     """Metric against trainable parameters (log x; methods with none drawn at 1) per task family and split,
-    one colour per task (and base model), error bars one std over seeds; variants (`aligner-1:lr=...`) left out."""
+    one colour per task (and base model), error bars the 95% interval over items and seeds; variants
+    (`aligner-1:lr=...`) left out."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -165,7 +257,12 @@ def figure(summary: Sequence[dict[str, Any]]) -> Any:
                 go.Scatter(
                     x=[max(r["params"], 1) for r in points],
                     y=[r["mean"] for r in points],
-                    error_y=dict(type="data", array=[r["std"] or 0 for r in points]),
+                    error_y=dict(
+                        type="data",
+                        symmetric=False,
+                        array=[0 if r["ci_high"] is None else r["ci_high"] - r["mean"] for r in points],
+                        arrayminus=[0 if r["ci_low"] is None else r["mean"] - r["ci_low"] for r in points],
+                    ),
                     mode="markers+text",
                     text=[r["method"] for r in points],
                     textposition="top center",
@@ -181,5 +278,6 @@ def figure(summary: Sequence[dict[str, Any]]) -> Any:
             )
         fig.update_xaxes(type="log", title_text="trainable parameters (none: drawn at 1)", row=row, col=col)
         fig.update_yaxes(range=[-0.06, 1.14], row=row, col=col)  # room for the labels above 1
-    fig.update_layout(height=360 * rows, width=1200, title="Form vs knowledge: methods on the same frozen model")
+    precisions = "; ".join(sorted({model_precision(r["model"]) for r in summary}))
+    fig.update_layout(height=360 * rows, width=1200, title=f"Form vs knowledge: methods on the same frozen model ({precisions})")
     return fig

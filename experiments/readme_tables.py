@@ -6,8 +6,9 @@ tables as generated blocks, and docs/check.py fails when a page and this output 
     .venv/bin/python -m experiments.readme_tables TABLE [--model MODEL] [--results DIR]
 
 TABLE is one of: provenance, json, forms, instruct, inject, value, variants (one base model's, --model), dpo,
-headline (both models), or all (every table of --model, each with a title). A cell is the mean over seeds,
-"± std" (sample std) where two seeds ran; zero-training methods are deterministic and ran once; "–": not run.
+headline (both models), or all (every table of --model, each with a title). A cell is the mean with its 95%
+interval over items and seeds where the cells kept per-item scores, else "± std" (sample std over seeds, as the
+first grid recorded); zero-training methods are deterministic and ran once; "–": not run.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class Results:
         r = self.by_key.get((task, method, split, metric))
         if r is None:
             return "–"
-        return f"{r['mean']:.2f}" + ("" if r["std"] is None else f" ± {r['std']:.2f}")
+        if r.get("ci_low") is not None:  # the sweep's 95% interval over items and seeds
+            return f"{r['mean']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+        return f"{r['mean']:.2f}" + ("" if r.get("std") is None else f" ± {r['std']:.2f}")
 
     def methods(self, task: str, variants: bool = False) -> list[str]:
         names = {r["method"] for r in self.rows if r["task"] == task}

@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -73,8 +74,9 @@ def test_a_few_shot_audit_shows_answered_facts_first_and_never_counts_them_known
     assert systems[0].startswith(f"Question: {question}\nAnswer: {capitals.sentence(shown[0])}\n\nQuestion: ")
     assert systems[0].count("Question: ") == 3
     assert len(audit(model, capitals, "a" * 64).known) == len(capitals.facts())  # zero shots: its own cache
-    with pytest.raises(ValueError, match="250 audit shots leave none of its 250 facts"):
-        demonstrations(capitals, len(capitals.facts()))
+    n = len(capitals.facts())
+    with pytest.raises(ValueError, match=f"{n} audit shots leave none of its {n} facts"):
+        demonstrations(capitals, n)
 
 
 def test_cached_answers_are_the_greedy_answers(model):
@@ -104,11 +106,15 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_step(model, m
 
 
 def test_method_names_and_rates():
-    assert method_spec("lora-8").lr == method_spec("lora-1").lr
+    assert method_spec("lora-8").family_lr == method_spec("lora-1").family_lr == 2e-3
+    assert method_spec("lora-8").lr is None  # chosen on validation by the sweep
     spec = method_spec("aligner-1:lr=0.05")
     assert (spec.name, spec.lr, spec.kind) == ("aligner-1:lr=0.05", 0.05, "trained")
     spec = method_spec("adapter-10:steps=40:train=10:gate_scale=0")
-    assert (spec.steps, spec.train, spec.gate_scale, spec.lr) == (40, 10, 0.0, method_spec("adapter-10").lr)
+    assert (spec.steps, spec.train, spec.gate_scale, spec.lr) == (40, 10, 0.0, None)
+    controls = method_spec("aligner-1:tokens=random"), method_spec("lora-8:data=own")
+    assert (controls[0].tokens, controls[1].data) == ("random", "own")
+    assert method_spec("fewshot").kind == "zero"
     with pytest.raises(ValueError, match="only a trained method takes options, and 'base' is not trained"):
         method_spec("base:lr=0.1")
     with pytest.raises(ValueError, match="no method 'ia3'"):
@@ -119,14 +125,17 @@ def test_method_names_and_rates():
     names = ["zbias", "lora-8", "aligner-10", "aligner-1:lr=0.1", "base", "aligner-3", "aligner-1", "steering"]
     assert sorted(names, key=method_order) == ["base", "steering", "aligner-1", "aligner-1:lr=0.1", "aligner-3", "aligner-10", "lora-8", "zbias"]
     for name, message in [
-        ("lora-8:gate_scale=0.5", "'lora-8' has none"),
+        ("lora-8:gate_scale=0.5", "'lora-8' has neither"),
+        ("lora-8:tokens=random", "tokens changes an aligner's gates or tokens; 'lora-8' has neither"),
+        ("aligner-1:tokens=zeros", "tokens must be 'random', got 'zeros'"),
+        ("aligner-1:data=gold", "data must be 'own', got 'gold'"),
         ("aligner-1:steps=0", "steps must be finite and > 0, got 0"),
         ("aligner-1:lr=-1", "lr must be finite and > 0"),
         ("aligner-1:lr=nan", "lr must be finite and > 0, got nan"),
         ("aligner-1:gate_scale=inf", "gate_scale must be finite and >= 0"),
         ("aligner-1:steps=4.5", "steps must be an integer, got '4.5'"),
         ("aligner-1:lr=0.1:lr=0.2", "option 'lr' given twice"),
-        ("aligner-1:rank=4", "no option 'rank'; the options are lr, steps, train, gate_scale"),
+        ("aligner-1:rank=4", "no option 'rank'; the options are lr, steps, train, gate_scale, tokens, data"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             method_spec(name)
@@ -195,27 +204,45 @@ def quick_sweep(private_cache, tmp_path_factory):
 def test_quick_sweep_writes_every_cell_and_the_tidy_tables(quick_sweep):
     out, output = quick_sweep
     trained = [m for m in QUICK.methods if method_spec(m).kind == "trained"]
-    cells = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/*/*/*/*.json"))
-    expected = {f"cells/tiny/{t}/{m}/seed{s}.json" for t in QUICK.tasks for m in trained for s in QUICK.seeds}
-    expected |= {f"cells/tiny/{t}/{m}/seed0.json" for t in QUICK.tasks for m in ("base", "prompting", "steering")}
+    cells = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/*/*/*/seed*.json"))
+    expected = {f"cells/tiny/{t}/{m.replace(':', '+')}/seed{s}.json" for t in QUICK.tasks for m in trained for s in QUICK.seeds}
+    zero = ("base", "prompting", "fewshot", "steering")
+    expected |= {f"cells/tiny/{t}/{m}/seed0.json" for t in QUICK.tasks for m in zero}
     assert set(cells) == expected
     assert f"{len(expected)} cells run in" in output
+    # One rate search per task and training (the random-token control shares aligner-1's), on validation.
+    searches = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/*/*/*/lr.json"))
+    assert searches == [f"cells/tiny/{t}/{m}/lr.json" for t in sorted(QUICK.tasks) for m in ("aligner-1", "lora-1")]
+    search = json.loads((out / searches[0]).read_text())
+    assert [c["lr"] for c in search["candidates"]] == [method_spec("aligner-1").family_lr * f for f in QUICK.lr_factors]
+    assert search["lr"] == min(search["candidates"], key=lambda c: c["valid_loss"])["lr"]
+    for seed in QUICK.seeds:
+        for method in ("aligner-1", "aligner-1+tokens=random"):
+            assert json.loads((out / f"cells/tiny/json/{method}/seed{seed}.json").read_text())["lr"] == search["lr"]
 
     columns, runs = read_csv(out / "sweep_runs.csv")
     assert tuple(columns) == RUN_COLUMNS
+    knowledge = ("answer_logprob", "answer_rank1", "own_logprob", "own_rank1")
     assert {(r["task"], r["split"], r["metric"]) for r in runs} == {
-        ("json", split, metric) for split in ("test", "test_template") for metric in ("form", "content", "both")
+        ("json", split, metric) for split in ("test", "test_template") for metric in ("form", "content", "both", *knowledge)
     } | {("value", split, "refusal") for split in ("harmful", "benign")}
-    assert all(0.0 <= float(r["value"]) <= 1.0 for r in runs) and {r["model"] for r in runs} == {"tiny"}
+    shares = [r for r in runs if "logprob" not in r["metric"]]
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in shares) and {r["model"] for r in runs} == {"tiny"}
+    assert all(float(r["value"]) < 0 for r in runs if "logprob" in r["metric"])
 
     columns, summary = read_csv(out / "sweep.csv")
     assert tuple(columns) == SUMMARY_COLUMNS
     for row in summary:
         trained_row = row["kind"] == "trained"
-        assert row["n_seeds"] == ("2" if trained_row else "1")
-        assert (row["std"] != "") == trained_row and (row["train_s"] != "") == trained_row
-        assert (int(row["params"]) > 0) == trained_row
-    assert json.loads((out / "sweep.json").read_text())[0].keys() == set(SUMMARY_COLUMNS)
+        assert row["n_seeds"] == ("2" if trained_row else "1") and row["n_items"] == str(QUICK.sizes.eval)
+        assert float(row["ci_low"]) <= float(row["mean"]) <= float(row["ci_high"])
+        assert (row["train_s"] != "") == trained_row and (row["lr"] != "") == trained_row
+        assert (int(row["params"]) > 0) == trained_row and row["precision"] == "tiny, random weights (float32)"
+    assert json.loads((out / "sweep.json").read_text())[0].keys() == set(SUMMARY_COLUMNS) - {"scores"}
+    columns, paired = read_csv(out / "sweep_paired.csv")
+    assert {r["reference"] for r in paired} == {QUICK.reference} and QUICK.reference not in {r["method"] for r in paired}
+    assert {r["verdict"] for r in paired} <= {"equivalent", "better", "worse", "inconclusive"}
+    assert "### json on tiny, random weights (float32)" in (out / "sweep.md").read_text()
     assert "plotly" in (out / "sweep.html").read_text()
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -232,7 +259,7 @@ def test_cells_of_two_base_models_make_separate_rows_and_tables(quick_sweep, tmp
     summary = summarise(tmp_path)
     assert {r["model"] for r in summary} == {"tiny", "org/other"}
     tables = (tmp_path / "sweep.md").read_text()
-    assert "### json on tiny" in tables and "### json on org/other" in tables
+    assert "### json on tiny, random weights" in tables and "### json on org/other, weights as stored" in tables
     old = tmp_path / "cells" / "json" / "base" / "seed0.json"  # the layout before cells were kept per model
     old.parent.mkdir(parents=True)
     old.write_text("{}")
@@ -258,6 +285,23 @@ def test_quick_sweep_cells_record_training_and_answers(quick_sweep):
     assert set(cell["outputs"]) == {"test", "test_template"} and len(cell["outputs"]["test"]) == QUICK.sizes.eval
     steering = json.loads((out / "cells/tiny/value/steering/seed0.json").read_text())["steering"]
     assert steering["multiplier"] in QUICK.steering_multipliers and steering["valid_loss"]
+    scores = cell["scores"]["test"]
+    assert cell["metrics"]["test"]["form"] == sum(scores["form"]) / len(scores["form"]) and len(scores["form"]) == 3
+
+
+def test_an_interval_of_the_tables_is_the_bootstrap_of_the_cells_scores(quick_sweep):
+    """Recomputed from the cell files alone, with loops: items and seeds drawn as aligner.stats draws them."""
+    out, _ = quick_sweep
+    rows = [r for r in json.loads((out / "sweep.json").read_text()) if (r["method"], r["split"], r["metric"]) == ("aligner-1", "test", "content")]
+    cells = [json.loads((out / f"cells/tiny/json/aligner-1/seed{s}.json").read_text()) for s in QUICK.seeds]
+    matrix = np.array([c["scores"]["test"]["content"] for c in cells])
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, matrix.shape[1], size=(4000, matrix.shape[1]))
+    seeds = rng.integers(0, matrix.shape[0], size=(4000, matrix.shape[0]))
+    replicates = [np.mean([matrix[s, items[r]].mean() for s in seeds[r]]) for r in range(4000)]
+    low, high = np.percentile(replicates, [2.5, 97.5])
+    assert rows[0]["ci_low"] == pytest.approx(low) and rows[0]["ci_high"] == pytest.approx(high)
+    assert rows[0]["mean"] == pytest.approx(matrix.mean())
 
 
 def test_a_second_sweep_skips_the_cells_it_has(quick_sweep):
