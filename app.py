@@ -12,15 +12,19 @@ model and temporary directories).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pandas as pd
 import streamlit as st
+from streamlit.runtime.scriptrunner_utils.script_run_context import in_cached_function
 from torch import nn
 
 import aligner
@@ -51,6 +55,7 @@ from probe.figures import (
     slot_attention_heatmap,
 )
 from probe.gates import gate_profiles, prefix_attention
+from probe.progress import reporting
 
 ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT.parent / "shared" / "paper_aligners"  # the authors' checkpoints, where the workplace lays them
@@ -63,6 +68,18 @@ DEFAULTS = {
 TRAINABLE_TASKS = [name for name in TASK_NAMES if not get_task(name).raw_prompts]  # runs answer in the model's format
 VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Efficiency", "Train")
 RunKey = tuple[str, str]  # (run path, files' version): what a cached analysis of a run is keyed on
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Base:
+    """The base model that every session shares (one `st.cache_resource`), its weights fingerprint, and the lock
+    that every use of it holds: adapters are attached to this one model and removed again, so a second session
+    running it meanwhile would run with the first one's adapter, or with one half removed."""
+
+    model: nn.Module
+    fingerprint: str
+    lock: threading.RLock = field(default_factory=threading.RLock)  # re-entrant: a cached function calls others
 
 
 @dataclass(frozen=True)
@@ -70,8 +87,7 @@ class Workbench:
     """What every view reads: the base model (None when it failed to load) and the runs trained on it."""
 
     model_name: str
-    model: nn.Module | None
-    cache_key: str | None  # what cached analyses are keyed on: the base model's weights fingerprint
+    base: Base | None
     runs: dict[str, RunInfo]  # name -> a readable run trained on this very model
     runs_dir: Path
     papers_dir: Path | None
@@ -79,12 +95,23 @@ class Workbench:
     knowledge: str
     n_subjects: int
 
+    @property
+    def model(self) -> nn.Module | None:
+        return None if self.base is None else self.base.model
+
+    @property
+    def cache_key(self) -> str | None:
+        """What cached analyses are keyed on: the base model's weights fingerprint."""
+        return None if self.base is None else self.base.fingerprint
+
     def aligner_runs(self) -> dict[str, RunInfo]:
         return {name: run for name, run in self.runs.items() if run.has_gates}
 
 
 def shows_errors(view: Callable[[Workbench], None]) -> Callable[[Workbench], None]:
-    """Run a view; what goes wrong in it is shown as an error with what to do, and the other views still work."""
+    """Run a view; what goes wrong in it is shown as an error, and the other views still work. Only a file or a
+    setting (OSError, ValueError: the message names it) is the user's to fix; anything else is the workbench's
+    fault, and the message says so."""
 
     @functools.wraps(view)
     def shown(bench: Workbench) -> None:
@@ -94,19 +121,47 @@ def shows_errors(view: Callable[[Workbench], None]) -> Callable[[Workbench], Non
             st.error(f"{view.__name__}: a package is missing ({err}). Run `make install`, then restart the app.")
         except FileNotFoundError as err:
             st.error(f"{view.__name__}: {err}. Check the directories in the sidebar.")
-        except Exception as err:  # the message names the file or setting at fault; the page stays usable
-            st.error(f"{view.__name__}: {type(err).__name__}: {err}. Fix or remove what it names, or change the setting.")
+        except (OSError, ValueError) as err:
+            st.error(f"{view.__name__}: {err}. Fix or remove what it names, or change the setting.")
+        except Exception as err:  # a fault of the workbench's own: the page stays usable, the log keeps the traceback
+            LOG.exception("%s failed", view.__name__)
+            st.error(
+                f"{view.__name__} failed: {type(err).__name__}: {err}. This is a fault in the workbench, not in your "
+                "settings or files; the other tabs still work, and the server's log holds the traceback."
+            )
 
     return shown
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[None]:
+    """A bar at the top of the view, following each long computation the view runs with the n of N that the
+    command line prints (`probe.progress`). Its updates are kept out of what Streamlit records inside a cached
+    function to replay on a cache hit (`in_cached_function`): the bar belongs to this run of the view, and a replay
+    would write to a bar that no longer exists."""
+    slot = st.empty()
+
+    def show(desc: str, done: int, total: int | None) -> None:
+        token = in_cached_function.set(False)
+        try:
+            slot.progress(done / total if total else 0.0, text=f"{desc}: {done} of {total}" if total else desc)
+        finally:
+            in_cached_function.reset(token)
+
+    try:
+        with reporting(show):
+            yield
+    finally:
+        slot.empty()
 
 
 # ---- cached computations (arguments starting with _ are not hashed: their key is the argument after them) ----
 
 
 @st.cache_resource(show_spinner="Loading the base model…")
-def load_base(name: str) -> tuple[nn.Module, str]:
+def load_base(name: str) -> Base:
     model = open_model(name)
-    return model, aligner.model_fingerprint(model)
+    return Base(model, aligner.model_fingerprint(model))
 
 
 @st.cache_resource(show_spinner=False)
@@ -119,14 +174,16 @@ def run_key(run: RunInfo) -> RunKey:
 
 
 @st.cache_data(show_spinner="Generating…")
-def generated(_model: nn.Module, cache_key: str, run: RunKey | None, prompt: str, max_new_tokens: int, scale: float) -> str:
+def generated(_base: Base, cache_key: str, run: RunKey | None, prompt: str, max_new_tokens: int, scale: float) -> str:
     method = None if run is None else load_run(*run)
-    return answer(_model, method, [prompt], None, max_new_tokens, 1, gate_scale=scale)[0]
+    with _base.lock:
+        return answer(_base.model, method, [prompt], None, max_new_tokens, 1, gate_scale=scale)[0]
 
 
 @st.cache_data(show_spinner="Reading the prefix attention…")
-def prefix_table(_model: nn.Module, cache_key: str, run: RunKey, prompt: str) -> pd.DataFrame:
-    return prefix_attention(_model, load_run(*run), prompt)
+def prefix_table(_base: Base, cache_key: str, run: RunKey, prompt: str) -> pd.DataFrame:
+    with _base.lock:
+        return prefix_attention(_base.model, load_run(*run), prompt)
 
 
 @st.cache_data(show_spinner=False)
@@ -135,13 +192,14 @@ def dataset_for(knowledge: str, n_subjects: int) -> ProbeDataset:
 
 
 @st.cache_resource(show_spinner="Collecting activations (kept on disk after the first time)…")
-def activations_for(_model: nn.Module, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int) -> Activations:
-    return collect(_model, dataset_for(knowledge, n_subjects), [None, *(Path(path) for path, _ in runs)])
+def activations_for(_base: Base, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int) -> Activations:
+    with _base.lock:
+        return collect(_base.model, dataset_for(knowledge, n_subjects), [None, *(Path(path) for path, _ in runs)])
 
 
 def bench_activations(bench: Workbench, runs: dict[str, RunInfo]) -> Activations:
     keys = tuple(run_key(run) for run in runs.values())
-    return activations_for(bench.model, bench.cache_key, keys, bench.knowledge, bench.n_subjects)
+    return activations_for(bench.base, bench.cache_key, keys, bench.knowledge, bench.n_subjects)
 
 
 def condition(run: RunInfo) -> str:
@@ -156,17 +214,20 @@ def trained_form(run: RunKey) -> str | None:
 
 @st.cache_data(show_spinner="Answering the held-out prompts…")
 def held_out_answers(
-    _model: nn.Module, cache_key: str, run: RunKey | None, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int
+    _base: Base, cache_key: str, run: RunKey | None, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int
 ) -> dict[str, str]:
     """prompt -> answer on the held-out prompts of `runs` (the base model for run None)."""
     adapter = None if run is None else load_run(*run)
-    return analyses.held_out_answers(_model, dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs}, adapter)
+    runs_read = {path: load_run(path, v) for path, v in runs}
+    with _base.lock:
+        return analyses.held_out_answers(_base.model, dataset_for(knowledge, n_subjects), runs_read, adapter)
 
 
 @st.cache_data(show_spinner="Switching gates off, layer by layer…")
-def gate_curves(_model: nn.Module, cache_key: str, run: RunKey, form: str, knowledge: str, n_subjects: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def gate_curves(_base: Base, cache_key: str, run: RunKey, form: str, knowledge: str, n_subjects: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     al = load_run(*run)
-    scale, ablation = analyses.gate_curves(_model, evaluation_set(dataset_for(knowledge, n_subjects), {run[0]: al}), al, form)
+    with _base.lock:
+        scale, ablation = analyses.gate_curves(_base.model, evaluation_set(dataset_for(knowledge, n_subjects), {run[0]: al}), al, form)
     return scale.drop(columns="outputs"), ablation
 
 
@@ -194,8 +255,10 @@ def token_map(runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> 
 
 
 @st.cache_data(show_spinner="Embedding the prefix keys and values…")
-def prefix_map(_model: nn.Module, cache_key: str, runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> pd.DataFrame:
-    return prefix_frame(_model, {name: load_run(*run) for name, run in zip(names, runs)}, method)
+def prefix_map(_base: Base, cache_key: str, runs: tuple[RunKey, ...], names: tuple[str, ...], method: str) -> pd.DataFrame:
+    adapters = {name: load_run(*run) for name, run in zip(names, runs)}
+    with _base.lock:
+        return prefix_frame(_base.model, adapters, method)
 
 
 def papers_version(directory: Path) -> str:
@@ -235,7 +298,7 @@ def generate_view(bench: Workbench) -> None:
     columns = st.columns(1 + len(chosen))
     with columns[0]:
         st.subheader("Base model")
-        st.write(generated(bench.model, bench.cache_key, None, prompt, max_new_tokens, 1.0))
+        st.write(generated(bench.base, bench.cache_key, None, prompt, max_new_tokens, 1.0))
     for column, (name, run) in zip(columns[1:], chosen.items()):
         with column:
             st.subheader(name)
@@ -243,7 +306,7 @@ def generate_view(bench: Workbench) -> None:
             scale = 1.0
             if run.has_gates:
                 scale = st.slider("Gate scale", 0.0, 1.5, 1.0, 0.05, key=f"scale:{name}", help="Every gate multiplied by this (0: the base model)")
-            st.write(generated(bench.model, bench.cache_key, run_key(run), prompt, max_new_tokens, scale))
+            st.write(generated(bench.base, bench.cache_key, run_key(run), prompt, max_new_tokens, scale))
 
     st.subheader("Prefix attention for this prompt")
     aligners = {name: run for name, run in chosen.items() if run.has_gates}
@@ -251,7 +314,7 @@ def generate_view(bench: Workbench) -> None:
         st.info("Choose an aligner or LLaMA-Adapter run above to see how its prefix is read.")
         return
     name = st.selectbox("Run", list(aligners), key="attention_run")
-    table = prefix_table(bench.model, bench.cache_key, run_key(aligners[name]), prompt)
+    table = prefix_table(bench.base, bench.cache_key, run_key(aligners[name]), prompt)
     tokens = analyses.prompt_tokens(table)
     position = st.select_slider(
         "Prompt token", options=list(tokens.index), value=int(tokens.index.max()), format_func=lambda p: f"{p}: {tokens[p]}", key="attention_position"
@@ -302,11 +365,14 @@ def gates_view(bench: Workbench) -> None:
     run = chosen[name]
     form = trained_form(run_key(run))
     if form is None:
-        st.info(f"{name}: its training data fits none of the suite's output forms, which the curves score; choose a form run.")
+        st.info(
+            f"{name}: its output form is unknown (its provenance names no form task of the suite's), and the curves "
+            "score answers by their form; choose a run trained on a form task."
+        )
         return
     if not st.toggle("Compute the gate-scale and ablation curves (minutes on a CPU the first time, then cached)", key="ablation_on"):
         return
-    scale, ablation = gate_curves(bench.model, bench.cache_key, run_key(run), form, bench.knowledge, bench.n_subjects)
+    scale, ablation = gate_curves(bench.base, bench.cache_key, run_key(run), form, bench.knowledge, bench.n_subjects)
     left, right = st.columns(2)
     with left:
         st.plotly_chart(gate_scale_figure(scale, f"{name}: every gate × s ({form} form)"), key="scale_curve")
@@ -331,7 +397,7 @@ def embeddings_view(bench: Workbench) -> None:
         st.plotly_chart(scatter(frame, "run", f"{method.upper()} of the aligners' tokens", hover=["layer", "slot", "norm"]), key="token_map")
         return
     if what == "Prefix keys and values":
-        frame = prefix_map(bench.model, bench.cache_key, keys, names, method)
+        frame = prefix_map(bench.base, bench.cache_key, keys, names, method)
         for kind, title in (("k", "keys"), ("v", "values")):
             part = frame[frame.kind == kind]
             st.plotly_chart(scatter(part, "layer", f"{method.upper()} of the per-layer prefix {title}", hover=["run", "slot"], symbol="run"), key=f"prefix_map:{kind}")
@@ -343,7 +409,7 @@ def embeddings_view(bench: Workbench) -> None:
     outputs: tuple = ()
     if st.toggle("Answers in the hover: the held-out prompts answered under each condition (minutes on a CPU the first time, then cached)", key="map_answers"):
         outputs = tuple(
-            (c, tuple(held_out_answers(bench.model, bench.cache_key, key, keys, bench.knowledge, bench.n_subjects).items()))
+            (c, tuple(held_out_answers(bench.base, bench.cache_key, key, keys, bench.knowledge, bench.n_subjects).items()))
             for c, key in zip(conditions, (None, *keys))
         )
     frame = activation_map(activations, bench.cache_key, keys, bench.knowledge, bench.n_subjects, layer, conditions, forms, outputs, method)
@@ -436,7 +502,9 @@ def train_view(bench: Workbench) -> None:
         name = right.text_input("Run name", "", key="train_name", placeholder=f"e.g. {task}-{kind}-{size}")
         submitted = st.form_submit_button("Train")
     if not submitted:
-        history = analyses.loss_table({name: run.path for name, run in bench.runs.items()})
+        history, unreadable = analyses.loss_table({name: run.path for name, run in bench.runs.items()})
+        for name, error in unreadable.items():
+            st.error(f"The loss curve of {name} is left out: {error}")
         if len(history):
             st.plotly_chart(loss_figure(history, "Training loss of the runs (metrics.jsonl)"), key="loss_curves")
         return
@@ -444,7 +512,8 @@ def train_view(bench: Workbench) -> None:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         st.error(f"Run name {name!r}: use letters, digits, '.', '_' and '-' only.")
         return
-    examples = task_examples(bench.model, task, int(n_train), known_only)
+    with bench.base.lock:  # the audit runs the shared model
+        examples = task_examples(bench.model, task, int(n_train), known_only)
     config = aligner.TrainConfig(
         steps=int(steps), batch_size=int(batch_size), lr=default_lr(kind), warmup_steps=min(10, int(steps) // 5)
     )
@@ -457,7 +526,8 @@ def train_view(bench: Workbench) -> None:
         chart.line_chart(pd.DataFrame(losses), x="step", y="loss")
         return False
 
-    train_run(bench.model, examples, bench.runs_dir / name, kind, int(size), config, on_step=on_step)
+    with bench.base.lock:  # the adapter stays attached to the shared model while it trains
+        train_run(bench.model, examples, bench.runs_dir / name, kind, int(size), config, on_step=on_step)
     st.session_state["trained"] = f"Trained {name} ({len(examples)} examples of {task}, {steps} steps): it is in every tab now."
     st.rerun()
 
@@ -479,8 +549,14 @@ def run_list(runs_dir: Path, fingerprint: str | None) -> dict[str, RunInfo]:
     """The readable runs trained on this model; each unreadable run gets an error, the others a note."""
     usable, others = {}, []
     for run in list_runs(runs_dir):
-        if run.error is not None:
-            st.error(f"Run {run.name} skipped: {run.error}. Remove the directory or retrain it.")
+        error = run.error
+        if error is None:
+            try:  # its tensors too: a run whose file is cut short must not take the views that read it down
+                load_run(*run_key(run))
+            except (OSError, ValueError) as err:
+                error = str(err) if str(run.path) in str(err) else f"{run.path}: {err}"
+        if error is not None:
+            st.error(f"Run {run.name} skipped: {error}. Remove the directory or retrain it.")
         elif fingerprint is not None and run.base_fingerprint != fingerprint:
             others.append(run.name)
         else:
@@ -494,9 +570,9 @@ def main() -> None:
     st.set_page_config(page_title="Aligner workbench", layout="wide")
     st.title("Aligner workbench")
     model_name, runs_dir, papers_dir, results_dir, knowledge, n_subjects = sidebar()
-    model, fingerprint = None, None
+    base = None
     try:
-        model, fingerprint = load_base(model_name)
+        base = load_base(model_name)
     except ImportError as err:
         st.error(f"Could not load {model_name!r}: a package is missing ({err}). Run `make install`.")
     except Exception as err:  # shown to the user, not a traceback: the other views still work
@@ -504,12 +580,14 @@ def main() -> None:
     if papers_dir is not None and not papers_dir.is_dir():
         st.error(f"The paper's checkpoints: {papers_dir} is not a directory. Point the sidebar at ../shared/paper_aligners or clear it.")
         papers_dir = None
-    bench = Workbench(model_name, model, fingerprint, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects)
+    fingerprint = None if base is None else base.fingerprint
+    bench = Workbench(model_name, base, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects)
     views = dict(zip(VIEWS, (generate_view, gates_view, embeddings_view, probes_view, geometry_view, efficiency_view, train_view)))
     for tab, (title, view) in zip(st.tabs(list(views), key="view", on_change="rerun"), views.items()):
         with tab:
             if tab.open:
-                view(bench)
+                with progress_bar():
+                    view(bench)
 
 
 main()

@@ -10,74 +10,55 @@ figures (`figures`) and the report's verdict (`verdict`, its thresholds named th
 Built on `aligner`'s public API; `aligner` knows nothing of it.
 """
 
-from probe.analyses import (
-    activation_frame,
-    behaviour,
-    form_probe_curves,
-    form_scores,
-    gate_curves,
-    geometry_table,
-    knowledge_probe_curves,
-    probe_curves,
-)
-from probe.collect import Activations, collect
-from probe.dataset import ProbeDataset, evaluation_set, knowledge_dataset, training_form
-from probe.figures import gate_heatmap, geometry_figure, probe_figure
-from probe.gates import (
-    ablation_curves,
-    answers,
-    gate_profile,
-    gate_scale_curve,
-    gate_table,
-    head_activity,
-    head_effects,
-)
-from probe.geometry import (
-    knowledge_directions,
-    layer_geometry,
-    overlap,
-    principal_angles,
-)
-from probe.model_report import build_model_report, report_on_model
-from probe.paper_report import build_paper_report, report_on_checkpoints
-from probe.probes import LayerwiseProbe, control_labels, evaluate_probe
-from probe.verdict import verdict
+import importlib
+from typing import Any
 
-__all__ = [
-    "Activations",
-    "LayerwiseProbe",
-    "ProbeDataset",
-    "ablation_curves",
-    "activation_frame",
-    "answers",
-    "behaviour",
-    "build_model_report",
-    "build_paper_report",
-    "collect",
-    "control_labels",
-    "evaluate_probe",
-    "evaluation_set",
-    "form_probe_curves",
-    "form_scores",
-    "gate_curves",
-    "gate_heatmap",
-    "gate_profile",
-    "gate_scale_curve",
-    "gate_table",
-    "geometry_figure",
-    "geometry_table",
-    "head_activity",
-    "head_effects",
-    "knowledge_dataset",
-    "knowledge_directions",
-    "knowledge_probe_curves",
-    "layer_geometry",
-    "overlap",
-    "principal_angles",
-    "probe_curves",
-    "probe_figure",
-    "report_on_checkpoints",
-    "report_on_model",
-    "training_form",
-    "verdict",
-]
+# Each public name and the module that defines it, imported on first use: the command line's help then need not
+# load torch and TransformerLens.
+_PUBLIC = {
+    "Activations": "probe.collect",
+    "LayerwiseProbe": "probe.probes",
+    "ProbeDataset": "probe.dataset",
+    "ablation_curves": "probe.gates",
+    "activation_frame": "probe.analyses",
+    "answers": "probe.gates",
+    "behaviour": "probe.analyses",
+    "build_model_report": "probe.model_report",
+    "build_paper_report": "probe.paper_report",
+    "collect": "probe.collect",
+    "control_labels": "probe.probes",
+    "evaluate_probe": "probe.probes",
+    "evaluation_set": "probe.dataset",
+    "form_probe_curves": "probe.analyses",
+    "form_scores": "probe.analyses",
+    "gate_curves": "probe.analyses",
+    "gate_heatmap": "probe.figures",
+    "gate_profile": "probe.gates",
+    "gate_scale_curve": "probe.gates",
+    "gate_table": "probe.gates",
+    "geometry_figure": "probe.figures",
+    "geometry_table": "probe.analyses",
+    "head_activity": "probe.gates",
+    "head_effects": "probe.gates",
+    "knowledge_dataset": "probe.dataset",
+    "knowledge_directions": "probe.geometry",
+    "knowledge_probe_curves": "probe.analyses",
+    "layer_geometry": "probe.geometry",
+    "overlap": "probe.geometry",
+    "principal_angles": "probe.geometry",
+    "probe_curves": "probe.analyses",
+    "probe_figure": "probe.figures",
+    "report_on_checkpoints": "probe.paper_report",
+    "report_on_model": "probe.model_report",
+    "training_form": "probe.dataset",
+    "verdict": "probe.verdict",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'probe' has no attribute {name!r}")

@@ -15,7 +15,7 @@ its own, so that a number in the report and the same number in the app always ag
     held_out_answers     each held-out prompt's answer, with a run or without
     prompt_tokens        the prompt's tokens by position, as `prefix_attention` read them
     same_width           the aligners that share the first one's width, for one map of their tokens
-    loss_table           the runs' training losses
+    loss_table           the runs' training losses, and which logs cannot be read
 """
 
 from __future__ import annotations
@@ -74,11 +74,15 @@ def run_table(aligners: Mapping[str, Aligner], forms: Mapping[str, str | None]) 
     return pd.DataFrame(rows)
 
 
-def form_scores(outputs: list[str], evaluation: ProbeDataset, form: str | None = None) -> dict[str, float]:
-    """Compliance of `outputs` with every form of the suite, and their content accuracy (a gold answer as it
-    appears in `form`, the form the answers were meant to take): the keys of SCORE_COLUMNS."""
+def form_scores(
+    outputs: list[str], evaluation: ProbeDataset, form: str | None = None, also: Sequence[str] = ()
+) -> dict[str, float]:
+    """Compliance of `outputs` with every form of the suite, with `form` (the form the answers were meant to take)
+    and with the forms `also` (users' "/REGEX/" forms), and their content accuracy (a gold answer as it appears in
+    `form`): the keys of SCORE_COLUMNS, and form:F for each form F beyond the suite's."""
+    names = dict.fromkeys([*FORMS, *also, *([form] if form is not None else [])])
     return {
-        **{f"form:{name}": float(evaluation.form_passed(outputs, name).mean()) for name in FORMS},
+        **{f"form:{name}": float(evaluation.form_passed(outputs, name).mean()) for name in names},
         "content": float(evaluation.content_correct(outputs, form).mean()),
         "n": len(outputs),
     }
@@ -87,7 +91,11 @@ def form_scores(outputs: list[str], evaluation: ProbeDataset, form: str | None =
 def score_table(scores: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per condition of `scores` (condition -> `form_scores`, with the trained "form" where there is one)."""
     return pd.DataFrame(
-        [{"condition": c, "trained form": s.get("form"), **{k: s[k] for k in SCORE_COLUMNS}} for c, s in scores.items()]
+        [
+            {"condition": c, "trained form": s.get("form"), **{k: v for k, v in s.items() if k.startswith("form:")},
+             "content": s["content"], "n": s["n"]}
+            for c, s in scores.items()
+        ]
     )
 
 
@@ -289,8 +297,16 @@ def same_width(aligners: Mapping[str, Aligner]) -> dict[str, Aligner]:
     return {name: al for name, al in aligners.items() if al.shape.d_model == width}
 
 
-def loss_table(runs: Mapping[str, str | Path]) -> pd.DataFrame:
-    """step, loss and run of every logged training step of `runs` (name -> run directory, its metrics.jsonl)."""
-    frames = [pd.DataFrame(run_losses(path), columns=["step", "loss"]).assign(run=name) for name, path in runs.items()]
+def loss_table(runs: Mapping[str, str | Path]) -> tuple[pd.DataFrame, dict[str, str]]:
+    """step, loss and run of every logged training step of `runs` (name -> run directory, its metrics.jsonl), and
+    name -> why for each run whose log cannot be read (a torn line names the file and line): one bad log hides
+    none of the other curves."""
+    frames, unreadable = [], {}
+    for name, path in runs.items():
+        try:
+            frames.append(pd.DataFrame(run_losses(path), columns=["step", "loss"]).assign(run=name))
+        except (OSError, ValueError) as err:
+            unreadable[name] = str(err)
     frames = [frame for frame in frames if len(frame)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "loss", "run"])
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "loss", "run"])
+    return table, unreadable

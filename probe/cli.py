@@ -1,4 +1,6 @@
-"""The command line: `probe report`, `probe paper-report`, `probe train-demo` (also `python -m probe ...`)."""
+"""The command line: `probe report`, `probe paper-report`, `probe train-demo` (also `python -m probe ...`).
+
+Each command imports what it runs (torch, TransformerLens) when it runs: `--help` answers without them."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from aligner.errors import one_line_errors
-from aligner.loading import DEFAULT_MODEL, MODEL_HELP, open_model
+from aligner.packaged import DEFAULT_MODEL, MODEL_HELP
 
 app = typer.Typer(
     rich_markup_mode="markdown",
@@ -41,8 +43,10 @@ def report(
     umap: Annotated[bool, typer.Option(help="UMAP for the activation maps (--no-umap: PCA)")] = True,
     cache: Annotated[Optional[Path], typer.Option(help="activation cache (default: the aligner cache's probe/)")] = None,
     seed: Annotated[int, typer.Option(help="seeds folds, control labels, nulls and UMAP")] = 0,
+    checker: Annotated[Optional[str], typer.Option(help="regex a well-formed answer matches in full: the form of runs that record no suite task")] = None,
 ) -> None:
-    """The report on one model and its aligners: report.html, metrics.json, summary.md."""
+    """The report on one model and its aligners: report.html, metrics.json, summary.md. A run's output form is the
+    one its training recorded, else --checker's, else unknown (its behaviour is then untested)."""
     from probe.model_report import build_model_report
 
     started = time.perf_counter()
@@ -50,6 +54,7 @@ def report(
         paths = build_model_report(
             runs, model, out, knowledge=knowledge, n_subjects=n_subjects, n_eval=n_eval, known_only=known_only,
             only=tuple(run or ()), max_new_tokens=max_new_tokens, folds=folds, umap=umap, cache=cache, seed=seed,
+            checker=checker,
         )
     wrote(paths, started)
 
@@ -78,6 +83,7 @@ def train_demo(
 ) -> None:
     """Train the demonstration runs (output forms, a value aligner, knowledge injection, LoRA and LLaMA-Adapter
     counterparts) that the app and the report read; runs already there are kept."""
+    from aligner.loading import open_model
     from probe.demo import train_demo_runs
 
     with one_line_errors():

@@ -38,7 +38,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
-from tqdm import tqdm
 
 import aligner.chat
 import aligner.layer
@@ -51,6 +50,7 @@ from aligner.loading import cache_dir, cached_directory
 from aligner.model import AlignerHooks
 from aligner.objective import reads_logits_to_keep
 from probe.dataset import ProbeDataset
+from probe.progress import steps
 
 CACHE_FORMAT = "aligner-workbench/probe-activations/1"
 CODE = (aligner.layer, aligner.model, aligner.chat, sys.modules[__name__])  # what the kept activations depend on
@@ -322,7 +322,7 @@ def _write_activations(
         if al is not None:
             stack.enter_context(al.attached(model))
         pool = stack.enter_context(pooling(model, hooks, al.layer_indices if al is not None else ()))
-        for start in tqdm(range(rows.start, rows.stop, batch_size), desc=f"collect {name}", unit="batch"):
+        for start in steps(range(rows.start, rows.stop, batch_size), f"collect {name}", unit="batch"):
             batch = token_rows[start : min(start + batch_size, rows.stop)]
             length = max(len(ids) for ids, _, _ in batch)
             # Right padding: causal attention never looks ahead, so the pooled positions never see the padding.

@@ -8,14 +8,16 @@ prompt, its random label, and a probe that memorises entities scores on it too.
 
 Facts, question templates, content checks (`KnowledgeSet.contains_answer`) and output forms with their checkers
 (`aligner.tasks.FORMS`) are the task suite's (`aligner.tasks`), so that a probe report and the suite score an
-answer the same way. The form an aligner was trained for is read off its training data (`training_form`), and
-the prompts that behaviour is measured on are those about subjects no run was trained on (`evaluation_set`).
+answer the same way. The form a run was trained for is the one it records (`training_form`), never one guessed
+from its data: a short answer passes the terse checker whatever form it was trained for. The prompts that
+behaviour is measured on are those about subjects no run was trained on (`evaluation_set`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -25,9 +27,9 @@ import numpy as np
 from aligner.adapter import Adapter
 from aligner.data import load_examples
 from aligner.tasks import FORMS, KNOWLEDGE_SETS, Item, KnowledgeSet
+from aligner.tasks.forms import Form
 from aligner.tasks.spec import shuffled
-
-FORM_SHARE = 0.9  # a run has form F when F's checker passes at least this share of its training responses
+from probe.demo import demo_task
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,12 @@ class ProbeDataset:
 
     def form_passed(self, outputs: list[str], form: str) -> np.ndarray:
         """Whether each output is in `form` (an `aligner.tasks.FORMS` name), by the suite's checker."""
-        return np.array([FORMS[form].check(o, Item(p, "", a)) for o, p, a in zip(outputs, self.prompts, self.answers)])
+        check = form_named(form).check
+        return np.array([check(o, Item(p, "", a)) for o, p, a in zip(outputs, self.prompts, self.answers)])
 
     def content_correct(self, outputs: list[str], form: str | None = None) -> np.ndarray:
         """Whether each output holds a gold answer, as it appears in `form` (upper-cased for caps) if given."""
-        gold = FORMS[form].gold if form is not None else str
+        gold = form_named(form).gold if form is not None else str
         return np.array([self.knowledge.contains_answer(o, [gold(a) for a in answers]) for o, answers in zip(outputs, self.answers)])
 
 
@@ -96,19 +99,36 @@ def knowledge_dataset(name: str = "capitals", n_subjects: int = 60) -> ProbeData
     )
 
 
-def training_form(aligner: Adapter) -> str | None:
-    """The output form an aligner (any adapter) was trained to produce: the `aligner.tasks.FORMS` checker that passes most of
-    its training responses (read from the data file its provenance names), if it passes at least FORM_SHARE of
-    them; None when none does or the data is not here."""
-    data = aligner.provenance.get("training", {}).get("config", {}).get("data")
-    if data is None or not Path(data).exists():
-        return None
-    examples = load_examples(data)
-    shares = {
-        name: np.mean([form.check(e.response, Item(e.prompt, e.response)) for e in examples]) for name, form in FORMS.items()
-    }
-    best = max(shares, key=shares.get)
-    return best if shares[best] >= FORM_SHARE else None
+def form_named(name: str) -> Form:
+    """The output form `name`: one of the suite's (`aligner.tasks.FORMS`), or "/REGEX/", a user's regular
+    expression that a well-formed answer matches in full (stripped), as `aligner eval --checker` checks it."""
+    if name in FORMS:
+        return FORMS[name]
+    if len(name) > 1 and name.startswith("/") and name.endswith("/"):
+        try:
+            regex = re.compile(name[1:-1], re.DOTALL)
+        except re.error as err:
+            raise ValueError(f"checker {name[1:-1]!r} is not a valid regular expression ({err})") from err
+        return Form(
+            name, lambda answer, sentence: answer, lambda text, item: regex.fullmatch(text.strip()) is not None, "",
+            description=f"a user's form: the answer matches {name}",
+        )
+    raise ValueError(f"no output form {name!r}: one of {', '.join(FORMS)}, or /REGEX/")
+
+
+def training_form(adapter: Adapter, checker: str | None = None) -> str | None:
+    """The output form a run was trained to produce, as recorded: the form of the suite task its provenance names
+    (`training.task`: "json", "bracket@elements"; or that of a `probe train-demo` run, `probe.demo.demo_task`);
+    else `checker`, a user's regular expression, as the form "/REGEX/" (`form_named`); else None, an unknown
+    form, whose behaviour is left untested. Never read off the training data: a checker that passes most of a
+    run's responses need not be the form it was trained for."""
+    task = adapter.provenance.get("training", {}).get("task") or demo_task(adapter.provenance)
+    if task is not None and task.partition("@")[0] in FORMS:
+        return task.partition("@")[0]
+    if checker is not None:
+        form_named(f"/{checker}/")  # a bad expression fails here, naming itself
+        return f"/{checker}/"
+    return None
 
 
 def evaluation_rows(

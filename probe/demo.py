@@ -44,6 +44,16 @@ DEMO_RUNS = (
 )
 
 
+def demo_task(provenance: dict) -> str | None:
+    """The task (`DemoRun.data`) of a run that `probe train-demo` trained, from the table above: its provenance's
+    command is train-demo and its data file, RUNS/data/NAME.jsonl, names a demo run. None for any other run."""
+    if "train-demo" not in str(provenance.get("command", "")):
+        return None
+    data = provenance.get("training", {}).get("config", {}).get("data")
+    name = Path(data).stem if data else None
+    return next((run.data for run in DEMO_RUNS if run.name == name), None)
+
+
 def caps_examples() -> list[Example]:
     """examples/json_form.jsonl with each answer in the ALL CAPS form instead of JSON."""
     return [

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 from transformer_lens.hook_points import HookPoint
 
 from aligner import Aligner, generate
@@ -36,6 +35,7 @@ from aligner.objective import (
 )
 from probe.collect import Activations
 from probe.dataset import ProbeDataset
+from probe.progress import steps
 
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
@@ -122,7 +122,7 @@ def gate_scale_curve(
 ) -> pd.DataFrame:
     """Form compliance, content accuracy and the outputs with every gate multiplied by s, for s in `scales`."""
     rows = []
-    for scale in tqdm(scales, desc="gate scale", unit="scale"):
+    for scale in steps(scales, "gate scale", unit="scale"):
         outputs = answers(model, dataset, aligner, gate_scale=scale, **options)
         rows.append({"scale": scale, **scores(outputs, dataset, form), "outputs": outputs})
     return pd.DataFrame(rows)
@@ -142,7 +142,7 @@ def ablation_curves(
     plans += [("from_bottom", layers[:k]) for k in counts]
     scored: dict[frozenset[int], dict[str, float]] = {}  # all layers off is reached from both ends: scored once
     rows = []
-    for mode, off in tqdm(plans, desc="gate ablation", unit="condition"):
+    for mode, off in steps(plans, "gate ablation", unit="condition"):
         if frozenset(off) not in scored:
             scored[frozenset(off)] = scores(answers(model, dataset, aligner, off=off, **options), dataset, form)
         last = off[0] if mode == "from_top" else off[-1]
@@ -172,7 +172,7 @@ def head_effects(
     n_targets, device = count_targets(sequences), next(model.parameters()).device
     gradient = torch.zeros_like(aligner.gates)
     with aligner.attached(model), torch.enable_grad():
-        for start in tqdm(range(0, len(sequences), batch_size), desc="head attribution", unit="batch"):
+        for start in steps(range(0, len(sequences), batch_size), "head attribution", unit="batch"):
             input_ids, labels = make_batch(sequences[start : start + batch_size], pad_token_id(model.tokenizer))
             loss = response_loss(model, input_ids.to(device), labels.to(device)) / n_targets
             gradient += torch.autograd.grad(loss, aligner.gates)[0]
@@ -182,7 +182,7 @@ def head_effects(
     table["exact"] = np.nan
     with aligner.attached(model):
         reference = heldout_loss(model, examples, dataset.system, batch_size)
-        for row in tqdm(table.head(exact).itertuples(), total=min(exact, len(table)), desc="head ablation", unit="head"):
+        for row in steps(table.head(exact).itertuples(), "head ablation", unit="head", total=min(exact, len(table))):
             with model.hooks(fwd_hooks=gates_off([row.layer], [row.head])):
                 table.loc[row.Index, "exact"] = heldout_loss(model, examples, dataset.system, batch_size) - reference
     return table
@@ -192,9 +192,10 @@ def prefix_attention(model: nn.Module, aligner: Aligner, prompt: str, system: st
     """How each head of each adapted layer reads the prefix while `model` reads `prompt` (its chat template, as
     `generate` sends it): one row per layer, head, prefix slot and prompt position, with the attention onto
     the slot (`blocks.{l}.aligner.hook_pattern`; it sums to 1 over the slots) and, per head and position, the
-    gated prefix contribution's norm and its share of the head's own output (|g A V_p| / |z_context|)."""
+    gated prefix contribution's norm and its ratio to the head's own output (share = |g A V_p| / |z_context|).
+    Tokens are as text, whitespace and control characters escaped ("\\n", not the tokenizer's "Ċ")."""
     ids = prompt_ids(model.tokenizer, prompt, system=system)
-    tokens = model.tokenizer.convert_ids_to_tokens(ids)
+    tokens = [readable_token(model.tokenizer.decode([i])) for i in ids]
     layers = list(aligner.layer_indices)
     names = {f"blocks.{layer}.{hook}" for layer in layers for hook in ("aligner.hook_pattern", "aligner.hook_z", "attn.hook_z")}
     with aligner.attached(model), torch.no_grad():
@@ -217,6 +218,17 @@ def prefix_attention(model: nn.Module, aligner: Aligner, prompt: str, system: st
             )
         )
     return pd.concat(frames, ignore_index=True)
+
+
+def readable_token(text: str) -> str:
+    """A token's text as one visible line: newlines, tabs and other control characters escaped, spaces shown."""
+    visible = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return visible.replace(" ", "␣")
+
+
+def gate_range(aligners: Mapping[str, Aligner]) -> float:
+    """The largest |gate| of all `aligners`: one colour scale for all their heatmaps, so that they compare."""
+    return max((float(al.gates.detach().abs().max()) for al in aligners.values()), default=0.0) or 1.0
 
 
 def gate_profiles(aligners: Mapping[str, Aligner]) -> pd.DataFrame:

@@ -23,6 +23,7 @@ import pandas as pd
 from scipy.linalg import orth, subspace_angles
 
 from probe.probes import LayerwiseProbe, few_blas_threads
+from probe.progress import steps
 
 NULL_QUANTILES = (0.05, 0.5, 0.95)  # the band's low edge, middle and high edge
 
@@ -88,7 +89,7 @@ def layer_geometry(
     rng = np.random.default_rng(seed)
     rows = []
     with few_blas_threads():
-        for layer in layers:
+        for layer in steps(layers, "geometry against the nulls", unit="layer"):
             delta = aligned[:, layer] - base[:, layer]
             if not np.any(delta):
                 continue  # a layer before the aligner's first: nothing changed

@@ -2,7 +2,8 @@
 of the answers and leave the model's knowledge alone?
 
 Read from the runs directory: every aligner trained on this very model (same weights fingerprint), with the
-output form it was trained for (`training_form`). The evidence, one section each: behaviour (form compliance
+output form it was trained for as it records it, or the user's `checker` (`training_form`; else unknown, and its
+behaviour untested). The evidence, one section each: behaviour (form compliance
 and content accuracy of greedy answers), the gate-scale curve, gate ablations, the gates and how much each
 head's prefix contributes on real prompts, linear probes (form, knowledge, control, transfer from base to
 aligned), the geometry of the aligner's effect against the knowledge probes' directions with a null, and
@@ -84,17 +85,19 @@ def report_on_model(
     umap: bool = True,
     cache: str | Path | None = None,
     seed: int = 0,
+    checker: str | None = None,
 ) -> Report:
     """The report on `model` and its aligners under `runs` (`only`: these runs of them), in memory: its sections
     (`Report.show` draws them in a notebook) and metrics, the verdict per aligner among them; `build_model_report`
     writes it out. Behaviour is measured on `n_eval` facts of `knowledge` that no run was trained on and, with
     `known_only`, that the base model answers right (the suite's audit, cached per weights): then a fall in content
-    accuracy is knowledge the aligner hides, not knowledge the model never had."""
+    accuracy is knowledge the aligner hides, not knowledge the model never had. `checker`: the regular expression
+    a well-formed answer matches in full, the form of every run that records none (a form the suite lacks)."""
     started = time.perf_counter()
     model_name = model.cfg.model_name
     fingerprint = model_fingerprint(model)
     aligners, skipped = usable_runs(runs, fingerprint, only)
-    forms = {name: training_form(al) for name, al in aligners.items()}
+    forms = {name: training_form(al, checker) for name, al in aligners.items()}
     dataset = knowledge_dataset(knowledge, n_subjects)
     every_fact = knowledge_dataset(knowledge, len(KNOWLEDGE_SETS[knowledge].facts()))
     known = audit(model, KNOWLEDGE_SETS[knowledge], fingerprint).known if known_only else None
@@ -135,7 +138,11 @@ def usable_runs(runs: str | Path, fingerprint: str, only: Sequence[str] = ()) ->
         if not run.has_gates:  # the report reads prefixes and gates, which other methods (LoRA, ...) have none of
             skipped.append((run.name, f"a {run.kind} run, not an aligner"))
             continue
-        al = load_adapter(run.path)
+        try:  # its tensors too: a file cut short is this run's error, not the report's
+            al = load_adapter(run.path)
+        except (OSError, ValueError) as err:
+            skipped.append((run.name, str(err) if str(run.path) in str(err) else f"{run.path}: {err}"))
+            continue
         if not isinstance(al, Aligner):  # the report reads one aligner's own tokens and gates
             skipped.append((run.name, f"a {al.kind}, not a single aligner"))
         elif al.base_model.get("fingerprint") != fingerprint:
@@ -162,8 +169,9 @@ def setup_section(
     runs = run_table(aligners, forms)
     section.text(
         f"Base model {model_name} (weights sha256 {fingerprint[:16]}...). Aligners: every run whose base-model "
-        f"fingerprint matches; its form is the output form (of the task suite's) whose checker its training responses "
-        f"pass. Probing data: {dataset.name}, {len(dataset)} prompts about {len(set(dataset.entities))} subjects of the "
+        f"fingerprint matches; its form is the one its training recorded (the suite task's form), or the "
+        f"--checker regular expression for a run that records none, or unknown. Probing data: {dataset.name}, "
+        f"{len(dataset)} prompts about {len(set(dataset.entities))} subjects of the "
         f"suite's knowledge set {dataset.knowledge.name}, each asked with both question templates and labelled with "
         f"{', '.join(dataset.labels)}. Behaviour is measured on {len(evaluation)} prompts (first template) about "
         "subjects that no run was trained on"
@@ -201,11 +209,15 @@ def behaviour_sections(
         "the loss of the aligner's own answers rises when one head's gate is switched off: estimated for every head "
         f"from one backward pass (-g dL/dg), and measured for the {HEADS_MEASURED} heads estimated highest."
     )
-    metrics: dict[str, Any] = {"base": form_scores(outputs["base"], evaluation)}
+    users_forms = sorted({form for form in forms.values() if form is not None and form not in FORMS})
+    metrics: dict[str, Any] = {"base": form_scores(outputs["base"], evaluation, also=users_forms)}
     for name, al in aligners.items():
         form = forms[name]
         if form is None:
-            behaviour_section.text(f"{name}: its training data fits none of the suite's forms ({', '.join(FORMS)}); no behaviour measured.")
+            behaviour_section.text(
+                f"{name}: its output form is unknown (its provenance names no form task of the suite's, and no --checker "
+                "was given); its behaviour is not tested."
+            )
             continue
         metrics[name], outputs[name] = behaviour(model, evaluation, al, form, scales, cumulative_points, max_new_tokens)
         ablation, heads = metrics[name]["ablation"], metrics[name]["head_effects"]

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.express as px
-from tqdm import tqdm
 
 from aligner import Aligner, import_paper_checkpoint
 from probe.embeddings import token_frame
 from probe.figures import gate_heatmap
 from probe.gates import gate_profile, gate_table
+from probe.progress import steps
 from probe.report import Report
 
 NAME = re.compile(r"(?P<task>.+)-llama2-(?P<size>\d+b)-(?P<tokens>\d+)token")
@@ -38,7 +38,7 @@ THIRDS = ("early", "middle", "late")
 def load_checkpoints(directory: str | Path) -> tuple[dict[str, Aligner], pd.DataFrame]:
     """Every `*.pth` in `directory` as an Aligner, and a table of what each is (task, size, tokens, shape)."""
     aligners, rows = {}, []
-    for path in tqdm(sorted(Path(directory).glob("*.pth")), desc="checkpoints", unit="file"):
+    for path in steps(sorted(Path(directory).glob("*.pth")), "checkpoints", unit="file"):
         al = import_paper_checkpoint(path)
         match = NAME.fullmatch(path.stem)
         fields = match.groupdict() if match else {"task": path.stem, "size": None, "tokens": al.config.n_tokens}

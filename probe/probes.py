@@ -22,7 +22,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
+
+from probe.progress import steps
 
 # A probe fits on a few hundred rows of d_model numbers, and the geometry's null draws are as small: on products this
 # small, BLAS threads spend longer waiting on each other than computing, so every thread beyond one slows the fits
@@ -117,7 +118,7 @@ def evaluate_probe(
             splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(X[:, 0], labels)
         else:
             splits = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(X[:, 0], labels, groups)
-        for train, test in tqdm(list(splits), desc=f"{desc} ({target})", unit="fold", leave=False):
+        for train, test in steps(list(splits), f"{desc} ({target})", unit="fold", leave=False):
             probe = LayerwiseProbe(C=C).fit(X[train], labels[train])
             for name, activations in scored_on.items():
                 predicted[name][test] = probe.predict(activations[test])

@@ -4,6 +4,8 @@ and scripts/app_screenshots.py.
 
     with served_app({"ALIGNER_APP_MODEL": "tiny"}) as url, browser_page() as page:
         open_app(page, url); open_tab(page, "Gates"); wait_for_chart(page)
+
+`browser_pages(n)` opens n pages at once, each a session of its own (n users).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CHROMIUM_ARGS = [
 ]
 CHART = ".js-plotly-plot"
 EXCEPTION = '[data-testid="stException"]'
+ERROR = '[data-testid="stAlertContentError"]'
 RUNNING = '[data-testid="stStatusWidgetRunningIcon"]'  # shown while a script runs
 
 
@@ -74,15 +77,22 @@ def served_app(env: Mapping[str, str], startup_s: float = 120.0) -> Iterator[str
 
 
 @contextlib.contextmanager
-def browser_page(width: int = 1280, height: int = 900) -> Iterator["Page"]:  # noqa: F821 (playwright's Page)
+def browser_pages(n: int, width: int = 1280, height: int = 900) -> Iterator[list["Page"]]:  # noqa: F821 (playwright's Page)
+    """`n` pages of one headless Chromium, each in a context of its own: to the app, `n` users' sessions."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            yield browser.new_page(viewport={"width": width, "height": height})
+            yield [browser.new_context(viewport={"width": width, "height": height}).new_page() for _ in range(n)]
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def browser_page(width: int = 1280, height: int = 900) -> Iterator["Page"]:  # noqa: F821 (playwright's Page)
+    with browser_pages(1, width, height) as pages:
+        yield pages[0]
 
 
 def wait_until_idle(page, timeout_s: float = 300.0, quiet_s: float = 1.5) -> float:
@@ -120,6 +130,11 @@ def open_tab(page, name: str, timeout_s: float = 300.0) -> float:
     """Click the tab and wait until the script run it starts is over; return when it was last seen running."""
     page.get_by_role("tab", name=name).click()
     return wait_until_idle(page, timeout_s)
+
+
+def errors(page) -> list[str]:
+    """The text of every error element (`st.error`) on the page."""
+    return page.locator(ERROR).all_inner_texts()
 
 
 def exceptions(page) -> list[str]:

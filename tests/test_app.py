@@ -1,7 +1,7 @@
 """The app, driven by Streamlit's AppTest on the tiny model: every tab opens on real runs (an aligner, a
-LLaMA-Adapter, a LoRA) with widgets changed and no exception; bad runs, checkpoints and models are shown as
-errors that name what is wrong while the rest keeps working; the Train tab trains a run that the other tabs
-then list."""
+LLaMA-Adapter, a LoRA) with widgets changed and no exception; bad runs (a truncated tensor file, a torn line in a
+training log), checkpoints and models are shown as errors that name what is wrong while the rest keeps working;
+the Train tab trains a run that the other tabs then list."""
 
 import json
 import shutil
@@ -32,8 +32,15 @@ def runs(tmp_path_factory):
     examples = load_examples(JSON_DATA)[:8]
     config = TrainConfig(steps=2, batch_size=4, warmup_steps=1)
     for name, kind, size in (("json-aligner", "aligner", 1), ("json-adapter", "adapter", 1), ("json-lora", "lora", 2)):
-        train_run(model, examples, root / name, kind, size, config)
+        recording_task(train_run(model, examples, root / name, kind, size, config), root / name)
     return root
+
+
+def recording_task(adapter, path: Path, task: str = "json") -> None:
+    """Save the run again with the suite task it was trained for in its provenance: its form is what the app's
+    ablation curves score, and a run's form is only ever the one it records."""
+    adapter.provenance["training"]["task"] = task
+    adapter.save(path)
 
 
 @pytest.fixture()
@@ -147,6 +154,10 @@ def test_bad_runs_checkpoints_and_models_are_errors_that_hide_nothing_else(runs,
     bad = tmp_path / "runs"
     shutil.copytree(runs, bad)
     (bad / "json-aligner" / CONFIG_FILE).write_text("{ not json")  # corrupt
+    tensors = bad / "json-lora" / "adapter.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-100])  # cut short
+    with open(bad / "json-adapter" / "metrics.jsonl", "a", encoding="utf-8") as log:
+        log.write('{"step": 3, "lo\n{"step": 4, "loss": 1.0}\n')  # a torn line, and lines after it
     (bad / "foreign").mkdir()
     (bad / "foreign" / "method.json").write_text(json.dumps({"format": "someone-else/1", "kind": "magic"}))  # foreign
     papers = tmp_path / "papers"
@@ -161,10 +172,15 @@ def test_bad_runs_checkpoints_and_models_are_errors_that_hide_nothing_else(runs,
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
     assert not at.exception
     errors = " ".join(e.value for e in at.error)
-    assert "json-aligner" in errors and CONFIG_FILE in errors and "foreign" in errors
-    assert set(at.multiselect(key="generate_runs").options) == {"json-adapter", "json-lora"}  # the others still there
+    assert "json-aligner" in errors and CONFIG_FILE in errors and "foreign" in errors and str(tensors) in errors
+    assert set(at.multiselect(key="generate_runs").options) == {"json-adapter"}  # the others still there
     open_tab(at, "Gates")
     assert not at.exception and "broken-llama2-7b-1token.pth" in " ".join(e.value for e in at.error)
+    for view in ("Embeddings", "Probes", "Geometry"):
+        open_tab(at, view)
+        assert not at.exception and charts(at) >= 1, view
+    open_tab(at, "Train")
+    assert not at.exception and "metrics.jsonl" in " ".join(e.value for e in at.error)
     open_tab(at, "Efficiency")
     assert not at.exception and "sweep.json" in " ".join(e.value for e in at.error)
     at.sidebar.text_input[0].set_value("no-such-model-anywhere").run()
