@@ -17,6 +17,7 @@ layer and multiplier are read on `valid`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -209,14 +210,20 @@ def training_name(spec: MethodSpec) -> str:
 
 
 def choose_lr(
-    model: nn.Module, spec: MethodSpec, data: TaskData, config: SuiteConfig, raw_prompts: bool, path: Path
+    model: nn.Module,
+    spec: MethodSpec,
+    data: TaskData,
+    config: SuiteConfig,
+    raw_prompts: bool,
+    path: Path,
+    key: dict[str, Any] | None = None,
 ) -> float:
     """The rate `spec` trains at on this task: the one given in its name, else, of the family's rate times each
     of `config.lr_factors`, the one whose best held-out loss is lowest, trained with the first seed. The search is
-    kept in `path` (JSON), and read from there while the settings are the same."""
+    kept in `path` (JSON), and read from there while its settings, `key` (default: the config's), are the same."""
     if spec.lr is not None:
         return spec.lr
-    key = json.loads(json.dumps(config.cell_key()))
+    key = json.loads(json.dumps(key or config.cell_key()))
     if path.is_file():
         saved = read_json(path)
         if saved.get("config") == key:
@@ -393,18 +400,19 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
     for seed, task, spec in tqdm(cells, desc="sweep", unit="cell"):
         if spec.kind != "trained" and seed != config.seeds[0]:
             continue  # deterministic: once is enough
-        path = cell_path(out, config.model, task.name, spec.name, seed)
-        if path.is_file() and read_json(path).get("config") == json.loads(json.dumps(config.cell_key())):
-            continue
         if task.name not in datas:
             datas[task.name] = suite_task_data(model, fingerprint, task, config, audits)
+        key = {**config.cell_key(), "data_sha256": data_sha256(datas[task.name])}  # other items: another cell
+        path = cell_path(out, config.model, task.name, spec.name, seed)
+        if path.is_file() and read_json(path).get("config") == json.loads(json.dumps(key)):
+            continue
         lr = None
         if spec.kind == "trained":
             lr_path = cell_path(out, config.model, task.name, training_name(spec), seed).with_name("lr.json")
-            lr = choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path)
+            lr = choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, key)
         record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, lr)
         if record is not None:
-            atomic_write_json(path, {**record, "config": config.cell_key(), "provenance": provenance()})
+            atomic_write_json(path, {**record, "config": key, "provenance": provenance()})
             ran += 1
     for name, result in audits.items():
         shots = f"-{config.audit_shots}shot" if config.audit_shots else ""
@@ -445,6 +453,13 @@ def suite_task_data(
         fingerprint,
         audits,
     )
+
+
+def data_sha256(data: TaskData) -> str:
+    """A digest of a task's items as the sweep cut them: a cell of other items is not the same cell."""
+    splits = {"train": data.train, "valid": data.valid, **{f"eval:{name}": items for name, items in data.eval.items()}}
+    rows = {name: [[i.prompt, i.response, list(i.answers), i.contrast] for i in items] for name, items in splits.items()}
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
 def cell_path(out: Path, model: str, task: str, method: str, seed: int) -> Path:

@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# The SmolLM2-135M-Instruct sweep in results/: every cell of it, in two processes (one torch thread each, the
-# fastest on 2 cores). The sweep is resumable: cells already in results/cells with the same settings are skipped,
-# so a rerun runs only what is missing, and an interrupted one loses at most the cell it was in.
+# The SmolLM2-135M-Instruct grid under the suite's protocol (docs/suite.md: rates chosen on validation, training
+# to convergence, 5 seeds, intervals), in OUT (default results/next; results/ holds the first grid until this one
+# is whole), in two processes of one torch thread each (the fastest on 2 cores). Resumable: cells already in
+# OUT/cells with the same settings and items are skipped, so a rerun runs only what is missing and an interrupted
+# one loses at most the cell it was in. Each lane goes from the comparisons the conclusions rest on to the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
-sweep() { .venv/bin/aligner sweep --out results "$@"; }
+OUT=${OUT:-results/next}
+sweep() { .venv/bin/aligner sweep --out "$OUT" "$@"; }
 
-factors=aligner-1:gate_scale=0.5,aligner-1:gate_scale=1.5,aligner-1:steps=40,aligner-1:train=10,aligner-1:lr=0.005,aligner-1:lr=0.08
-grid=aligner-2,aligner-4,aligner-10,adapter-1,adapter-10,lora-1,prompt-10,zbias
+core=base,prompting,fewshot,steering,aligner-1,lora-8,aligner-1:tokens=random,aligner-1:data=own
 (
-  sweep --tasks json,frame --methods base,prompting,steering,aligner-1,lora-8 --seeds 0,1
-  sweep --tasks json --methods "$grid" --seeds 0,1
-  sweep --tasks json --methods "$factors" --seeds 0,1
-  sweep --tasks value --methods "$grid" --seeds 0,1
+  sweep --tasks json,frame --methods "$core"
+  sweep --tasks json,frame --methods aligner-10,zbias,lora-8:data=own
+  sweep --tasks caps,terse,bracket,lead --methods base,prompting,fewshot,aligner-1,lora-8
 ) &
 (
-  sweep --tasks inject,value --methods base,prompting,aligner-1,lora-8 --seeds 0,1
-  sweep --tasks inject --methods "$grid" --seeds 0,1
-  sweep --tasks caps,terse,bracket --methods base,aligner-1,lora-8 --seeds 0,1
-  sweep --tasks caps,terse,bracket --methods prompting,steering --seeds 0
+  # Injection of invented facts; aligner-28 is as large as adapter-1 (one token per adapted layer), shared.
+  sweep --tasks inject --methods base,aligner-1,aligner-10,aligner-28,adapter-1,zbias,lora-8
+  sweep --tasks value --methods base,prompting,fewshot,aligner-1,aligner-10,adapter-1,lora-8
 ) &
 wait
 sweep --tables-only

@@ -1,6 +1,8 @@
 """aligner.stats against scipy's bootstrap and by hand; the suite's controls and the gold answer under teacher
 forcing (aligner.recall) on the tiny model."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,19 @@ def test_answer_scores_read_the_answers_tokens_as_the_whole_response_tokenises_t
     # Zero gates: an aligner attached reads the same numbers as the base model.
     with_aligner = answer_scores(model, aligner.Aligner.for_model(model), items)
     assert with_aligner["answer_logprob"] == pytest.approx(scores["answer_logprob"], abs=1e-4)
+
+
+def test_the_own_answers_control_trains_on_the_base_models_answers(monkeypatch):
+    from aligner.suite import QUICK, data_sha256, fewshot_system, own_answers
+    from aligner.tasks import get_task
+
+    task = get_task("json")
+    data = task.build(None, QUICK.sizes)
+    monkeypatch.setattr("aligner.suite.cached_answers", lambda model, fp, prompts, *args: [f"own {p}" for p in prompts])
+    own = own_answers(None, "f" * 64, task, data.train, QUICK)
+    assert [i.response for i in own] == [f"own {i.prompt}" for i in data.train]
+    assert [i.prompt for i in own] == [i.prompt for i in data.train] and own[0].answers == data.train[0].answers
+    shown = fewshot_system(data.train, 2, None)
+    assert shown.count("Question: ") == 2 and data.train[1].response in shown and data.train[2].response not in shown
+    assert fewshot_system([], 2, None) is None
+    assert data_sha256(data) == data_sha256(task.build(None, QUICK.sizes)) != data_sha256(replace(data, train=own))
