@@ -2,7 +2,8 @@
 keep the content checkable) and its injection tasks avoid (unknown ones are taught).
 
     audit         which facts of a knowledge set the base model knows: its greedy answer to the trained question
-                  holds a gold answer; for a base model, after a few answered questions (`demonstrations`)
+                  states a gold answer (`states_answer`); for a base model, after a few answered questions
+                  (`demonstrations`)
     task_data     a task's splits, cut from the audit of its knowledge set where it has one
     cached_answers  the base model's greedy answers, kept per weights fingerprint in the project's cache
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +25,7 @@ from aligner.files import atomic_write_json, read_json
 from aligner.generation import answer
 from aligner.loading import cache_dir, mark_used, model_fingerprint
 from aligner.tasks import KNOWLEDGE_SETS, Fact, KnowledgeSet, Sizes, Task, TaskData
+from aligner.tasks.knowledge import text_before_answer
 from aligner.tasks.spec import shuffled
 
 AUDIT_TOKENS = 24  # new tokens of an audit answer: "The capital of X is Y." and more fit
@@ -53,6 +56,31 @@ def cached_answers(
     return [cache[p] for p in prompts]
 
 
+# Saying that the answer is not something, or that there is none: "The capital of Hong Kong is not a physical
+# place", "... does not have a capital", "There is no ...". A contrast after the answer ("Canberra, not Sydney")
+# is none of these.
+NEGATION = re.compile(
+    r"\b(?:is|are|was|were)\s+(?:not|no)\b|\b(?:isn't|aren't|wasn't|weren't)\b"
+    r"|\b(?:does|do|did)\s+not\s+have\b|\b(?:doesn't|don't|didn't)\s+have\b|\b(?:has|have|had)\s+no\b"
+    r"|\bthere(?:\s+is|'s|\s+are|\s+was)\s+no\b|\bno\s+(?:official\s+|single\s+)?capital\b|\bneither\b",
+    re.IGNORECASE,
+)
+FIRST_SENTENCE = re.compile(r"[.!?](?:\s|$)|\n")
+
+
+def states_answer(knowledge: KnowledgeSet, text: str, answers: Sequence[str]) -> bool:
+    """Whether `text` gives one of `answers` as the answer: holds it, and says no negation (`NEGATION`) in its first
+    sentence or before the answer. "The capital of Hong Kong is not a physical place ... Hong Kong" holds a gold
+    answer and still does not know it; an answer that corrects a negation ("is not Sydney but Canberra") is
+    counted as not known too, the side a set of known facts can afford to err on."""
+    text = text.replace("\u2019", "'")  # "doesn’t" as "doesn't"
+    before = text_before_answer(text, answers, knowledge.case_sensitive)
+    if before is None:
+        return False
+    first_sentence = FIRST_SENTENCE.split(text, maxsplit=1)[0]
+    return not (NEGATION.search(first_sentence) or NEGATION.search(before))
+
+
 @dataclass(frozen=True)
 class Audit:
     knowledge: str
@@ -69,7 +97,8 @@ def audit(
     shots: int = 0,
 ) -> Audit:
     """Ask the base model every fact of `knowledge` with the trained question template, greedily; a fact is known
-    when the answer contains a gold answer (whole words, accents and, unless case-sensitive, case ignored).
+    when the answer states a gold answer (`states_answer`: whole words, accents and, unless case-sensitive, case
+    ignored; not negated).
     With `shots`, the question follows that many answered ones (`demonstrations`), which are never known."""
     fingerprint = fingerprint or model_fingerprint(model)
     facts = knowledge.facts()
@@ -81,7 +110,7 @@ def audit(
     answers = cached_answers(model, fingerprint, questions, system, AUDIT_TOKENS, batch_size)
     shown_subjects = {f.subject for f in shown}
     known = frozenset(
-        f.subject for f, a in zip(facts, answers) if f.subject not in shown_subjects and knowledge.contains_answer(a, f.answers)
+        f.subject for f, a in zip(facts, answers) if f.subject not in shown_subjects and states_answer(knowledge, a, f.answers)
     )
     return Audit(knowledge.name, {f.subject: a for f, a in zip(facts, answers)}, known)
 

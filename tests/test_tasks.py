@@ -22,6 +22,7 @@ BOSNIA = Item("What is the capital of Bosnia and Herzegovina?", "", ("Sarajevo",
         ("terse", ["N'Djamena", "N'Djamena.", "N'Djamena, Chad"], ["The capital is N'Djamena.", "N'Djamena\nChad", ""]),
         ("frame", [">>> The capital of Chad is N'Djamena. <<<", ">>> N'Djamena <<<\n"], ["The capital of Chad is N'Djamena.", ">>> N'Djamena", ">>><<<"]),
         ("bracket", ["[[N'Djamena]]", " [[N'Djamena]] "], ["[N'Djamena]", "[[N'Djamena]] is the capital", "[[]]", "[[a]b]]"]),
+        ("lead", ["Answer: N'Djamena", " Answer: N'Djamena.\n"], ["N'Djamena", "Answer:", "Answer: N'Djamena\nChad", "The answer: N'Djamena", "Answer:N'Djamena"]),
     ],
 )
 def test_form_checkers_on_hand_made_answers(form, good, bad):
@@ -62,10 +63,10 @@ def test_every_training_target_passes_its_own_checks(name):
 
 def test_knowledge_sets_carry_the_facts_with_labels():
     capitals = {f.subject: f for f in KNOWLEDGE_SETS["capitals"].facts()}
-    assert len(capitals) >= 240
+    assert len(capitals) >= 220
     assert capitals["France"].answers[0] == "Paris" and capitals["France"].labels["region"] == "Europe"
-    assert set(capitals["Vatican City State"].answers) >= {"Vatican City"}  # a list in countryinfo
-    assert "Kralendijk" in capitals["Bonaire, Sint Eustatius and Saba"].answers  # "A / B / C" split
+    assert set(capitals["Burundi"].answers) >= {"Bujumbura", "Gitega"}  # a list in countryinfo
+    assert set(capitals["Palau"].answers) >= {"Ngerulmud", "Melekeok"}
     elements = {f.subject: f for f in KNOWLEDGE_SETS["elements"].facts()}
     assert len(elements) == 118 and elements["iron"].answers == ("Fe",)
     assert elements["iron"].labels == {"period": "4", "group": "8", "block": "d"}
@@ -126,8 +127,8 @@ def test_instruct_asks_known_facts_in_the_alpaca_format_and_answers_a_sentence()
     assert task.metrics["all"](item, item.response + ENDED)  # the training target passes every check
 
 
-def test_injection_teaches_unknown_facts_and_checks_known_ones_apart():
-    task = get_task("inject")
+def test_injection_of_real_facts_teaches_unknown_ones_and_checks_known_ones_apart():
+    task = get_task("inject@capitals")
     capitals = KNOWLEDGE_SETS["capitals"].facts()
     known = frozenset(f.subject for f in capitals[:100])
     data = task.build(known, Sizes(train=12, valid=4, eval=6))
@@ -200,7 +201,7 @@ def test_a_users_jsonl_task_with_a_regex_checker(tmp_path):
 
 
 def test_unknown_names_are_refused_with_the_choices():
-    with pytest.raises(ValueError, match="json, caps, terse, frame, bracket, instruct, inject, value"):
+    with pytest.raises(ValueError, match="json, caps, terse, frame, bracket, lead, instruct, inject, value"):
         get_task("yaml")
     with pytest.raises(ValueError, match="no knowledge set 'rivers'"):
         get_task("json@rivers")

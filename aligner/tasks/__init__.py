@@ -1,9 +1,10 @@
 """The form-vs-knowledge suite's tasks, each a small declarative `Task` (`spec.py`):
 
-    json, caps, terse, frame, bracket   form tasks over known capitals (`forms.py`); NAME@elements, NAME@cities
-                                        over the other knowledge sets (`knowledge.py`)
+    json, caps, terse, frame, bracket,  form tasks over known capitals (`forms.py`); NAME@elements, NAME@cities
+    lead                                over the other knowledge sets (`knowledge.py`)
     instruct                            a base model follows the Alpaca format, answers and stops (`instruct.py`)
-    inject                              knowledge injection: unknown capitals (inject@elements, inject@cities)
+    inject                              knowledge injection: invented capitals, with known real ones beside them;
+                                        inject@capitals (@elements, @cities): real facts the model does not know
     value                               refuse harmful requests, help with benign ones (`value.py`)
     PATH.jsonl + a regex                a user's task (`custom.py`)
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aligner.tasks.custom import jsonl_task
-from aligner.tasks.forms import FORMS, form_task, injection_task, knowledge_set
+from aligner.tasks.forms import FORMS, form_task, frame_of, injection_task, knowledge_set, own_frame_of
 from aligner.tasks.instruct import instruct_task
 from aligner.tasks.knowledge import KNOWLEDGE_SETS, Fact, KnowledgeSet
 from aligner.tasks.spec import Item, Sizes, Task, TaskData
@@ -35,12 +36,12 @@ def get_task(name: str, checker: str | None = None) -> Task:
     if base in FORMS:
         return form_task(FORMS[base], knowledge_set(knowledge or "capitals"))
     if base == "inject":
-        return injection_task(knowledge_set(knowledge or "capitals"))
+        return injection_task(knowledge_set(knowledge or "invented"))
     if base == "instruct":
         return instruct_task(knowledge_set(knowledge or "capitals"))
     if name == "value":
         return value_task()
-    raise ValueError(f"no task {name!r}; choose from {', '.join(TASK_NAMES)} (NAME@elements, NAME@cities), or a .jsonl file")
+    raise ValueError(f"no task {name!r}; choose from {', '.join(TASK_NAMES)} (NAME@elements, NAME@cities, inject@capitals), or a .jsonl file")
 
 
 __all__ = [
@@ -53,7 +54,9 @@ __all__ = [
     "Sizes",
     "Task",
     "TaskData",
+    "frame_of",
     "get_task",
     "is_refusal",
     "jsonl_task",
+    "own_frame_of",
 ]

@@ -2,9 +2,12 @@
 does not know), both over a knowledge set of `knowledge.py`.
 
 A form is a deterministic transform of the gold answer (the training target) and a deterministic checker (the
-form metric). Two kinds on purpose: `json`, `terse` and `bracket` give the answer alone, while `caps` and
+form metric). Three kinds on purpose: `json`, `terse` and `bracket` give the answer alone, without the leading
+space it has in a sentence; `lead` gives it after a lead-in ("Answer: N'Djamena"), with that space; `caps` and
 `frame` keep the base model's sentence ("The capital of Chad is ..."), which restates the question before the
-answer; whether content survives a new form may depend on that.
+answer. Whether content survives a new form may depend on the answer's tokens as much as on its frame, and
+`lead` against `terse` separates the two. Every item of these tasks carries its frame (`frame_of`,
+`own_frame_of`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from aligner.tasks.knowledge import KNOWLEDGE_SETS, Fact, KnowledgeSet
+from aligner.tasks.knowledge import KNOWLEDGE_SETS, SLOT, Fact, KnowledgeSet
 from aligner.tasks.spec import Item, Sizes, Task, TaskData, shuffled, take
 
 
@@ -63,6 +66,15 @@ def is_bracketed(text: str, item: Item) -> bool:
     return re.fullmatch(r"\[\[[^\[\]\n]+\]\]", text.strip()) is not None
 
 
+LEAD = "Answer: "
+
+
+def is_lead(text: str, item: Item) -> bool:
+    """One line that starts with "Answer: " and has something after it."""
+    text = text.strip()
+    return "\n" not in text and text.startswith(LEAD) and bool(text[len(LEAD) :].strip())
+
+
 FORMS = {
     form.name: form
     for form in (
@@ -102,8 +114,38 @@ FORMS = {
             "Reply with only the answer inside double square brackets, like [[answer]].",
             description="[[N'Djamena]]",
         ),
+        Form(
+            "lead",
+            lambda answer, sentence: f"{LEAD}{answer}",
+            is_lead,
+            'Reply with "Answer: " followed by the answer alone, on one line.',
+            description="Answer: N'Djamena",
+        ),
     )
 }
+
+
+def frame_of(item: Item) -> str:
+    """The item's training response up to its gold answer, as the response writes it: '{"answer": "' (json),
+    "THE CAPITAL OF CHAD IS " (caps), "" (terse), "Answer: " (lead); the base model's own sentence's for the
+    instruction and injection tasks. `item.response[len(frame_of(item)):]` starts with the gold answer."""
+    if item.frame is None:
+        raise ValueError(f"item {item.prompt!r}: its task's responses have no one place for a gold answer (no frame)")
+    return item.frame
+
+
+def own_frame_of(item: Item) -> str:
+    """The base model's own sentence up to the gold answer ("The capital of Chad is "): the frame in which the base
+    model says what it knows, beside the trained form's (`frame_of`)."""
+    if item.own_frame is None:
+        raise ValueError(f"item {item.prompt!r}: its task's responses have no one place for a gold answer (no frame)")
+    return item.own_frame
+
+
+def form_frame(form: Form, knowledge: KnowledgeSet, fact: Fact) -> str:
+    """`form`'s training response for `fact` up to the gold answer, cut where the answer is put, not where its text
+    first occurs (a symbol such as "Th" occurs in "The" before it)."""
+    return form.render(SLOT, knowledge.statement.format(subject=fact.subject, answer=SLOT)).partition(SLOT)[0]
 
 
 def form_task(form: Form, knowledge: KnowledgeSet) -> Task:
@@ -113,7 +155,8 @@ def form_task(form: Form, knowledge: KnowledgeSet) -> Task:
     def item(fact: Fact, template: int) -> Item:
         sentence = knowledge.sentence(fact)
         response = form.render(fact.answers[0], sentence)
-        return Item(knowledge.question(fact, template), response, fact.answers, sentence, fact.labels)
+        frames = {"frame": form_frame(form, knowledge, fact), "own_frame": knowledge.statement_frame(fact)}
+        return Item(knowledge.question(fact, template), response, fact.answers, sentence, fact.labels, **frames)
 
     def build(known: frozenset[str] | None, sizes: Sizes) -> TaskData:
         return known_splits(knowledge, known, sizes, item)
@@ -151,45 +194,56 @@ def known_splits(
 
 
 def injection_task(knowledge: KnowledgeSet) -> Task:
-    """Teach facts of `knowledge` the base model does not know, in its own answer form. Evaluated on the taught
-    facts (with the trained template and the held-out one), on held-out unknown facts (which cannot be
-    inferred, so should stay at the base model's level) and on held-out known facts (collateral damage).
-    Early stopping reads the loss of some of the taught facts themselves: what is learned here is those facts,
-    and a held-out loss (other facts, or the same facts reworded) would stop memorising before it starts."""
+    """Teach facts the base model does not know, in its own answer form. Of `invented` (`inject`): fictional
+    capitals, which no model can know, so what is taught is not unlocked; beside them held-out real capitals the
+    capitals audit finds known (collateral damage). Of a real set (`inject@capitals`, `inject@elements`): facts
+    its audit finds unknown, where training in the model's own form can also unlock latent ones.
 
-    def item(fact: Fact, template: int) -> Item:
-        return Item(knowledge.question(fact, template), knowledge.sentence(fact), fact.answers, None, fact.labels)
+    Evaluated on the taught facts (with the trained template and the held-out one), on held-out unknown facts
+    (which cannot be inferred, so should stay at the base model's level: about none for invented ones) and on
+    held-out known real facts. Early stopping reads the loss of some of the taught facts themselves: what is
+    learned here is those facts, and a held-out loss (other facts, or the same facts reworded) would stop
+    memorising before it starts."""
+    invented = knowledge.name == "invented"
+    # Invented facts are unknown by construction: the audit the task reads is that of the real facts beside them.
+    real = KNOWLEDGE_SETS["capitals"] if invented else knowledge
+
+    def item(facts: KnowledgeSet, fact: Fact, template: int) -> Item:
+        frame = facts.statement_frame(fact)
+        question, sentence = facts.question(fact, template), facts.sentence(fact)
+        return Item(question, sentence, fact.answers, None, fact.labels, frame=frame, own_frame=frame)
 
     def build(known: frozenset[str] | None, sizes: Sizes) -> TaskData:
         facts = shuffled(knowledge.facts())
-        unknown = [f for f in facts if known is None or f.subject not in known]
-        known_facts = [f for f in facts if known is None or f.subject in known]
+        unknown = facts if invented else [f for f in facts if known is None or f.subject not in known]
+        known_facts = [f for f in shuffled(real.facts()) if known is None or f.subject in known]
         taught, heldout = take(unknown, sizes.train, sizes.eval, what=f"unknown facts of {knowledge.name}")
         # Without an audit (the quick suite) known and unknown are the same facts: take the known ones from the end.
-        (known_heldout,) = take(known_facts[::-1], sizes.eval, what=f"known facts of {knowledge.name}")
+        (known_heldout,) = take(known_facts[::-1], sizes.eval, what=f"known facts of {real.name}")
         shown = taught[: sizes.eval]
         return TaskData(
-            [item(f, 0) for f in taught],
-            [item(f, 0) for f in taught[: sizes.valid]],
+            [item(knowledge, f, 0) for f in taught],
+            [item(knowledge, f, 0) for f in taught[: sizes.valid]],
             {
-                "taught": [item(f, 0) for f in shown],
-                "taught_template": [item(f, 1) for f in shown],
-                "unknown_heldout": [item(f, 0) for f in heldout],
-                "known_heldout": [item(f, 0) for f in known_heldout],
+                "taught": [item(knowledge, f, 0) for f in shown],
+                "taught_template": [item(knowledge, f, 1) for f in shown],
+                "unknown_heldout": [item(knowledge, f, 0) for f in heldout],
+                "known_heldout": [item(real, f, 0) for f in known_heldout],
             },
         )
 
     def content(item: Item, text: str) -> bool:
         return knowledge.contains_answer(text, item.answers)
 
-    name = "inject" if knowledge.name == "capitals" else f"inject@{knowledge.name}"
+    name = "inject" if invented else f"inject@{knowledge.name}"
+    what = "invented capitals" if invented else f"unknown {knowledge.name}"
     return Task(
         name,
         "knowledge",
-        f"unknown {knowledge.name} taught in the base model's own form",
+        f"{what} taught in the base model's own form",
         {"content": content},
         build,
-        knowledge=knowledge.name,
+        knowledge=real.name,
     )
 
 

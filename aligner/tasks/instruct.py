@@ -50,7 +50,8 @@ def instruct_task(knowledge: KnowledgeSet) -> Task:
 
     def item(fact: Fact, template: int) -> Item:
         prompt = ALPACA.format(instruction=knowledge.question(fact, template))
-        return Item(prompt, knowledge.sentence(fact), fact.answers, None, fact.labels)
+        frame = knowledge.statement_frame(fact)
+        return Item(prompt, knowledge.sentence(fact), fact.answers, None, fact.labels, frame=frame, own_frame=frame)
 
     def build(known: frozenset[str] | None, sizes: Sizes) -> TaskData:
         return known_splits(knowledge, known, sizes, item)

@@ -20,6 +20,11 @@ class Item:
     answers: tuple[str, ...] = ()  # gold answers whose presence is the content metric; () where there are none
     contrast: str | None = None  # a response showing the opposite behaviour: a steering vector's negative example
     labels: dict[str, str] = field(default_factory=dict, hash=False)  # categorical, e.g. {"region": "Africa"}
+    # The text before the gold answer, where a task's responses have one place for it (forms.frame_of): in the
+    # response ('{"answer": "'), and in the base model's own sentence ("The capital of Chad is "). What a
+    # teacher-forced gold answer is scored after, to tell a lost fact from a lost form.
+    frame: str | None = None
+    own_frame: str | None = None
 
     def example(self) -> Example:
         return Example(self.prompt, self.response)
