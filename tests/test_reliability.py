@@ -479,6 +479,7 @@ def age(path: Path, days: float) -> None:
 
 def test_the_cache_lists_its_entries_by_last_use_and_removes_the_unused_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNER_CACHE", str(tmp_path))
+    aligner.loading.cache_dir()  # an empty folder: the cache marks it as its own, and may prune it
     model, probe = tmp_path / "models" / "model-1", tmp_path / "probe" / "abc"
     for entry in (model, probe):
         cached_directory(entry, fake_build, SOURCE)
