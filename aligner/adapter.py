@@ -369,9 +369,7 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> Adapte
 
 def read_meta(config_path: Path, fmt: str) -> dict[str, Any]:
     """adapter.json's fields, checked; a file of an older layout is read into today's fields."""
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{config_path}: {config_path.stat().st_size:,} bytes, more than an adapter's JSON holds")
-    meta = read_json(config_path)
+    meta = read_json(config_path, MAX_CONFIG_BYTES)
     spec = FILE_FIELDS
     if isinstance(meta, dict) and fmt != FORMAT:
         meta = from_legacy(meta, fmt)

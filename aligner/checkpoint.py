@@ -5,24 +5,32 @@ leaves the previous checkpoint whole.
     RUN/metrics.jsonl                       one line per logged step
     RUN/state.json                          step, data position, time, checks; names the file below
     RUN/state-STEP.safetensors              the adapter's tensors, AdamW's moments and the torch RNG state
+    RUN/.lock                               while a process trains the run: held by it (flock), its PID in it
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from aligner.adapter import Adapter, adapter_files, read_meta
+from aligner.adapter import MAX_CONFIG_BYTES, MAX_TENSOR_BYTES, Adapter, adapter_files, read_meta
 from aligner.config import check_fields, dataclass_spec
 from aligner.files import atomic_write_bytes, atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 STATE_FORMAT = "aligner-workbench/train-state/1"
 STATE_FILE = "state.json"
@@ -34,16 +42,99 @@ LATER_FIELDS = ("gradient_checkpointing", "shard_model")
 # Fields a state.json of an aligner run held before the aligner's shape left TrainConfig; adapter.json holds it.
 FORMER_FIELDS = ("n_tokens", "start_layer", "shared")
 STATE_TENSORS_FILE = re.compile(r"state-\d{8}\.safetensors")  # the tensors of the checkpoint of one step
+LOCK_FILE = ".lock"
+# What a run holds before its first checkpoint is complete: metrics, the lock, the temporary files of a write
+# (`aligner.files.atomic_write_files`: .NAME.RANDOM.tmp) and a checkpoint's tensors written before its state.json.
+BEFORE_FIRST_CHECKPOINT = re.compile(rf"{re.escape(METRICS_FILE)}|{re.escape(LOCK_FILE)}|\..+\.tmp|state-\d{{8}}\.safetensors")
 
 
-def check_run_dir(run_dir: str | Path | None, resume: bool) -> Path | None:
-    """`run_dir` as a Path, refused before any work if it cannot be resumed or would be overwritten."""
-    run_dir = None if run_dir is None else Path(run_dir)
-    if resume and run_dir is None:
-        raise ValueError("resume=True needs the run_dir to resume")
-    if not resume and run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir}: run directory exists; resume it (resume=True, --resume) or choose another")
-    return run_dir
+@contextlib.contextmanager
+def run_directory(
+    run_dir: str | Path | None, resume: bool, accelerator: Accelerator
+) -> Iterator[tuple[Path | None, bool]]:
+    """Inside, `run_dir` is this training's (`run_lock`, taken by the main process of `accelerator`'s launch) and
+    checked (`check_run_dir`); yields it as a Path and whether there is a training state to resume."""
+    if run_dir is None:
+        if resume:
+            raise ValueError("resume=True needs the run_dir to resume")
+        yield None, False
+        return
+    run_dir = Path(run_dir)
+    if resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no training state to resume (no such directory)")
+    main = accelerator.is_main_process
+    with run_lock(run_dir) if main else contextlib.nullcontext():
+        yield run_dir, check_run_dir(run_dir, resume, main)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this process until the block ends: an exclusive `flock` of RUN/.lock, with this process's
+    PID written in it. A second training of the run, resumed or not, is refused at once, naming the process that
+    holds it; the lock goes with the process however it ends (a file left by a killed one is locked again)."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BlockingIOError(
+                f"{run_dir}: being trained by another process (PID {holder}, holding {path}); wait for it to end, "
+                "or stop it"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)  # its holder removed the file as it ended, after this process opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes, so that no process locks a file being removed
+        os.close(fd)
+        if created:  # nothing was written into it (a failed start): no empty directory is left
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+
+
+def check_run_dir(run_dir: Path, resume: bool, main: bool = True) -> bool:
+    """Refuse, before any work, a run directory that would be overwritten or cannot be resumed; whether it holds
+    a training state to resume. A run stopped before its first checkpoint holds none: resumed, it starts afresh,
+    with a warning, and the main process removes the metrics and temporary files it left. Stale temporary files
+    of a resumed run are removed too."""
+    if not resume:
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+            raise FileExistsError(f"{run_dir}: run directory exists; resume it (resume=True, --resume) or choose another")
+        return False
+    stale = sorted(p for p in run_dir.glob(".*.tmp") if p.is_file())
+    if (run_dir / STATE_FILE).is_file():
+        if main:
+            for path in stale:
+                path.unlink(missing_ok=True)
+        return True
+    if (files := adapter_files(run_dir)) is not None:
+        raise FileExistsError(
+            f"{run_dir}: holds an adapter ({files[0].name}) but no training state ({STATE_FILE}) to resume it from: "
+            f"saved by Adapter.save, or a run stopped while writing its first checkpoint; train into another "
+            f"directory, or delete {files[0].name} and {files[1].name} to train this one afresh"
+        )
+    others = sorted(p.name for p in run_dir.iterdir() if not BEFORE_FIRST_CHECKPOINT.fullmatch(p.name))
+    if others:
+        raise FileNotFoundError(
+            f"{run_dir}: no training state ({STATE_FILE}) to resume, and it holds what a run does not write "
+            f"({', '.join(others[:5])}); choose the run's own directory"
+        )
+    if main:
+        warnings.warn(f"{run_dir}: no checkpoint to resume (the run stopped before its first); starting afresh", stacklevel=4)
+        for path in run_dir.iterdir():
+            if path.name != LOCK_FILE:
+                path.unlink(missing_ok=True)
+    return False
 
 
 @dataclass
@@ -136,7 +227,7 @@ def load_state(
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path}: no training state to resume")
     check_same_adapter(run_dir, adapter)
-    state = check_fields(read_json(state_path), STATE_FIELDS, str(state_path), "training state")
+    state = check_fields(read_json(state_path, MAX_CONFIG_BYTES), STATE_FIELDS, str(state_path), "training state")
     if state["format"] != STATE_FORMAT:
         raise ValueError(f"{state_path}: field 'format' is {state['format']!r}, expected {STATE_FORMAT!r}")
     for name in ("step", "position"):
@@ -164,6 +255,9 @@ def load_state(
             f"{state_path}: field 'tensors' is {state['tensors']!r}, expected a file name like 'state-00000100.safetensors'"
         )
     tensors_path = run_dir / state["tensors"]
+    # The adapter's tensors and two moments each: a larger file is not one save_state wrote.
+    if tensors_path.is_file() and tensors_path.stat().st_size > 3 * MAX_TENSOR_BYTES:
+        raise ValueError(f"{tensors_path}: {tensors_path.stat().st_size:,} bytes, more than a training state holds")
     data = tensors_path.read_bytes() if tensors_path.is_file() else b""
     if hashlib.sha256(data).hexdigest() != state["tensors_sha256"]:
         raise ValueError(f"{tensors_path}: missing or does not match 'tensors_sha256' in {state_path}")

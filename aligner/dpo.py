@@ -40,7 +40,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from aligner.adapter import Adapter, load_adapter
-from aligner.checkpoint import check_run_dir
+from aligner.checkpoint import run_directory
 from aligner.data import Example, Pair
 from aligner.distributed import launched_accelerator
 from aligner.model import AlignerHooks
@@ -95,10 +95,24 @@ def train_dpo(
     The policy starts as a copy of the reference; when the reference is the base model, as `adapter` (None: a
     fresh one-token aligner seeded by `config.seed`, or with `resume=True` the run's own). With `run_dir`,
     checkpoints and metrics are written there as `train_sft` writes them; `resume=True` continues a run,
-    refusing other settings, other pairs or a changed reference. `accelerator` as in `aligner.train.optimize`.
+    refusing other settings, other pairs or a changed reference; the run directory is locked as `train_sft`
+    locks it. `accelerator` as in `aligner.train.optimize`.
     """
-    run_dir = check_run_dir(run_dir, resume)
     accelerator = accelerator or launched_accelerator()
+    with run_directory(run_dir, resume, accelerator) as (run_dir, resume):
+        return _train_dpo(model, pairs, config, run_dir, resume, accelerator, adapter)
+
+
+def _train_dpo(
+    model: nn.Module,
+    pairs: Sequence[Pair],
+    config: DPOConfig,
+    run_dir: Path | None,
+    resume: bool,
+    accelerator: Accelerator,
+    adapter: Adapter | None,
+) -> Adapter:
+    """`train_dpo` in its run directory, held and checked."""
     sharded = shard_if_asked(model, config, accelerator)  # before the reference pass, which then runs sharded too
     device = next(model.parameters()).device
     if config.reference is None:

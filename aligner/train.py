@@ -33,9 +33,9 @@ from aligner.adapter import Adapter, adapter_files, load_adapter
 from aligner.checkpoint import (
     METRICS_FILE,
     RunState,
-    check_run_dir,
     drop_metrics_after,
     load_state,
+    run_directory,
     save_state,
     stopped,
     training_record,
@@ -117,29 +117,32 @@ def train_sft(
     `config.seed`, or, with `resume=True`, the run's own. With `run_dir`, checkpoints and metrics are written
     there; a directory that is not empty is refused unless `resume=True`, which continues its saved state (an
     adapter given must be of the run's kind and config; the checkpoint's tensors replace its own): 3 steps, then
-    resuming to 6, give the adapter that 6 steps straight give. The base model is left with
+    resuming to 6, give the adapter that 6 steps straight give; a run stopped before its first checkpoint starts
+    afresh. The run directory is locked while it trains: a second training of it is refused at once
+    (`aligner.checkpoint.run_lock`). The base model is left with
     `requires_grad=False` on every weight. `on_step(step, loss)`, called after each step while the adapter is
     attached, ends training there by returning True (the suite's early stopping). `accelerator` (default:
     `launched_accelerator()`, the processes and mixed precision of `accelerate launch`) runs the loop; see
     `optimize`.
     """
-    run_dir = check_run_dir(run_dir, resume)
-    adapter = adapter or starting_adapter(model, config.seed, run_dir if resume else None)
-    # The user's turns as the adapter reads them (prompt tuning puts its placeholders in front; others keep them).
-    examples = formatted_for(adapter, examples)
-    sequences = tokenize_examples(model.tokenizer, examples, config)
-    pad_id = pad_token_id(model.tokenizer)
+    accelerator = accelerator or launched_accelerator()
+    with run_directory(run_dir, resume, accelerator) as (run_dir, resume):
+        adapter = adapter or starting_adapter(model, config.seed, run_dir if resume else None)
+        # The user's turns as the adapter reads them (prompt tuning puts its placeholders in front; others keep them).
+        examples = formatted_for(adapter, examples)
+        sequences = tokenize_examples(model.tokenizer, examples, config)
+        pad_id = pad_token_id(model.tokenizer)
 
-    def sft_gradients(step: Step) -> tuple[dict[str, float], int]:
-        n_targets = count_targets([sequences[i] for i in step.items])  # the whole step's, on every process
-        batch = [sequences[i] for i in step.mine]
-        loss = accumulate_gradients(model, batch, config.batch_size, pad_id, n_targets, step.autocast)
-        return {"loss": loss}, sum(len(ids) for ids, _ in batch)
+        def sft_gradients(step: Step) -> tuple[dict[str, float], int]:
+            n_targets = count_targets([sequences[i] for i in step.items])  # the whole step's, on every process
+            batch = [sequences[i] for i in step.mine]
+            loss = accumulate_gradients(model, batch, config.batch_size, pad_id, n_targets, step.autocast)
+            return {"loss": loss}, sum(len(ids) for ids, _ in batch)
 
-    data_sha256 = examples_sha256(examples)
-    return optimize(
-        model, adapter, config, sft_gradients, len(sequences), data_sha256, run_dir, resume, on_step, accelerator
-    )
+        data_sha256 = examples_sha256(examples)
+        return optimize(
+            model, adapter, config, sft_gradients, len(sequences), data_sha256, run_dir, resume, on_step, accelerator
+        )
 
 
 def starting_adapter(model: nn.Module, seed: int, run_dir: Path | None) -> Adapter:
@@ -206,7 +209,7 @@ def optimize(
         if main:
             drop_metrics_after(run_dir / METRICS_FILE, run.step)
     elif run_dir is not None and main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)  # `run_lock` made it; a caller of `optimize` alone may not have
     accelerator.wait_for_everyone()  # every process has read the run directory before the main one writes to it
 
     per_step = config.batch_size * config.grad_accum
