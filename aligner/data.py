@@ -170,6 +170,13 @@ def _text(row: dict[str, Any], field: str, where: str, required: bool = True) ->
         return ""
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {field!r} must be a string, found {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON's "\ud800" escape without its pair: no tokenizer reads it
+        raise ValueError(
+            f"{where}: field {field!r} is not Unicode text (a lone UTF-16 surrogate, {value[err.start]!r}, at "
+            f"character {err.start + 1})"
+        ) from err
     if required and not value.strip():
         raise ValueError(f"{where}: field {field!r} is empty")
     return value
@@ -263,6 +270,10 @@ def _dataset_rows(source: str, split: str) -> Iterator[tuple[int, Any]]:
     except (datasets.exceptions.DatasetsError, ValueError) as err:  # data files it cannot parse, an unknown split
         cause = f": {err.__cause__}" if err.__cause__ is not None else ""
         raise ValueError(f"{source}: Hugging Face datasets cannot read it ({err}{cause})") from err
+    except (IndexError, KeyError, TypeError, AttributeError) as err:  # a folder of no dataset's layout, e.g. "/"
+        raise ValueError(
+            f"{source}: not a data file or a dataset that Hugging Face datasets can read ({type(err).__name__}: {err})"
+        ) from err
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise ValueError(f"{source}: no split {split!r} (splits: {sorted(dataset)})")

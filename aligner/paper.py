@@ -40,8 +40,8 @@ def import_paper_checkpoint(path: str | Path) -> Aligner:
         stopped_at = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
         detail = " ".join(stopped_at.split(" Please use ")[0].split())
         raise ValueError(
-            f"{path}: refused: not a plain tensor checkpoint; weights-only loading, which never runs code or "
-            f"builds other objects, stopped at: {detail}"
+            f"{path}: refused: it holds pickled objects beyond plain tensors, which could run code when loaded; "
+            f"none of it was run (weights-only loading stopped at: {detail})"
         ) from err
     except Exception as err:  # torch's readers meet a damaged file with IndexError, KeyError, struct.error, ...
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
@@ -60,14 +60,18 @@ def import_paper_checkpoint(path: str | Path) -> Aligner:
 
     gates: dict[int, torch.Tensor] = {}
     layer_tokens: dict[int, torch.Tensor] = {}
+    keys: dict[tuple[str, int], str] = {}  # the key that gave each layer's gate or prefix
     for key, value in state.items():
         match = _LAYER_KEY.fullmatch(key)
         if match is None:
             if key != SHARED_KEY:
                 raise ValueError(f"{path}: unexpected key {key!r}")
             continue
-        layer = int(match.group(1))
-        (gates if match.group(2) == "gating_factor" else layer_tokens)[layer] = value
+        layer, part = int(match.group(1)), match.group(2)
+        if (part, layer) in keys:  # "3" and "03": neither may silently win
+            raise ValueError(f"{path}: keys {keys[part, layer]!r} and {key!r} both give layer {layer}'s {part}")
+        keys[part, layer] = key
+        (gates if part == "gating_factor" else layer_tokens)[layer] = value
     if not gates:
         raise ValueError(f"{path}: no 'transformer.h.{{l}}.attn.gating_factor' keys: not an aligner checkpoint")
     layers = sorted(gates)

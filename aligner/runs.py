@@ -12,6 +12,7 @@ what it was shown (`probe.dataset.training_form`).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,21 +45,30 @@ class RunInfo:
 
 
 def list_runs(root: str | Path) -> list[RunInfo]:
-    """Every directory under `root` holding a saved adapter, sorted by name; one bad run never hides the others
-    (it is listed with its error)."""
+    """Every directory under `root` holding a saved adapter, sorted by name, symbolic links to folders followed
+    (each folder once); one bad run never hides the others (it is listed with its error)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    names = (CONFIG_FILE, *(config_file for config_file, _, _ in LEGACY_LAYOUTS))
-    directories = {p.parent for name in names for p in root.rglob(name)}
+    names = {CONFIG_FILE, *(config_file for config_file, _, _ in LEGACY_LAYOUTS)}
+    directories, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a second link to one folder, or a link back up the tree
+            subfolders.clear()
+            continue
+        seen.add(real)
+        if names & set(files):
+            directories.append(Path(folder))
     return [describe_run(path, str(path.relative_to(root))) for path in sorted(directories)]
 
 
 def describe_run(path: Path, name: str) -> RunInfo:
     """The RunInfo of one run directory: loaded once to check it, summarised, or the reason it cannot be read."""
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and not p.name.startswith("state"))
-    version = "-".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files)
+    version = ""
     try:
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and not p.name.startswith("state"))
+        version = "-".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in files)
         adapter = load_adapter(path)
     except (OSError, ValueError, KeyError, TypeError) as err:  # a foreign or damaged file, named in the message
         message = str(err) if str(path) in str(err) else f"{path}: {err!r}"
@@ -73,16 +83,20 @@ def summarise(adapter: Adapter) -> str:
 
 
 def run_losses(path: str | Path) -> list[tuple[int, float]]:
-    """(step, loss) of each line of the run's metrics.jsonl; [] when it has none."""
+    """(step, loss) of each line of the run's metrics.jsonl; [] when it has none. A last line cut short (a run
+    killed, or still writing it) is left out; any other bad line is a ValueError naming the file and line."""
     metrics = Path(path) / METRICS_FILE
     if not metrics.is_file():
         return []
+    lines = metrics.read_bytes().splitlines(keepends=True)
     rows = []
-    for number, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
             rows.append((int(row["step"]), float(row["loss"])))
         except (ValueError, KeyError, TypeError) as err:
+            if number == len(lines) and not line.endswith(b"\n"):
+                break
             raise ValueError(f"{metrics}: line {number} is not a JSON object with step and loss ({err})") from err
     return rows
 
