@@ -5,38 +5,47 @@ Every method the project trains and compares is an `Adapter` (aligner/adapter.py
 `load_adapter` reads any of them.
 """
 
-from aligner.adapter import Adapter, load_adapter
-from aligner.config import AlignerConfig, ModelShape
-from aligner.dpo import DPOConfig, train_dpo
-from aligner.generation import generate
-from aligner.loading import (
-    DEFAULT_MODEL,
-    from_hf,
-    load_model,
-    model_fingerprint,
-    open_model,
-    tiny_model,
-)
-from aligner.model import Aligner
-from aligner.paper import import_paper_checkpoint
-from aligner.train import TrainConfig, train_sft
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "Adapter",
-    "Aligner",
-    "AlignerConfig",
-    "DPOConfig",
-    "ModelShape",
-    "TrainConfig",
-    "from_hf",
-    "generate",
-    "import_paper_checkpoint",
-    "load_adapter",
-    "load_model",
-    "model_fingerprint",
-    "open_model",
-    "tiny_model",
-    "train_dpo",
-    "train_sft",
-]
+# Each public name and the module that defines it, imported on first use: `import aligner.config` (and the
+# command line's help) then need not load torch and TransformerLens.
+_PUBLIC = {
+    "DEFAULT_MODEL": "aligner.packaged",
+    "Adapter": "aligner.adapter",
+    "Aligner": "aligner.model",
+    "AlignerConfig": "aligner.config",
+    "DPOConfig": "aligner.dpo",
+    "ModelShape": "aligner.config",
+    "TrainConfig": "aligner.train",
+    "from_hf": "aligner.loading",
+    "generate": "aligner.generation",
+    "import_paper_checkpoint": "aligner.paper",
+    "load_adapter": "aligner.adapter",
+    "load_model": "aligner.loading",
+    "model_fingerprint": "aligner.loading",
+    "open_model": "aligner.loading",
+    "tiny_model": "aligner.loading",
+    "train_dpo": "aligner.dpo",
+    "train_sft": "aligner.train",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    """A public name (`aligner.Aligner`) or a submodule (`aligner.loading`), imported when first asked for."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":  # a module that this one imports is missing: say so
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -1,6 +1,7 @@
 """The command line: `aligner train`, `generate`, `info`, `cache`, `sweep`, `eval` (also `python -m aligner ...`).
 
-Bad files, settings and model names end in one `Error: ...` line and exit code 1, not a traceback.
+Bad files, settings and model names end in one `Error: ...` line and exit code 1, not a traceback. Each command
+imports torch and the training code itself, so that `aligner --help` answers at once.
 """
 
 import json
@@ -10,32 +11,38 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import torch
 import typer
 
-from aligner.adapter import load_adapter
 from aligner.config import AlignerConfig
-from aligner.dpo import DPOConfig, train_dpo
 from aligner.errors import one_line_errors
-from aligner.loading import (
-    DEFAULT_MODEL,
-    MODEL_HELP,
-    cache_dir,
-    cache_entries,
-    open_model,
-    remove_cache_entry,
-)
-from aligner.model import Aligner
-from aligner.registry import default_lr, trained_spec
-from aligner.train import TrainConfig, train_sft
+from aligner.packaged import DEFAULT_MODEL, MODEL_HELP
 
 app = typer.Typer(
-    rich_markup_mode="markdown",
+    # Click's plain layout: options and their help wrap to the width given, where rich's table cuts long option
+    # names and values short in 80 columns.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
     help="Aligner (one global token, shared by every layer) on TransformerLens 4: train, generate, inspect.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+# `aligner train`'s defaults, written out so that printing the help imports no torch: TrainConfig's and
+# DPOConfig's (tests/test_cli.py checks that they agree), except a step budget that a CPU trains in minutes.
+TRAIN_DEFAULTS = {
+    "steps": 60,
+    "warmup_steps": 10,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "weight_decay": 0.02,
+    "max_length": 512,
+    "seed": 0,
+    "log_every": 10,
+    "save_every": 100,
+}
+DPO_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0}
+ALIGNER_LR = 9e-3  # the authors' rate: aligner.registry.default_lr("aligner"), checked by tests/test_cli.py
 
 class Objective(str, Enum):
     sft = "sft"  # supervised fine-tuning on (prompt, response) examples
@@ -75,22 +82,26 @@ def train(
             help="one prefix for every layer (Aligner, the default); --no-shared: one per layer (LLaMA-Adapter)"
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(help="optimizer steps in all")] = TrainConfig.steps,
-    batch_size: Annotated[int, typer.Option(help="examples per forward pass")] = TrainConfig.batch_size,
-    grad_accum: Annotated[int, typer.Option(help="forward passes per optimizer step")] = TrainConfig.grad_accum,
+    steps: Annotated[
+        int, typer.Option(help="optimizer steps in all (the default: a short run that a CPU can train)")
+    ] = TRAIN_DEFAULTS["steps"],
+    batch_size: Annotated[int, typer.Option(help="examples per forward pass")] = TRAIN_DEFAULTS["batch_size"],
+    grad_accum: Annotated[int, typer.Option(help="forward passes per optimizer step")] = TRAIN_DEFAULTS["grad_accum"],
     lr: Annotated[
         Optional[float],
         typer.Option(
             help=f"learning rate after warm-up (default: the method family's, aligner/registry.py: the authors' "
-            f"{default_lr('aligner')} for an aligner)"
+            f"{ALIGNER_LR} for an aligner)"
         ),
     ] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = TrainConfig.weight_decay,
-    warmup_steps: Annotated[int, typer.Option(help="steps of linear warm-up")] = TrainConfig.warmup_steps,
-    max_length: Annotated[int, typer.Option(help="tokens per example; longer ones are cut")] = TrainConfig.max_length,
-    seed: Annotated[int, typer.Option(help="seeds the initial tokens and the data order")] = TrainConfig.seed,
-    log_every: Annotated[int, typer.Option(help="steps between lines of metrics.jsonl")] = TrainConfig.log_every,
-    save_every: Annotated[int, typer.Option(help="steps between checkpoints")] = TrainConfig.save_every,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = TRAIN_DEFAULTS["weight_decay"],
+    warmup_steps: Annotated[int, typer.Option(help="steps of linear warm-up")] = TRAIN_DEFAULTS["warmup_steps"],
+    max_length: Annotated[
+        int, typer.Option(help="tokens per example; longer ones are cut")
+    ] = TRAIN_DEFAULTS["max_length"],
+    seed: Annotated[int, typer.Option(help="seeds the initial tokens and the data order")] = TRAIN_DEFAULTS["seed"],
+    log_every: Annotated[int, typer.Option(help="steps between lines of metrics.jsonl")] = TRAIN_DEFAULTS["log_every"],
+    save_every: Annotated[int, typer.Option(help="steps between checkpoints")] = TRAIN_DEFAULTS["save_every"],
     system: Annotated[Optional[str], typer.Option(help="system prompt (default: the model's own)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     prompt_field: Annotated[str, typer.Option(help="the prompt's field in each row")] = "prompt",
@@ -101,9 +112,9 @@ def train(
     reference: Annotated[
         Optional[str], typer.Option(help="dpo: run directory of the reference aligner, where the policy starts")
     ] = None,
-    beta: Annotated[Optional[float], typer.Option(help=f"dpo: β (default {DPOConfig.beta})")] = None,
+    beta: Annotated[Optional[float], typer.Option(help=f"dpo: β (default {DPO_DEFAULTS['beta']})")] = None,
     label_smoothing: Annotated[
-        Optional[float], typer.Option(help=f"dpo: label smoothing ε (default {DPOConfig.label_smoothing})")
+        Optional[float], typer.Option(help=f"dpo: label smoothing ε (default {DPO_DEFAULTS['label_smoothing']})")
     ] = None,
     prefer: Annotated[
         Optional[Preference],
@@ -115,18 +126,25 @@ def train(
     dtype: Annotated[Dtype, typer.Option(help="the base model's weights (bfloat16: half the memory)")] = Dtype.float32,
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="recompute the frozen layers' activations in backward: less memory, more compute")
-    ] = TrainConfig.gradient_checkpointing,
+    ] = False,
     shard_model: Annotated[
         bool,
         typer.Option(help="shard the frozen model among the launched processes (FSDP2), for a model too large for one GPU"),
-    ] = TrainConfig.shard_model,
+    ] = False,
 ) -> None:
     """Train an aligner (or another method: --method), the base model frozen, by SFT on (prompt, response) examples or
     by DPO on preference pairs; writes the run directory. Under `accelerate launch -m aligner train ...` every
     process trains on its device its share of each step (docs/multi_gpu.md); the main
     process prints and writes."""
+    import torch
+
     from aligner.data import Example, load_examples, load_pairs
     from aligner.distributed import held_share, launched_accelerator
+    from aligner.dpo import DPOConfig, train_dpo
+    from aligner.loading import open_model
+    from aligner.model import Aligner
+    from aligner.registry import trained_spec
+    from aligner.train import TrainConfig, train_sft
 
     dpo_options = {"beta": beta, "label_smoothing": label_smoothing, "reference": reference}
     with one_line_errors():
@@ -178,12 +196,15 @@ def train(
             fresh["adapter"] = spec.make(base) if spec is not None else Aligner.for_model(base, AlignerConfig(**shape))
         processes = f"; {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
         say(f"{len(items)} {noun} from {data}; base model {model} on {accelerator.device}{processes}")
+        started = time.perf_counter()
         al = trainer(base, items, config, run_dir=out, resume=resume, accelerator=accelerator, **fresh)
+        took = time.perf_counter() - started  # this run's: a resumed run's record adds the earlier runs' time
         if shard_model:
             say(f"the frozen model sharded (FSDP2): this process held {held_share(base):.0%} of its weights")
     record = al.provenance["training"]
     say(f"{al.num_parameters():,} trainable parameters ({al.describe()})")
-    say(f"trained {record['step']} steps in {record['elapsed_s']:.1f} s; final loss {record['loss']:.4f}")
+    trained = f"trained to step {record['step']}" if resume else f"trained {record['step']} steps"
+    say(f"{trained} in {took:.1f} s; final loss {record['loss']:.4f}")
     say(f"saved to {out}")
 
 
@@ -208,7 +229,9 @@ def generate(
     offload_folder: Annotated[Optional[Path], typer.Option(help="where --device-map puts the layers that fit nowhere else")] = None,
 ) -> None:
     """Answer each prompt with the base model and, given --run, with the run's aligner (or other method) attached."""
+    from aligner.adapter import load_adapter
     from aligner.generation import answer, check_gate_scale
+    from aligner.loading import open_model
 
     with one_line_errors():
         method = load_adapter(run) if run is not None else None
@@ -231,18 +254,28 @@ def generate(
 @app.command()
 def info(run: Annotated[Path, typer.Argument(help="run directory of an aligner or another method (LoRA...)")]) -> None:
     """Print a saved aligner's (or other method's) config, parameter count, base model, training and provenance."""
+    from aligner.adapter import load_adapter
+
     with one_line_errors():
         method = load_adapter(run)
     provenance = dict(method.provenance)
     training = provenance.pop("training", None)
-    typer.echo(f"run          {run}")
-    typer.echo(f"{'adapter':13}{method.describe()}")
-    typer.echo(f"parameters   {method.num_parameters():,}")
-    typer.echo(f"base model   {method.base_model.get('name')} (weights sha256 {method.base_model.get('fingerprint')})")
-    if training is not None:
-        for line in describe_training(training):
-            typer.echo(line)
-    typer.echo("provenance   " + json.dumps(provenance, indent=2, sort_keys=True).replace("\n", "\n             "))
+    lines = [
+        f"run          {run}",
+        f"{'adapter':13}{method.describe()}",
+        f"parameters   {method.num_parameters():,}",
+        f"base model   {method.base_model.get('name')} (weights sha256 {method.base_model.get('fingerprint')})",
+        *(describe_training(training) if training is not None else []),
+        "provenance   " + json.dumps(provenance, indent=2, sort_keys=True).replace("\n", "\n             "),
+    ]
+    for line in lines:
+        typer.echo(printable(line))
+
+
+def printable(text: str) -> str:
+    """`text` with every control character but the newline escaped (`\\x1b`): a file's strings printed as they are
+    could move the cursor, recolour or retitle the terminal."""
+    return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode() for c in text)
 
 
 @app.command()
@@ -254,11 +287,18 @@ def cache(
 ) -> None:
     """List what is kept in the cache ($ALIGNER_CACHE, else ~/.cache/aligner-workbench): de-quantised models,
     probe activations, the base model's answers; each with its size and last use. Every entry is rebuilt when
-    next needed, so removing one costs only that time."""
+    next needed, so removing one costs only that time. Only a folder that the cache made is pruned: one holding
+    its marker, CACHEDIR.TAG."""
+    from aligner.loading import cache_entries, cache_location, check_cache_root, remove_cache_entry
+
     now = time.time()
-    entries = cache_entries()
+    root = cache_location()
+    if unused_days is not None:
+        with one_line_errors():
+            check_cache_root(root)
+    entries = cache_entries(root)
     removed = [] if unused_days is None else [e for e in entries if now - e.last_used >= unused_days * 86400]
-    typer.echo(f"cache {cache_dir()}: {len(entries)} entries, {sum(e.size for e in entries) / 1e6:,.1f} MB")
+    typer.echo(f"cache {root}: {len(entries)} entries, {sum(e.size for e in entries) / 1e6:,.1f} MB")
     for entry in entries:
         mark = "-" if entry in removed else " "
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
@@ -310,6 +350,7 @@ def sweep(
     and the figure."""
     import torch
 
+    from aligner.loading import open_model
     from aligner.suite import QUICK, SuiteConfig
     from aligner.suite import sweep as run_sweep
     from aligner.tables import summarise
@@ -341,8 +382,9 @@ def evaluate(
 ) -> None:
     """Score the base model, or a trained aligner or method, on a task's evaluation splits (a .jsonl task: every
     row) with the task's checkers; greedy, batched."""
+    from aligner.adapter import load_adapter
     from aligner.audit import task_data
-    from aligner.loading import model_fingerprint
+    from aligner.loading import model_fingerprint, open_model
     from aligner.suite import evaluate as evaluate_splits
     from aligner.tasks import Sizes, get_task
 

@@ -143,3 +143,58 @@ def test_bad_input_gives_one_error_line_not_a_traceback(tmp_path, args, message)
     result = runner.invoke(app, [arg.format(tmp=tmp_path) for arg in args])
     assert result.exit_code == 1
     assert "Traceback" not in result.output and result.output.startswith("Error: ") and message in result.output
+
+
+@pytest.mark.subprocess
+def test_help_imports_no_torch_so_it_answers_at_once():
+    import subprocess
+    import sys
+
+    code = "import sys, aligner.cli; heavy = {'torch', 'transformers', 'transformer_lens'} & set(sys.modules); print(sorted(heavy))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_train_defaults_are_trainconfigs_but_a_cpu_step_budget_and_the_help_says_them():
+    from aligner.cli import ALIGNER_LR, DPO_DEFAULTS, TRAIN_DEFAULTS
+    from aligner.dpo import DPOConfig
+    from aligner.registry import default_lr
+    from aligner.train import TrainConfig
+
+    assert {k: v for k, v in TRAIN_DEFAULTS.items() if k not in ("steps", "warmup_steps")} == {
+        k: getattr(TrainConfig, k) for k in TRAIN_DEFAULTS if k not in ("steps", "warmup_steps")
+    }
+    assert (TRAIN_DEFAULTS["steps"], TRAIN_DEFAULTS["warmup_steps"]) == (60, 10)
+    assert DPO_DEFAULTS == {k: getattr(DPOConfig, k) for k in DPO_DEFAULTS} and ALIGNER_LR == default_lr("aligner")
+    shown = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "80"}).output.split())
+    assert "--steps <int> optimizer steps in all (the default: a short run that a CPU can train) [default: 60]" in shown
+    assert "--warmup-steps <int> steps of linear warm-up [default: 10]" in shown
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "eval", "sweep"])
+def test_model_help_names_every_packaged_model_and_reads_in_80_columns(command):
+    from aligner.loading import PACKAGED_MODELS
+
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert all(len(line) <= 80 for line in result.output.splitlines()), result.output
+    assert "…" not in result.output
+    shown = " ".join(result.output.split())
+    assert all(name in shown for name in PACKAGED_MODELS)
+    if command == "train":
+        assert "--label-smoothing <float>" in shown and "--gradient-checkpointing / --no-gradient-checkpointing" in shown
+
+
+def test_a_resumed_run_prints_the_time_it_took_not_the_sum(run, data):
+    out, _ = run
+    state = json.loads((out / "state.json").read_text())
+    state["elapsed_s"] = 86400.0  # as if the earlier runs had taken a day
+    (out / "state.json").write_text(json.dumps(state))
+    args = ["train", "--data", str(data), "--out", str(out), "--model", "tiny", "--batch-size", "2", "--lr", "0.05"]
+    args += ["--warmup-steps", "0", "--no-shared", "--n-tokens", "2", "--resume"]
+    step = state["step"] + 1
+    resumed = runner.invoke(app, [*args, "--steps", str(step)])
+    assert resumed.exit_code == 0, resumed.output
+    [line] = [line for line in resumed.output.splitlines() if line.startswith("trained")]
+    assert line.startswith(f"trained to step {step} in ") and float(line.split(" in ")[1].split(" s;")[0]) < 3600
+    assert Aligner.load(out).provenance["training"]["elapsed_s"] > 86400
