@@ -344,6 +344,156 @@ def _(ws: Workspace) -> str:
 
 # ---- attaching to a model ----
 
+AREA = "every method's files (`load_adapter`, `list_runs`, the app)"
+
+
+def saved_method(ws: Workspace, kind: str) -> Path:
+    """A LoRA (r=2), prompt tuning (3 tokens) or z-bias saved for the default tiny model."""
+    import torch
+
+    from aligner.methods import LoRA, LoRAConfig, PromptTuning, PromptTuningConfig, ZBias, ZBiasConfig
+
+    torch.manual_seed(0)
+    make = {
+        "lora": lambda model: LoRA.for_model(model, LoRAConfig(r=2, alpha=2.0)),
+        "prompt": lambda model: PromptTuning.for_model(model, PromptTuningConfig(3)),
+        "zbias": lambda model: ZBias.for_model(model, ZBiasConfig()),
+    }[kind]
+    return make(ws.model()).save(ws.fresh(kind))
+
+
+def load_any(run: Path) -> str:
+    from aligner import load_adapter
+
+    return f"loads: {load_adapter(run).describe()}"
+
+
+@case(AREA, "LoRA: `r` is a string (`\"eight\"`)")
+def _(ws: Workspace) -> str:
+    run = saved_method(ws, "lora")
+    edit_json(run / "adapter.json", lambda meta: meta["config"].update(r="eight"))
+    return load_any(run)
+
+
+@case(AREA, "LoRA: a config field missing (`alpha`)")
+def _(ws: Workspace) -> str:
+    run = saved_method(ws, "lora")
+    edit_json(run / "adapter.json", lambda meta: meta["config"].pop("alpha"))
+    return load_any(run)
+
+
+@case(AREA, "LoRA: an unknown target (`mlp`)")
+def _(ws: Workspace) -> str:
+    run = saved_method(ws, "lora")
+    edit_json(run / "adapter.json", lambda meta: meta["config"].update(targets=["q", "mlp"]))
+    return load_any(run)
+
+
+@case(AREA, "LoRA: matrices one column too wide (sha256 updated to match)")
+def _(ws: Workspace) -> str:
+    import torch
+    from safetensors.torch import load
+
+    run = saved_method(ws, "lora")
+    tensors = load((run / "adapter.safetensors").read_bytes())
+    write_tensors(run, {name: torch.cat([t, t[..., :1]], dim=-1) for name, t in tensors.items()})
+    return load_any(run)
+
+
+@case(AREA, "LoRA: its tensors changed after saving (no longer the sha256 in adapter.json)")
+def _(ws: Workspace) -> str:
+    run = saved_method(ws, "lora")
+    data = bytearray((run / "adapter.safetensors").read_bytes())
+    data[-1] ^= 1
+    (run / "adapter.safetensors").write_bytes(bytes(data))
+    return load_any(run)
+
+
+@case(AREA, "prompt tuning: adapter.safetensors truncated")
+def _(ws: Workspace) -> str:
+    run = saved_method(ws, "prompt")
+    (run / "adapter.safetensors").write_bytes((run / "adapter.safetensors").read_bytes()[:-5])
+    return load_any(run)
+
+
+@case(AREA, "z-bias: a field of adapter.json of the wrong type (`num_parameters` a string)")
+def _(ws: Workspace) -> str:
+    run = saved_method(ws, "zbias")
+    edit_json(run / "adapter.json", lambda meta: meta.update(num_parameters="many"))
+    return load_any(run)
+
+
+@case(AREA, "adapter.json of 30 GB (sparse)")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    with open(run / "adapter.json", "r+b") as f:
+        f.truncate(30 * 10**9)
+    return load_any(run)
+
+
+@case(AREA, "adapter.safetensors of 30 GB (sparse)")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    with open(run / "adapter.safetensors", "r+b") as f:
+        f.truncate(30 * 10**9)
+    return load_any(run)
+
+
+@case(AREA, "aligner.json (the older layout) of 30 GB (sparse)")
+def _(ws: Workspace) -> str:
+    run = ws.saved_aligner()
+    (run / "adapter.json").rename(run / "aligner.json")
+    (run / "adapter.safetensors").rename(run / "aligner.safetensors")
+    with open(run / "aligner.json", "r+b") as f:
+        f.truncate(30 * 10**9)
+    return load_any(run)
+
+
+@case(AREA, "a runs folder with a truncated LoRA run beside a good z-bias run (`list_runs`)")
+def _(ws: Workspace) -> str:
+    from aligner.runs import list_runs
+
+    root = ws.fresh("runs")
+    root.mkdir()
+    lora, zbias = saved_method(ws, "lora"), saved_method(ws, "zbias")
+    (lora / "adapter.safetensors").write_bytes((lora / "adapter.safetensors").read_bytes()[:100])
+    lora.rename(root / "lora")
+    zbias.rename(root / "zbias")
+    return "; ".join(f"{run.name}: {run.error or run.summary}" for run in list_runs(root))
+
+
+@case(AREA, "a run folder that is a symbolic link (`list_runs`)")
+def _(ws: Workspace) -> str:
+    from aligner.runs import list_runs
+
+    root = ws.fresh("runs")
+    root.mkdir()
+    (root / "linked").symlink_to(saved_method(ws, "zbias"), target_is_directory=True)
+    return "lists: " + ", ".join(run.name for run in list_runs(root))
+
+
+@case(AREA, "metrics.jsonl: the last line cut short, read by `run_losses` (the app's Train tab)")
+def _(ws: Workspace) -> str:
+    from aligner.runs import run_losses
+
+    run = ws.fresh("run")
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    return f"reads {run_losses(run)}"
+
+
+@case(AREA, "metrics.jsonl: a bad line before the last, read by `run_losses`")
+def _(ws: Workspace) -> str:
+    from aligner.runs import run_losses
+
+    run = ws.fresh("run")
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n')
+    return f"reads {run_losses(run)}"
+
+
+# ---- attaching ----
+
 AREA = "attaching (`attach`, `attached`, `generate --run`)"
 
 
@@ -537,6 +687,17 @@ def _(ws: Workspace) -> str:
     return import_pth(path)
 
 
+@case(AREA, "two keys for one layer (`transformer.h.3...` and `transformer.h.03...`)")
+def _(ws: Workspace) -> str:
+    import torch
+
+    path = ws.fresh("dup.pth")
+    state = lit_llama_state()
+    state["transformer.h.03.attn.gating_factor"] = state["transformer.h.3.attn.gating_factor"] + 1
+    torch.save(state, path)
+    return import_pth(path)
+
+
 @case(AREA, "a gate of the wrong shape in one layer")
 def _(ws: Workspace) -> str:
     import torch
@@ -672,6 +833,16 @@ def _(ws: Workspace) -> str:
     return load_data(ws.text_file("d.jsonl", b"\n\n"))
 
 
+@case(AREA, "JSONL: a lone UTF-16 surrogate (`\\ud800`) in a prompt")
+def _(ws: Workspace) -> str:
+    return load_data(ws.text_file("d.jsonl", b'{"prompt": "Hi", "response": "Yo"}\n{"prompt": "Hi \\ud800", "response": "Yo"}\n'))
+
+
+@case(AREA, "`--data /`: a folder that holds no dataset")
+def _(ws: Workspace) -> str:
+    return load_data("/")
+
+
 @case(AREA, "a .csv path that does not exist")
 def _(ws: Workspace) -> str:
     return load_data(ws.fresh("missing.csv"))
@@ -750,9 +921,69 @@ def _(ws: Workspace) -> str:
     return train(ws, trained_run(ws))
 
 
-@case(AREA, "resuming a directory without a training state")
+@case(AREA, "resuming a directory that does not exist")
 def _(ws: Workspace) -> str:
     return train(ws, ws.fresh("empty"), resume=True)
+
+
+@case(AREA, "resuming a run killed before its first checkpoint (metrics, a stale `.tmp`, its `.lock` left)")
+def _(ws: Workspace) -> str:
+    run = ws.fresh("killed")
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    (run / ".adapter.json.1a2b3c4d.tmp").write_text("{")
+    (run / ".lock").write_text("12345\n")
+    return train(ws, run, resume=True) + f"; left in the run: {', '.join(sorted(p.name for p in run.iterdir()))}"
+
+
+@case(AREA, "resuming a directory holding an adapter but no training state (`Adapter.save`)")
+def _(ws: Workspace) -> str:
+    return train(ws, ws.saved_aligner(), resume=True)
+
+
+@case(AREA, "resuming a directory of other files (`--out runs --resume`)")
+def _(ws: Workspace) -> str:
+    run = ws.fresh("runs")
+    (run / "json-1tok").mkdir(parents=True)
+    return train(ws, run, resume=True)
+
+
+@case(AREA, "a second training of a run being trained (resumed or not)")
+def _(ws: Workspace) -> str:
+    from aligner.checkpoint import run_lock
+
+    run = ws.fresh("busy")
+    with run_lock(run):
+        try:
+            train(ws, run, resume=True)
+        except BlockingIOError as err:
+            return f"BlockingIOError: {str(err).replace(str(os.getpid()), '<pid>')}"
+    return "trained"
+
+
+@case(AREA, "a stale `.tmp` file in a run that is resumed")
+def _(ws: Workspace) -> str:
+    run = trained_run(ws)
+    (run / ".state.json.deadbeef.tmp").write_text("half")
+    return train(ws, run, resume=True, steps=3) + f"; `.tmp` files left: {len(list(run.glob('.*.tmp')))}"
+
+
+@case(AREA, "state.json of 30 GB (sparse)")
+def _(ws: Workspace) -> str:
+    run = trained_run(ws)
+    with open(run / "state.json", "r+b") as f:
+        f.truncate(30 * 10**9)
+    return train(ws, run, resume=True, steps=3)
+
+
+@case(AREA, "a fractional step count (`steps = 2.5`)")
+def _(ws: Workspace) -> str:
+    return train(ws, None, steps=2.5)
+
+
+@case(AREA, "an infinite learning rate")
+def _(ws: Workspace) -> str:
+    return train(ws, None, lr=float("inf"))
 
 
 @case(AREA, "resuming with another learning rate")
@@ -1061,6 +1292,37 @@ def _(ws: Workspace) -> str:
     return f"exit status {result.exit_code}, prints: {training}"
 
 
+@case(AREA, "`generate --gate-scale nan` (or inf)")
+def _(ws: Workspace) -> str:
+    return cli("generate", "Hi", "--model", "tiny", "--gate-scale", "nan")
+
+
+@case(AREA, "`generate --max-new-tokens 100000`, more than the context leaves (a model of 40 positions)")
+def _(ws: Workspace) -> str:
+    import aligner
+
+    model = ws.model()
+    n_ctx = model.cfg.n_ctx
+    model.cfg.n_ctx = 40
+    try:
+        return f"answers {aligner.generate(model, ['Hi'], max_new_tokens=100000)!r}"
+    finally:
+        model.cfg.n_ctx = n_ctx
+
+
+@case(AREA, "`info` on a run whose adapter.json holds terminal escape sequences (base model name)")
+def _(ws: Workspace) -> str:
+    from typer.testing import CliRunner
+
+    from aligner.cli import app
+
+    run = ws.saved_aligner()
+    edit_json(run / "adapter.json", lambda meta: meta["base_model"].update(name="\x1b]0;owned\x07\x1b[2J"))
+    result = CliRunner().invoke(app, ["info", str(run)])
+    [line] = [line for line in result.output.splitlines() if line.startswith("base model")]
+    return f"exit status {result.exit_code}, prints: {line}"
+
+
 @case(AREA, "`sweep --methods` a method option that is not one (`aligner-1:rank=4`)")
 def _(ws: Workspace) -> str:
     return cli("sweep", "--quick", "--methods", "base,aligner-1:rank=4", "--out", str(ws.fresh("sweep")))
@@ -1175,6 +1437,57 @@ def _(ws: Workspace) -> str:
     entry = built_entry(ws)
     (entry / "complete.json").unlink()
     return use_entry(entry)
+
+
+@contextlib.contextmanager
+def aligner_cache(root: str) -> Iterator[None]:
+    saved = os.environ.get("ALIGNER_CACHE")
+    os.environ["ALIGNER_CACHE"] = root
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["ALIGNER_CACHE"]
+        else:
+            os.environ["ALIGNER_CACHE"] = saved
+
+
+@case(AREA, "`aligner cache --unused-days 0` with ALIGNER_CACHE a home folder (`.ssh/`, `models/thesis/`)")
+def _(ws: Workspace) -> str:
+    home = ws.fresh("home")
+    for path in (home / ".ssh" / "id_rsa", home / "models" / "thesis" / "draft.tex"):
+        path.parent.mkdir(parents=True)
+        path.write_text("mine")
+    with aligner_cache(str(home)):
+        result = cli("cache", "--unused-days", "0")
+    kept = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+    return f"{result}; files kept: {', '.join(kept)}"
+
+
+@case(AREA, "ALIGNER_CACHE set but empty")
+def _(ws: Workspace) -> str:
+    from aligner.loading import cache_location
+
+    with aligner_cache(""):
+        return f"the cache is {str(cache_location()).replace(str(Path.home()), '~')}, not the current folder"
+
+
+@case(AREA, "`aligner cache --unused-days 0` on the cache's own root holding files of other programs and a link out")
+def _(ws: Workspace) -> str:
+    from aligner.loading import cache_dir, cached_directory
+
+    root, outside = ws.fresh("cache"), ws.fresh("outside")
+    outside.mkdir()
+    (outside / "precious.txt").write_text("mine")
+    with aligner_cache(str(root)):
+        cache_dir()
+        cached_directory(root / "models" / "m-1", fake_build, CACHE_SOURCE)
+        (root / "answers").mkdir()
+        (root / "answers" / "notes.txt").write_text("not the cache's")
+        (root / "models" / "link").symlink_to(outside, target_is_directory=True)
+        result = cli("cache", "--unused-days", "0")
+    kept = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != ".m-1.lock")
+    return f"{result}; kept: {', '.join(kept)}, and {outside.name}/precious.txt"
 
 
 @case(AREA, "a build that fails (the disk is full): its error, and no entry or staging directory left")
