@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.script_run_context import in_cached_function
 from torch import nn
@@ -33,16 +34,16 @@ from aligner.generation import answer
 from aligner.loading import open_model
 from aligner.registry import FAMILIES, default_lr
 from aligner.runs import RunInfo, list_runs, task_examples, train_run
-from aligner.tables import figure as efficiency_figure
 from aligner.tables import markdown_tables
 from aligner.tasks import KNOWLEDGE_SETS, TASK_NAMES, get_task
 from probe import analyses
 from probe.collect import Activations, collect, condition_name
 from probe.dataset import ProbeDataset, evaluation_set, knowledge_dataset, training_form
 from probe.embeddings import prefix_frame, token_frame
-from probe.explore import efficiency_summary, paper_checkpoints
+from probe.explore import efficiency_frame, efficiency_summary, paper_checkpoints
 from probe.figures import (
     cumulative_ablation_figure,
+    efficiency_figure,
     gate_heatmap,
     gate_profile_figure,
     gate_scale_figure,
@@ -54,7 +55,7 @@ from probe.figures import (
     scatter,
     slot_attention_heatmap,
 )
-from probe.gates import gate_profiles, prefix_attention
+from probe.gates import gate_profiles, gate_range, gate_table, prefix_attention
 from probe.progress import reporting
 
 ROOT = Path(__file__).resolve().parent
@@ -67,6 +68,7 @@ DEFAULTS = {
 }
 TRAINABLE_TASKS = [name for name in TASK_NAMES if not get_task(name).raw_prompts]  # runs answer in the model's format
 VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Efficiency", "Train")
+PRESELECTED = 2  # runs chosen on a tab's first visit: each tab's first computation stays short
 RunKey = tuple[str, str]  # (run path, files' version): what a cached analysis of a run is keyed on
 LOG = logging.getLogger(__name__)
 
@@ -280,12 +282,26 @@ def needs_model(bench: Workbench) -> bool:
     return True
 
 
-def pick_runs(bench: Workbench, runs: dict[str, RunInfo], key: str, label: str = "Runs", default: int = 3) -> dict[str, RunInfo]:
+def pick_runs(bench: Workbench, runs: dict[str, RunInfo], key: str, label: str = "Runs") -> dict[str, RunInfo]:
+    """A choice among `runs`, preselecting the same runs on every tab: the first PRESELECTED aligners (those every
+    view can show), else the first run."""
     if not runs:
         st.info(f"No runs trained on {bench.model_name} in {bench.runs_dir}: train one in the Train tab.")
         return {}
-    chosen = st.multiselect(label, list(runs), default=list(runs)[:default], key=key)
+    default = [name for name in list(bench.aligner_runs())[:PRESELECTED] if name in runs] or list(runs)[:1]
+    chosen = st.multiselect(label, list(runs), default=default, key=key)
     return {name: runs[name] for name in chosen}
+
+
+def show_figure(fig: go.Figure, key: str, table: pd.DataFrame | None = None, **options: object) -> object:
+    """Draw `fig` with buttons to download it (HTML) and, given, the `table` it draws (CSV); `options` are
+    st.plotly_chart's. Returns what st.plotly_chart returns (a selection event with on_select)."""
+    event = st.plotly_chart(fig, key=key, **options)
+    left, right = st.columns(2)
+    left.download_button("Figure (HTML)", fig.to_html(include_plotlyjs="cdn"), f"{key}.html", "text/html", key=f"{key}:html")
+    if table is not None:
+        right.download_button("Data (CSV)", table.to_csv(index=False), f"{key}.csv", "text/csv", key=f"{key}:csv")
+    return event
 
 
 @shows_errors
@@ -322,41 +338,59 @@ def generate_view(bench: Workbench) -> None:
     at = table[table.position == position]
     left, right = st.columns(2)
     with left:
-        title = f"{name}: |g A V_p| / |z_context| per head at {tokens[position]!r}"
-        st.plotly_chart(prefix_share_heatmap(at, title), key="attention_share")
+        title = f"{name}: ratio |g A V_p| / |z_context| per head at {tokens[position]}"
+        show_figure(prefix_share_heatmap(at, title), "attention_share", at)
     with right:
-        head = st.selectbox("Head", sorted(at["head"].unique()), key="attention_head")
-        st.plotly_chart(slot_attention_heatmap(at[at["head"] == head], f"Attention over the prefix slots, head {head}"), key="attention_slots")
-    st.caption("The prefix has a softmax of its own: over N slots it sums to 1 (one slot: always 1). How much a head listens to the prefix is the share on the left.")
+        n_tokens = load_run(*run_key(aligners[name])).config.n_tokens
+        if n_tokens == 1:
+            st.info(
+                f"{name} has one prefix token: the prefix's own softmax over one slot is always 1, so the attention "
+                "over the slots says nothing. How much each head listens to the prefix is the ratio on the left."
+            )
+        else:
+            head = st.selectbox("Head", sorted(at["head"].unique()), key="attention_head")
+            slots = at[at["head"] == head]
+            show_figure(slot_attention_heatmap(slots, f"Attention over the prefix slots, head {head}"), "attention_slots", slots)
+    st.caption(
+        "Ratio: the size of the gated prefix contribution next to the head's own output, |g A V_p| / |z_context|. "
+        "The prefix has a softmax of its own, summing to 1 over its N slots whatever the prompt."
+    )
 
 
 @shows_errors
 def gates_view(bench: Workbench) -> None:
     runs = bench.aligner_runs()
-    chosen = pick_runs(bench, runs, "gate_runs", default=4)
+    chosen = pick_runs(bench, runs, "gate_runs")
     papers, failed = ({}, [])
     if bench.papers_dir is not None:
         papers, failed = load_papers(str(bench.papers_dir), papers_version(bench.papers_dir))
     for path, reason in failed:
         st.error(f"Paper checkpoint {path} skipped: {reason}")
-    chosen_papers = st.multiselect(
-        "The paper's checkpoints (LLaMA-2, from the sidebar's directory)", list(papers),
-        default=[name for name in papers if name.endswith("7b-1token")][:2], key="gate_papers",
-    )
+    chosen_papers: list[str] = []
+    if papers:
+        chosen_papers = st.multiselect(
+            "The paper's checkpoints (LLaMA-2, from the sidebar's directory)", list(papers),
+            default=[name for name in papers if name.endswith("7b-1token")][:2], key="gate_papers",
+        )
+    else:
+        st.info(
+            "To compare with the paper's released aligners, point the sidebar's \"The paper's checkpoints\" at the "
+            "directory of their .pth files (the workplace keeps them in ../shared/paper_aligners)."
+        )
+    adapters = {name: load_run(*run_key(run)) for name, run in chosen.items()}
+    compared = {**adapters, **{f"{n} (paper)": papers[n] for n in chosen_papers}}
+    limit = gate_range(compared)  # one colour scale: the heatmaps compare
     columns = st.columns(2)
-    for i, (name, run) in enumerate(chosen.items()):
+    for i, (name, al) in enumerate(compared.items()):
         with columns[i % 2]:
-            st.plotly_chart(gate_heatmap(load_run(*run_key(run)), f"{name}: gates"), key=f"heatmap:{name}")
-    for i, name in enumerate(chosen_papers):
-        with columns[(len(chosen) + i) % 2]:
-            st.plotly_chart(gate_heatmap(papers[name], f"{name} (paper): gates"), key=f"heatmap-paper:{name}")
-    compared = {**{name: load_run(*run_key(run)) for name, run in chosen.items()}, **{f"{n} (paper)": papers[n] for n in chosen_papers}}
+            show_figure(gate_heatmap(al, f"{name}: gates", limit), f"heatmap:{name}", gate_table(al))
     if compared:
         title = "Mean |gate| per layer, on relative depth (layer / (n_layers - 1))"
-        st.plotly_chart(gate_profile_figure(gate_profiles(compared), title), key="gate_profiles")
+        profiles = gate_profiles(compared)
+        show_figure(gate_profile_figure(profiles, title), "gate_profiles", profiles)
     if chosen_papers:
         tokens = token_frame(analyses.same_width({n: papers[n] for n in chosen_papers}))
-        st.plotly_chart(scatter(tokens, "run", "PCA of the paper checkpoints' tokens (the first one's width)", hover=["slot", "norm"]), key="paper_tokens")
+        show_figure(scatter(tokens, "run", "PCA of the paper checkpoints' tokens (the first one's width)", hover=["slot", "norm"]), "paper_tokens", tokens)
 
     st.subheader("Ablation curves")
     if not chosen or not needs_model(bench):
@@ -375,10 +409,10 @@ def gates_view(bench: Workbench) -> None:
     scale, ablation = gate_curves(bench.base, bench.cache_key, run_key(run), form, bench.knowledge, bench.n_subjects)
     left, right = st.columns(2)
     with left:
-        st.plotly_chart(gate_scale_figure(scale, f"{name}: every gate × s ({form} form)"), key="scale_curve")
+        show_figure(gate_scale_figure(scale, f"{name}: every gate × s ({form} form)"), "scale_curve", scale)
     with right:
-        st.plotly_chart(layer_ablation_figure(ablation, f"{name}: one layer's gates off"), key="single_ablation")
-    st.plotly_chart(cumulative_ablation_figure(ablation, f"{name}: gates off from the top or the bottom"), key="cumulative_ablation")
+        show_figure(layer_ablation_figure(ablation, f"{name}: one layer's gates off"), "single_ablation", ablation)
+    show_figure(cumulative_ablation_figure(ablation, f"{name}: gates off from the top or the bottom"), "cumulative_ablation", ablation)
 
 
 @shows_errors
@@ -394,13 +428,14 @@ def embeddings_view(bench: Workbench) -> None:
     keys, names = tuple(run_key(run) for run in chosen.values()), tuple(chosen)
     if what == "Prefix tokens":
         frame = token_map(keys, names, method)
-        st.plotly_chart(scatter(frame, "run", f"{method.upper()} of the aligners' tokens", hover=["layer", "slot", "norm"]), key="token_map")
+        show_figure(scatter(frame, "run", f"{method.upper()} of the aligners' tokens", hover=["layer", "slot", "norm"]), "token_map", frame)
         return
     if what == "Prefix keys and values":
         frame = prefix_map(bench.base, bench.cache_key, keys, names, method)
         for kind, title in (("k", "keys"), ("v", "values")):
             part = frame[frame.kind == kind]
-            st.plotly_chart(scatter(part, "layer", f"{method.upper()} of the per-layer prefix {title}", hover=["run", "slot"], symbol="run"), key=f"prefix_map:{kind}")
+            fig = scatter(part, "layer", f"{method.upper()} of the per-layer prefix {title}", hover=["run", "slot"], symbol="run", axes=frame.attrs["axes"][kind])
+            show_figure(fig, f"prefix_map:{kind}", part)
         return
     activations = bench_activations(bench, chosen)
     layer = st.slider("Layer (residual stream after the block, last prompt token)", 0, bench.model.cfg.n_layers - 1, bench.model.cfg.n_layers // 2, key="map_layer")
@@ -418,7 +453,7 @@ def embeddings_view(bench: Workbench) -> None:
         frame, colour, f"{method.upper()} of layer {layer} activations, coloured by {colour}", hover=["prompt", "output"],
         symbol="condition", selectable=True,
     )
-    event = st.plotly_chart(fig, on_select="rerun", selection_mode=("box", "lasso"), key="activation_map")
+    event = show_figure(fig, "activation_map", frame, on_select="rerun", selection_mode=("box", "lasso"))
     st.caption("Answers are shown for the held-out prompts (subjects none of the chosen runs was trained on). Select points with the box or lasso to list them.")
     rows = [point["customdata"][0] for point in event.selection.points] if event and event.selection.points else []
     if rows:
@@ -429,7 +464,7 @@ def embeddings_view(bench: Workbench) -> None:
 def probes_view(bench: Workbench) -> None:
     if not needs_model(bench):
         return
-    chosen = pick_runs(bench, bench.aligner_runs(), "probe_runs", default=2)
+    chosen = pick_runs(bench, bench.aligner_runs(), "probe_runs")
     if not chosen:
         return
     activations = bench_activations(bench, chosen)
@@ -439,7 +474,7 @@ def probes_view(bench: Workbench) -> None:
     conditions = tuple(condition(run) for run in chosen.values())
     results = probe_results(activations, bench.cache_key, keys, bench.knowledge, bench.n_subjects, label, conditions)
     title = "Form probe: base vs " + ", ".join(conditions) if label == "form" else f"Knowledge probe: {label}, trained on base, scored on each condition"
-    st.plotly_chart(probe_figure(results, title), key="probe_curves")
+    show_figure(probe_figure(results, title), "probe_curves", results)
     st.caption(
         "Cross-validated linear probes on the residual stream after each block (last prompt token), 95% Wilson intervals. "
         "Control: each subject's label replaced by a random one (Hewitt & Liang). Transfer: probes trained on base activations "
@@ -461,7 +496,7 @@ def geometry_view(bench: Workbench) -> None:
     activations = bench_activations(bench, {name: run})
     layers = tuple(load_run(*run_key(run)).layer_indices)
     table = geometry_results(activations, bench.cache_key, (run_key(run),), bench.knowledge, bench.n_subjects, condition(run), layers)
-    st.plotly_chart(geometry_figure(table, f"{name}: overlap of its effect Δ with the knowledge subspace"), key="geometry")
+    show_figure(geometry_figure(table, f"{name}: overlap of its effect Δ with the knowledge subspace"), "geometry", table)
     st.dataframe(table, hide_index=True)
     st.caption(
         "Per layer: Δ = aligned − base activations; its top singular directions against the subspace of the knowledge probes' "
@@ -476,8 +511,9 @@ def efficiency_view(bench: Workbench) -> None:
     if len(models) > 1:
         chosen = st.multiselect("Base models", models, models, key="efficiency_models")
         rows = [row for row in rows if row["model"] in chosen]
-    st.plotly_chart(efficiency_figure(rows), key="efficiency")
-    with st.expander("The tables (mean ± std over seeds)"):
+    points = efficiency_frame(rows)
+    show_figure(efficiency_figure(points, "The suite's metrics against trainable parameters"), "efficiency", points)
+    with st.expander("The tables (mean and interval over items and seeds)"):
         st.markdown(markdown_tables(rows))
     st.caption(f"From {bench.results_dir / 'sweep.json'}, written by `aligner sweep`.")
 
@@ -506,7 +542,7 @@ def train_view(bench: Workbench) -> None:
         for name, error in unreadable.items():
             st.error(f"The loss curve of {name} is left out: {error}")
         if len(history):
-            st.plotly_chart(loss_figure(history, "Training loss of the runs (metrics.jsonl)"), key="loss_curves")
+            show_figure(loss_figure(history, "Training loss of the runs (metrics.jsonl)"), "loss_curves", history)
         return
     name = name.strip() or f"{task}-{kind}-{size}"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):

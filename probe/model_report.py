@@ -56,7 +56,7 @@ from probe.figures import (
     probe_figure,
     scatter,
 )
-from probe.gates import DEFAULT_SCALES, answers, gate_table, head_activity
+from probe.gates import DEFAULT_SCALES, answers, gate_range, gate_table, head_activity
 from probe.geometry import knowledge_directions
 from probe.probes import selectivity
 from probe.report import Report
@@ -251,8 +251,9 @@ def gates_section(report: Report, aligners: dict[str, Aligner], activations: Act
         "mass, says how much a head listens to it."
     )
     metrics = {}
+    limit = gate_range(aligners)  # one colour scale: the heatmaps compare
     for name, al in aligners.items():
-        section.figure(gate_heatmap(al, f"{name}: gates"))
+        section.figure(gate_heatmap(al, f"{name}: gates", limit))
         activity = head_activity(activations, names[name])
         section.figure(prefix_share_heatmap(activity, f"{name}: prefix share per head (mean over prompts)"))
         section.table(top_prefix_heads(al, activity), f"{name}: the five heads with the largest prefix share.")
