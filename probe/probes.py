@@ -3,10 +3,12 @@ task for selectivity (Hewitt & Liang 2019, arXiv 1909.03368) and transfer across
 
 `LayerwiseProbe` is a scikit-learn estimator over activations shaped (n, n_layers, d): `fit`, `predict` and
 `score` work on every layer at once. `evaluate_probe` cross-validates it: the accuracy of its out-of-fold
-predictions per layer with a Wilson interval, the same for a control task (each entity's label replaced by a
-random one of the same label set and balance), and, given activations of the same prompts under other
-conditions, the accuracy there of the very probes trained on the first (a probe trained on the base model,
-scored on aligned activations: if the aligner leaves the knowledge alone, the accuracy holds).
+predictions per layer with a Wilson interval and a p-value against chance corrected for testing every layer
+(Holm), the same for a control task (each entity's label replaced by a random one of the same label set and
+balance), and, given activations of the same prompts under other conditions, the accuracy there of the very
+probes trained on the first (a probe trained on the base model, scored on aligned activations: if the aligner
+leaves the knowledge alone, the accuracy holds). Folds are grouped by entity: a country asked in two wordings
+is never on both sides, or its twin row would carry its label (and the control task's) into training.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pandas as pd
 from scipy.stats import binomtest
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -98,26 +100,25 @@ def evaluate_probe(
 ) -> pd.DataFrame:
     """Cross-validated accuracy per layer of probes for `y` on X (n, n_layers, d), as a long table with columns
     layer, target ("task" or "control"), scored_on ("self" or a key of `transfer`), accuracy, ci_low, ci_high,
-    n, chance (the majority class's share). Each `transfer[name]` holds the same prompts' activations under
-    another condition: the probes trained on X's training folds are scored on its test folds. Classes with
-    fewer rows than `folds` are left out (stratified folds need one per fold); n says how many rows remain.
-    Rows of one `groups` value (one prompt under several conditions) share a fold: a probe is then never tested
-    on a row whose copy, identical where the conditions do not differ, it saw in training with another label."""
+    n, chance (the majority class's share), p (one-sided binomial test of the accuracy against chance), p_holm
+    (Holm's correction over the layers of one target and condition) and above_chance (p_holm < 0.05). Each
+    `transfer[name]` holds the same prompts' activations under another condition: the probes trained on X's
+    training folds are scored on its test folds. Classes with fewer rows than `folds` are left out (stratified
+    folds need one per fold); n says how many rows remain. Rows of one `groups` value share a fold; by default
+    the entity's (a country asked in two wordings; one prompt under several conditions, where the caller says
+    so): a probe is then never tested on a row whose twin it saw in training."""
     y = np.asarray(y)
     values, counts = np.unique(y, return_counts=True)
     keep = np.isin(y, values[counts >= folds])
     X, y, entities = X[keep], y[keep], np.asarray(entities)[keep]
-    groups = None if groups is None else np.asarray(groups)[keep]
+    groups = np.asarray(entities if groups is None else groups)[keep]
     transfer = {name: other[keep] for name, other in (transfer or {}).items()}
     targets = {"task": y, "control": control_labels(y, entities, seed)}
     rows = []
     for target, labels in targets.items():
         scored_on = {"self": X, **(transfer if target == "task" else {})}  # the control is not transferred
         predicted = {name: np.empty((len(y), X.shape[1]), dtype=object) for name in scored_on}
-        if groups is None:
-            splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(X[:, 0], labels)
-        else:
-            splits = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(X[:, 0], labels, groups)
+        splits = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(X[:, 0], labels, groups)
         for train, test in steps(list(splits), f"{desc} ({target})", unit="fold", leave=False):
             probe = LayerwiseProbe(C=C).fit(X[train], labels[train])
             for name, activations in scored_on.items():
@@ -125,10 +126,26 @@ def evaluate_probe(
         chance = float(np.unique(labels, return_counts=True)[1].max() / len(labels))
         for name, predictions in predicted.items():
             correct = (predictions == labels[:, None]).sum(axis=0)
-            for layer, k in enumerate(correct):
+            p = [binomtest(int(k), len(labels), chance, alternative="greater").pvalue for k in correct]
+            for layer, (k, p_layer, p_holm) in enumerate(zip(correct, p, holm(p))):
                 low, high = wilson_interval(int(k), len(labels))
-                rows.append((layer, target, name, k / len(labels), low, high, len(labels), chance))
-    return pd.DataFrame(rows, columns=["layer", "target", "scored_on", "accuracy", "ci_low", "ci_high", "n", "chance"])
+                rows.append((layer, target, name, k / len(labels), low, high, len(labels), chance, p_layer, p_holm))
+    columns = ["layer", "target", "scored_on", "accuracy", "ci_low", "ci_high", "n", "chance", "p", "p_holm"]
+    results = pd.DataFrame(rows, columns=columns)
+    results["above_chance"] = results["p_holm"] < 0.05
+    return results
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of `p_values` for testing them all (every layer): the family-wise error rate
+    of rejecting those below 0.05 is at most 0.05."""
+    order = np.argsort(p_values)
+    adjusted = np.empty(len(p_values))
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
 
 
 def selectivity(results: pd.DataFrame, scored_on: str = "self") -> pd.DataFrame:
