@@ -17,7 +17,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -119,9 +119,6 @@ def generate(
         pad_token_id=end_of_turn_id(tokenizer, chat_template),
     )
 
-    def scale_gate(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        return gate * gate_scale
-
     bank, rows = None, []
     if aligners is not None:  # each distinct aligner once in the bank; rows[i]: the one prompts[i] reads
         position: dict[int, int] = {}
@@ -133,7 +130,7 @@ def generate(
         if adapter is not None and adapter.attached_to is not model:
             stack.enter_context(adapter.attached(model))
         if gate_scale != 1.0:
-            gate_hooks = [(lambda name: name.endswith("aligner.hook_gate"), scale_gate)]  # every adapted layer
+            gate_hooks = [(lambda name: name.endswith("aligner.hook_gate"), scaled(gate_scale))]  # every adapted layer
             stack.enter_context(model.hooks(fwd_hooks=gate_hooks))
         stack.enter_context(torch.no_grad())
         if seed is not None:  # seeded sampling that leaves the caller's random state alone
@@ -151,6 +148,15 @@ def generate(
     ended = [bool(row) and row[-1] in stops for row in answers]
     texts = tokenizer.batch_decode([row[:-1] if end else row for row, end in zip(answers, ended)], skip_special_tokens=True)
     return [text + ENDED if mark_end and end else text for text, end in zip(texts, ended)]
+
+
+def scaled(gate_scale: float) -> Callable[[torch.Tensor, HookPoint], torch.Tensor]:
+    """A hook on `hook_gate` that multiplies every gate by `gate_scale`: an aligner's strength, turned."""
+
+    def scale_gate(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        return gate * gate_scale
+
+    return scale_gate
 
 
 def check_gate_scale(adapter: Adapter | None, gate_scale: float) -> None:
