@@ -234,7 +234,7 @@ def logged_losses(run: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, whole)}
 
 
-@pytest.mark.integration
+@pytest.mark.subprocess
 def test_a_run_killed_mid_training_resumes_to_the_aligner_of_an_unkilled_run(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": "Bananas."}) + "\n" for i in range(5)))
