@@ -41,10 +41,11 @@ def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path, monkeypatch)
     paths = build_model_report(
         tmp_path / "runs", "tiny", tmp_path / "report", n_subjects=10, n_eval=3, known_only=False, max_new_tokens=3,
         scales=(0.0, 1.0), cumulative_points=1, folds=2, umap=False, cache=tmp_path / "cache",
+        checker=r'\{"answer": ".*"\}',  # the run records no suite task: its form is the user's
     )
     metrics = json.loads(paths["metrics"].read_text())
     assert set(metrics) >= {"setup", "behaviour", "gates", "probes", "geometry", "embeddings", "verdict"}
-    assert metrics["setup"]["runs"][0]["form"] == "json"
+    assert metrics["setup"]["runs"][0]["form"] == r'/\{"answer": ".*"\}/'
     assert metrics["verdict"]["tiny-json"]["outcome"] in {"supported", "partly supported", "not supported", "not supported (no form learned)"}
     layers = {row["layer"] for row in metrics["geometry"]["tiny-json"]}
     assert layers == {2, 3}  # the adapted layers of the 4-layer tiny model
