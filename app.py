@@ -563,7 +563,7 @@ def train_view(bench: Workbench) -> None:
         return False
 
     with bench.base.lock:  # the adapter stays attached to the shared model while it trains
-        train_run(bench.model, examples, bench.runs_dir / name, kind, int(size), config, on_step=on_step)
+        train_run(bench.model, examples, bench.runs_dir / name, kind, int(size), config, on_step=on_step, task=task)
     st.session_state["trained"] = f"Trained {name} ({len(examples)} examples of {task}, {steps} steps): it is in every tab now."
     st.rerun()
 

@@ -36,9 +36,9 @@ STATE_FORMAT = "aligner-workbench/train-state/1"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 # What may change between a run and its resumption: none of it alters the steps already taken.
-RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data", "gradient_checkpointing", "shard_model"}
+RESUMABLE_CHANGES = {"steps", "log_every", "save_every", "data", "task", "gradient_checkpointing", "shard_model"}
 # TrainConfig fields added since runs were first saved: a state.json written before them resumes without them.
-LATER_FIELDS = ("gradient_checkpointing", "shard_model")
+LATER_FIELDS = ("gradient_checkpointing", "shard_model", "task")
 # Fields a state.json of an aligner run held before the aligner's shape left TrainConfig; adapter.json holds it.
 FORMER_FIELDS = ("n_tokens", "start_layer", "shared")
 STATE_TENSORS_FILE = re.compile(r"state-\d{8}\.safetensors")  # the tensors of the checkpoint of one step

@@ -64,6 +64,13 @@ def train(
     data: Annotated[str, typer.Option(help="JSONL or Alpaca JSON file, local dataset directory, or cached HF dataset")],
     out: Annotated[Path, typer.Option(help="run directory, e.g. runs/NAME; refused if it exists, unless --resume")],
     model: Annotated[str, typer.Option(help=MODEL_HELP)] = DEFAULT_MODEL,
+    task: Annotated[
+        Optional[str],
+        typer.Option(
+            help="the suite task whose form the data show (json, bracket@elements), recorded: what probe report "
+            "scores the form by"
+        ),
+    ] = None,
     method: Annotated[
         str,
         typer.Option(
@@ -171,6 +178,7 @@ def train(
             save_every=save_every,
             system=system,
             data=data,
+            task=task,
             gradient_checkpointing=gradient_checkpointing,
             shard_model=shard_model,
         )

@@ -127,12 +127,13 @@ def train_run(
     size: int = 1,
     config: TrainConfig | None = None,
     on_step: Callable[[int, float], bool | None] | None = None,
+    task: str | None = None,
 ) -> Adapter:
     """Train a fresh adapter of family `kind` (`aligner.registry.FAMILIES`: aligner, adapter, lora, prompt) and
     `size` on `examples` with `model` frozen, into `run_dir`, which must not exist yet: its examples to
     RUNS/data/NAME.jsonl (named in its provenance), its files, and metrics.jsonl with every step's loss. `config`
     gives the steps, batch size, rate (None: the family's) and seed; `on_step(step, loss)` follows the training
-    (a progress bar)."""
+    (a progress bar); `task` names the suite task whose form the examples show (`TrainConfig.task`)."""
     if kind not in FAMILIES:
         raise ValueError(f"no adapter family {kind!r}; choose from {', '.join(FAMILIES)}")
     run_dir = Path(run_dir)
@@ -140,7 +141,8 @@ def train_run(
         raise FileExistsError(f"{run_dir}: a run of that name exists; choose another name")
     data = write_examples(examples, run_dir.parent / DATA_DIR / f"{run_dir.name}.jsonl")
     # Every step logged: the loss curve of a short run needs each point.
-    config = replace(config or TrainConfig(), data=str(data), log_every=1)
+    config = config or TrainConfig()
+    config = replace(config, data=str(data), log_every=1, task=task or config.task)
     torch.manual_seed(config.seed)  # the fresh adapter's initial values, as train_sft seeds its own
     adapter = FAMILIES[kind].make(model, size)
     return train_sft(model, examples, config, run_dir=run_dir, adapter=adapter, on_step=on_step)

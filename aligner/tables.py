@@ -42,7 +42,7 @@ def model_precision(model: str) -> str:
 RUN_COLUMNS = ("model", "method", "kind", "params", "task", "family", "split", "metric", "seed", "value", "n", "lr", "steps", "best_step", "train_s", "eval_s")
 SUMMARY_COLUMNS = (
     "model", "precision", "method", "kind", "params", "task", "family", "split", "metric", "n_seeds", "n_items",
-    "mean", "ci_low", "ci_high", "lr", "best_step", "at_budget", "train_s",
+    "mean", "ci_low", "ci_high", "std", "lr", "best_step", "at_budget", "train_s",
 )  # fmt: skip
 PAIRED_COLUMNS = (
     "model", "precision", "task", "family", "split", "metric", "method", "reference", "n_items", "difference",
@@ -108,6 +108,8 @@ def summarise(out: str | Path, reference: str = "lora-8", margin: float = MARGIN
                 "mean": estimate.mean if estimate else statistics.fmean(r["value"] for r in rows),
                 "ci_low": estimate.low if estimate else None,
                 "ci_high": estimate.high if estimate else None,
+                # The spread of the seeds' means: all a cell without per-item scores (the first grid's) allows.
+                "std": statistics.stdev(r["value"] for r in rows) if len(rows) > 1 else None,
                 "lr": rows[0]["lr"],
                 "best_step": statistics.fmean(best) if best else None,
                 "at_budget": sum(at_budget) if at_budget else None,  # seeds whose best step was the last allowed
@@ -191,6 +193,8 @@ def markdown_tables(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str
                 text = f"{r['mean']:.{digits}f}"
                 if r["ci_low"] is not None:
                     text += f" [{r['ci_low']:.{digits}f}, {r['ci_high']:.{digits}f}]"
+                elif r["std"] is not None:
+                    text += f" ± {r['std']:.{digits}f} (seeds' std)"
                 values.append(text + (f" ({r['n_seeds']})" if r["n_seeds"] != seeds else ""))
             train_s = "" if first["train_s"] is None else f"{first['train_s']:.0f}"
             lines.append(f"| {method} | {first['params']:,} | {train_s} | " + " | ".join(values) + " |")

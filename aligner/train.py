@@ -78,6 +78,9 @@ class TrainConfig:
     system: str | None = None  # system prompt of the chat template; None: the model's default
     chat_template: bool = True  # False: raw prompt text, no chat template (base models)
     data: str | None = None  # where the examples came from (file or dataset name), recorded in provenance
+    # The suite task whose form the examples show ("json", "bracket@elements"), recorded: what `probe report`
+    # scores the run's form by. None: a form of the user's own (give `probe report --checker`).
+    task: str | None = None
     # Recompute each frozen layer's activations in the backward pass instead of keeping them from the forward
     # (transformers' checkpointing of its decoder layers): less memory, one more forward's compute.
     gradient_checkpointing: bool = False

@@ -122,7 +122,8 @@ def training_form(adapter: Adapter, checker: str | None = None) -> str | None:
     else `checker`, a user's regular expression, as the form "/REGEX/" (`form_named`); else None, an unknown
     form, whose behaviour is left untested. Never read off the training data: a checker that passes most of a
     run's responses need not be the form it was trained for."""
-    task = adapter.provenance.get("training", {}).get("task") or demo_task(adapter.provenance)
+    training = adapter.provenance.get("training", {})
+    task = training.get("task") or training.get("config", {}).get("task") or demo_task(adapter.provenance)
     if task is not None and task.partition("@")[0] in FORMS:
         return task.partition("@")[0]
     if checker is not None:

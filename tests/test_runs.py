@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
     model = open_model("tiny")
     examples = load_examples(JSON_DATA)[:6]
     for name, kind, size in (("a", "aligner", 2), ("b", "adapter", 1), ("c", "lora", 4), ("d", "prompt", 3)):
-        train_run(model, examples, root / name, kind, size, CONFIG)
+        train_run(model, examples, root / name, kind, size, CONFIG, task="json")
     return root
 
 
@@ -46,8 +46,9 @@ def test_a_run_trains_at_its_familys_rate_the_authors_for_an_aligner(runs):
     assert {run.name: run.has_gates for run in list_runs(runs)} == {"a": True, "b": True, "c": False, "d": False}
 
 
-def test_a_trained_run_names_its_data_so_its_form_is_read_back(runs):
-    assert training_form(load_adapter(runs / "a")) == "json"
+def test_a_trained_run_records_its_task_so_its_form_is_read_back(runs):
+    adapter = load_adapter(runs / "a")
+    assert adapter.provenance["training"]["config"]["task"] == "json" and training_form(adapter) == "json"
 
 
 def test_train_run_refuses_an_existing_directory_and_an_unknown_kind(runs):
