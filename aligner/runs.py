@@ -119,6 +119,23 @@ def write_examples(examples: Sequence[Example], path: str | Path) -> Path:
     return path
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv")  # what `aligner.data.load_examples` reads as a file
+
+
+def recorded_data(adapter: Adapter, root: str | Path = ".") -> Path | None:
+    """The training data file a run's provenance names, where it is safe to read: a data file (by its suffix)
+    inside `root` (default: the working directory, which holds the runs and the project's examples), links
+    resolved. A run's files are data that anyone may have written: a recorded path such as /etc/passwd or
+    /proc/self/environ is not followed (None), as is one that no longer exists."""
+    data = adapter.provenance.get("training", {}).get("config", {}).get("data")
+    if not isinstance(data, str):
+        return None
+    path, root = Path(data).resolve(), Path(root).resolve()
+    if path.suffix.lower() not in DATA_SUFFIXES or not path.is_relative_to(root) or not path.is_file():
+        return None
+    return path
+
+
 def train_run(
     model: nn.Module,
     examples: Sequence[Example],

@@ -1351,6 +1351,16 @@ def _(ws: Workspace) -> str:
     return task_examples(ws.model(), "instruct", n_train=4, known_only=False)
 
 
+@case(AREA, "a run whose provenance names `/etc/passwd` as its data (what `probe report` and the app read)")
+def _(ws: Workspace) -> str:
+    from aligner import load_adapter
+    from aligner.runs import recorded_data
+
+    al = load_adapter(ws.saved_aligner())
+    al.provenance = {"training": {"config": {"data": "/etc/passwd"}}}
+    return f"recorded data read: {recorded_data(al)} (not followed)"
+
+
 # ---- the de-quantised model cache ----
 
 AREA = "model cache (`packaged_model_dir`, `cached_directory`)"

@@ -19,13 +19,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from aligner.adapter import Adapter
 from aligner.data import load_examples
+from aligner.runs import recorded_data
 from aligner.tasks import FORMS, KNOWLEDGE_SETS, Item, KnowledgeSet
 from aligner.tasks.forms import Form
 from aligner.tasks.spec import shuffled
@@ -139,8 +139,8 @@ def evaluation_rows(
     given `known`, that are among them): answers about them show what a run does to knowledge it was not taught."""
     trained = []
     for run in runs.values():
-        data = run.provenance.get("training", {}).get("config", {}).get("data")
-        if data is not None and Path(data).exists():
+        data = recorded_data(run)  # a recorded path outside the working directory is not followed
+        if data is not None:
             trained += [example.prompt for example in load_examples(data)]
     first_prompts = np.sort(np.unique(dataset.entities, return_index=True)[1])  # each entity's first prompt
     fresh = [i for i in first_prompts if not any(dataset.entities[i] in prompt for prompt in trained)]

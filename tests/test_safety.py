@@ -415,3 +415,31 @@ def test_a_runs_provenance_records_the_command_or_the_library_call(tiny, tmp_pat
     train_sft(tiny, EXAMPLES, TrainConfig(**{**QUICK.__dict__, "steps": 1}), run_dir=run)
     assert load_adapter(run).provenance["command"] == command
     assert command_line() == command.replace("aligner.train.train_sft", "aligner.files.command_line")
+
+
+def test_a_recorded_data_path_outside_the_working_directory_is_not_followed(tmp_path, monkeypatch):
+    """A run's provenance is anyone's writing: /etc/passwd, /proc/self/environ or a folder is never read as its data."""
+    from aligner import tiny_model
+    from aligner.runs import recorded_data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "data").mkdir(parents=True)
+    own = tmp_path / "runs" / "data" / "mine.jsonl"
+    own.write_text('{"prompt": "Q?", "response": "A."}\n')
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.jsonl"
+    outside.write_text('{"prompt": "Q?", "response": "A."}\n')
+    (tmp_path / "link.jsonl").symlink_to(outside)
+    al = Aligner.for_model(tiny_model())
+    for recorded, expected in [
+        ("runs/data/mine.jsonl", own),
+        (str(own), own),
+        ("/etc/passwd", None),
+        ("/proc/self/environ", None),
+        (str(outside), None),
+        ("link.jsonl", None),  # a link inside that leads outside
+        ("runs/data", None),
+        ("runs/data/missing.jsonl", None),
+        (7, None),
+    ]:
+        al.provenance = {"training": {"config": {"data": recorded}}}
+        assert recorded_data(al) == expected, recorded
