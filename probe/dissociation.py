@@ -1,0 +1,120 @@
+"""Which layers write the form, and which lose the knowledge: an adapter's write switched off one layer at a time,
+and on one layer at a time with every other off, scored under teacher forcing in the form's frame.
+
+    form       log p(r_1 .. r_k | prompt)            the first k tokens of the trained response ('{"' for JSON)
+    knowledge  log p(answer | prompt, frame)          the gold answer's tokens after the form's frame, summed
+               1[answer's first token is the top-1]   (`aligner.recall`'s answer_logprob and answer_rank1)
+
+Both come from one forward of prompt + frame + answer. An aligner's layer is switched off by zeroing its gates at
+`blocks.{l}.aligner.hook_gate`; a LoRA's by zeroing what its B matrices of that layer add (peft computes
+W x + (alpha / r) B A x, so the update is exactly gone and the base projection is left). Is there a set of layers
+that carries the form without the content loss?
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aligner.adapter import Adapter
+from aligner.methods import LoRA
+from aligner.objective import pad_token_id, prompts_for
+from aligner.tasks import Item, frame_of
+from probe.gates import gates_off
+from probe.lens import FramedRow, answer_in_form, device_of, framed_rows, padded
+from probe.progress import steps
+
+MEASURES = ("form_logprob", "answer_logprob", "answer_rank1")
+
+
+def adapted_layers(adapter: Adapter) -> list[int]:
+    """The model layers whose write `switched_off` can switch off: an aligner's adapted layers, a LoRA's all."""
+    if adapter.has_gates:
+        return list(adapter.layer_indices)
+    if isinstance(adapter, LoRA):
+        return list(range(adapter.shape.n_layers))
+    raise ValueError(f"layer_dissociation switches an aligner's or a LoRA's layers; a {adapter.kind} has neither")
+
+
+@contextlib.contextmanager
+def switched_off(model: nn.Module, adapter: Adapter, layers: Collection[int]) -> Iterator[None]:
+    """Inside, `adapter` (attached to `model`) writes nothing at `layers`: an aligner's gates there are zero, a
+    LoRA's updates of those layers add zero."""
+    if adapter.has_gates:
+        with model.hooks(fwd_hooks=gates_off(list(layers))):
+            yield
+        return
+    handles = [
+        adapter.lora_B[f"{layer}_{target}"].register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+        for layer in layers
+        for target in adapter.config.targets
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def scored_rows(model: nn.Module, rows: Sequence[FramedRow], form_tokens: int, batch_size: int) -> dict[str, np.ndarray]:
+    """{measure: one value per row} of `MEASURES` for whatever is attached to `model` now."""
+    pad, device = pad_token_id(model.tokenizer), device_of(model)
+    scores: dict[str, list[float]] = {measure: [] for measure in MEASURES}
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        logprobs = F.log_softmax(model(padded(batch, pad, device)).float(), dim=-1)  # (B, T, vocab)
+        for b, row in enumerate(batch):
+            targets = torch.tensor(row.ids, device=device)
+            # position t predicts the token at t + 1
+            predicted = logprobs[b, :-1].gather(1, targets[1:, None]).squeeze(1)
+            form_end = min(row.n_prompt + form_tokens, row.first)
+            scores["form_logprob"].append(float(predicted[row.n_prompt - 1 : form_end - 1].sum()))
+            scores["answer_logprob"].append(float(predicted[row.first - 1 : len(row.ids) - 1].sum()))
+            scores["answer_rank1"].append(float(int(logprobs[b, row.first - 1].argmax()) == row.ids[row.first]))
+    return {measure: np.array(values) for measure, values in scores.items()}
+
+
+@torch.no_grad()
+def layer_dissociation(
+    model: nn.Module,
+    adapter: Adapter,
+    items: Sequence[Item],
+    form_tokens: int = 2,
+    system: str | None = None,
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """Form and knowledge (`MEASURES`, means over `items`) with `adapter`'s write at one layer switched off
+    ("off"), and at one layer alone switched on ("only"), for each layer it adapts; beside them the adapter whole
+    ("all") and the base model ("none"), layer <NA>. The form is the log-probability of the first `form_tokens`
+    tokens of each item's trained response (no further than its frame, so never the answer's). Columns: mode,
+    layer, n_items, form_logprob, answer_logprob, answer_rank1, and their standard errors over items (*_se)."""
+    layers = adapted_layers(adapter)
+    answers = [answer_in_form(item) for item in items]
+    frames = [frame_of(item) for item in items]
+    base_rows = framed_rows(model.tokenizer, [item.prompt for item in items], frames, answers, system)
+    adapted_prompts = prompts_for(adapter, [item.prompt for item in items])
+    rows = framed_rows(model.tokenizer, adapted_prompts, frames, answers, system)
+    plans = [("all", pd.NA, ())] + [("off", layer, (layer,)) for layer in layers]
+    plans += [("only", layer, tuple(other for other in layers if other != layer)) for layer in layers]
+    table = [{"mode": "none", "layer": pd.NA, **summary(scored_rows(model, base_rows, form_tokens, batch_size))}]
+    with adapter.attached(model):
+        for mode, layer, off in steps(plans, "layer dissociation", unit="condition"):
+            with switched_off(model, adapter, off):
+                table.append({"mode": mode, "layer": layer, **summary(scored_rows(model, rows, form_tokens, batch_size))})
+    return pd.DataFrame(table).astype({"layer": "Int64"})
+
+
+def summary(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each measure's mean over items and its standard error, with the item count."""
+    n = len(next(iter(scores.values())))
+    out: dict[str, float] = {"n_items": n}
+    for measure, values in scores.items():
+        out[measure] = float(values.mean())
+        out[f"{measure}_se"] = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return out
