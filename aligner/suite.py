@@ -93,7 +93,7 @@ class SuiteConfig:
 QUICK = SuiteConfig(
     model="tiny",
     tasks=("json", "value"),
-    methods=("base", "prompting", "fewshot", "steering", "aligner-1", "aligner-1:tokens=random", "lora-1"),
+    methods=("base", "prompting", "fewshot", "steering", "aligner-1", "aligner-1:tokens=random", "aligner-1:data=own", "lora-1"),
     seeds=(0, 1),
     sizes=Sizes(train=4, valid=2, eval=3),
     steps=2,
