@@ -141,6 +141,25 @@ def test_method_names_and_rates():
             method_spec(name)
 
 
+def test_injection_teaches_invented_facts_and_scores_the_gold_answer_on_every_split(private_cache, tmp_path):
+    """Invented countries taught and held out, real capitals for collateral damage; a shared aligner of as many
+    tokens as the model has adapted layers holds as many numbers as adapter-1."""
+    model = aligner.tiny_model()
+    n_adapted = model.cfg.n_layers - aligner.AlignerConfig().start_layer
+    config = replace(QUICK, tasks=("inject",), methods=("base", f"aligner-{n_adapted}", "adapter-1"), seeds=(0,))
+    sweep(model, config, tmp_path)
+    cells = {m: json.loads((tmp_path / f"cells/tiny/inject/{m}/seed0.json").read_text()) for m in config.methods}
+    assert cells[f"aligner-{n_adapted}"]["params"] == cells["adapter-1"]["params"]
+    splits = {"taught", "taught_template", "unknown_heldout", "known_heldout"}
+    assert set(cells["base"]["scores"]) == splits
+    for split in splits:
+        assert set(cells["base"]["scores"][split]) == {"content", "answer_logprob", "answer_rank1"}
+    invented = {item["prompt"] for item in cells["base"]["outputs"]["unknown_heldout"]}
+    capitals = {KNOWLEDGE_SETS["capitals"].question(f) for f in KNOWLEDGE_SETS["capitals"].facts()}
+    assert invented and not invented & capitals
+    assert {item["prompt"] for item in cells["base"]["outputs"]["known_heldout"]} <= capitals
+
+
 def test_variants_train_on_fewer_items_for_fewer_steps_and_answer_with_scaled_gates(private_cache, tmp_path, monkeypatch):
     """A variant is the same training (same seed) with its factor changed; gate_scale=0 answers as the base."""
     config = replace(QUICK, tasks=("json",), methods=("base", "aligner-1", "aligner-1:gate_scale=0", "aligner-1:train=2:steps=1"), seeds=(0,))
