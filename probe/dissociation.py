@@ -24,7 +24,7 @@ from torch import nn
 
 from aligner.adapter import Adapter
 from aligner.methods import LoRA
-from aligner.objective import pad_token_id, prompts_for
+from aligner.objective import pad_token_id, prompts_for, reads_logits_to_keep
 from aligner.tasks import Item, frame_of
 from probe.gates import gates_off
 from probe.lens import FramedRow, answer_in_form, device_of, framed_rows, padded
@@ -63,20 +63,27 @@ def switched_off(model: nn.Module, adapter: Adapter, layers: Collection[int]) ->
 
 
 def scored_rows(model: nn.Module, rows: Sequence[FramedRow], form_tokens: int, batch_size: int) -> dict[str, np.ndarray]:
-    """{measure: one value per row} of `MEASURES` for whatever is attached to `model` now."""
+    """{measure: one value per row} of `MEASURES` for whatever is attached to `model` now. Logits are taken from
+    the first position that predicts a response token on (`logits_to_keep`), not over the prompt: the unembedding
+    and its softmax over the vocabulary are most of a step when the response is short."""
     pad, device = pad_token_id(model.tokenizer), device_of(model)
     scores: dict[str, list[float]] = {measure: [] for measure in MEASURES}
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        logprobs = F.log_softmax(model(padded(batch, pad, device)).float(), dim=-1)  # (B, T, vocab)
+        input_ids = padded(batch, pad, device)
+        kept = input_ids.shape[1] - min(row.n_prompt for row in batch) + 1  # positions kept, from the right
+        keep = {"logits_to_keep": kept} if reads_logits_to_keep(model) else {}
+        logits = model(input_ids, **keep)[:, -kept:]  # (B, kept, vocab)
+        offset = input_ids.shape[1] - kept  # logits[:, j] are those of position offset + j
         for b, row in enumerate(batch):
-            targets = torch.tensor(row.ids, device=device)
             # position t predicts the token at t + 1
-            predicted = logprobs[b, :-1].gather(1, targets[1:, None]).squeeze(1)
             form_end = min(row.n_prompt + form_tokens, row.first)
-            scores["form_logprob"].append(float(predicted[row.n_prompt - 1 : form_end - 1].sum()))
-            scores["answer_logprob"].append(float(predicted[row.first - 1 : len(row.ids) - 1].sum()))
-            scores["answer_rank1"].append(float(int(logprobs[b, row.first - 1].argmax()) == row.ids[row.first]))
+            predicted = F.log_softmax(logits[b, row.n_prompt - 1 - offset : len(row.ids) - 1 - offset].float(), dim=-1)
+            targets = torch.tensor(row.ids[row.n_prompt :], device=device)
+            token_logprobs = predicted.gather(1, targets[:, None]).squeeze(1)  # of the response tokens, in order
+            scores["form_logprob"].append(float(token_logprobs[: form_end - row.n_prompt].sum()))
+            scores["answer_logprob"].append(float(token_logprobs[row.first - row.n_prompt :].sum()))
+            scores["answer_rank1"].append(float(int(predicted[row.first - row.n_prompt].argmax()) == row.ids[row.first]))
     return {measure: np.array(values) for measure, values in scores.items()}
 
 

@@ -11,7 +11,7 @@ import aligner
 from aligner.chat import example_ids
 from aligner.methods import LoRA, LoRAConfig
 from aligner.model import projection
-from aligner.recall import answer_span
+from aligner.recall import Framed, answer_scores, answer_span
 from aligner.tasks import Sizes, frame_of, get_task, own_frame_of
 from probe.dissociation import layer_dissociation
 from probe.lens import answer_in_form, logit_lens, readable_from, token_readout
@@ -161,6 +161,12 @@ def test_switching_off_the_one_layer_an_aligner_writes_at_restores_the_base_mode
     table = layer_dissociation(model, al, items, batch_size=2)
     assert len(table) == 2 + 2 * 3
     check_one_layer_writes(table, 2, [1, 2, 3])
+    framed = [Framed(item.prompt, frame_of(item), answer_in_form(item)) for item in items]
+    for mode, adapter in (("none", None), ("all", al)):
+        expected = answer_scores(model, adapter, framed)
+        row = table[table["mode"] == mode].iloc[0]
+        assert row["answer_logprob"] == pytest.approx(np.mean(expected["answer_logprob"]), abs=1e-4)
+        assert row["answer_rank1"] == np.mean(expected["answer_rank1"])
 
 
 def test_switching_off_the_one_layer_a_lora_updates_restores_the_base_model(model, items):
