@@ -9,7 +9,8 @@ adapter, is read at the answer's tokens as they are tokenised in the whole respo
     answer_rank1    1 where the answer's first token is the most likely next token after the frame, else 0
 
 The same frame read by the base model says what the frame alone costs; the base model in its own sentence is
-where the fact is readable at all.
+where the fact is readable at all. `knowledge_scores` reads both frames of a task's items (`Item.frame`,
+`Item.own_frame`: cut where the form places the answer, not where its letters first occur, as "Th" in "The").
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from aligner.adapter import Adapter
 from aligner.chat import example_ids
 from aligner.generation import check_gate_scale, scaled
 from aligner.objective import pad_token_id, prompts_for
+from aligner.tasks.spec import Item
 
 METRICS = ("answer_logprob", "answer_rank1")
 
@@ -99,3 +101,33 @@ def answer_scores(
                 scores["answer_logprob"].append(float(predicted.gather(1, targets[:, None]).sum()))
                 scores["answer_rank1"].append(float(int(predicted[0].argmax()) == ids[first]))
     return scores
+
+
+def knowledge_scores(
+    model: nn.Module,
+    adapter: Adapter | None,
+    items: Sequence[Item],
+    system: str | None = None,
+    raw_prompts: bool = False,
+    gate_scale: float = 1.0,
+) -> dict[str, list[float]]:
+    """`answer_scores` for every item in the trained response's frame (`answer_*`) and in the base model's own
+    sentence (`own_*`); a frame that some item lacks is left out for all (a task with no place for the answer)."""
+    scores: dict[str, list[float]] = {}
+    for prefix, frame_of in (("answer", lambda i: i.frame), ("own", lambda i: i.own_frame)):
+        frames = [frame_of(item) for item in items]
+        if not items or any(frame is None for frame in frames):
+            continue
+        framed = [Framed(item.prompt, frame, gold_as_written(item, frame, prefix)) for item, frame in zip(items, frames)]
+        found = answer_scores(model, adapter, framed, system, raw_prompts, gate_scale=gate_scale)
+        scores.update({metric.replace("answer", prefix, 1): values for metric, values in found.items()})
+    return scores
+
+
+def gold_as_written(item: Item, frame: str, frame_kind: str) -> str:
+    """The gold answer as the response writes it after `frame`: the trained response's own letters (an all-caps
+    form upper-cases it), or the first gold answer in the base model's sentence."""
+    gold = item.answers[0]
+    if frame_kind == "answer" and item.response.startswith(frame):
+        return item.response[len(frame) : len(frame) + len(gold)]
+    return gold

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from aligner.files import atomic_write_json, provenance, read_json
 from aligner.generation import answer
 from aligner.loading import DEFAULT_MODEL, model_fingerprint
 from aligner.objective import formatted_for, heldout_loss
-from aligner.recall import Framed, answer_scores
+from aligner.recall import knowledge_scores
 from aligner.registry import METHODS, MethodSpec, method_spec
 from aligner.stats import MARGIN
 from aligner.tables import model_folder, summarise
@@ -321,38 +320,6 @@ def run_cell(
     record.update(eval_s=time.perf_counter() - started, metrics=metrics, scores=scores, n={s: len(i) for s, i in data.eval.items()})
     record["outputs"] = outputs
     return record
-
-
-def frame_in(text: str, answers: Sequence[str]) -> Framed | None:
-    """`text` split at the first gold answer it holds (any case: an all-caps form upper-cases it): the frame
-    before it and the answer as it stands; None where it holds none."""
-    for gold in answers:
-        match = re.search(re.escape(gold), text, re.IGNORECASE)
-        if match:
-            return Framed("", text[: match.start()], match.group())
-    return None
-
-
-def knowledge_scores(
-    model: nn.Module,
-    method: Adapter | None,
-    items: Sequence[Item],
-    system: str | None,
-    raw_prompts: bool,
-    gate_scale: float = 1.0,
-) -> dict[str, list[float]]:
-    """The gold answer under teacher forcing (`aligner.recall`) in the trained response's frame (`answer_*`)
-    and in the base model's own sentence (`own_*`, the items' contrast where they have one), for every item; a
-    frame that some item lacks is left out for all."""
-    scores: dict[str, list[float]] = {}
-    for prefix, texts in (("answer", [i.response for i in items]), ("own", [i.contrast for i in items])):
-        framed = [frame_in(text, item.answers) if text else None for text, item in zip(texts, items)]
-        if not items or any(f is None for f in framed):
-            continue
-        framed = [replace(f, prompt=item.prompt) for f, item in zip(framed, items)]
-        found = answer_scores(model, method, framed, system, raw_prompts, gate_scale=gate_scale)
-        scores.update({metric.replace("answer", prefix, 1): values for metric, values in found.items()})
-    return scores
 
 
 def evaluate(

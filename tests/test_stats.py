@@ -11,7 +11,8 @@ from scipy import stats as scipy_stats
 import aligner
 from aligner.recall import Framed, answer_scores, answer_span
 from aligner.stats import Estimate, bootstrap, compare, paired_difference
-from aligner.suite import frame_in, randomise_tokens
+from aligner.suite import randomise_tokens
+from aligner.tasks import Sizes
 
 
 def test_one_seed_interval_agrees_with_scipys_percentile_bootstrap():
@@ -73,11 +74,17 @@ def test_random_tokens_keep_each_tokens_norm_and_the_gates():
     assert torch.equal(again.tokens, al.tokens)  # seeded
 
 
-def test_the_frame_is_the_response_up_to_its_gold_answer_in_any_case():
-    assert frame_in('{"answer": "Paris"}', ("Paris",)) == Framed("", '{"answer": "', "Paris")
-    assert frame_in("THE CAPITAL OF FRANCE IS PARIS.", ("Paris",)) == Framed("", "THE CAPITAL OF FRANCE IS ", "PARIS")
-    assert frame_in("Paris", ("Paris",)) == Framed("", "", "Paris")
-    assert frame_in("Lyon", ("Paris",)) is None
+def test_knowledge_scores_read_each_items_own_frames():
+    from aligner.recall import gold_as_written, knowledge_scores
+    from aligner.tasks import get_task
+
+    items = get_task("caps").build(None, Sizes(train=1, valid=1, eval=2)).eval["test"]
+    assert gold_as_written(items[0], items[0].frame, "answer") == items[0].answers[0].upper()
+    assert gold_as_written(items[0], items[0].own_frame, "own") == items[0].answers[0]
+    scores = knowledge_scores(aligner.tiny_model(), None, items)
+    assert set(scores) == {"answer_logprob", "answer_rank1", "own_logprob", "own_rank1"}
+    assert all(len(values) == 2 for values in scores.values())
+    assert knowledge_scores(aligner.tiny_model(), None, get_task("value").build(None, Sizes(2, 1, 2)).eval["harmful"]) == {}
 
 
 def test_answer_scores_read_the_answers_tokens_as_the_whole_response_tokenises_them():
