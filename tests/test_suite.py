@@ -152,8 +152,10 @@ def test_injection_teaches_invented_facts_and_scores_the_gold_answer_on_every_sp
     assert cells[f"aligner-{n_adapted}"]["params"] == cells["adapter-1"]["params"]
     splits = {"taught", "taught_template", "unknown_heldout", "known_heldout"}
     assert set(cells["base"]["scores"]) == splits
-    for split in splits:
-        assert set(cells["base"]["scores"][split]) == {"content", "answer_logprob", "answer_rank1"}
+    for split in splits:  # injection answers in the base model's own sentence: both frames are that one
+        assert set(cells["base"]["scores"][split]) == {"content", "answer_logprob", "answer_rank1", "own_logprob", "own_rank1"}
+        scores = cells["base"]["scores"][split]
+        assert scores["answer_logprob"] == scores["own_logprob"]
     invented = {item["prompt"] for item in cells["base"]["outputs"]["unknown_heldout"]}
     capitals = {KNOWLEDGE_SETS["capitals"].question(f) for f in KNOWLEDGE_SETS["capitals"].facts()}
     assert invented and not invented & capitals
