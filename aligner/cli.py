@@ -352,10 +352,16 @@ def sweep(
     checker: Annotated[Optional[str], typer.Option(help="regex a good answer of a user's .jsonl task matches")] = None,
     audit_shots: Annotated[Optional[int], typer.Option(help="answered questions before each audit question (base models)")] = None,
     threads: Annotated[int, typer.Option(help="torch threads; 1 is fastest on a shared 2-core machine")] = 1,
+    reference: Annotated[
+        Optional[str], typer.Option(help="the method every other is compared with, item by item (default lora-8)")
+    ] = None,
+    margin: Annotated[
+        Optional[float], typer.Option(help="a paired difference within +-margin counts as none (default 0.05)")
+    ] = None,
     tables_only: Annotated[bool, typer.Option(help="only rebuild the tables and figure from OUT/cells")] = False,
 ) -> None:
     """Run methods x tasks x seeds on one frozen model (cells already in OUT are skipped) and write the tables
-    and the figure."""
+    and the figure, each mean with its 95% interval over items and seeds, and each method against --reference."""
     import torch
 
     from aligner.loading import open_model
@@ -365,12 +371,14 @@ def sweep(
 
     if tables_only:
         with one_line_errors():
-            typer.echo(f"{len(summarise(out))} summary rows in {out / 'sweep.csv'}")
+            rows = summarise(out, reference or SuiteConfig.reference, SuiteConfig.margin if margin is None else margin)
+            typer.echo(f"{len(rows)} summary rows in {out / 'sweep.csv'}")
         return
     torch.set_num_threads(threads)
     config = QUICK if quick else SuiteConfig()
     changes = dict(model=model, tasks=_names(tasks or []) or None, methods=_names(methods or []) or None, steps=steps)
     changes.update(seeds=tuple(int(s) for s in seeds.split(",")) if seeds else None, checker=checker, audit_shots=audit_shots)
+    changes.update(reference=reference, margin=margin)
     with one_line_errors():
         config = replace(config, **{k: v for k, v in changes.items() if v is not None})
         rows = run_sweep(open_model(config.model), config, out)
