@@ -4,7 +4,8 @@ Activations with and without aligners (`collect`, kept on disk), linear probes w
 (`LayerwiseProbe`, `evaluate_probe`), gate tables, interventions and curves (`gates`), the geometry of the
 aligner's effect against the knowledge directions with a null (`layer_geometry`), 2-D maps (`embeddings`); the
 analyses that the model report and the app both show (`analyses`: `probe_curves`, `geometry_table`, ...), their
-figures (`figures`) and the report's verdict (`verdict`, its thresholds named there); and the scripted reports
+figures (`figures`) and the report's verdict (`verdict`, its thresholds named there); the mechanism analyses
+(`logit_lens`, `token_readout`, `layer_dissociation`, `token_shift`, on items from `form_items`); and the scripted reports
 (`build_model_report`, `build_paper_report`; `probe report`, `probe paper-report`), also in memory for a notebook
 (`report_on_model`, `report_on_checkpoints`, drawn with `Report.show`).
 Built on `aligner`'s public API; `aligner` knows nothing of it.
@@ -29,6 +30,7 @@ _PUBLIC = {
     "control_labels": "probe.probes",
     "evaluate_probe": "probe.probes",
     "evaluation_set": "probe.dataset",
+    "form_items": "probe.dataset",
     "form_probe_curves": "probe.analyses",
     "form_scores": "probe.analyses",
     "gate_curves": "probe.analyses",
@@ -43,13 +45,17 @@ _PUBLIC = {
     "knowledge_dataset": "probe.dataset",
     "knowledge_directions": "probe.geometry",
     "knowledge_probe_curves": "probe.analyses",
+    "layer_dissociation": "probe.dissociation",
     "layer_geometry": "probe.geometry",
+    "logit_lens": "probe.lens",
     "overlap": "probe.geometry",
     "principal_angles": "probe.geometry",
     "probe_curves": "probe.analyses",
     "probe_figure": "probe.figures",
     "report_on_checkpoints": "probe.paper_report",
     "report_on_model": "probe.model_report",
+    "token_readout": "probe.lens",
+    "token_shift": "probe.shift",
     "training_form": "probe.dataset",
     "verdict": "probe.verdict",
 }

@@ -16,6 +16,11 @@ its own, so that a number in the report and the same number in the app always ag
     prompt_tokens        the prompt's tokens by position, as `prefix_attention` read them
     same_width           the aligners that share the first one's width, for one map of their tokens
     loss_table           the runs' training losses, and which logs cannot be read
+    mechanism_frame      the frame a run's mechanism analyses read the gold answer in: its form's, or its own sentence
+    lens_layers          the logit lens per layer: the gold token's median rank, mean log-probability, top-1 share
+    lens_readable        per reading, where the gold answer becomes and stays the lens's top token
+    readout_top          per adapted layer, the tokens its gated prefix promotes and suppresses most, and the gold's
+    dissociation_summary the layer that alone writes most of the form, beside the whole adapter and the base
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from probe.gates import (
     rank_layers,
 )
 from probe.geometry import knowledge_directions, layer_geometry
+from probe.lens import readable_from
 from probe.probes import evaluate_probe
 
 SCORE_COLUMNS = (*(f"form:{form}" for form in FORMS), "content", "n")  # what `form_scores` gives
@@ -310,3 +316,68 @@ def loss_table(runs: Mapping[str, str | Path]) -> tuple[pd.DataFrame, dict[str, 
     frames = [frame for frame in frames if len(frame)]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "loss", "run"])
     return table, unreadable
+
+
+def mechanism_frame(form: str | None) -> str:
+    """The frame in which the mechanism analyses read a run trained for `form` (`probe.dataset.form_items`): the
+    form's own where the suite writes it, else the base model's own sentence ("own sentence")."""
+    return form if form in FORMS else "own sentence"
+
+
+def lens_layers(lens: pd.DataFrame) -> pd.DataFrame:
+    """Per reading (run and condition, where `lens` has a run column) and layer of a `probe.lens.logit_lens` table:
+    the gold token's median rank, its mean log-probability, and the share of items where it is the lens's top
+    token."""
+    keys = [column for column in ("run", "condition") if column in lens] + ["layer"]
+    return (
+        lens.assign(top1=lens["rank"] == 1)
+        .groupby(keys, sort=False)
+        .agg(median_rank=("rank", "median"), mean_logprob=("logprob", "mean"), top1=("top1", "mean"), n=("item", "size"))
+        .reset_index()
+    )
+
+
+def lens_readable(lens: pd.DataFrame) -> pd.DataFrame:
+    """Per reading of a `probe.lens.logit_lens` table: the share of items whose gold token is the top one at the
+    last layer, the median first layer from which it stays the top one through the last (`readable_from`, over the
+    items where it does), and the share of items where it never does."""
+    keys = [column for column in ("run", "condition") if column in lens]
+    rows = []
+    for key, group in lens.groupby(keys, sort=False):
+        last = group[group["layer"] == group["layer"].max()]
+        found = readable_from(group)["layer"]
+        rows.append(
+            {**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "n": len(last),
+             "top1_last_layer": float((last["rank"] == 1).mean()), "readable_from_median": float(found.median()),
+             "never_readable": float(found.isna().mean())}
+        )
+    return pd.DataFrame(rows)
+
+
+def readout_top(readout: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """One row per adapted layer of a `probe.lens.token_readout` table: its `k` most promoted and most suppressed
+    tokens (with the logit each writes), and what it writes on the items' gold answers (mean value, mean rank)."""
+    rows = []
+    for layer, group in readout[readout["kind"] != "nearest"].groupby("layer"):
+        listed = {
+            kind: ", ".join(f"{token} ({value:+.2f})" for token, value in group[(group["kind"] == kind) & (group["rank"] <= k)][["token", "value"]].itertuples(index=False))
+            for kind in ("promoted", "suppressed")
+        }
+        gold = group[group["kind"] == "gold"].iloc[0]
+        rows.append({"layer": int(layer), **listed, "gold_value": float(gold["value"]), "gold_rank": float(gold["rank"])})
+    return pd.DataFrame(rows)
+
+
+def dissociation_summary(table: pd.DataFrame) -> dict[str, Any]:
+    """From a `probe.dissociation.layer_dissociation` table: form and knowledge of the base model and of the whole
+    adapter, and the layer that alone ("only") writes the most form, with the knowledge kept there, and the layer
+    whose switching off ("off") costs the form most."""
+    row = {mode: table[table["mode"] == mode].iloc[0] for mode in ("none", "all")}
+    only, off = table[table["mode"] == "only"], table[table["mode"] == "off"]
+    best, costliest = only.loc[only["form_logprob"].idxmax()], off.loc[off["form_logprob"].idxmin()]
+    measures = ("form_logprob", "answer_logprob", "answer_rank1")
+    return {
+        **{f"{mode}_{m}": float(row[mode][m]) for mode in row for m in measures},
+        "best_only_layer": int(best["layer"]), **{f"best_only_{m}": float(best[m]) for m in measures},
+        "costliest_off_layer": int(costliest["layer"]), **{f"costliest_off_{m}": float(costliest[m]) for m in measures},
+    }

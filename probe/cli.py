@@ -44,6 +44,8 @@ def report(
     cache: Annotated[Optional[Path], typer.Option(help="activation cache (default: the aligner cache's probe/)")] = None,
     seed: Annotated[int, typer.Option(help="seeds folds, control labels, nulls and UMAP")] = 0,
     checker: Annotated[Optional[str], typer.Option(help="regex a well-formed answer matches in full: the form of runs that record no suite task")] = None,
+    n_mechanism: Annotated[int, typer.Option(help="held-out prompts read by the mechanism sections (lens, readout, shift)")] = 24,
+    n_dissociation: Annotated[int, typer.Option(help="of those, the prompts the layer dissociation reads (twice per layer)")] = 8,
 ) -> None:
     """The report on one model and its aligners: report.html, metrics.json, summary.md. A run's output form is the
     one its training recorded, else --checker's, else unknown (its behaviour is then untested)."""
@@ -54,7 +56,8 @@ def report(
         paths = build_model_report(
             runs, model, out, knowledge=knowledge, n_subjects=n_subjects, n_eval=n_eval, known_only=known_only,
             only=tuple(run or ()), max_new_tokens=max_new_tokens, folds=folds, umap=umap, cache=cache, seed=seed,
-            checker=checker,
+            checker=checker, n_mechanism=n_mechanism,
+            n_dissociation=n_dissociation,
         )
     wrote(paths, started)
 

@@ -27,7 +27,7 @@ from aligner.adapter import Adapter
 from aligner.data import load_examples
 from aligner.runs import recorded_data
 from aligner.tasks import FORMS, KNOWLEDGE_SETS, Item, KnowledgeSet
-from aligner.tasks.forms import Form
+from aligner.tasks.forms import Form, form_frame
 from aligner.tasks.spec import shuffled
 from probe.demo import demo_task
 
@@ -122,14 +122,46 @@ def training_form(adapter: Adapter, checker: str | None = None) -> str | None:
     else `checker`, a user's regular expression, as the form "/REGEX/" (`form_named`); else None, an unknown
     form, whose behaviour is left untested. Never read off the training data: a checker that passes most of a
     run's responses need not be the form it was trained for."""
-    training = adapter.provenance.get("training", {})
-    task = training.get("task") or training.get("config", {}).get("task") or demo_task(adapter.provenance)
+    task = recorded_task(adapter)
     if task is not None and task.partition("@")[0] in FORMS:
         return task.partition("@")[0]
     if checker is not None:
         form_named(f"/{checker}/")  # a bad expression fails here, naming itself
         return f"/{checker}/"
     return None
+
+
+def recorded_task(adapter: Adapter) -> str | None:
+    """The suite task a run records having been trained on ("json", "inject", "bracket@elements"), or that of a
+    `probe train-demo` run (`probe.demo.demo_task`); None for a run that records none."""
+    training = adapter.provenance.get("training", {})
+    return training.get("task") or training.get("config", {}).get("task") or demo_task(adapter.provenance)
+
+
+def is_injection(adapter: Adapter) -> bool:
+    """Whether a run was trained to inject facts (the suite's inject task): the geometry's positive control, an
+    effect that writes knowledge."""
+    task = recorded_task(adapter)
+    return task is not None and task.partition("@")[0] == "inject"
+
+
+def form_items(dataset: ProbeDataset, form: str | None) -> list[Item]:
+    """The prompts of `dataset` as the suite's items of `form` (an `aligner.tasks.FORMS` name): its response and
+    the frame before the gold answer in it, beside the base model's own sentence. For any other form (a user's
+    "/REGEX/", or None) the response is the base model's own sentence, which is also its frame: the one place
+    where a gold answer stands in a form the suite cannot write."""
+    knowledge = dataset.knowledge
+    facts = {fact.subject: fact for fact in knowledge.facts()}
+    items = []
+    for prompt, entity in zip(dataset.prompts, dataset.entities):
+        fact = facts[entity]
+        sentence, own = knowledge.sentence(fact), knowledge.statement_frame(fact)
+        if form in FORMS:
+            response, frame = FORMS[form].render(fact.answers[0], sentence), form_frame(FORMS[form], knowledge, fact)
+        else:
+            response, frame = sentence, own
+        items.append(Item(prompt, response, fact.answers, None, fact.labels, frame=frame, own_frame=own))
+    return items
 
 
 def evaluation_rows(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -138,13 +138,19 @@ def lens_of_rows(model: nn.Module, rows: Sequence[FramedRow], batch_size: int, d
 
 @torch.no_grad()
 def logit_lens(
-    model: nn.Module, adapter: Adapter | None, items: Sequence[Item], system: str | None = None, batch_size: int = 8
+    model: nn.Module,
+    adapter: Adapter | None,
+    items: Sequence[Item],
+    system: str | None = None,
+    batch_size: int = 8,
+    conditions: Collection[str] = tuple(condition for condition, _, _ in CONDITIONS),
 ) -> pd.DataFrame:
     """log p^l(gold) = log softmax(W_U LN_f(x^l))[gold] at the answer position, for every block l and item.
 
     Three readings (`condition`): "aligned", `adapter` attached (any adapter) in the form's frame
     (`frame_of(item)`); "base_frame", the base model forced into the same frame; "base_own", the base model in its
-    own sentence (`own_frame_of(item)`). With `adapter` None the aligned reading is left out. The gold token is
+    own sentence (`own_frame_of(item)`). Only the readings named in `conditions` are made (the base readings of
+    the same items are the same for every adapter), and with `adapter` None the aligned reading is left out. The gold token is
     the answer's first as the whole response tokenises it. At the last block the lens is the model's own
     next-token distribution. One row per item, condition and layer: item, prompt, answer, condition, layer, rank
     (1: the most likely token), logprob, top_token (the lens's most likely token)."""
@@ -153,7 +159,7 @@ def logit_lens(
     answers = {"form": [answer_in_form(item) for item in items], "own": [item.answers[0] for item in items]}
     tables = []
     for condition, attached, frame in CONDITIONS:
-        if attached and adapter is None:
+        if condition not in conditions or (attached and adapter is None):
             continue
         prompts = prompts_for(adapter if attached else None, [item.prompt for item in items])
         rows = framed_rows(tokenizer, prompts, frames[frame], answers[frame], system)

@@ -6,8 +6,10 @@ output form it was trained for as it records it, or the user's `checker` (`train
 behaviour untested). The evidence, one section each: behaviour (form compliance
 and content accuracy of greedy answers), the gate-scale curve, gate ablations, the gates and how much each
 head's prefix contributes on real prompts, linear probes (form, knowledge, control, transfer from base to
-aligned), the geometry of the aligner's effect against the knowledge probes' directions with a null, and
-embeddings; then the verdict. This module assembles the report: the numbers come from `probe.analyses`, the
+aligned), the geometry of the aligner's effect against the knowledge probes' directions with a null beside its
+positive control (a run that injects facts), the mechanism analyses (`probe.mechanism_report`: logit lens, token
+readout, layer dissociation, token shift; other methods trained on the model, LoRA among them, are read there
+too) and embeddings; then the verdict. This module assembles the report: the numbers come from `probe.analyses`, the
 figures from `probe.figures`, the verdict and its thresholds from `probe.verdict`; here they are put in sections
 with the text that says what each shows, and summarised (`model_summary`).
 """
@@ -23,7 +25,7 @@ import pandas as pd
 from torch import nn
 
 from aligner import Aligner, model_fingerprint, open_model
-from aligner.adapter import load_adapter
+from aligner.adapter import Adapter, load_adapter
 from aligner.audit import audit
 from aligner.runs import list_runs
 from aligner.tasks import FORMS, KNOWLEDGE_SETS
@@ -35,15 +37,17 @@ from probe.analyses import (
     behaviour,
     form_probe_curves,
     form_scores,
+    geometry_summary,
     geometry_table,
     knowledge_probe_curves,
+    mechanism_frame,
     peak_selectivity,
     run_table,
     score_table,
     top_prefix_heads,
 )
 from probe.collect import Activations, collect, condition_name
-from probe.dataset import ProbeDataset, evaluation_set, knowledge_dataset, training_form
+from probe.dataset import ProbeDataset, evaluation_set, is_injection, knowledge_dataset, training_form
 from probe.embeddings import prefix_frame, token_frame
 from probe.figures import (
     cumulative_ablation_figure,
@@ -58,9 +62,19 @@ from probe.figures import (
 )
 from probe.gates import DEFAULT_SCALES, answers, gate_range, gate_table, head_activity
 from probe.geometry import knowledge_directions
+from probe.mechanism_report import mechanism_sections
 from probe.probes import selectivity
 from probe.report import Report
-from probe.verdict import TRANSFER_TOLERANCE, WITHIN_NULL, rule, verdict, verdict_table
+from probe.verdict import (
+    TRANSFER_TOLERANCE,
+    WITHIN_NULL,
+    geometry_control,
+    orthogonal,
+    passed_text,
+    rule,
+    verdict,
+    verdict_table,
+)
 
 
 def build_model_report(runs: str | Path, model_name: str, out: str | Path, **options: Any) -> dict[str, Path]:
@@ -86,24 +100,31 @@ def report_on_model(
     cache: str | Path | None = None,
     seed: int = 0,
     checker: str | None = None,
+    n_mechanism: int = 24,
+    n_dissociation: int = 8,
 ) -> Report:
     """The report on `model` and its aligners under `runs` (`only`: these runs of them), in memory: its sections
     (`Report.show` draws them in a notebook) and metrics, the verdict per aligner among them; `build_model_report`
     writes it out. Behaviour is measured on `n_eval` facts of `knowledge` that no run was trained on and, with
     `known_only`, that the base model answers right (the suite's audit, cached per weights): then a fall in content
     accuracy is knowledge the aligner hides, not knowledge the model never had. `checker`: the regular expression
-    a well-formed answer matches in full, the form of every run that records none (a form the suite lacks)."""
+    a well-formed answer matches in full, the form of every run that records none (a form the suite lacks). The
+    mechanism sections read the first `n_mechanism` prompts of the evaluation set, and the layer dissociation the
+    first `n_dissociation` of them: each of their analyses runs every run over them, the dissociation twice per
+    layer."""
     started = time.perf_counter()
     model_name = model.cfg.model_name
     fingerprint = model_fingerprint(model)
-    aligners, skipped = usable_runs(runs, fingerprint, only)
+    aligners, others, skipped = usable_runs(runs, fingerprint, only)
     forms = {name: training_form(al, checker) for name, al in aligners.items()}
     dataset = knowledge_dataset(knowledge, n_subjects)
     every_fact = knowledge_dataset(knowledge, len(KNOWLEDGE_SETS[knowledge].facts()))
     known = audit(model, KNOWLEDGE_SETS[knowledge], fingerprint).known if known_only else None
-    evaluation = evaluation_set(every_fact, aligners, n_eval, known)
+    evaluation = evaluation_set(every_fact, {**aligners, **others}, n_eval, known)
     report = Report(f"Aligner probe report: {model_name}")
-    report.metrics["setup"] = setup_section(report, model_name, fingerprint, aligners, forms, skipped, dataset, evaluation, known_only)
+    report.metrics["setup"] = setup_section(
+        report, model_name, fingerprint, aligners, others, forms, skipped, dataset, evaluation, known_only
+    )
 
     activations = collect(model, dataset, [None, *(Path(runs) / name for name in aligners)], cache=cache)
     names = {name: condition_name(Path(runs) / name) for name in aligners}  # run -> its condition in `activations`
@@ -113,7 +134,11 @@ def report_on_model(
     )
     report.metrics["gates"] = gates_section(report, aligners, activations, names)
     report.metrics["probes"] = probes_section(report, activations, names, folds, seed)
-    report.metrics["geometry"] = geometry_section(report, activations, aligners, names, seed)
+    report.metrics["geometry"], report.metrics["geometry_control"] = geometry_section(report, activations, aligners, names, seed)
+    compared = {**aligners, **others}
+    frames = {name: mechanism_frame(training_form(run, checker)) for name, run in compared.items()}
+    mechanism = evaluation.subset(range(min(n_mechanism, len(evaluation))))
+    mechanism_sections(report, model, compared, frames, mechanism, max_new_tokens, n_dissociation)
     report.metrics["embeddings"] = embeddings_section(report, model, aligners, activations, names, forms, evaluation, outputs, umap, seed)
     report.metrics["verdict"] = {name: verdict(report.metrics, name, forms[name], names[name]) for name in aligners}
     report.section("verdict", "Verdict: form changed, knowledge left alone?").table(verdict_table(report.metrics["verdict"]), rule())
@@ -121,10 +146,13 @@ def report_on_model(
     return report
 
 
-def usable_runs(runs: str | Path, fingerprint: str, only: Sequence[str] = ()) -> tuple[dict[str, Aligner], list[tuple[str, str]]]:
-    """The aligners under `runs` (`only`: of these names) trained on the model with `fingerprint`, and (run, reason)
-    for the others."""
-    usable, skipped = {}, []
+def usable_runs(
+    runs: str | Path, fingerprint: str, only: Sequence[str] = ()
+) -> tuple[dict[str, Aligner], dict[str, Adapter], list[tuple[str, str]]]:
+    """The aligners under `runs` (`only`: of these names) trained on the model with `fingerprint`; the runs of
+    other methods trained on it (LoRA, prompt tuning, ...), which only the mechanism sections read; and (run,
+    reason) for the others."""
+    usable, others, skipped = {}, {}, []
     listed = list_runs(runs)
     missing = set(only) - {run.name for run in listed}
     if missing:
@@ -135,23 +163,20 @@ def usable_runs(runs: str | Path, fingerprint: str, only: Sequence[str] = ()) ->
         if run.error is not None:
             skipped.append((run.name, run.error))
             continue
-        if not run.has_gates:  # the report reads prefixes and gates, which other methods (LoRA, ...) have none of
-            skipped.append((run.name, f"a {run.kind} run, not an aligner"))
-            continue
         try:  # its tensors too: a file cut short is this run's error, not the report's
-            al = load_adapter(run.path)
+            adapter = load_adapter(run.path)
         except (OSError, ValueError) as err:
             skipped.append((run.name, str(err) if str(run.path) in str(err) else f"{run.path}: {err}"))
             continue
-        if not isinstance(al, Aligner):  # the report reads one aligner's own tokens and gates
-            skipped.append((run.name, f"a {al.kind}, not a single aligner"))
-        elif al.base_model.get("fingerprint") != fingerprint:
-            skipped.append((run.name, f"trained on another base model ({al.base_model.get('name')})"))
+        if adapter.base_model.get("fingerprint") != fingerprint:
+            skipped.append((run.name, f"trained on another base model ({adapter.base_model.get('name')})"))
+        elif isinstance(adapter, Aligner):  # most sections read one aligner's own tokens and gates
+            usable[run.name] = adapter
         else:
-            usable[run.name] = al
+            others[run.name] = adapter
     if not usable:
         raise ValueError(f"{runs}: no aligner trained on this model (weights fingerprint {fingerprint[:12]}...)")
-    return usable, skipped
+    return usable, others, skipped
 
 
 def setup_section(
@@ -159,6 +184,7 @@ def setup_section(
     model_name: str,
     fingerprint: str,
     aligners: dict[str, Aligner],
+    others: dict[str, Adapter],
     forms: dict[str, str | None],
     skipped: list[tuple[str, str]],
     dataset: ProbeDataset,
@@ -178,9 +204,12 @@ def setup_section(
         + (" and whose answer the base model knows (the task suite's audit)." if known_only else ".")
     )
     section.table(runs)
+    methods = pd.DataFrame([{"run": name, "kind": run.kind, "parameters": run.num_parameters()} for name, run in others.items()])
+    if others:
+        section.table(methods, "Runs of other methods trained on this model: read by the mechanism sections only.")
     if skipped:
         section.table(pd.DataFrame(skipped, columns=["run", "why it is left out"]))
-    return {"model": model_name, "fingerprint": fingerprint, "runs": runs, "skipped": skipped,
+    return {"model": model_name, "fingerprint": fingerprint, "runs": runs, "other_methods": methods, "skipped": skipped,
             "dataset": dataset.name, "n_prompts": len(dataset), "n_eval": len(evaluation), "known_only": known_only}
 
 
@@ -286,21 +315,45 @@ def probes_section(report: Report, activations: Activations, names: dict[str, st
     return metrics
 
 
-def geometry_section(report: Report, activations: Activations, aligners: dict[str, Aligner], names: dict[str, str], seed: int) -> dict[str, Any]:
+def geometry_section(
+    report: Report, activations: Activations, aligners: dict[str, Aligner], names: dict[str, str], seed: int
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The geometry per aligner, and its positive control (`probe.verdict.geometry_control`)."""
     section = report.section("geometry", "Geometry: the aligner's effect against the knowledge directions")
     section.text(
         "Per layer, Δ = aligned - base residual activations of the same prompts; its top singular directions (90% "
         "of its energy, at most 8) against the subspace of the knowledge probes' weights (all labels, fitted on base "
         "activations; a probe of K classes gives K - 1 dimensions, its class weights centred). Overlap = mean squared cosine of the principal angles. Bands: 5-95% of the overlap of random "
-        "subspaces of Δ's dimension, uniform (random) or drawn from the base activations' covariance (covariance)."
+        "subspaces of Δ's dimension, uniform (random) or drawn from the base activations' covariance (covariance). "
+        "Positive control: a run that injects facts writes knowledge, so its Δ must leave the covariance null on more "
+        f"than {1 - WITHIN_NULL:.0%} of its layers; where it does not, the test cannot tell an effect that writes "
+        "knowledge from one that leaves it alone, and the orthogonality test of every other run is 'cannot tell'."
     )
     knowledge = knowledge_directions(np.asarray(activations.resid("base")), activations.dataset.labels)  # fitted once for all
-    metrics = {}
-    for name, al in aligners.items():
-        table = geometry_table(activations, names[name], al.layer_indices, seed, knowledge)
-        section.figure(geometry_figure(table, f"{name}: overlap of Δ with the knowledge subspace"))
-        metrics[name] = table
-    return metrics
+    controls = [name for name, al in aligners.items() if is_injection(al)]
+    tables = {name: geometry_table(activations, names[name], al.layer_indices, seed, knowledge) for name, al in aligners.items()}
+    control = geometry_control(tables, controls)
+    for name in sorted(tables, key=lambda name: name not in controls):  # the control first, the runs it vouches for beside it
+        role = " (positive control)" if name in controls else ""
+        section.figure(geometry_figure(tables[name], f"{name}{role}: overlap of Δ with the knowledge subspace"))
+    summary = pd.DataFrame(
+        [
+            {"run": name, "role": "positive control" if name in controls else "tested", **geometry_summary(table),
+             "orthogonal": passed_text(orthogonal(table))}
+            for name, table in tables.items()
+        ]
+    )
+    if control["passed"] is None:
+        verdict_text = "No run among these injects facts: the test has no positive control here."
+    elif control["passed"]:
+        verdict_text = f"The positive control ({', '.join(controls)}) leaves the null: the test can tell an effect that writes knowledge."
+    else:
+        verdict_text = (
+            f"The positive control ({', '.join(controls)}) stays within the null: the test cannot tell an effect that "
+            "writes knowledge from one that leaves it alone, and its verdict on the other runs is 'cannot tell'."
+        )
+    section.table(summary, f"Per run: the share of adapted layers within the covariance null's 95% quantile (orthogonal: >= {WITHIN_NULL:.0%}). {verdict_text}")
+    return tables, control
 
 
 def embeddings_section(
@@ -347,6 +400,14 @@ def model_summary(report: Report) -> str:
         f"Base model ({ref('behaviour')}): content accuracy {base['content']:.0%}; "
         + ", ".join(f"{form} form {base[f'form:{form}']:.0%}" for form in FORMS) + "."
     )
+    control = m["geometry_control"]
+    lines.append(
+        f"Geometry's positive control ({ref('geometry')}): "
+        + ("no run injects facts." if control["passed"] is None else
+           ", ".join(f"{run} {'leaves' if left else 'stays within'} the null" for run, left in control["detected"].items())
+           + ("." if control["passed"] else "; the orthogonality test cannot tell.")
+        )
+    )
     for name in aligners:
         v = m["verdict"][name]
         lines += ["", f"## {name}: {v['outcome']}"]
@@ -385,6 +446,47 @@ def model_summary(report: Report) -> str:
             f"against a covariance-null median of {v['mean_covariance_null_median']:.3f}; {v['within_null_share']:.0%} "
             f"of adapted layers within the null's 95% quantile (threshold {WITHIN_NULL:.0%})."
         )
-        lines.append("- Tests passed: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in v["passed"].items()) + ".")
+        lines += mechanism_lines(m, name, ref)
+        lines.append("- Tests passed: " + ", ".join(f"{k} {passed_text(ok)}" for k, ok in v["passed"].items()) + ".")
+    others = [name for name in m["logit_lens"]["frames"] if name not in m["verdict"]]
+    for name in others:
+        lines += ["", f"## {name}: another method, in the mechanism sections only", *mechanism_lines(m, name, ref)]
     lines += ["", f"Built in {m['wall_time_s']} s. All numbers: metrics.json; figures and tables: report.html."]
     return "\n".join(lines) + "\n"
+
+
+def mechanism_lines(m: dict[str, Any], name: str, ref: Any) -> list[str]:
+    """The summary's lines on run `name` from the mechanism sections' metrics `m`."""
+    readable = m["logit_lens"]["readable"]
+    readable = readable[readable["run"] == name].set_index("condition")
+    lines = [
+        f"- Logit lens ({ref('logit_lens')}, {m['logit_lens']['n_items']} items, {m['logit_lens']['frames'][name]} frame): "
+        "the gold answer is the top token at the last layer for "
+        + ", ".join(f"{readable.top1_last_layer[c]:.0%} ({c})" for c in ("aligned", "base_frame", "base_own"))
+        + "; it stays on top from layer "
+        + ", ".join(f"{readable.readable_from_median[c]:.0f} ({c})" for c in ("aligned", "base_frame", "base_own"))
+        + " (median over the items where it does)."
+    ]
+    readout = m["token_readout"].get(name)
+    if readout is not None:
+        per_layer = readout["per_layer"]
+        most = per_layer.loc[per_layer["gold_value"].abs().idxmax()]
+        lines.append(
+            f"- Token readout ({ref('token_readout')}): the layer writing most on the gold answers is {int(most.layer)} "
+            f"({most.gold_value:+.2f}, mean rank {most.gold_rank:.0f}); it promotes {most.promoted.split(', ')[0]} most."
+        )
+    dissociation = m["layer_dissociation"].get(name)
+    if dissociation is not None:
+        d = dissociation["summary"]
+        lines.append(
+            f"- Layer dissociation ({ref('layer_dissociation')}): the whole run moves the form's log-probability from "
+            f"{d['none_form_logprob']:.2f} to {d['all_form_logprob']:.2f} and the gold answer's from "
+            f"{d['none_answer_logprob']:.2f} to {d['all_answer_logprob']:.2f}; layer {d['best_only_layer']} alone "
+            f"writes the most form ({d['best_only_form_logprob']:.2f}, gold {d['best_only_answer_logprob']:.2f})."
+        )
+    shares = m["token_shift"]["shares"].set_index("run")
+    lines.append(
+        f"- Token shift ({ref('token_shift')}): {shares.shifted[name]:.1%} of its {shares.n[name]} tokens shifted, "
+        f"{shares.marginal[name]:.1%} marginal, {shares.unshifted[name]:.1%} unshifted."
+    )
+    return lines

@@ -10,6 +10,11 @@ knowledge alone? Four tests, each a threshold on numbers that `probe.analyses` c
 
 Supported: all four pass; partly supported: the form learned and one other test failing; not supported: else.
 The thresholds are read against the report's default sizes: 48 held-out answers, 90 subjects asked two ways.
+
+The geometry test has a positive control: a run that injects facts (the suite's inject task) writes knowledge,
+so its effect must fail `orthogonal`. Where it passes, the test cannot tell an effect that writes knowledge from
+one that leaves it alone, and `orthogonal` is "cannot tell" for every other run (`geometry_control`); an outcome
+that hangs on it is "cannot tell" too.
 """
 
 from __future__ import annotations
@@ -36,7 +41,22 @@ TRANSFER_TOLERANCE = 0.05
 # of every layer would fail aligners on chance alone, while more than a fifth of the layers beyond it would be a
 # rare event under the null (for 30 layers tested apart, p < 0.001).
 WITHIN_NULL = 0.8
-OUTCOMES = ("supported", "partly supported", "not supported", "not supported (no form learned)", "untested (no known form)")
+OUTCOMES = (
+    "supported", "partly supported", "not supported", "cannot tell", "not supported (no form learned)", "untested (no known form)",
+)
+
+
+def orthogonal(geometry: pd.DataFrame) -> bool:
+    """The geometry test on one run's `geometry_table`: Δ within the covariance null on at least WITHIN_NULL of its
+    layers."""
+    return geometry_summary(geometry)["within_null_share"] >= WITHIN_NULL
+
+
+def geometry_control(geometry: dict[str, pd.DataFrame], controls: list[str]) -> dict[str, Any]:
+    """The geometry test's positive control from `geometry` (run -> `geometry_table`): `controls`, the runs that
+    inject facts, must each fail `orthogonal`. passed: whether they all do; None where the report has none."""
+    detected = {name: not orthogonal(geometry[name]) for name in controls}
+    return {"runs": controls, "detected": detected, "passed": all(detected.values()) if controls else None}
 
 
 def verdict(metrics: dict[str, Any], name: str, form: str | None, condition: str | None = None) -> dict[str, Any]:
@@ -51,9 +71,11 @@ def verdict(metrics: dict[str, Any], name: str, form: str | None, condition: str
         "centred_transfer_loss": losses["centred"],
         **geometry_summary(geometry),
     }
-    passed = {
+    control = metrics.get("geometry_control", {})
+    undecided = control.get("passed") is False and name not in control.get("runs", ())
+    passed: dict[str, bool | None] = {
         "knowledge_readable": tests["centred_transfer_loss"] <= TRANSFER_TOLERANCE,
-        "orthogonal": tests["within_null_share"] >= WITHIN_NULL,
+        "orthogonal": None if undecided else tests["within_null_share"] >= WITHIN_NULL,
     }
     behaviour = metrics["behaviour"].get(name)
     if behaviour is not None:
@@ -65,8 +87,13 @@ def verdict(metrics: dict[str, Any], name: str, form: str | None, condition: str
     if not passed.get("form_learned", False):
         outcome = "not supported (no form learned)" if behaviour is not None else "untested (no known form)"
     else:
-        failing = [test for test, ok in passed.items() if not ok]
-        outcome = "supported" if not failing else "partly supported" if len(failing) == 1 else "not supported"
+        failing = [test for test, ok in passed.items() if ok is False]
+        if len(failing) >= 2:
+            outcome = "not supported"
+        elif None in passed.values():  # the undecided test alone would decide between the outcomes left
+            outcome = "cannot tell"
+        else:
+            outcome = "supported" if not failing else "partly supported"
     return {**tests, "passed": passed, "outcome": outcome}
 
 
@@ -75,11 +102,16 @@ def verdict_table(verdicts: dict[str, dict[str, Any]]) -> pd.DataFrame:
     numbers the tests read."""
     return pd.DataFrame(
         [
-            {"run": name, "outcome": v["outcome"], **{f"{test} passed": ok for test, ok in v["passed"].items()},
+            {"run": name, "outcome": v["outcome"], **{f"{test} passed": passed_text(ok) for test, ok in v["passed"].items()},
              **{key: value for key, value in v.items() if key not in ("outcome", "passed")}}
             for name, v in verdicts.items()
         ]
     )
+
+
+def passed_text(ok: bool | None) -> str:
+    """A test's result as the tables and the summary write it."""
+    return "cannot tell" if ok is None else "yes" if ok else "NO"
 
 
 def rule() -> str:
@@ -87,5 +119,6 @@ def rule() -> str:
     return (
         f"Supported: all four tests pass (form gain >= {FORM_LEARNED:.0%}, content loss <= {CONTENT_TOLERANCE:.0%}, "
         f"centred transfer loss <= {TRANSFER_TOLERANCE:.0%}, a share >= {WITHIN_NULL:.0%} of adapted layers within the "
-        "covariance null); partly: the form learned and one other test failing."
+        "covariance null); partly: the form learned and one other test failing; cannot tell: the geometry's positive "
+        "control (a run that injects facts) passes the orthogonality test, and the outcome hangs on that test."
     )

@@ -14,6 +14,7 @@ import aligner
 import probe.analyses
 from aligner.data import load_examples
 from aligner.loading import open_model
+from aligner.runs import train_run
 from probe.cli import app
 from probe.model_report import build_model_report
 from probe.verdict import (
@@ -21,6 +22,7 @@ from probe.verdict import (
     FORM_LEARNED,
     TRANSFER_TOLERANCE,
     WITHIN_NULL,
+    geometry_control,
     verdict,
 )
 
@@ -38,13 +40,27 @@ def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path, monkeypatch)
     model = open_model("tiny")
     config = aligner.TrainConfig(steps=2, batch_size=4, warmup_steps=1, data=str(JSON_DATA))
     aligner.train_sft(model, load_examples(JSON_DATA)[:8], config, run_dir=tmp_path / "runs" / "tiny-json")
+    train_run(model, load_examples(JSON_DATA)[:8], tmp_path / "runs" / "tiny-lora", "lora", 2, config)
     paths = build_model_report(
         tmp_path / "runs", "tiny", tmp_path / "report", n_subjects=10, n_eval=3, known_only=False, max_new_tokens=3,
         scales=(0.0, 1.0), cumulative_points=1, folds=2, umap=False, cache=tmp_path / "cache",
         checker=r'\{"answer": ".*"\}',  # the run records no suite task: its form is the user's
+        n_mechanism=2, n_dissociation=1,
     )
     metrics = json.loads(paths["metrics"].read_text())
-    assert set(metrics) >= {"setup", "behaviour", "gates", "probes", "geometry", "embeddings", "verdict"}
+    mechanism = {"logit_lens", "token_readout", "layer_dissociation", "token_shift"}
+    assert set(metrics) >= {"setup", "behaviour", "gates", "probes", "geometry", "geometry_control", "embeddings", "verdict", *mechanism}
+    assert metrics["geometry_control"]["passed"] is None  # no run injects facts
+    assert [row["run"] for row in metrics["setup"]["other_methods"]] == ["tiny-lora"]
+    # A form the suite cannot write is read in the base model's own sentence; the LoRA is read where it applies.
+    assert metrics["logit_lens"]["frames"] == {"tiny-json": "own sentence", "tiny-lora": "own sentence"}
+    assert metrics["logit_lens"]["n_items"] == 2 and metrics["token_shift"]["n_items"] == 2
+    assert metrics["layer_dissociation"]["tiny-json"]["n_items"] == 1
+    assert {row["run"] for row in metrics["logit_lens"]["readable"]} == {"tiny-json", "tiny-lora"}
+    assert set(metrics["token_readout"]) == {"tiny-json"} and set(metrics["layer_dissociation"]) == {"tiny-json", "tiny-lora"}
+    assert {row["layer"] for row in metrics["token_readout"]["tiny-json"]["per_layer"]} == {2, 3}
+    shares = {row["run"]: row for row in metrics["token_shift"]["shares"]}
+    assert set(shares) == {"base", "tiny-json", "tiny-lora"} and shares["base"]["unshifted"] == 1.0
     assert metrics["setup"]["runs"][0]["form"] == r'/\{"answer": ".*"\}/'
     assert metrics["verdict"]["tiny-json"]["outcome"] in {"supported", "partly supported", "not supported", "not supported (no form learned)"}
     layers = {row["layer"] for row in metrics["geometry"]["tiny-json"]}
@@ -52,7 +68,8 @@ def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path, monkeypatch)
     html = paths["html"].read_text()
     assert len(figures(html)) >= 10 and "plotly-gzip-base64" in html
     summary = paths["summary"].read_text()
-    assert "## tiny-json" in summary and "§7" in summary and "- Heads (§4): of the 8 heads estimated to matter most" in summary
+    assert "## tiny-json" in summary and "§7" in summary and "## tiny-lora: another method" in summary
+    assert "- Token shift (§" in summary and "- Layer dissociation (§" in summary and "- Logit lens (§" in summary and "- Heads (§4): of the 8 heads estimated to matter most" in summary
     assert "2 (form +25%)" in summary and "3 (form +25%)" in summary and "form -" not in summary
     heads = metrics["behaviour"]["tiny-json"]["head_effects"]
     assert len(heads) == 2 * 4 and sum(row["exact"] is not None for row in heads) == 8  # 2 adapted layers x 4 heads
@@ -85,6 +102,26 @@ def report_metrics(form_gain: float, content_change: float, transfer_loss: float
 )
 def test_verdict_supports_the_claim_only_when_the_form_is_learned_and_knowledge_kept(changes, outcome):
     assert verdict(report_metrics(*changes), "run", "json")["outcome"] == outcome
+
+
+@pytest.mark.parametrize(
+    ("changes", "outcome"),
+    [
+        ((FORM_LEARNED, 0.0, 0.0, 10), "cannot tell"),  # supported or partly: the geometry decides
+        ((FORM_LEARNED, -CONTENT_TOLERANCE - 0.05, 0.0, 10), "cannot tell"),  # partly or not supported
+        ((FORM_LEARNED, -CONTENT_TOLERANCE - 0.05, TRANSFER_TOLERANCE + 0.05, 10), "not supported"),  # whatever it says
+    ],
+)
+def test_a_geometry_control_within_the_null_makes_the_orthogonality_test_cannot_tell(changes, outcome):
+    metrics = report_metrics(*changes)
+    inject = metrics["geometry"]["run"].assign(overlap=0.1)  # an injection run scored orthogonal: the control fails
+    metrics["geometry_control"] = geometry_control({"inject": inject}, ["inject"])
+    assert metrics["geometry_control"] == {"runs": ["inject"], "detected": {"inject": False}, "passed": False}
+    result = verdict(metrics, "run", "json")
+    assert result["passed"]["orthogonal"] is None and result["outcome"] == outcome
+    detected = metrics["geometry"]["run"].assign(overlap=0.9)  # an injection run that leaves the null: the test stands
+    metrics["geometry_control"] = geometry_control({"inject": detected}, ["inject"])
+    assert verdict(metrics, "run", "json")["passed"]["orthogonal"] is True
 
 
 @pytest.mark.skipif(not PAPER_ALIGNERS.is_dir(), reason="../shared/paper_aligners is not here")
