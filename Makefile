@@ -46,6 +46,7 @@ notebooks: install
 	$(call notebook,01_train_an_aligner,-p RUN_DIR runs/notebooks/01-json-1tok)
 	$(call notebook,02_form_vs_knowledge,-p RUNS runs/notebooks/02 -p SUITE_OUT runs/notebooks/02-suite)
 	$(call notebook,03_paper_checkpoints,)
+	$(call notebook,04_mechanism,)
 
 # The committed probe reports: SmolLM2 with the demo runs (train them first: probe train-demo), and the paper's
 # released checkpoints (no base model needed).

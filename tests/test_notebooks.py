@@ -1,5 +1,5 @@
 """The notebooks run top to bottom as `make notebooks` runs them (papermill, from notebooks/, parameters injected):
-01 and 02 on the tiny model, 03 on the authors' released files. Their HTML draws every figure with the plotly.js
+01, 02 and 04 on the tiny model, 03 on the authors' released files. Their HTML draws every figure with the plotly.js
 it carries, and the committed notebooks hold no outputs."""
 
 import json
@@ -13,12 +13,16 @@ from conftest import PAPER_ALIGNERS
 from nbconvert import HTMLExporter
 from traitlets.config import Config
 
+from aligner import TrainConfig
+from aligner.data import load_examples
+from aligner.loading import open_model
+from aligner.runs import train_run
 from probe.report import Report
 
 pytestmark = pytest.mark.notebooks
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ("01_train_an_aligner", "02_form_vs_knowledge", "03_paper_checkpoints")
+NAMES = ("01_train_an_aligner", "02_form_vs_knowledge", "03_paper_checkpoints", "04_mechanism")
 PLOTLY = "application/vnd.plotly.v1+json"
 
 
@@ -112,4 +116,22 @@ def test_paper_checkpoints_runs_on_the_released_files(tmp_path):
     text = text_of(notebook)
     assert "alpaca-sft-llama2-7b-1token.pth: 5,056 parameters" in text  # the paper's count for one token on 7B
     assert all(path.stem in text for path in PAPER_ALIGNERS.glob("*.pth"))
+    assert_html_draws_its_figures(notebook)
+
+
+def test_mechanism_runs_on_the_tiny_model(tmp_path):
+    model = open_model("tiny")
+    examples = load_examples(NOTEBOOKS.parent / "examples" / "json_form.jsonl")[:8]
+    config = TrainConfig(steps=2, batch_size=4, warmup_steps=1)
+    for name, kind, size in (("json-aligner", "aligner", 1), ("json-lora", "lora", 2)):
+        train_run(model, examples, tmp_path / name, kind, size, config, task="json")
+    notebook = execute(
+        "04_mechanism", tmp_path, MODEL="tiny", RUN=str(tmp_path / "json-aligner"), COMPARE=str(tmp_path / "json-lora"),
+        N_ITEMS=3, N_DISSOCIATION=2, KNOWN_ONLY=False, MAX_NEW_TOKENS=4,
+    )
+    text = text_of(notebook)
+    assert "3 held-out prompts" in text and """in json-aligner's frame: '{"answer": "'""" in text
+    outputs = notebook.cells[-2].outputs  # the token shift's shares per run, after its progress bars
+    shares = next(output.data["text/plain"] for output in outputs if "unshifted" in output.get("data", {}).get("text/plain", ""))
+    assert all(run in shares for run in ("base", "json-aligner", "json-lora"))
     assert_html_draws_its_figures(notebook)
