@@ -32,13 +32,16 @@ import aligner
 from aligner.adapter import Adapter, load_adapter
 from aligner.generation import answer
 from aligner.loading import open_model
+from aligner.methods import LoRA
+from aligner.model import Aligner
 from aligner.registry import FAMILIES, default_lr
 from aligner.runs import RunInfo, list_runs, task_examples, train_run
 from aligner.tables import markdown_tables
 from aligner.tasks import KNOWLEDGE_SETS, TASK_NAMES, get_task
 from probe import analyses
 from probe.collect import Activations, collect, condition_name
-from probe.dataset import ProbeDataset, evaluation_set, knowledge_dataset, training_form
+from probe.dataset import ProbeDataset, evaluation_set, form_items, knowledge_dataset, training_form
+from probe.dissociation import layer_dissociation
 from probe.embeddings import prefix_frame, token_frame
 from probe.explore import efficiency_frame, efficiency_summary, paper_checkpoints
 from probe.figures import (
@@ -56,7 +59,15 @@ from probe.figures import (
     slot_attention_heatmap,
 )
 from probe.gates import gate_profiles, gate_range, gate_table, prefix_attention
+from probe.lens import logit_lens, token_readout
+from probe.mechanism_figures import (
+    layer_dissociation_figure,
+    logit_lens_figure,
+    token_readout_figure,
+    token_shift_figure,
+)
 from probe.progress import reporting
+from probe.shift import most_shifted, shift_shares, token_shift
 
 ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT.parent / "shared" / "paper_aligners"  # the authors' checkpoints, where the workplace lays them
@@ -67,7 +78,8 @@ DEFAULTS = {
     "results": os.environ.get("ALIGNER_APP_RESULTS", str(ROOT / "results")),
 }
 TRAINABLE_TASKS = [name for name in TASK_NAMES if not get_task(name).raw_prompts]  # runs answer in the model's format
-VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Efficiency", "Train")
+VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Mechanism", "Efficiency", "Train")
+ANALYSES = ("Logit lens", "Token readout", "Layer dissociation", "Token shift")  # the Mechanism tab's
 PRESELECTED = 2  # runs chosen on a tab's first visit: each tab's first computation stays short
 RunKey = tuple[str, str]  # (run path, files' version): what a cached analysis of a run is keyed on
 LOG = logging.getLogger(__name__)
@@ -261,6 +273,45 @@ def prefix_map(_base: Base, cache_key: str, runs: tuple[RunKey, ...], names: tup
     adapters = {name: load_run(*run) for name, run in zip(names, runs)}
     with _base.lock:
         return prefix_frame(_base.model, adapters, method)
+
+
+def mechanism_evaluation(runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int) -> ProbeDataset:
+    """The held-out prompts of the Mechanism tab: about subjects none of `runs` was trained on."""
+    return evaluation_set(dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs}, n_items)
+
+
+@st.cache_data(show_spinner="Reading the logit lens…")
+def lens_table(_base: Base, cache_key: str, run: RunKey, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int) -> pd.DataFrame:
+    evaluation = mechanism_evaluation(runs, knowledge, n_subjects, n_items)
+    items = form_items(evaluation, trained_form(run))
+    with _base.lock:
+        return logit_lens(_base.model, load_run(*run), items, evaluation.system)
+
+
+@st.cache_data(show_spinner="Reading what the prefix writes…")
+def readout_table(_base: Base, cache_key: str, run: RunKey, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int) -> pd.DataFrame:
+    evaluation = mechanism_evaluation(runs, knowledge, n_subjects, n_items)
+    items = form_items(evaluation, trained_form(run))
+    with _base.lock:
+        return token_readout(_base.model, load_run(*run), items, system=evaluation.system)
+
+
+@st.cache_data(show_spinner="Switching layers off and on…")
+def dissociation_table(_base: Base, cache_key: str, run: RunKey, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int) -> pd.DataFrame:
+    evaluation = mechanism_evaluation(runs, knowledge, n_subjects, n_items)
+    items = form_items(evaluation, trained_form(run))
+    with _base.lock:
+        return layer_dissociation(_base.model, load_run(*run), items, system=evaluation.system)
+
+
+@st.cache_data(show_spinner="Answering and ranking under the base model…")
+def shift_table(
+    _base: Base, cache_key: str, runs: tuple[RunKey, ...], names: tuple[str, ...], knowledge: str, n_subjects: int, n_items: int, max_new_tokens: int
+) -> pd.DataFrame:
+    evaluation = mechanism_evaluation(runs, knowledge, n_subjects, n_items)
+    adapters = {"base": None, **{name: load_run(*run) for name, run in zip(names, runs)}}
+    with _base.lock:
+        return token_shift(_base.model, adapters, evaluation.prompts, evaluation.system, max_new_tokens, batch_size=len(evaluation))
 
 
 def papers_version(directory: Path) -> str:
@@ -505,6 +556,62 @@ def geometry_view(bench: Workbench) -> None:
 
 
 @shows_errors
+def mechanism_view(bench: Workbench) -> None:
+    if not needs_model(bench):
+        return
+    analysis = st.radio("Analysis", ANALYSES, horizontal=True, key="mechanism_analysis")
+    chosen = pick_runs(bench, bench.runs, "mechanism_runs")
+    n_items = st.slider("Held-out prompts", 2, 48, 12, key="mechanism_items", help="about subjects none of the chosen runs was trained on")
+    if not chosen:
+        return
+    keys = tuple(run_key(run) for run in chosen.values())
+    adapters = {name: load_run(*run_key(run)) for name, run in chosen.items()}
+    if not st.toggle("Compute (a minute or more per run on a CPU the first time, then cached)", key="mechanism_on"):
+        return
+    options = (keys, bench.knowledge, bench.n_subjects, n_items)
+    if analysis == "Token shift":
+        table = shift_table(bench.base, bench.cache_key, keys, tuple(chosen), bench.knowledge, bench.n_subjects, n_items, 24)
+        show_figure(token_shift_figure(table, "The share of each run's tokens the base model would write"), "token_shift", table)
+        st.dataframe(shift_shares(table), hide_index=True)
+        st.dataframe(most_shifted(table), hide_index=True)
+        st.caption(
+            "Each run answers greedily; each token it writes is ranked under the base model given the same prefix (URIAL): "
+            "unshifted (the base model's top token), marginal (2nd or 3rd), shifted (beyond). The base model against itself is all unshifted."
+        )
+        return
+    for name, run in chosen.items():
+        frame = analyses.mechanism_frame(trained_form(run_key(run)))
+        if analysis == "Logit lens":
+            lens = lens_table(bench.base, bench.cache_key, run_key(run), *options)
+            show_figure(logit_lens_figure(lens, f"{name}: the gold answer under the logit lens ({frame} frame)"), f"lens:{name}", lens)
+            st.dataframe(analyses.lens_readable(lens), hide_index=True)
+        elif analysis == "Token readout":
+            if not isinstance(adapters[name], Aligner):
+                st.info(f"{name}: a {run.kind} run has no prefix to read; the token readout is an aligner's.")
+                continue
+            readout = readout_table(bench.base, bench.cache_key, run_key(run), *options)
+            show_figure(token_readout_figure(readout, f"{name}: what each adapted layer's prefix writes ({frame} frame)"), f"readout:{name}", readout)
+            st.dataframe(analyses.readout_top(readout), hide_index=True)
+        else:
+            if not (adapters[name].has_gates or isinstance(adapters[name], LoRA)):
+                st.info(f"{name}: a {run.kind} run has no layers to switch; the dissociation is an aligner's or a LoRA's.")
+                continue
+            table = dissociation_table(bench.base, bench.cache_key, run_key(run), *options)
+            show_figure(layer_dissociation_figure(table, f"{name}: form and knowledge, one layer off or on alone ({frame} frame)"), f"dissociation:{name}", table)
+    st.caption(
+        {
+            "Logit lens": "The residual stream after each block at the answer position, read through the final norm and the unembedding: "
+            "the gold answer's rank and log-probability, for the run in its form's frame, the base model in the same frame, and the base "
+            "model in its own sentence. A run without a suite form is read in the base model's own sentence.",
+            "Token readout": "Each adapted layer's gated prefix through W_O, the final norm and the unembedding at the answer position "
+            "(direct logit attribution), centred over the vocabulary: the tokens it promotes and suppresses, against the gold answers.",
+            "Layer dissociation": "The run's write switched off at one layer, and on at one layer alone: the form's first tokens and the "
+            "gold answer's log-probability under teacher forcing in its frame; dashed, the whole run and the base model.",
+        }[analysis]
+    )
+
+
+@shows_errors
 def efficiency_view(bench: Workbench) -> None:
     rows = efficiency_summary(bench.results_dir)
     models = list(dict.fromkeys(row["model"] for row in rows))
@@ -618,7 +725,9 @@ def main() -> None:
         papers_dir = None
     fingerprint = None if base is None else base.fingerprint
     bench = Workbench(model_name, base, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects)
-    views = dict(zip(VIEWS, (generate_view, gates_view, embeddings_view, probes_view, geometry_view, efficiency_view, train_view)))
+    views = dict(
+        zip(VIEWS, (generate_view, gates_view, embeddings_view, probes_view, geometry_view, mechanism_view, efficiency_view, train_view))
+    )
     for tab, (title, view) in zip(st.tabs(list(views), key="view", on_change="rerun"), views.items()):
         with tab:
             if tab.open:

@@ -47,7 +47,7 @@ def mechanism_sections(
     layer_dissociation and token_shift. The layer dissociation reads the first `n_dissociation` prompts only: it
     runs them twice per layer of every run."""
     items = {frame: form_items(evaluation, frame) for frame in dict.fromkeys(frames.values())}
-    where = f"the first {len(evaluation)} held-out prompts about facts the base model knows"
+    where = f"the first {len(evaluation)} held-out prompts of the behaviour sections"
     report.metrics["logit_lens"] = logit_lens_section(report, model, runs, frames, items, where, evaluation.system)
     aligners = {name: run for name, run in runs.items() if isinstance(run, Aligner)}
     report.metrics["token_readout"] = token_readout_section(report, model, aligners, frames, items, where, evaluation.system)

@@ -1,5 +1,5 @@
 """The app, driven by Streamlit's AppTest on the tiny model: every tab opens on real runs (an aligner, a
-LLaMA-Adapter, a LoRA) with widgets changed and no exception; bad runs (a truncated tensor file, a torn line in a
+LLaMA-Adapter, a LoRA) with widgets changed and no exception, the Mechanism tab's four analyses among them; bad runs (a truncated tensor file, a torn line in a
 training log), checkpoints and models are shown as errors that name what is wrong while the rest keeps working;
 the Train tab trains a run that the other tabs then list."""
 
@@ -132,6 +132,27 @@ def test_probes_geometry_and_efficiency_tabs(app):
     models.set_value(["gemma-3-270m"]).run()
     assert_clean(app)
     assert "smollm2" not in str(app.get("plotly_chart")[0].proto.spec)
+
+
+def test_mechanism_tab_shows_each_analysis_of_the_chosen_runs(app):
+    open_tab(app, "Mechanism")
+    assert_clean(app)
+    assert charts(app) == 0  # nothing computed before the toggle
+    app.multiselect(key="mechanism_runs").set_value(["json-aligner", "json-lora"]).run()
+    app.slider(key="mechanism_items").set_value(2).run()
+    app.toggle(key="mechanism_on").set_value(True).run()
+    assert_clean(app)
+    assert charts(app) == 2 and len(app.dataframe) == 2  # the logit lens of each run, with where it is readable
+    app.radio(key="mechanism_analysis").set_value("Token readout").run()
+    assert_clean(app)
+    assert charts(app) == 1 and "json-lora: a lora run has no prefix" in " ".join(i.value for i in app.info)
+    app.radio(key="mechanism_analysis").set_value("Layer dissociation").run()
+    assert_clean(app)
+    assert charts(app) == 2  # an aligner's layers and a LoRA's alike
+    app.radio(key="mechanism_analysis").set_value("Token shift").run()
+    assert_clean(app)
+    assert charts(app) == 1 and len(app.dataframe) == 2
+    assert list(app.dataframe[0].value["run"]) == ["base", "json-aligner", "json-lora"]
 
 
 @pytest.mark.parametrize("kind", ["lora", "prompt"])
