@@ -42,7 +42,9 @@ def loss_with_gate_zeroed(model, al, examples, layer, head) -> float:
             al.gates[row, head] = saved
 
 
-@pytest.mark.parametrize("scale", [1e-3, 1.0])
+# 1e-2: small enough for the first order to be the whole change, large enough that the loss rise (a difference
+# of two float32 losses near 10) stands well above their rounding.
+@pytest.mark.parametrize("scale", [1e-2, 1.0])
 def test_head_effects_estimate_and_measure_the_loss_rise_of_each_head_switched_off(model, scale):
     dataset = knowledge_dataset("capitals", 6)
     al = aligner_with_gates(model, scale)
@@ -57,5 +59,5 @@ def test_head_effects_estimate_and_measure_the_loss_rise_of_each_head_switched_o
     for row in table.head(3).itertuples():
         measured = loss_with_gate_zeroed(model, al, examples, row.layer, row.head) - reference
         assert row.exact == pytest.approx(measured, rel=1e-9, abs=1e-12)
-        if scale < 0.01:  # the loss is linear in a small gate: first order is the whole change (not so at 1.0)
+        if scale < 0.1:  # the loss is linear in a small gate: first order is the whole change (not so at 1.0)
             assert row.estimate == pytest.approx(measured, rel=0.02, abs=1e-9)
