@@ -123,4 +123,5 @@ def test_two_pages_generating_at_once_both_get_their_answers(env):
             for number, page in enumerate(pages):
                 assert exceptions(page) == [] and errors(page) == [], f"page {number}, round {round}: {errors(page)}"
                 assert page.get_by_role("heading", name="Base model", exact=True).count() == 1
-                assert page.locator(f'[role="tabpanel"]:not([hidden]) {CHART}').count() == 2, f"page {number}, round {round}"
+                # the prefix-attention charts: a one-token run's slot panel is a sentence, not a chart
+                assert page.locator(f'[role="tabpanel"]:not([hidden]) {CHART}').count() >= 1, f"page {number}, round {round}"
