@@ -110,8 +110,8 @@ def evaluate_probe(
     y = np.asarray(y)
     values, counts = np.unique(y, return_counts=True)
     keep = np.isin(y, values[counts >= folds])
-    X, y, entities = X[keep], y[keep], np.asarray(entities)[keep]
     groups = np.asarray(entities if groups is None else groups)[keep]
+    X, y, entities = X[keep], y[keep], np.asarray(entities)[keep]
     transfer = {name: other[keep] for name, other in (transfer or {}).items()}
     targets = {"task": y, "control": control_labels(y, entities, seed)}
     rows = []

@@ -153,5 +153,13 @@ def test_an_entitys_rows_never_fall_on_both_sides_and_the_control_task_stays_at_
     assert results[(results.target == "task") & (results.layer == 1)].above_chance.all()
 
 
+def test_a_class_too_rare_for_the_folds_is_left_out_with_its_entities():
+    X, y, entities = planted()
+    y = y.copy()
+    y[:2] = 7  # one entity's rows in a class of its own: fewer rows than folds
+    results = evaluate_probe(X, y, entities, folds=5)
+    assert (results.n == len(y) - 2).all() and accuracy(results, 1) > 0.95
+
+
 def test_holm_adjusts_step_down_and_keeps_the_order():
     assert probes.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
