@@ -1,6 +1,7 @@
 """aligner.stats against scipy's bootstrap and by hand; the suite's controls and the gold answer under teacher
 forcing (aligner.recall) on the tiny model."""
 
+import contextlib
 from dataclasses import replace
 
 import numpy as np
@@ -117,3 +118,26 @@ def test_the_own_answers_control_trains_on_the_base_models_answers(monkeypatch):
     assert shown.count("Question: ") == 2 and data.train[1].response in shown and data.train[2].response not in shown
     assert fewshot_system([], 2, None) is None
     assert data_sha256(data) == data_sha256(task.build(None, QUICK.sizes)) != data_sha256(replace(data, train=own))
+
+
+def test_the_steering_grid_goes_on_past_the_end_where_its_best_lies(monkeypatch):
+    """A held-out loss that falls with the multiplier up to 10: the grid (1, 2) doubles on to 16, where the loss
+    rises again, and the best (8) is found inside the grid, not at its end."""
+    from aligner.baselines import fit_steering
+    from aligner.tasks import get_task
+
+    model = aligner.tiny_model()
+    data = get_task("json").build(None, Sizes(train=4, valid=2, eval=1))
+    tried = []
+
+    def attached_config(self, model):  # record the multiplier each held-out loss is measured at
+        tried.append(self.config.multiplier)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr("aligner.baselines.heldout_loss", lambda model, examples, system=None: abs(tried[-1] - 10.0))
+    monkeypatch.setattr("aligner.methods.SteeringVector.attached", attached_config)
+    steering, losses = fit_steering(model, data.train, data.valid, [1], [1.0, 2.0], reach=4)
+    assert sorted(set(tried)) == [1.0, 2.0, 4.0, 8.0, 16.0] and len(losses) == 5
+    assert steering.config.multiplier == 8.0
+    capped, _ = fit_steering(model, data.train, data.valid, [1], [1.0, 2.0], reach=1)
+    assert capped.config.multiplier == 4.0  # one step past the end, and no further
