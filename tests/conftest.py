@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random Llama for unit tests, SmolLM2-135M-Instruct (offline) for `slow` ones."""
 
+import copy
 import os
 from pathlib import Path
 
@@ -17,9 +18,15 @@ def smollm2():
     return aligner.load_model()
 
 
-@pytest.fixture()
-def tiny():
+@pytest.fixture(scope="session")
+def pristine_tiny():
     return aligner.tiny_model()
+
+
+@pytest.fixture()
+def tiny(pristine_tiny):
+    """A fresh tiny model for each test: a copy of one built once (a copy costs half a build)."""
+    return copy.deepcopy(pristine_tiny)
 
 
 @pytest.fixture(scope="module")
