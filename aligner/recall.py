@@ -114,13 +114,15 @@ def knowledge_scores(
     """`answer_scores` for every item in the trained response's frame (`answer_*`) and in the base model's own
     sentence (`own_*`); a frame that some item lacks is left out for all (a task with no place for the answer)."""
     scores: dict[str, list[float]] = {}
+    read: dict[tuple[Framed, ...], dict[str, list[float]]] = {}  # a task that answers in the own sentence: once
     for prefix, frame_of in (("answer", lambda i: i.frame), ("own", lambda i: i.own_frame)):
         frames = [frame_of(item) for item in items]
         if not items or any(frame is None for frame in frames):
             continue
-        framed = [Framed(item.prompt, frame, gold_as_written(item, frame, prefix)) for item, frame in zip(items, frames)]
-        found = answer_scores(model, adapter, framed, system, raw_prompts, gate_scale=gate_scale)
-        scores.update({metric.replace("answer", prefix, 1): values for metric, values in found.items()})
+        framed = tuple(Framed(item.prompt, frame, gold_as_written(item, frame, prefix)) for item, frame in zip(items, frames))
+        if framed not in read:
+            read[framed] = answer_scores(model, adapter, framed, system, raw_prompts, gate_scale=gate_scale)
+        scores.update({metric.replace("answer", prefix, 1): values for metric, values in read[framed].items()})
     return scores
 
 
