@@ -24,9 +24,10 @@ app: install
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The unit tier: the markers in pyproject.toml name what it leaves to `make test`.
+# The unit tier: the markers in pyproject.toml name what it leaves to `make test`. One process per core, each with
+# one torch thread: its tests are many and small, so the processes, not torch's threads, keep the cores busy.
 test-fast: install
-	$(VENV)/bin/pytest -m "not (slow or subprocess or browser or notebooks or integration)" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n auto -m "not (slow or subprocess or browser or notebooks or integration)" $(PYTEST_ARGS)
 
 # The README's screenshots and timings of the app: SmolLM2 and the committed runs in headless Chromium
 # (docs/screenshots/).

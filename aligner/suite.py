@@ -5,9 +5,11 @@ log-probability under teacher forcing (aligner/recall.py), with intervals over i
     run_cell    one method (aligner.registry's names) on one task with one seed: train (early stopping on the
                 held-out loss), answer, score every item
     choose_lr   a trained method's rate on one task: each of the family's rate times `lr_factors`, trained with
-                the first seed, the one whose best held-out loss is lowest; kept as OUT/cells/.../lr.json
+                the first seed, the one whose best held-out loss is lowest; kept as OUT/cells/.../lr.json, each
+                candidate as it finishes
     sweep       methods x tasks x seeds; each cell is a JSON file under OUT/cells/MODEL, skipped when it exists
-                with the same settings; then the tables and the figure (aligner/tables.py)
+                with the same settings, and the first seed's fitted method an adapter directory beside it; then
+                the tables and the figure (aligner/tables.py)
 
 Which facts each task may use comes from the base model's audit (aligner/audit.py). Decoding is greedy, answers
 are batched with left padding and stop at the end of the turn; training is seeded; base-model answers are cached
@@ -223,18 +225,23 @@ def choose_lr(
     if spec.lr is not None:
         return spec.lr
     key = json.loads(json.dumps(key or config.cell_key()))
-    if path.is_file():
-        saved = read_json(path)
-        if saved.get("config") == key:
-            return saved["lr"]
-    candidates = []
-    for factor in config.lr_factors:
+    saved = read_json(path) if path.is_file() else {}
+    if saved.get("config") != key:
+        saved = {}
+    if saved.get("lr") is not None:
+        return saved["lr"]
+    # Each candidate is written as it finishes (with "lr": null until the last), so that a search interrupted
+    # between two trainings resumes at the next rate rather than from the first.
+    candidates = saved.get("candidates", [])
+    entry = {"method": training_name(spec), "lr": None, "candidates": candidates, "config": key}
+    for factor in config.lr_factors[len(candidates) :]:
         _, record = train_method(model, spec, data, config, config.seeds[0], raw_prompts, spec.family_lr * factor)
         best = min(loss for _, loss in record["valid_loss"])
         candidates.append({"lr": record["lr"], "valid_loss": best, "best_step": record["best_step"], "steps": record["steps"]})
-    chosen = min(candidates, key=lambda c: c["valid_loss"])["lr"]
-    atomic_write_json(path, {"method": training_name(spec), "lr": chosen, "candidates": candidates, "config": key, "provenance": provenance()})
-    return chosen
+        atomic_write_json(path, {**entry, "provenance": provenance()})
+    entry["lr"] = min(candidates, key=lambda c: c["valid_loss"])["lr"]
+    atomic_write_json(path, {**entry, "provenance": provenance()})
+    return entry["lr"]
 
 
 def own_answers(model: nn.Module, fingerprint: str, task: Task, items: Sequence[Item], config: SuiteConfig) -> list[Item]:
@@ -277,10 +284,11 @@ def run_cell(
     seed: int,
     config: SuiteConfig,
     lr: float | None = None,
+    adapter_dir: Path | None = None,
 ) -> dict[str, Any] | None:
     """One method on one task with one seed, trained at `lr` (`choose_lr`'s): the record that `sweep` writes, with
     every item's score (None where the method does not apply: prompting without an instruction, few-shot
-    without training items, steering without contrasts)."""
+    without training items, steering without contrasts). A fitted method is saved in `adapter_dir` where given."""
     max_new_tokens = config.max_new_tokens or task.max_new_tokens
     batch = config.generate_batch_size
     record: dict[str, Any] = {"task": task.name, "family": task.family, "method": spec.name, "kind": spec.kind, "seed": seed}
@@ -310,6 +318,9 @@ def run_cell(
         record.update(params=method.num_parameters(), **training)
     else:
         record.update(params=0)
+    if method is not None and adapter_dir is not None:
+        method.save(adapter_dir, task=task.name, method=spec.name, seed=seed)
+        record["adapter"] = adapter_dir.name
     started = time.perf_counter()
     metrics, outputs = evaluate(model, fingerprint, task, data.eval, method, system, max_new_tokens, batch, spec.gate_scale)
     scores = {split: score(task, data.eval[split], [o["answer"] for o in outputs[split]]) for split in data.eval}
@@ -377,7 +388,10 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
         if spec.kind == "trained":
             lr_path = cell_path(out, config.model, task.name, training_name(spec), seed).with_name("lr.json")
             lr = choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, key)
-        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, lr)
+        # The first seed's method is kept beside its cell (OUT/cells/.../seedS/), for the analyses that read an
+        # adapter (probe report, the app); the other seeds' results are their records alone.
+        adapter_dir = path.with_suffix("") if seed == config.seeds[0] else None
+        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, lr, adapter_dir)
         if record is not None:
             atomic_write_json(path, {**record, "config": key, "provenance": provenance()})
             ran += 1

@@ -311,6 +311,41 @@ def test_quick_sweep_cells_record_training_and_answers(quick_sweep):
     assert cell["metrics"]["test"]["form"] == sum(scores["form"]) / len(scores["form"]) and len(scores["form"]) == 3
 
 
+def test_the_first_seeds_fitted_methods_are_kept_beside_their_cells(quick_sweep):
+    out, _ = quick_sweep
+    kept = {p.parent.relative_to(out).as_posix() for p in out.glob("cells/tiny/*/*/*/adapter.json")}
+    fitted = [m.replace(":", "+") for m in QUICK.methods if method_spec(m).kind in ("trained", "steering")]
+    assert kept == {f"cells/tiny/{t}/{m}/seed{QUICK.seeds[0]}" for t in QUICK.tasks for m in fitted}
+    cell = json.loads((out / "cells/tiny/json/aligner-1/seed0.json").read_text())
+    assert cell["adapter"] == "seed0" and "adapter" not in json.loads((out / "cells/tiny/json/aligner-1/seed1.json").read_text())
+    adapter = aligner.load_adapter(out / "cells/tiny/json/aligner-1/seed0")
+    assert adapter.num_parameters() == cell["params"]
+
+
+def test_an_interrupted_rate_search_resumes_at_the_next_rate(tmp_path, monkeypatch):
+    import aligner.suite as suite
+
+    config = replace(QUICK, lr_factors=(0.5, 1.0, 2.0))
+    trained = []
+
+    def train_method(model, spec, data, config, seed, raw_prompts, lr):
+        if len(trained) == 2 and lr == spec.family_lr * 2.0 and not interrupted:
+            interrupted.append(lr)
+            raise KeyboardInterrupt
+        trained.append(lr)
+        return None, {"lr": lr, "valid_loss": [[0, 3.0 - lr]], "best_step": 0, "steps": 1}
+
+    interrupted: list[float] = []
+    monkeypatch.setattr(suite, "train_method", train_method)
+    spec, path = method_spec("aligner-1"), tmp_path / "lr.json"
+    with pytest.raises(KeyboardInterrupt):
+        suite.choose_lr(None, spec, None, config, False, path)
+    assert json.loads(path.read_text())["lr"] is None and len(json.loads(path.read_text())["candidates"]) == 2
+    assert suite.choose_lr(None, spec, None, config, False, path) == spec.family_lr * 2.0
+    assert trained == [spec.family_lr * f for f in config.lr_factors]  # each rate trained once
+    assert suite.choose_lr(None, spec, None, config, False, path) == spec.family_lr * 2.0 and len(trained) == 3
+
+
 def test_an_interval_of_the_tables_is_the_bootstrap_of_the_cells_scores(quick_sweep):
     """Recomputed from the cell files alone, with loops: items and seeds drawn as aligner.stats draws them."""
     out, _ = quick_sweep
