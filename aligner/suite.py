@@ -161,10 +161,12 @@ def train_method(
     seed: int,
     raw_prompts: bool = False,
     lr: float | None = None,
+    task: str | None = None,
 ) -> tuple[Adapter, dict[str, Any]]:
     """A fresh method of `spec` (seeded) trained on `data.train` at rate `lr` (None: the spec's, else its family's)
     for at most `config.steps` steps, stopped early on the held-out loss of `data.valid`; returned at its best
-    step, with a record of the training. `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`)."""
+    step, with a record of the training. `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`);
+    `task`, the suite task's name, is recorded in the method's provenance (what `probe report` reads)."""
     lr = lr or spec.lr or spec.family_lr
     torch.manual_seed(seed)
     method = spec.make(model)
@@ -182,6 +184,7 @@ def train_method(
         save_every=steps,
         system=config.system,
         chat_template=not raw_prompts,
+        task=task,
     )
 
     valid = [item.example() for item in data.valid]
@@ -312,14 +315,14 @@ def run_cell(
         if spec.data == "own":
             own = {name: own_answers(model, fingerprint, task, getattr(data, name), config) for name in ("train", "valid")}
             data = replace(data, **own)
-        method, training = train_method(model, spec, data, config, seed, task.raw_prompts, lr)
+        method, training = train_method(model, spec, data, config, seed, task.raw_prompts, lr, task.name)
         if spec.tokens == "random":
             randomise_tokens(method, seed)
         record.update(params=method.num_parameters(), **training)
     else:
         record.update(params=0)
     if method is not None and adapter_dir is not None:
-        method.save(adapter_dir, task=task.name, method=spec.name, seed=seed)
+        method.save(adapter_dir, suite={"task": task.name, "method": spec.name, "seed": seed})
         record["adapter"] = adapter_dir.name
     started = time.perf_counter()
     metrics, outputs = evaluate(model, fingerprint, task, data.eval, method, system, max_new_tokens, batch, spec.gate_scale)

@@ -320,6 +320,7 @@ def test_the_first_seeds_fitted_methods_are_kept_beside_their_cells(quick_sweep)
     assert cell["adapter"] == "seed0" and "adapter" not in json.loads((out / "cells/tiny/json/aligner-1/seed1.json").read_text())
     adapter = aligner.load_adapter(out / "cells/tiny/json/aligner-1/seed0")
     assert adapter.num_parameters() == cell["params"]
+    assert adapter.provenance["training"]["config"]["task"] == "json"  # the form `probe report` reads
 
 
 def test_an_interrupted_rate_search_resumes_at_the_next_rate(tmp_path, monkeypatch):
