@@ -280,28 +280,19 @@ def mechanism_evaluation(runs: tuple[RunKey, ...], knowledge: str, n_subjects: i
     return evaluation_set(dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs}, n_items)
 
 
-@st.cache_data(show_spinner="Reading the logit lens…")
-def lens_table(_base: Base, cache_key: str, run: RunKey, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int) -> pd.DataFrame:
+# The Mechanism tab's analyses of one run on its form's items, by name.
+RUN_ANALYSES = {"Logit lens": logit_lens, "Token readout": token_readout, "Layer dissociation": layer_dissociation}
+
+
+@st.cache_data(show_spinner="Reading the model with the run…")
+def run_analysis(
+    _base: Base, cache_key: str, analysis: str, run: RunKey, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int
+) -> pd.DataFrame:
+    """`analysis` (RUN_ANALYSES) of `run` on the held-out prompts of `runs`, in its form's frame."""
     evaluation = mechanism_evaluation(runs, knowledge, n_subjects, n_items)
     items = form_items(evaluation, trained_form(run))
     with _base.lock:
-        return logit_lens(_base.model, load_run(*run), items, evaluation.system)
-
-
-@st.cache_data(show_spinner="Reading what the prefix writes…")
-def readout_table(_base: Base, cache_key: str, run: RunKey, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int) -> pd.DataFrame:
-    evaluation = mechanism_evaluation(runs, knowledge, n_subjects, n_items)
-    items = form_items(evaluation, trained_form(run))
-    with _base.lock:
-        return token_readout(_base.model, load_run(*run), items, system=evaluation.system)
-
-
-@st.cache_data(show_spinner="Switching layers off and on…")
-def dissociation_table(_base: Base, cache_key: str, run: RunKey, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int) -> pd.DataFrame:
-    evaluation = mechanism_evaluation(runs, knowledge, n_subjects, n_items)
-    items = form_items(evaluation, trained_form(run))
-    with _base.lock:
-        return layer_dissociation(_base.model, load_run(*run), items, system=evaluation.system)
+        return RUN_ANALYSES[analysis](_base.model, load_run(*run), items, system=evaluation.system)
 
 
 @st.cache_data(show_spinner="Answering and ranking under the base model…")
@@ -582,21 +573,21 @@ def mechanism_view(bench: Workbench) -> None:
     for name, run in chosen.items():
         frame = analyses.mechanism_frame(trained_form(run_key(run)))
         if analysis == "Logit lens":
-            lens = lens_table(bench.base, bench.cache_key, run_key(run), *options)
+            lens = run_analysis(bench.base, bench.cache_key, analysis, run_key(run), *options)
             show_figure(logit_lens_figure(lens, f"{name}: the gold answer under the logit lens ({frame} frame)"), f"lens:{name}", lens)
             st.dataframe(analyses.lens_readable(lens), hide_index=True)
         elif analysis == "Token readout":
             if not isinstance(adapters[name], Aligner):
                 st.info(f"{name}: a {run.kind} run has no prefix to read; the token readout is an aligner's.")
                 continue
-            readout = readout_table(bench.base, bench.cache_key, run_key(run), *options)
+            readout = run_analysis(bench.base, bench.cache_key, analysis, run_key(run), *options)
             show_figure(token_readout_figure(readout, f"{name}: what each adapted layer's prefix writes ({frame} frame)"), f"readout:{name}", readout)
             st.dataframe(analyses.readout_top(readout), hide_index=True)
         else:
             if not (adapters[name].has_gates or isinstance(adapters[name], LoRA)):
                 st.info(f"{name}: a {run.kind} run has no layers to switch; the dissociation is an aligner's or a LoRA's.")
                 continue
-            table = dissociation_table(bench.base, bench.cache_key, run_key(run), *options)
+            table = run_analysis(bench.base, bench.cache_key, analysis, run_key(run), *options)
             show_figure(layer_dissociation_figure(table, f"{name}: form and knowledge, one layer off or on alone ({frame} frame)"), f"dissociation:{name}", table)
     st.caption(
         {

@@ -401,7 +401,7 @@ def evaluate(
     from aligner.adapter import load_adapter
     from aligner.audit import task_data
     from aligner.loading import model_fingerprint, open_model
-    from aligner.suite import evaluate as evaluate_splits
+    from aligner.suite import evaluate as evaluate_splits, shares
     from aligner.tasks import Sizes, get_task
 
     with one_line_errors():
@@ -412,7 +412,8 @@ def evaluate(
         sizes = Sizes(train=0, valid=0, eval=10**9) if spec.family == "custom" else Sizes()
         fingerprint = model_fingerprint(base)
         data = task_data(base, spec, sizes, system=system, audit_shots=audit_shots, fingerprint=fingerprint)
-        metrics, outputs = evaluate_splits(base, fingerprint, spec, data.eval, method, system, spec.max_new_tokens)
+        scores, outputs = evaluate_splits(base, fingerprint, spec, data.eval, method, system, spec.max_new_tokens)
+        metrics = shares(scores)
     typer.echo(f"task {spec.name} ({spec.description}); {'base model' if run is None else run} on {name}")
     for split, values in metrics.items():
         typer.echo(f"{split:16} n={len(outputs[split]):<4} " + "  ".join(f"{k}={v:.3f}" for k, v in values.items()))

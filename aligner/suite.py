@@ -325,15 +325,19 @@ def run_cell(
         method.save(adapter_dir, suite={"task": task.name, "method": spec.name, "seed": seed})
         record["adapter"] = adapter_dir.name
     started = time.perf_counter()
-    metrics, outputs = evaluate(model, fingerprint, task, data.eval, method, system, max_new_tokens, batch, spec.gate_scale)
-    scores = {split: score(task, data.eval[split], [o["answer"] for o in outputs[split]]) for split in data.eval}
+    scores, outputs = evaluate(model, fingerprint, task, data.eval, method, system, max_new_tokens, batch, spec.gate_scale)
     if task.family in ("form", "knowledge"):
         for split, items in data.eval.items():
             scores[split].update(knowledge_scores(model, method, items, system, task.raw_prompts, spec.gate_scale))
-    metrics = {split: {metric: sum(values) / len(values) for metric, values in scores[split].items()} for split in scores}
+    metrics = shares(scores)
     record.update(eval_s=time.perf_counter() - started, metrics=metrics, scores=scores, n={s: len(i) for s, i in data.eval.items()})
     record["outputs"] = outputs
     return record
+
+
+def shares(scores: dict[str, dict[str, list]]) -> dict[str, dict[str, float]]:
+    """{split: {metric: mean over the items}} of `evaluate`'s item scores."""
+    return {split: {metric: sum(values) / len(values) for metric, values in by_metric.items()} for split, by_metric in scores.items()}
 
 
 def evaluate(
@@ -346,20 +350,20 @@ def evaluate(
     max_new_tokens: int,
     batch_size: int = 16,
     gate_scale: float = 1.0,
-) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, str]]]]:
+) -> tuple[dict[str, dict[str, list]], dict[str, list[dict[str, str]]]]:
     """Each split answered greedily with `method` (None: the base model, whose answers are cached; an aligner's
-    gates times `gate_scale`) and scored:
-    ({split: {metric: share}}, {split: [{"prompt", "answer"}]})."""
-    metrics, outputs = {}, {}
+    gates times `gate_scale`) and scored item by item:
+    ({split: {metric: [score per item]}}, {split: [{"prompt", "answer"}]})."""
+    scores, outputs = {}, {}
     for split, items in splits.items():
         prompts = [item.prompt for item in items]
         if method is None:
             answers = cached_answers(model, fingerprint, prompts, system, max_new_tokens, batch_size, task.raw_prompts)
         else:
             answers = answer(model, method, prompts, system, max_new_tokens, batch_size, gate_scale, task.raw_prompts)
-        metrics[split] = {name: sum(values) / len(values) for name, values in score(task, items, answers).items()}
+        scores[split] = score(task, items, answers)
         outputs[split] = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
-    return metrics, outputs
+    return scores, outputs
 
 
 # ---- the sweep ----

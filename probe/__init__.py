@@ -11,60 +11,37 @@ figures (`figures`) and the report's verdict (`verdict`, its thresholds named th
 Built on `aligner`'s public API; `aligner` knows nothing of it.
 """
 
-import importlib
-from typing import Any
+import lazy_loader
 
-# Each public name and the module that defines it, imported on first use: the command line's help then need not
-# load torch and TransformerLens.
-_PUBLIC = {
-    "Activations": "probe.collect",
-    "LayerwiseProbe": "probe.probes",
-    "ProbeDataset": "probe.dataset",
-    "ablation_curves": "probe.gates",
-    "activation_frame": "probe.analyses",
-    "answers": "probe.gates",
-    "behaviour": "probe.analyses",
-    "build_model_report": "probe.model_report",
-    "build_paper_report": "probe.paper_report",
-    "collect": "probe.collect",
-    "control_labels": "probe.probes",
-    "evaluate_probe": "probe.probes",
-    "evaluation_set": "probe.dataset",
-    "form_items": "probe.dataset",
-    "form_probe_curves": "probe.analyses",
-    "form_scores": "probe.analyses",
-    "gate_curves": "probe.analyses",
-    "gate_heatmap": "probe.figures",
-    "gate_profile": "probe.gates",
-    "gate_scale_curve": "probe.gates",
-    "gate_table": "probe.gates",
-    "geometry_figure": "probe.figures",
-    "geometry_table": "probe.analyses",
-    "head_activity": "probe.gates",
-    "head_effects": "probe.gates",
-    "knowledge_dataset": "probe.dataset",
-    "knowledge_directions": "probe.geometry",
-    "knowledge_probe_curves": "probe.analyses",
-    "layer_dissociation": "probe.dissociation",
-    "layer_geometry": "probe.geometry",
-    "logit_lens": "probe.lens",
-    "overlap": "probe.geometry",
-    "principal_angles": "probe.geometry",
-    "probe_curves": "probe.analyses",
-    "probe_figure": "probe.figures",
-    "report_on_checkpoints": "probe.paper_report",
-    "report_on_model": "probe.model_report",
-    "token_readout": "probe.lens",
-    "token_shift": "probe.shift",
-    "training_form": "probe.dataset",
-    "verdict": "probe.verdict",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'probe' has no attribute {name!r}")
+# Each public name is imported from its module on first use, as is each submodule (`probe.analyses`): the command
+# line's help then need not load torch and TransformerLens. `probe.collect` and `probe.verdict` are the functions
+# (their modules are imported as such); the command line (`probe.cli`) is no library: not here.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submodules=[
+        "analyses", "dataset", "demo", "dissociation", "embeddings", "explore", "figures",
+        "gates", "geometry", "lens", "mechanism_figures", "mechanism_report", "model_report",
+        "paper_report", "probes", "progress", "report", "shift",
+    ],
+    submod_attrs={
+        "analyses": [
+            "activation_frame", "behaviour", "form_probe_curves", "form_scores", "gate_curves", "geometry_table",
+            "knowledge_probe_curves", "probe_curves",
+        ],
+        "collect": ["Activations", "collect"],
+        "dataset": ["ProbeDataset", "evaluation_set", "form_items", "knowledge_dataset", "training_form"],
+        "dissociation": ["layer_dissociation"],
+        "figures": ["gate_heatmap", "geometry_figure", "probe_figure"],
+        "gates": [
+            "ablation_curves", "answers", "gate_profile", "gate_scale_curve", "gate_table", "head_activity",
+            "head_effects",
+        ],
+        "geometry": ["knowledge_directions", "layer_geometry", "overlap", "principal_angles"],
+        "lens": ["logit_lens", "token_readout"],
+        "model_report": ["build_model_report", "report_on_model"],
+        "paper_report": ["build_paper_report", "report_on_checkpoints"],
+        "probes": ["LayerwiseProbe", "control_labels", "evaluate_probe"],
+        "shift": ["token_shift"],
+        "verdict": ["verdict"],
+    },
+)
