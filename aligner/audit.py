@@ -141,16 +141,18 @@ def task_data(
     fingerprint: str | None = None,
     audits: dict[str, Audit] | None = None,
 ) -> TaskData:
-    """The splits of `task`, from the audit of its knowledge set where it has one (`known_only`; False: any fact,
-    for a random model). `audits` keeps each knowledge set's audit across the tasks that share it."""
-    known = None
-    if task.knowledge is not None and known_only:
-        audits = {} if audits is None else audits
-        if task.knowledge not in audits:
-            knowledge = KNOWLEDGE_SETS[task.knowledge]
-            audits[task.knowledge] = audit(model, knowledge, fingerprint, system, batch_size, audit_shots)
-        known = audits[task.knowledge].known
-    return task.build(known, sizes)
+    """The splits of `task`, from the audit of its knowledge set where it has one, and of those it asks about in
+    evaluation alone (`known_only`; False: any fact, for a random model). `audits` keeps each knowledge set's audit
+    across the tasks that share it."""
+    if task.knowledge is None or not known_only:
+        return task.build(None, sizes)
+    audits = {} if audits is None else audits
+    for name in (task.knowledge, *task.other_knowledge):
+        if name not in audits:
+            audits[name] = audit(model, KNOWLEDGE_SETS[name], fingerprint, system, batch_size, audit_shots)
+    if not task.other_knowledge:
+        return task.build(audits[task.knowledge].known, sizes)
+    return task.build(audits[task.knowledge].known, sizes, {name: audits[name].known for name in task.other_knowledge})
 
 
 def write_audit(result: Audit, knowledge: KnowledgeSet, path: Path) -> None:

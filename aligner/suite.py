@@ -394,7 +394,9 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
         lr = None
         if spec.kind == "trained":
             lr_path = cell_path(out, config.model, task.name, training_name(spec), seed).with_name("lr.json")
-            lr = choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, key)
+            # The search reads the training and validation items alone: other evaluation splits keep its rate.
+            searched = {**config.cell_key(), "data_sha256": data_sha256(replace(datas[task.name], eval={}))}
+            lr = choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, searched)
         # The first seed's method is kept beside its cell (OUT/cells/.../seedS/), for the analyses that read an
         # adapter (probe report, the app); the other seeds' results are their records alone.
         adapter_dir = path.with_suffix("") if seed == config.seeds[0] else None

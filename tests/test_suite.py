@@ -21,6 +21,8 @@ from aligner.tables import RUN_COLUMNS, SUMMARY_COLUMNS, summarise
 from aligner.tasks import KNOWLEDGE_SETS
 
 runner = CliRunner()
+# A form task's evaluation: three wordings of held-out capitals, and the two question kinds never trained.
+JSON_SPLITS = ("test", "test_template", "test_template2", "test_elements", "test_cities")
 
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
@@ -166,11 +168,11 @@ def test_variants_train_on_fewer_items_for_fewer_steps_and_answer_with_scaled_ga
     """A variant is the same training (same seed) with its factor changed; gate_scale=0 answers as the base."""
     config = replace(QUICK, tasks=("json",), methods=("base", "aligner-1", "aligner-1:gate_scale=0", "aligner-1:train=2:steps=1"), seeds=(0,))
     model = aligner.tiny_model()
-    scales = []
+    scales, original = [], aligner.generation.generate
 
     def generate(*args, **kwargs):
         scales.append(kwargs.get("gate_scale", 1.0))
-        return aligner.generate(*args, **kwargs)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr("aligner.generation.generate", generate)
     sweep(model, config, tmp_path)
@@ -178,7 +180,7 @@ def test_variants_train_on_fewer_items_for_fewer_steps_and_answer_with_scaled_ga
     assert {c["method"] for c in cell.values()} == set(config.methods)
     assert cell["aligner-1:gate_scale=0"]["valid_loss"] == cell["aligner-1"]["valid_loss"]  # trained the same
     assert cell["aligner-1:gate_scale=0"]["outputs"] == cell["base"]["outputs"]
-    assert scales.count(0.0) == 2  # its two splits, answered with the gates at 0
+    assert scales.count(0.0) == len(JSON_SPLITS)  # each split answered with the gates at 0
     few = cell["aligner-1:train=2:steps=1"]
     assert (few["train_items"], few["steps"], cell["aligner-1"]["train_items"]) == (2, 1, QUICK.sizes.train)
     with pytest.raises(ValueError, match=r"train=5, but the task's training split has 4 items"):
@@ -187,11 +189,11 @@ def test_variants_train_on_fewer_items_for_fewer_steps_and_answer_with_scaled_ga
 
 def test_a_task_in_its_own_format_is_trained_and_answered_as_raw_text_with_its_end_marked(private_cache, tmp_path, monkeypatch):
     config = replace(QUICK, tasks=("instruct",), methods=("base", "prompting", "aligner-1"), seeds=(0,))
-    model, calls = aligner.tiny_model(), []
+    model, calls, original = aligner.tiny_model(), [], aligner.generation.generate
 
     def generate(*args, **kwargs):
         calls.append(("generate", kwargs["chat_template"], kwargs["mark_end"]))
-        return aligner.generate(*args, **kwargs)
+        return original(*args, **kwargs)
 
     def heldout_loss(*args, **kwargs):
         calls.append(("heldout_loss", kwargs["chat_template"]))
@@ -246,7 +248,7 @@ def test_quick_sweep_writes_every_cell_and_the_tidy_tables(quick_sweep):
     assert tuple(columns) == RUN_COLUMNS
     knowledge = ("answer_logprob", "answer_rank1", "own_logprob", "own_rank1")
     assert {(r["task"], r["split"], r["metric"]) for r in runs} == {
-        ("json", split, metric) for split in ("test", "test_template") for metric in ("form", "content", "both", *knowledge)
+        ("json", split, metric) for split in JSON_SPLITS for metric in ("form", "content", "both", *knowledge)
     } | {("value", split, "refusal") for split in ("harmful", "benign")}
     shares = [r for r in runs if "logprob" not in r["metric"]]
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in shares) and {r["model"] for r in runs} == {"tiny"}
@@ -304,7 +306,7 @@ def test_quick_sweep_cells_record_training_and_answers(quick_sweep):
     assert cell["params"] == 64 + 2 * 4  # the tiny model: one token of 64, gates of layers 2-3 x 4 heads
     assert cell["steps"] <= QUICK.steps and 0 <= cell["best_step"] <= cell["steps"]
     assert cell["valid_loss"][0][0] == 0  # the loss before the first step
-    assert set(cell["outputs"]) == {"test", "test_template"} and len(cell["outputs"]["test"]) == QUICK.sizes.eval
+    assert set(cell["outputs"]) == set(JSON_SPLITS) and len(cell["outputs"]["test"]) == QUICK.sizes.eval
     steering = json.loads((out / "cells/tiny/value/steering/seed0.json").read_text())["steering"]
     assert steering["multiplier"] in QUICK.steering_multipliers and steering["valid_loss"]
     scores = cell["scores"]["test"]

@@ -83,6 +83,27 @@ def test_element_positions(z, position):
     assert element_position(z) == position
 
 
+def test_form_tasks_ask_a_third_wording_and_known_facts_of_kinds_never_trained():
+    task = get_task("json")
+    known = frozenset(f.subject for f in KNOWLEDGE_SETS["capitals"].facts())
+    iron = next(f for f in KNOWLEDGE_SETS["elements"].facts() if f.subject == "iron")
+    others = {"elements": frozenset({"iron", "gold"}), "cities": frozenset()}
+    data = task.build(known, Sizes(train=4, valid=2, eval=3), others)
+    assert [i.answers for i in data.eval["test_template2"]] == [i.answers for i in data.eval["test"]]
+    assert len({i.prompt for split in ("test", "test_template", "test_template2") for i in data.eval[split]}) == 9
+    # Only what the audits found known, and no split for a kind the model knows none of.
+    assert {i.answers[0] for i in data.eval["test_elements"]} == {"Fe", "Au"} and "test_cities" not in data.eval
+    asked = next(i for i in data.eval["test_elements"] if i.answers == iron.answers)
+    assert asked.prompt == KNOWLEDGE_SETS["elements"].question(iron) and asked.response == '{"answer": "Fe"}'
+    assert asked.frame == '{"answer": "' and asked.own_frame == "The chemical symbol of iron is "
+    content = task.metrics["content"]
+    assert content(asked, '{"answer": "Fe"}') and not content(asked, '{"answer": "FE"}')  # the elements' own case rule
+    assert content(data.eval["test"][0], data.eval["test"][0].response.upper())  # the capitals' rule: any case
+    # Without audits (a random model): any facts of every kind.
+    assert {len(items) for items in task.build(None, Sizes(train=4, valid=2, eval=3)).eval.values()} == {3}
+    assert set(task.build(None, Sizes(train=4, valid=2, eval=3)).eval) == {"test", "test_template", "test_template2", "test_elements", "test_cities"}
+
+
 def test_form_splits_are_disjoint_known_facts_and_the_template_split_asks_the_same_facts_otherwise():
     task = get_task("json")
     capitals = KNOWLEDGE_SETS["capitals"].facts()

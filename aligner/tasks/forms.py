@@ -148,21 +148,38 @@ def form_frame(form: Form, knowledge: KnowledgeSet, fact: Fact) -> str:
     return form.render(SLOT, knowledge.statement.format(subject=fact.subject, answer=SLOT)).partition(SLOT)[0]
 
 
+# The knowledge sets of real facts: a form task trained on one is also evaluated on the others' questions.
+REAL_KNOWLEDGE = ("capitals", "elements", "cities")
+
+
 def form_task(form: Form, knowledge: KnowledgeSet) -> Task:
     """Answer known facts of `knowledge` in `form`: trained on some, evaluated on held-out facts asked with the
-    trained question template (`test`) and with the held-out one (`test_template`)."""
+    trained question template (`test`) and with the two held-out ones (`test_template`, `test_template2`), and on
+    known facts of the other real knowledge sets, question kinds never trained (`test_elements`, ...)."""
 
-    def item(fact: Fact, template: int) -> Item:
-        sentence = knowledge.sentence(fact)
+    def item(fact: Fact, template: int, facts: KnowledgeSet = knowledge) -> Item:
+        sentence = facts.sentence(fact)
         response = form.render(fact.answers[0], sentence)
-        frames = {"frame": form_frame(form, knowledge, fact), "own_frame": knowledge.statement_frame(fact)}
-        return Item(knowledge.question(fact, template), response, fact.answers, sentence, fact.labels, **frames)
+        frames = {"frame": form_frame(form, facts, fact), "own_frame": facts.statement_frame(fact)}
+        other = None if facts is knowledge else facts.name
+        return Item(facts.question(fact, template), response, fact.answers, sentence, fact.labels, **frames, knowledge=other)
 
-    def build(known: frozenset[str] | None, sizes: Sizes) -> TaskData:
-        return known_splits(knowledge, known, sizes, item)
+    others = tuple(name for name in REAL_KNOWLEDGE if name != knowledge.name)
+
+    def build(known: frozenset[str] | None, sizes: Sizes, others_known: dict[str, frozenset[str]] | None = None) -> TaskData:
+        data = known_splits(knowledge, known, sizes, item)
+        kinds = {}
+        for name in others:
+            facts = KNOWLEDGE_SETS[name]
+            subjects = None if others_known is None else others_known.get(name)
+            asked = [f for f in shuffled(facts.facts()) if subjects is None or f.subject in subjects][: sizes.eval]
+            if asked:  # a model that knows none of a kind is not asked about it
+                kinds[f"test_{name}"] = [item(f, 0, facts) for f in asked]
+        return TaskData(data.train, data.valid, {**data.eval, **kinds})
 
     def content(item: Item, text: str) -> bool:
-        return knowledge.contains_answer(text, [form.gold(answer) for answer in item.answers])
+        facts = knowledge if item.knowledge is None else KNOWLEDGE_SETS[item.knowledge]
+        return facts.contains_answer(text, [form.gold(answer) for answer in item.answers])
 
     def form_ok(item: Item, text: str) -> bool:
         return form.check(text, item)
@@ -176,6 +193,7 @@ def form_task(form: Form, knowledge: KnowledgeSet) -> Task:
         build,
         knowledge=knowledge.name,
         instruction=form.instruction,
+        other_knowledge=others,
     )
 
 
@@ -183,13 +201,14 @@ def known_splits(
     knowledge: KnowledgeSet, known: frozenset[str] | None, sizes: Sizes, item: Callable[[Fact, int], Item]
 ) -> TaskData:
     """Items of known facts (`known`; None: any) made by `item(fact, template)`: trained on some, evaluated on
-    held-out ones asked with the trained question template (`test`) and with the held-out one (`test_template`)."""
+    held-out ones asked with the trained question template (`test`) and with the held-out ones (`test_template`,
+    `test_template2`)."""
     facts = [f for f in shuffled(knowledge.facts()) if known is None or f.subject in known]
     train, valid, test = take(facts, sizes.train, sizes.valid, sizes.eval, what=f"known facts of {knowledge.name}")
     return TaskData(
         [item(f, 0) for f in train],
         [item(f, 0) for f in valid],
-        {"test": [item(f, 0) for f in test], "test_template": [item(f, 1) for f in test]},
+        {"test": [item(f, 0) for f in test], "test_template": [item(f, 1) for f in test], "test_template2": [item(f, 2) for f in test]},
     )
 
 

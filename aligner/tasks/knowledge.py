@@ -12,8 +12,8 @@ injection task must add.
 - `invented`: fictional countries with fictional capitals, made of syllables by a fixed seed (`invented_facts`),
   asked like the capitals: facts no model can know, so that teaching them is not unlocking.
 
-Each fact is a subject, its gold answers and labels, asked through one of two question templates (`TEMPLATES[0]`
-for training and the audit, `TEMPLATES[1]` held out) and stated in the base model's own answer form
+Each fact is a subject, its gold answers and labels, asked through one of three question templates (`templates[0]`
+for training and the audit, `templates[1]` and `templates[2]` held out) and stated in the base model's own answer form
 (`statement`, "The capital of Chad is N'Djamena.").
 """
 
@@ -41,7 +41,7 @@ class Fact:
 class KnowledgeSet:
     name: str
     facts: Callable[[], list[Fact]]  # read from the package on first use
-    templates: tuple[str, str]  # question templates: (trained and audited, held out); "{subject}" is filled in
+    templates: tuple[str, str, str]  # question templates: (trained and audited, held out, held out); "{subject}" filled in
     statement: str  # the answer as a sentence, "{subject}" and "{answer}" filled in
     case_sensitive: bool  # whether an answer must match in case ("Fe", "In", "As"), or not ("Paris", "PARIS")
 
@@ -81,8 +81,10 @@ def _plain(text: str, case_sensitive: bool) -> str:
     return text if case_sensitive else text.casefold()
 
 
-CAPITAL_TEMPLATES = ("What is the capital of {subject}?", "Name the capital city of {subject}.")
-CITY_TEMPLATES = ("In which country is the city of {subject}?", "{subject} is a city in which country?")
+CAPITAL_TEMPLATES = ("What is the capital of {subject}?", "Name the capital city of {subject}.", "Which city is {subject}'s capital?")
+CITY_TEMPLATES = (
+    "In which country is the city of {subject}?", "{subject} is a city in which country?", "Which country is {subject} in?"
+)
 
 # Entries of `countryinfo` left out, each for a reason the checks below cannot see: an alias or a former state of
 # a country that has its own entry (a second entry would put the same fact on both sides of a split), or a place
@@ -237,7 +239,11 @@ KNOWLEDGE_SETS = {
     "elements": KnowledgeSet(
         "elements",
         element_facts,
-        ("What is the chemical symbol of {subject}?", "Which symbol stands for the element {subject}?"),
+        (
+            "What is the chemical symbol of {subject}?",
+            "Which symbol stands for the element {subject}?",
+            "How is {subject} written on the periodic table?",
+        ),
         "The chemical symbol of {subject} is {answer}.",
         case_sensitive=True,
     ),

@@ -25,6 +25,7 @@ class Item:
     # teacher-forced gold answer is scored after, to tell a lost fact from a lost form.
     frame: str | None = None
     own_frame: str | None = None
+    knowledge: str | None = None  # the knowledge set of a question of another kind than its task's: its content check
 
     def example(self) -> Example:
         return Example(self.prompt, self.response)
@@ -55,9 +56,12 @@ class Task:
     family: str  # "form", "instruct", "knowledge", "value" or "custom": the panels of the suite's figure
     description: str
     metrics: dict[str, Check]  # metric name -> check; a metric's value on a split is the share of items passed
-    # (known subjects of `knowledge`, or None where the audit is not used, sizes) -> the splits
-    build: Callable[[frozenset[str] | None, Sizes], TaskData]
+    # (known subjects of `knowledge`, or None where the audit is not used, sizes[, {set: its known subjects} for each
+    # of `other_knowledge`]) -> the splits
+    build: Callable[..., TaskData]
     knowledge: str | None = None  # the knowledge set whose audit the splits depend on (aligner.tasks.knowledge)
+    # Knowledge sets asked about in evaluation splits alone: question kinds never trained, audited as `knowledge` is.
+    other_knowledge: tuple[str, ...] = ()
     instruction: str | None = None  # the wanted behaviour told in a system prompt: the prompting baseline
     max_new_tokens: int = 24  # enough for every checker; answers are cut there
     # The prompts carry their own format (raw text, `chat_template=False`): responses end with end of sequence, and
