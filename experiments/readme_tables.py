@@ -14,6 +14,7 @@ first grid recorded); zero-training methods are deterministic and ran once; "–
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import textwrap
@@ -43,6 +44,17 @@ class Results:
         self.tasks = {r["task"] for r in self.rows}
         folder = results / "cells" / model_folder(model)
         self.cells = [json.loads(path.read_text()) for path in sorted(folder.glob("*/*/seed*.json"))]
+        paired = results / "sweep_paired.csv"
+        with open(paired, newline="", encoding="utf-8") if paired.is_file() else contextlib.nullcontext([]) as f:
+            self.paired = {(r["task"], r["method"], r["split"], r["metric"]): r for r in csv.DictReader(f) if r["model"] == model}
+
+    def difference(self, task: str, method: str, split: str, metric: str) -> tuple[str, str]:
+        """`method` minus the sweep's reference (lora-8) on the same items and seeds: "mean [95% interval]", and
+        the verdict against the margin fixed before the run; "–" where not run."""
+        r = self.paired.get((task, method, split, metric))
+        if r is None:
+            return "–", "–"
+        return f"{float(r['difference']):+.2f} [{float(r['ci_low']):+.2f}, {float(r['ci_high']):+.2f}]", r["verdict"]
 
     def value(self, task: str, method: str, split: str, metric: str) -> str:
         r = self.by_key.get((task, method, split, metric))
@@ -150,6 +162,63 @@ def variants_table(res: Results) -> list[str]:
     )
 
 
+# The questions of the results pages, each a measure (task, split, metric) on which the one-token aligner and
+# LoRA r = 8 are compared (`method`, against the reference); their controls beside them.
+QUESTIONS = [
+    ("form, trained wording", "json", "test", "form"),
+    ("form, trained wording", "frame", "test", "form"),
+    *(("form, trained wording", form, "test", "form") for form in ("caps", "terse", "bracket")),
+    ("form, new wording", "json", "test_template", "form"),
+    ("form, new wording", "json", "test_template2", "form"),
+    ("form, new wording", "frame", "test_template", "form"),
+    ("form, new wording", "frame", "test_template2", "form"),
+    ("form, question kind never trained", "json", "test_elements", "form"),
+    ("form, question kind never trained", "json", "test_cities", "form"),
+    ("form, question kind never trained", "frame", "test_elements", "form"),
+    ("form, question kind never trained", "frame", "test_cities", "form"),
+    ("knowledge kept: answered right in the form", "json", "test", "content"),
+    ("knowledge kept: answered right in the form", "frame", "test", "content"),
+    ("knowledge kept: gold answer top-1 in the form's frame", "json", "test", "answer_rank1"),
+    ("knowledge kept: gold answer top-1 in the form's frame", "frame", "test", "answer_rank1"),
+    ("knowledge kept, kind never trained", "json", "test_elements", "content"),
+    ("knowledge kept, kind never trained", "frame", "test_elements", "content"),
+    ("injection: taught facts", "inject", "taught", "content"),
+    ("injection: held-out invented facts (chance: 0)", "inject", "unknown_heldout", "content"),
+    ("injection: held-out known facts (collateral)", "inject", "known_heldout", "content"),
+    ("values: refuses harmful", "value", "harmful", "refusal"),
+    ("values: refuses benign (over-refusal)", "value", "benign", "refusal"),
+]
+CONTROLS = ("base", "aligner-1:tokens=random", "aligner-1:data=own")
+
+
+def questions_table(res: Results, method: str = "aligner-1", reference: str = "lora-8") -> list[str]:
+    """Per question: `method` and `reference` with their intervals, the paired difference with its interval and
+    verdict against the margin, and the controls (base, random token, own answers); only measures the sweep ran."""
+    lines = []
+    for question, task, split, metric in QUESTIONS:
+        if (task, method, split, metric) not in res.by_key and (task, reference, split, metric) not in res.by_key:
+            continue
+        difference, verdict = res.difference(task, method, split, metric)
+        controls = [res.value(task, c, split, metric) for c in CONTROLS]
+        lines.append([question, f"`{task}` {split} {metric}", res.value(task, method, split, metric),
+                      res.value(task, reference, split, metric), difference, verdict, *controls])  # fmt: skip
+    header = ["question", "measure", f"`{method}`", f"`{reference}`", f"`{method}` − `{reference}`", "verdict",
+              *(f"`{c}`" for c in CONTROLS)]  # fmt: skip
+    return table(header, lines)
+
+
+def equal_size_table(res: Results) -> list[str]:
+    """Injection at equal size: the shared aligner as large as LLaMA-Adapter with one token per layer, beside it,
+    each against LoRA r = 8."""
+    lines = []
+    for split in ("taught", "unknown_heldout", "known_heldout"):
+        for m in ("aligner-1", "aligner-10", "aligner-28", "adapter-1", "zbias"):
+            if ("inject", m, split, "content") in res.by_key:
+                difference, verdict = res.difference("inject", m, split, "content")
+                lines.append([split, f"`{m}`", f"{res.params[m]:,}", res.value("inject", m, split, "content"), difference, verdict])
+    return table(["split", "method", "parameters", "content", "− `lora-8`", "verdict"], lines)
+
+
 def headline(results: Path) -> list[str]:
     """Both models' base model, one token and LoRA r = 8 on one measure of each task family."""
     measures = [
@@ -205,6 +274,8 @@ TABLES: dict[str, tuple[str, Callable[[Results], list[str]]]] = {
     "inject": ("Knowledge injection (`inject`)", inject_table),
     "value": ("Values (`value`)", value_table),
     "variants": ("What moves a form's result (one token)", variants_table),
+    "questions": ("The questions: one token against LoRA r = 8, with the controls", questions_table),
+    "equal-size": ("Injection at equal size", equal_size_table),
 }
 
 
