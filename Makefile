@@ -49,9 +49,19 @@ notebooks: install
 	$(call notebook,03_paper_checkpoints,)
 	$(call notebook,04_mechanism,)
 
-# The committed probe reports: SmolLM2 with the demo runs (train them first: probe train-demo), and the paper's
-# released checkpoints (no base model needed).
-REPORT_RUNS ?= probe-demo-json-1tok probe-demo-caps-1tok probe-demo-inject-10tok
+# The suite's fitted methods that the probe report reads: the first seed of each cell named (TASK/METHOD), trained
+# under the suite's protocol (rate chosen on validation, early stopping), copied from CELLS into runs/suite-TASK-METHOD.
+CELLS ?= results/next/cells/smollm2-135m-instruct
+SUITE_RUNS ?= json/aligner-1 frame/aligner-1 inject/aligner-1 json/lora-8
+.PHONY: suite-runs
+suite-runs:
+	for cell in $(SUITE_RUNS); do \
+		run=runs/suite-$$(echo $$cell | tr / -); rm -rf $$run; cp -r $(CELLS)/$$cell/seed0 $$run; \
+	done
+
+# The committed probe reports: SmolLM2 with the suite's runs (make suite-runs first), and the paper's released
+# checkpoints (no base model needed).
+REPORT_RUNS ?= $(foreach cell,$(SUITE_RUNS),suite-$(subst /,-,$(cell)))
 report: install
 	$(VENV)/bin/probe report --runs runs $(foreach run,$(REPORT_RUNS),--run $(run)) --out reports/smollm2-demo
 	$(VENV)/bin/probe paper-report --dir ../shared/paper_aligners --out reports/paper-gates

@@ -40,7 +40,7 @@ from aligner.tables import markdown_tables
 from aligner.tasks import KNOWLEDGE_SETS, TASK_NAMES, get_task
 from probe import analyses
 from probe.collect import Activations, collect, condition_name
-from probe.dataset import ProbeDataset, evaluation_set, form_items, knowledge_dataset, training_form
+from probe.dataset import ProbeDataset, evaluation_set, form_items, is_injection, knowledge_dataset, training_form
 from probe.dissociation import layer_dissociation
 from probe.embeddings import prefix_frame, token_frame
 from probe.explore import efficiency_frame, efficiency_summary, paper_checkpoints
@@ -68,6 +68,7 @@ from probe.mechanism_figures import (
 )
 from probe.progress import reporting
 from probe.shift import most_shifted, shift_shares, token_shift
+from probe.verdict import WITHIN_NULL, control_sentence, geometry_control, orthogonal
 
 ROOT = Path(__file__).resolve().parent
 PAPERS = ROOT.parent / "shared" / "paper_aligners"  # the authors' checkpoints, where the workplace lays them
@@ -533,16 +534,30 @@ def geometry_view(bench: Workbench) -> None:
     if not runs:
         st.info(f"No aligner runs trained on {bench.model_name} in {bench.runs_dir}.")
         return
-    name = st.selectbox("Run", list(runs), key="geometry_run")
-    run = runs[name]
-    activations = bench_activations(bench, {name: run})
-    layers = tuple(load_run(*run_key(run)).layer_indices)
-    table = geometry_results(activations, bench.cache_key, (run_key(run),), bench.knowledge, bench.n_subjects, condition(run), layers)
-    show_figure(geometry_figure(table, f"{name}: overlap of its effect Δ with the knowledge subspace"), "geometry", table)
-    st.dataframe(table, hide_index=True)
+    injections = [name for name, run in runs.items() if is_injection(load_run(*run_key(run)))]
+    tested = [name for name in runs if name not in injections] or list(runs)
+    left, right = st.columns(2)
+    name = left.selectbox("Run", tested, key="geometry_run")
+    control = right.selectbox(
+        "Positive control", injections, key="geometry_control", placeholder="no run here injects facts",
+        help="a run that injects facts writes knowledge: the test must find its effect outside the null, or it cannot tell",
+    )
+    shown = {name: runs[name]} | ({control: runs[control]} if control else {})
+    activations = bench_activations(bench, shown)
+    keys = tuple(run_key(run) for run in shown.values())
+    tables = {
+        shown_name: geometry_results(activations, bench.cache_key, keys, bench.knowledge, bench.n_subjects, condition(run), tuple(load_run(*run_key(run)).layer_indices))
+        for shown_name, run in shown.items()
+    }
+    for shown_name, table in tables.items():
+        role = " (positive control)" if shown_name == control else ""
+        show_figure(geometry_figure(table, f"{shown_name}{role}: overlap of its effect Δ with the knowledge subspace"), f"geometry:{shown_name}", table)
+    st.dataframe(pd.DataFrame([{"run": n, **analyses.geometry_summary(t), "orthogonal": orthogonal(t)} for n, t in tables.items()]), hide_index=True)
+    st.info(control_sentence(geometry_control(tables, [control] if control else [])))
     st.caption(
         "Per layer: Δ = aligned − base activations; its top singular directions against the subspace of the knowledge probes' "
-        "weights (a probe of K classes gives K − 1 dimensions). Bands: 5–95% of the overlap of random subspaces of Δ's dimension (uniform, or drawn from the base activations' covariance)."
+        "weights (a probe of K classes gives K − 1 dimensions). Bands: 5–95% of the overlap of random subspaces of Δ's dimension "
+        f"(uniform, or drawn from the base activations' covariance). Orthogonal: within the covariance null's 95% quantile on at least {WITHIN_NULL:.0%} of the layers."
     )
 
 

@@ -68,6 +68,7 @@ from probe.report import Report
 from probe.verdict import (
     TRANSFER_TOLERANCE,
     WITHIN_NULL,
+    control_sentence,
     geometry_control,
     orthogonal,
     passed_text,
@@ -343,16 +344,11 @@ def geometry_section(
             for name, table in tables.items()
         ]
     )
-    if control["passed"] is None:
-        verdict_text = "No run among these injects facts: the test has no positive control here."
-    elif control["passed"]:
-        verdict_text = f"The positive control ({', '.join(controls)}) leaves the null: the test can tell an effect that writes knowledge."
-    else:
-        verdict_text = (
-            f"The positive control ({', '.join(controls)}) stays within the null: the test cannot tell an effect that "
-            "writes knowledge from one that leaves it alone, and its verdict on the other runs is 'cannot tell'."
-        )
-    section.table(summary, f"Per run: the share of adapted layers within the covariance null's 95% quantile (orthogonal: >= {WITHIN_NULL:.0%}). {verdict_text}")
+    section.table(
+        summary,
+        f"Per run: the share of adapted layers within the covariance null's 95% quantile (orthogonal: >= {WITHIN_NULL:.0%}). "
+        + control_sentence(control),
+    )
     return tables, control
 
 

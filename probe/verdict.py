@@ -59,6 +59,19 @@ def geometry_control(geometry: dict[str, pd.DataFrame], controls: list[str]) -> 
     return {"runs": controls, "detected": detected, "passed": all(detected.values()) if controls else None}
 
 
+def control_sentence(control: dict[str, Any]) -> str:
+    """What the positive control (`geometry_control`) says of the geometry test, in a sentence."""
+    runs = ", ".join(control["runs"])
+    if control["passed"] is None:
+        return "No run among these injects facts: the test has no positive control here."
+    if control["passed"]:
+        return f"The positive control ({runs}) leaves the null: the test can tell an effect that writes knowledge."
+    return (
+        f"The positive control ({runs}) stays within the null: the test cannot tell an effect that writes knowledge "
+        "from one that leaves it alone, and its verdict on the other runs is 'cannot tell'."
+    )
+
+
 def verdict(metrics: dict[str, Any], name: str, form: str | None, condition: str | None = None) -> dict[str, Any]:
     """The four tests on aligner `name` (trained for `form`; `condition`: its name in the probes' tables, if not
     `name`) from a report's `metrics` (its behaviour, probes and geometry sections): the numbers they read, which

@@ -26,13 +26,15 @@ TIMEOUT = 120  # seconds per script run; the first loads the tiny model
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three tiny-model runs of each kind the app reads, trained for two steps on the JSON form data."""
+    """Tiny-model runs of each kind the app reads, trained for two steps on the JSON form data."""
     root = tmp_path_factory.mktemp("runs")
     model = open_model("tiny")
     examples = load_examples(JSON_DATA)[:8]
     config = TrainConfig(steps=2, batch_size=4, warmup_steps=1)
     for name, kind, size in (("json-aligner", "aligner", 1), ("json-adapter", "adapter", 1), ("json-lora", "lora", 2)):
         recording_task(train_run(model, examples, root / name, kind, size, config), root / name)
+    # Recorded as the inject task: the geometry's positive control (its data are the JSON rows: only the record counts).
+    recording_task(train_run(model, examples, root / "taught-facts", "aligner", 1, config), root / "taught-facts", "inject")
     return root
 
 
@@ -72,7 +74,7 @@ def charts(at: AppTest) -> int:
 
 def test_generate_tab_compares_base_and_runs_and_shows_the_prefix_attention(app):
     assert_clean(app)
-    assert set(app.multiselect(key="generate_runs").options) == {"json-aligner", "json-adapter", "json-lora"}
+    assert set(app.multiselect(key="generate_runs").options) == {"json-aligner", "json-adapter", "json-lora", "taught-facts"}
     assert app.multiselect(key="generate_runs").value == ["json-adapter", "json-aligner"]  # the aligners, on every tab
     app.multiselect(key="generate_runs").set_value(["json-aligner", "json-lora"]).run()
     app.slider(key="scale:json-aligner").set_value(0.0).run()
@@ -121,9 +123,12 @@ def test_probes_geometry_and_efficiency_tabs(app):
     assert_clean(app)
     assert charts(app) == 1
     open_tab(app, "Geometry")
+    assert app.selectbox(key="geometry_run").options == ["json-adapter", "json-aligner"]  # the control is not tested
+    assert app.selectbox(key="geometry_control").value == "taught-facts"
     app.selectbox(key="geometry_run").set_value("json-adapter").run()
     assert_clean(app)
-    assert charts(app) == 1 and len(app.dataframe) == 1
+    assert charts(app) == 2 and len(app.dataframe) == 1  # the run and its positive control, side by side
+    assert "positive control (taught-facts)" in app.info[0].value
     open_tab(app, "Efficiency")
     assert_clean(app)
     assert charts(app) == 1
@@ -199,7 +204,7 @@ def test_bad_runs_checkpoints_and_models_are_errors_that_hide_nothing_else(runs,
     assert not at.exception
     errors = " ".join(e.value for e in at.error)
     assert "json-aligner" in errors and CONFIG_FILE in errors and "foreign" in errors and str(tensors) in errors
-    assert set(at.multiselect(key="generate_runs").options) == {"json-adapter"}  # the others still there
+    assert set(at.multiselect(key="generate_runs").options) == {"json-adapter", "taught-facts"}  # the others still there
     open_tab(at, "Gates")
     assert not at.exception and "broken-llama2-7b-1token.pth" in " ".join(e.value for e in at.error)
     for view in ("Embeddings", "Probes", "Geometry"):
