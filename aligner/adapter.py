@@ -32,11 +32,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformer_lens.hook_points import HookPoint
 
 from aligner.config import ModelShape, check_fields, from_json_object, short_repr
 from aligner.files import atomic_write_files, json_bytes, provenance, read_json
-from aligner.lens import Handle, add_permanent_hook, is_bridge, remove_hook
+from aligner.lens import Handle, add_permanent_hook, any_hooked, is_bridge, plain_model, remove_hook
 from aligner.loading import model_fingerprint
 
 FORMAT = "aligner-workbench/adapter/2"
@@ -237,6 +238,25 @@ class Adapter(nn.Module):
         with torch.no_grad():
             for name, tensor in self.state_dict().items():
                 tensor.copy_(tensors[name])
+
+
+@contextlib.contextmanager
+def model_to_run(model: nn.Module, adapter: Adapter | None) -> Iterator[nn.Module]:
+    """The model that training and generation run `adapter` (None: none) on: inside, the plain transformers model
+    under bridge `model` (`aligner.lens.plain_model`), at the model's own speed, where the adapter
+    `runs_on_plain_model`; the bridge itself for a kind that needs its components, for a bridge with anything
+    hooked (a user's hooks, an adapter attached through them), which the plain model would leave out, and for a
+    bridge sharded by FSDP, whose blocks gather their shards. A transformers model is itself."""
+    if (
+        not is_bridge(model)
+        or (adapter is not None and not adapter.runs_on_plain_model)
+        or isinstance(model, FSDPModule)
+        or any_hooked(model)
+    ):
+        yield model
+        return
+    with plain_model(model) as hf:
+        yield hf
 
 
 def model_identity(model: nn.Module) -> tuple[str | None, str]:

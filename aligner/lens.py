@@ -89,6 +89,12 @@ def is_bridge(model: nn.Module) -> bool:
     return not isinstance(model, PreTrainedModel) and transformers_model(model) is not None
 
 
+def any_hooked(model: nn.Module) -> bool:
+    """Whether anything is hooked at any of bridge `model`'s hook points (a user's hooks, or an adapter attached
+    through them): a run of the plain model would leave them out."""
+    return any(hooked(hook_point) for hook_point in model.hook_dict.values())
+
+
 @contextlib.contextmanager
 def plain_model(model: nn.Module) -> Iterator[nn.Module]:
     """The transformers model under bridge `model`, its own modules back where the bridge put its components

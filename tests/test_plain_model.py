@@ -13,7 +13,8 @@ from test_gemma import VOCAB, random_model, tiny_gemma2, tiny_hunyuan
 from transformers import BioGptConfig, BioGptForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import aligner
-from aligner import Aligner, AlignerConfig, load_adapter
+from aligner import Aligner, AlignerConfig, TrainConfig, load_adapter, train_sft
+from aligner.data import Example
 from aligner.lens import plain_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -221,3 +222,24 @@ def test_the_bridges_own_modules_and_hooks_only_kinds_are_refused_on_a_transform
     lora = LoRA.for_model(tiny)
     with plain_model(tiny) as hf, pytest.raises(TypeError, match="a lora hooks into a TransformerBridge"):
         lora.attach(hf)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_train_sft_runs_the_plain_model_and_trains_what_the_bridge_trains(tiny, checkpointed):
+    """Training runs the plain model by default (its own attention modules run); a hook on the bridge keeps it
+    on the bridge. Both train the same tensors."""
+    examples = [Example(f"What is {i} + {i}?", "Bananas are yellow.") for i in range(4)]
+    config = TrainConfig(steps=3, batch_size=2, lr=0.1, warmup_steps=1, gradient_checkpointing=checkpointed)
+    runs = []
+    with plain_model(tiny) as hf:
+        attention = hf.model.layers[1].self_attn  # the bridge computes its attention without calling this module
+    handle = attention.register_forward_hook(lambda module, args, out: runs.append(1))
+    plain = train_sft(tiny, examples, config, adapter=random_aligner(tiny, n_tokens=2, start_layer=1))
+    assert runs
+    runs.clear()
+    with tiny.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda resid, hook: None)]):
+        bridged = train_sft(tiny, examples, config, adapter=random_aligner(tiny, n_tokens=2, start_layer=1))
+    handle.remove()
+    assert not runs
+    for got, want in zip(plain.state_dict().values(), bridged.state_dict().values()):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
