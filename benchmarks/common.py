@@ -103,6 +103,7 @@ def json_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="also write the tables as data, with the command, commit and device, to this file "
         "(benchmarks/results/DEVICE-BENCHMARK-SHAPE.json, which `python -m benchmarks.report` renders)",
     )
+    parser.add_argument("--note", help="what else the numbers depend on, printed with them (the machine's load)")
     return parser
 
 
@@ -203,6 +204,8 @@ def write_json(args: argparse.Namespace, benchmark: str, tables: dict[str, list[
         "measured": datetime.datetime.now().isoformat(timespec="seconds"),
         "tables": _rounded(tables),
     }
+    if args.note:
+        result["note"] = args.note
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json}")
