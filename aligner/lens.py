@@ -3,7 +3,7 @@
 The adapters change a `TransformerBridge` through its public hook points where they can. Some things have no
 public call: adding hook points to a bridge after it is built (its name registry), telling whether a hook point
 has anything hooked (torch's hook dictionaries), removing a permanent hook, reaching or swapping the
-transformers module that a bridge component wraps, and putting the transformers model's own modules back in place
+transformers module that a bridge component wraps (`swap_projection`), and putting the transformers model's own modules back in place
 of the bridge's components for a while (`plain_model`). They live here, so that a change in either library is
 mended in one file.
 """
@@ -71,9 +71,14 @@ def wrapped(component: nn.Module) -> nn.Module:
     return getattr(component, "original_component", component)
 
 
-def rewrap(component: nn.Module, module: nn.Module) -> None:
-    """Make bridge `component` wrap `module` instead (peft's LoRA layer around the base projection, and back)."""
-    component.set_original_component(module)
+def swap_projection(holder: nn.Module, name: str, module: nn.Module) -> None:
+    """Make projection `name` of `holder` compute with `module` (peft's LoRA layer around the base projection, and
+    back): the bridge component there wraps it instead, or, on a transformers module, the attribute is it."""
+    child = getattr(holder, name)
+    if wrapped(child) is not child:
+        child.set_original_component(module)
+    else:
+        setattr(holder, name, module)
 
 
 def transformers_model(model: nn.Module) -> nn.Module | None:

@@ -149,6 +149,12 @@ class AlignerHooks(Adapter):
         implementation = config._attn_implementation
         if implementation.startswith(PREFIX_ATTENTION):
             raise RuntimeError("the model already has an aligner attached; detach that one first")
+        if not getattr(model, "_supports_attention_backend", False):
+            raise NotImplementedError(
+                f"{type(model).__name__}: its attention does not go through transformers' attention interface "
+                "(_supports_attention_backend is not set), where the aligner joins a plain model; attach it to a "
+                "TransformerBridge of the model (aligner.from_hf)"
+            )
         modules = decoder_attentions(model)
         slots = []
         for layer_index, (name, attn) in enumerate(modules):
@@ -483,14 +489,8 @@ def model_kernel(attn: nn.Module, implementation: str, name: str) -> Callable[..
 
 
 def decoder_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the self-attention of each decoder layer of transformers model `model`, in order. A model
-    whose attention does not go through transformers' attention interface is refused, naming it."""
-    if not getattr(model, "_supports_attention_backend", False):
-        raise NotImplementedError(
-            f"{type(model).__name__}: its attention does not go through transformers' attention interface "
-            "(_supports_attention_backend is not set), where the aligner joins a plain model; attach it to a "
-            "TransformerBridge of the model (aligner.from_hf)"
-        )
+    """(name, module) of the self-attention of each decoder layer of transformers model `model`, in order; the
+    bridge's own components, which compute the attention themselves, are refused."""
     names = {id(module): name for name, module in model.named_modules()}
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
@@ -502,8 +502,8 @@ def decoder_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
             raise NotImplementedError(f"{names[id(layer)]}: a decoder layer with no self_attn; the aligner adapts that")
         if wrapped(attn) is not attn:
             raise ValueError(
-                f"{names[id(attn)]}: a TransformerBridge component, which computes the attention itself; attach the "
-                "aligner to the bridge, or to the model inside `aligner.lens.plain_model(bridge)`"
+                f"{names[id(attn)]}: a TransformerBridge component, which computes the attention itself; attach to "
+                "the bridge, or to the model inside `aligner.lens.plain_model(bridge)`"
             )
         attentions.append((names[id(attn)], attn))
     return attentions

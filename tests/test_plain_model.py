@@ -16,6 +16,7 @@ import aligner
 from aligner import Aligner, AlignerConfig, TrainConfig, load_adapter, train_sft
 from aligner.data import Example
 from aligner.lens import plain_model
+from aligner.methods import LoRA, LoRAConfig, ZBias, ZBiasConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,14 +215,42 @@ def test_a_plain_model_the_aligner_cannot_join_is_refused_by_name(make, message)
 
 
 def test_the_bridges_own_modules_and_hooks_only_kinds_are_refused_on_a_transformers_model(tiny):
-    from aligner.methods import LoRA
-
     al = random_aligner(tiny, n_tokens=2, start_layer=1)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.\S*self_attn: a TransformerBridge component"):
         al.attach(tiny.original_model)
-    lora = LoRA.for_model(tiny)
-    with plain_model(tiny) as hf, pytest.raises(TypeError, match="a lora hooks into a TransformerBridge"):
-        lora.attach(hf)
+    z_bias = ZBias.for_model(tiny, ZBiasConfig(start_layer=1))
+    with plain_model(tiny) as hf, pytest.raises(TypeError, match="a z-bias hooks into a TransformerBridge"):
+        z_bias.attach(hf)
+
+
+def test_lora_on_the_plain_model_gives_the_bridges_logits_and_trains_the_same(tiny):
+    """peft's LoRA layer in place of the plain model's projections computes what it computes inside the bridge's
+    components, and training (on the plain model by default) gives the same matrices as on the bridge."""
+    torch.manual_seed(0)
+    lora = LoRA.for_model(tiny, LoRAConfig(r=4, targets=("q", "v", "o")))
+    with torch.no_grad():
+        for linear in lora.lora_B.values():
+            linear.weight.normal_(std=0.1)
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        base = tiny(ids)
+        with lora.attached(tiny):
+            want = tiny(ids)
+        with plain_model(tiny) as hf:
+            with lora.attached(hf):
+                got = hf(ids).logits
+            assert type(hf.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # given back
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    examples = [Example(f"What is {i} + {i}?", "Bananas are yellow.") for i in range(4)]
+    config = TrainConfig(steps=3, batch_size=2, lr=0.01, warmup_steps=1)
+    trained = []
+    for hooks in ([], [("blocks.0.hook_resid_pre", lambda resid, hook: None)]):  # a hook keeps it on the bridge
+        torch.manual_seed(0)
+        with tiny.hooks(fwd_hooks=hooks):
+            trained.append(train_sft(tiny, examples, config, adapter=LoRA.for_model(tiny, LoRAConfig(r=4))))
+    for got, want in zip(*(t.state_dict().values() for t in trained)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
