@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def write_json(args: argparse.Namespace, benchmark: str, tables: dict[str, list[
         "shape": args.shape,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
         "commit": commit(),
-        "command": " ".join(["python -m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
+        "command": f"python -m benchmarks.{Path(sys.argv[0]).stem} {shlex.join(sys.argv[1:])}",
         "machine": machine(args.device),
         "model": model_line(args),
         "measured": datetime.datetime.now().isoformat(timespec="seconds"),
