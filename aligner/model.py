@@ -459,7 +459,13 @@ def prefix_attention(
     attention, then the prefix's added to its output (B, T, H, d_head) before the output projection, from the
     queries the layer computed (none computed again). The module's own `AttentionSlot` says which kernel and
     which aligner."""
-    slot: AttentionSlot = module.aligner_slot
+    slot: AttentionSlot | None = getattr(module, "aligner_slot", None)
+    if slot is None:  # a copy of an attached model, or another model sharing its config
+        raise RuntimeError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}): its config names "
+            f"{module.config._attn_implementation!r}, an aligner's, but no aligner is attached to this module; "
+            "attach one to this model (or copy the model before attaching)"
+        )
     z, weights = slot.kernel(module, query, key, value, attention_mask, **kwargs)
     if slot.aligner is not None:
         z = slot.aligner.add_prefix_attention(slot.index, z, query.transpose(1, 2))

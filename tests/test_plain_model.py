@@ -272,3 +272,14 @@ def test_train_sft_runs_the_plain_model_and_trains_what_the_bridge_trains(tiny, 
     assert not runs
     for got, want in zip(plain.state_dict().values(), bridged.state_dict().values()):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_copy_of_an_attached_model_says_that_no_aligner_is_attached_to_it(tiny):
+    al = random_aligner(tiny, n_tokens=2, start_layer=1)
+    with plain_model(tiny) as hf:
+        copy_config = copy.deepcopy(hf.config)
+        with al.attached(hf):
+            copy_config._attn_implementation = hf.config._attn_implementation
+        other = type(hf)(copy_config).eval()  # its config names the aligner's attention, its modules hold none
+    with pytest.raises(RuntimeError, match=r"LlamaAttention \(layer 0\): its config names 'aligner_sdpa'"):
+        other(torch.randint(0, 1000, (1, 4)))
