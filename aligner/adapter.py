@@ -241,22 +241,40 @@ class Adapter(nn.Module):
 
 
 @contextlib.contextmanager
-def model_to_run(model: nn.Module, adapter: Adapter | None) -> Iterator[nn.Module]:
-    """The model that training and generation run `adapter` (None: none) on: inside, the plain transformers model
-    under bridge `model` (`aligner.lens.plain_model`), at the model's own speed, where the adapter
-    `runs_on_plain_model`; the bridge itself for a kind that needs its components, for a bridge with anything
-    hooked (a user's hooks, an adapter attached through them), which the plain model would leave out, and for a
-    bridge sharded by FSDP, whose blocks gather their shards. A transformers model is itself."""
-    if (
-        not is_bridge(model)
-        or (adapter is not None and not adapter.runs_on_plain_model)
-        or isinstance(model, FSDPModule)
-        or any_hooked(model)
-    ):
+def attached_to_run(model: nn.Module, adapter: Adapter | None, plain: bool = True) -> Iterator[nn.Module]:
+    """`adapter` (None: none) attached, for the block, to the model that training and generation run, which is
+    yielded: the plain transformers model under bridge `model` (`aligner.lens.plain_model`), at the model's own
+    speed, where the adapter `runs_on_plain_model` (and `plain`). Else the bridge itself: for a kind that needs its
+    components, a bridge with anything hooked (a user's hooks, an adapter attached through them), which the plain
+    model would leave out, a bridge sharded by FSDP, whose blocks gather their shards, an adapter attached to the
+    bridge already, and a plain model that refuses the adapter (its attention outside transformers' attention
+    interface), with a warning that says why. A transformers model is itself."""
+    if adapter is not None and adapter.attached_to is model:
         yield model
         return
-    with plain_model(model) as hf:
-        yield hf
+    if (
+        plain
+        and is_bridge(model)
+        and (adapter is None or adapter.runs_on_plain_model)
+        and not isinstance(model, FSDPModule)
+        and not any_hooked(model)
+    ):
+        with plain_model(model) as hf:
+            try:
+                if adapter is not None:
+                    adapter.attach(hf)
+            except NotImplementedError as err:
+                refusal = err
+            else:
+                try:
+                    yield hf
+                finally:
+                    if adapter is not None:
+                        adapter.detach()
+                return
+        warnings.warn(f"{refusal}; running on the bridge instead, at its speed", stacklevel=3)
+    with adapter.attached(model) if adapter is not None else contextlib.nullcontext():
+        yield model
 
 
 def model_identity(model: nn.Module) -> tuple[str | None, str]:

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from aligner.adapter import Adapter, load_adapter, model_to_run
+from aligner.adapter import Adapter, attached_to_run, load_adapter
 from aligner.checkpoint import run_directory
 from aligner.data import Example, Pair
 from aligner.distributed import launched_accelerator
@@ -218,9 +218,7 @@ def pair_logprobs(
     rows = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
-        runner = stack.enter_context(model_to_run(model, adapter))  # as the policy is trained: `optimize`
-        if adapter is not None:
-            stack.enter_context(adapter.attached(runner))
+        runner = stack.enter_context(attached_to_run(model, adapter))  # as the policy is trained: `optimize`
         for k in tqdm(range(0, len(pairs), batch_size), desc="log-probs", unit="batch"):
             chosen, rejected = _pair_logprobs(runner, pairs[k : k + batch_size], pad_id)
             rows.append(torch.stack([chosen, rejected], dim=1).cpu())  # (b, 2)

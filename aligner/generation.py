@@ -1,7 +1,7 @@
 """Answering prompts with a base model, with or without an adapter: batched, greedy or sampled, chat-formatted.
 
 Decoding is Hugging Face's `generate` on the plain transformers model under the bridge, with an aligner
-attached through its attention interface (`aligner.adapter.model_to_run`), at the model's own speed. Where the
+attached through its attention interface (`aligner.adapter.attached_to_run`), at the model's own speed. Where the
 bridge's hooks are in play (an adapter that needs them, a user's hooks, a gate scale) it runs on
 `model.original_model` with the bridge's components in place, so every bridge hook fires at every step, with the
 KV cache. Checked numerically: greedy answers equal an argmax loop over the bridge's full-sequence logits, and a
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformers import GenerationConfig
 
-from aligner.adapter import Adapter, model_to_run
+from aligner.adapter import Adapter, attached_to_run
 from aligner.bank import AlignerBank
 from aligner.chat import ENDED, end_of_turn_id, prompt_ids, stop_ids
 from aligner.lens import transformers_model
@@ -130,13 +130,9 @@ def generate(
     adapter = aligner if bank is None else bank
     starts = range(0, len(ids), batch_size)
     with contextlib.ExitStack() as stack:
-        # The plain transformers model where the adapter runs on it (`model_to_run`); the bridge where the adapter
+        # The plain transformers model where the adapter runs on it (`attached_to_run`); the bridge where the adapter
         # is attached to it already, or its gates are scaled through its hook points.
-        runner = model
-        if gate_scale == 1.0 and (adapter is None or adapter.attached_to is None):
-            runner = stack.enter_context(model_to_run(model, adapter))
-        if adapter is not None and adapter.attached_to is not runner:
-            stack.enter_context(adapter.attached(runner))
+        runner = stack.enter_context(attached_to_run(model, adapter, plain=gate_scale == 1.0))
         if gate_scale != 1.0:
             gate_hooks = [(lambda name: name.endswith("aligner.hook_gate"), scaled(gate_scale))]  # every adapted layer
             stack.enter_context(model.hooks(fwd_hooks=gate_hooks))

@@ -139,7 +139,7 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.T
 
 
 def forward_logits(model: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """The logits of a bridge, or of a transformers model (`aligner.adapter.model_to_run`), which returns them in
+    """The logits of a bridge, or of a transformers model (`aligner.adapter.attached_to_run`), which returns them in
     its output and keeps no KV cache for a forward that is not decoding."""
     if is_bridge(model):
         return model(input_ids, **kwargs)

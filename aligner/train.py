@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from aligner.adapter import Adapter, adapter_files, load_adapter, model_to_run
+from aligner.adapter import Adapter, adapter_files, attached_to_run, load_adapter
 from aligner.checkpoint import (
     METRICS_FILE,
     RunState,
@@ -220,11 +220,9 @@ def optimize(
     started = time.perf_counter() - run.elapsed_s
     logged_at, logged_tokens = time.perf_counter(), 0
     bar = tqdm(total=config.steps, initial=run.step, desc="train", unit="step", disable=not main)
-    # The plain transformers model where the adapter can run on it (`model_to_run`); the bridge stays whole
+    # The plain transformers model where the adapter can run on it (`attached_to_run`); the bridge stays whole
     # around it, and `on_step`'s calls of the bridge run the plain model with the adapter.
-    with model_to_run(model, adapter) as runner, adapter.attached(runner), checkpointing(
-        runner, config.gradient_checkpointing
-    ), bar:
+    with attached_to_run(model, adapter) as runner, checkpointing(runner, config.gradient_checkpointing), bar:
         while run.step < config.steps:
             lr = learning_rate(run.step + 1, config)
             for group in optimizer.param_groups:

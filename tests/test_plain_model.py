@@ -303,3 +303,16 @@ def test_smollm2_on_the_plain_model_gives_the_bridges_logits_and_answers(smollm2
     with al.attached(smollm2):  # attached to the bridge: generate keeps it there
         bridged = aligner.generate(smollm2, prompts, al, max_new_tokens=12)
     assert plain == bridged
+
+
+def test_a_model_the_plain_path_refuses_runs_on_the_bridge_with_a_warning(tiny, monkeypatch):
+    """An architecture the bridge supports but whose attention is outside transformers' interface is trained and
+    answered on the bridge, saying so, rather than refused."""
+    al = random_aligner(tiny, n_tokens=3, start_layer=1)
+    prompts = ["Hi", "What is the capital of France?"]
+    want = aligner.generate(tiny, prompts, al, max_new_tokens=5)
+    monkeypatch.setattr(type(tiny.original_model), "_supports_attention_backend", False)
+    with pytest.warns(UserWarning, match="its attention does not go through transformers' attention interface.*on the bridge"):
+        got = aligner.generate(tiny, prompts, al, max_new_tokens=5)
+    assert got == want
+    assert type(tiny.original_model.model.layers[0].self_attn).__name__ == "PositionEmbeddingsAttentionBridge"
