@@ -12,7 +12,9 @@ shaped for a model), `attached(model)` (a context in which the bridge computes w
 config, the tensors' names, shapes, dtypes and finite values against what the config and shape call for (read
 from the file's header, before any tensor is), the sizes of both files, and the link between them. It also reads
 the two layouts written before the format was shared (`aligner.json`, `method.json`). What an adapter can do
-beyond that is an attribute: `has_gates` (the aligners), `can_merge` (a one-token aligner folds into biases).
+beyond that is an attribute: `has_gates` (the aligners), `can_merge` (a one-token aligner folds into biases),
+`runs_on_plain_model` (the aligner attaches to a transformers model itself, without the bridge's hook points, and
+so trains and generates at the model's own speed: `aligner.lens.plain_model`).
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformer_lens.hook_points import HookPoint
 
 from aligner.config import ModelShape, check_fields, from_json_object, short_repr
 from aligner.files import atomic_write_files, json_bytes, provenance, read_json
-from aligner.lens import Handle, add_permanent_hook, remove_hook
+from aligner.lens import Handle, add_permanent_hook, any_hooked, is_bridge, plain_model, remove_hook
 from aligner.loading import model_fingerprint
 
 FORMAT = "aligner-workbench/adapter/2"
@@ -76,6 +79,9 @@ class Adapter(nn.Module):
     config_type: ClassVar[type]
     has_gates: ClassVar[bool] = False  # per-head gates at `blocks.{l}.aligner.hook_gate` (gate_scale, the gate views)
     can_merge: ClassVar[bool] = False  # folds into the model's weights for inference (`merge_into`)
+    # Attaches to a plain transformers model as well as to a bridge: training and generation then run the plain
+    # model (`aligner.lens.plain_model`); the others need the bridge's hook points and components.
+    runs_on_plain_model: ClassVar[bool] = False
 
     def __init__(self, config: Any, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -90,13 +96,10 @@ class Adapter(nn.Module):
 
     @classmethod
     def for_model(cls, model: nn.Module, config: Any = None) -> "Adapter":
-        """A fresh adapter shaped for `model` (a TransformerBridge), on its device; its random initialisation
-        reads torch's RNG."""
-        base_model = {
-            "name": model.cfg.model_name,
-            "fingerprint": model_fingerprint(model),
-            "architecture": model.cfg.architecture,
-        }
+        """A fresh adapter shaped for `model` (a TransformerBridge, or a transformers model where the kind
+        `runs_on_plain_model`), on its device; its random initialisation reads torch's RNG."""
+        name, architecture = model_identity(model)
+        base_model = {"name": name, "fingerprint": model_fingerprint(model), "architecture": architecture}
         adapter = cls(cls.config_type() if config is None else config, shape_of(model), base_model)
         adapter.initialise(model)
         return adapter.to(next(model.parameters()).device)
@@ -140,12 +143,15 @@ class Adapter(nn.Module):
         """Hook this adapter into `model`; `detach` undoes it. Prefer `with adapter.attached(model):`."""
         if self._model is not None:
             raise RuntimeError(f"this {self.kind} is already attached to a model; detach it first")
-        check_fits(self, model)
-        if self.base_model.get("name") not in (None, model.cfg.model_name):
-            warnings.warn(
-                f"{self.kind} was trained on {self.base_model['name']!r}, attaching to {model.cfg.model_name!r}",
-                stacklevel=3,
+        if not (self.runs_on_plain_model or is_bridge(model)):
+            raise TypeError(
+                f"a {self.kind} hooks into a TransformerBridge's components; attach it to a bridge of this "
+                f"{type(model).__name__} (aligner.from_hf), not to the transformers model itself"
             )
+        check_fits(self, model)
+        name, _ = model_identity(model)
+        if self.base_model.get("name") not in (None, name) and is_bridge(model):  # a plain model's name is its path
+            warnings.warn(f"{self.kind} was trained on {self.base_model['name']!r}, attaching to {name!r}", stacklevel=3)
         object.__setattr__(self, "_model", model)
         try:
             self.hook_into(model)
@@ -234,8 +240,66 @@ class Adapter(nn.Module):
                 tensor.copy_(tensors[name])
 
 
+@contextlib.contextmanager
+def attached_to_run(model: nn.Module, adapter: Adapter | None, plain: bool = True) -> Iterator[nn.Module]:
+    """`adapter` (None: none) attached, for the block, to the model that training and generation run, which is
+    yielded: the plain transformers model under bridge `model` (`aligner.lens.plain_model`), at the model's own
+    speed, where the adapter `runs_on_plain_model` (and `plain`). Else the bridge itself: for a kind that needs its
+    components, a bridge with anything hooked (a user's hooks, an adapter attached through them), which the plain
+    model would leave out, a bridge sharded by FSDP, whose blocks gather their shards, an adapter attached to the
+    bridge already, and a plain model that refuses the adapter (its attention outside transformers' attention
+    interface), with a warning that says why. A transformers model is itself."""
+    if adapter is not None and adapter.attached_to is model:
+        yield model
+        return
+    if (
+        plain
+        and is_bridge(model)
+        and (adapter is None or adapter.runs_on_plain_model)
+        and not isinstance(model, FSDPModule)
+        and not any_hooked(model)
+    ):
+        with plain_model(model) as hf:
+            try:
+                if adapter is not None:
+                    adapter.attach(hf)
+            except NotImplementedError as err:
+                refusal = err
+            else:
+                try:
+                    yield hf
+                finally:
+                    if adapter is not None:
+                        adapter.detach()
+                return
+        warnings.warn(f"{refusal}; running on the bridge instead, at its speed", stacklevel=3)
+    with adapter.attached(model) if adapter is not None else contextlib.nullcontext():
+        yield model
+
+
+def model_identity(model: nn.Module) -> tuple[str | None, str]:
+    """(name, architecture) of a bridge or a transformers model, as an adapter records what it was made for: the
+    bridge's, or the transformers config's path (None where it has none) and first architecture."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        return cfg.model_name, cfg.architecture
+    config = model.config
+    return config.name_or_path or None, (config.architectures or [type(model).__name__])[0]
+
+
 def shape_of(model: nn.Module) -> ModelShape:
-    cfg = model.cfg
+    """The shape of a bridge (its cfg) or of a transformers model (its text config)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        config = model.config.get_text_config()
+        n_heads = config.num_attention_heads
+        return ModelShape(
+            d_model=config.hidden_size,
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            d_head=getattr(config, "head_dim", None) or config.hidden_size // n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        )
     return ModelShape(
         d_model=cfg.d_model,
         n_layers=cfg.n_layers,
@@ -250,16 +314,17 @@ def check_fits(adapter: Adapter, model: nn.Module) -> None:
     architecture: the same d_model, layer and head counts in another model family (Llama-2-7B and Mistral-7B)
     would run, reading tensors that were never trained with its weights."""
     kind = adapter.kind
+    model_name, model_architecture = model_identity(model)
     mismatches = [f"{name}: {kind} {mine}, model {theirs}" for name, mine, theirs in adapter.shape.mismatches(shape_of(model))]
     architecture = adapter.base_model.get("architecture")
-    if architecture is not None and architecture != model.cfg.architecture:
+    if architecture is not None and architecture != model_architecture:
         mismatches.append(
-            f"architecture: {kind} {architecture!r}, model {model.cfg.architecture!r} (to attach it anyway, set "
+            f"architecture: {kind} {architecture!r}, model {model_architecture!r} (to attach it anyway, set "
             f"{kind}.base_model['architecture'] = None)"
         )
     if mismatches:
         raise ValueError(
-            f"{kind} for {adapter.base_model.get('name')!r} does not fit model {model.cfg.model_name!r}: "
+            f"{kind} for {adapter.base_model.get('name')!r} does not fit model {model_name!r}: "
             + "; ".join(mismatches)
         )
 

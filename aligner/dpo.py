@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from aligner.adapter import Adapter, load_adapter
+from aligner.adapter import Adapter, attached_to_run, load_adapter
 from aligner.checkpoint import run_directory
 from aligner.data import Example, Pair
 from aligner.distributed import launched_accelerator
@@ -139,7 +139,7 @@ def _train_dpo(
     def dpo_gradients(step: Step) -> tuple[dict[str, float], int]:
         batch = [sequences[i] for i in step.mine]
         metrics = accumulate_dpo_gradients(
-            model, batch, reference_logps[step.mine], config, pad_id, len(step.items), step.autocast
+            step.model, batch, reference_logps[step.mine], config, pad_id, len(step.items), step.autocast
         )
         return metrics, sum(len(ids) for pair in batch for ids, _ in pair)
 
@@ -216,9 +216,11 @@ def pair_logprobs(
     if isinstance(getattr(model, "aligner", None), AlignerHooks):
         raise ValueError("the model has an aligner attached; detach it and pass the one to score with as adapter=")
     rows = []
-    with torch.no_grad(), adapter.attached(model) if adapter is not None else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        runner = stack.enter_context(attached_to_run(model, adapter))  # as the policy is trained: `optimize`
         for k in tqdm(range(0, len(pairs), batch_size), desc="log-probs", unit="batch"):
-            chosen, rejected = _pair_logprobs(model, pairs[k : k + batch_size], pad_id)
+            chosen, rejected = _pair_logprobs(runner, pairs[k : k + batch_size], pad_id)
             rows.append(torch.stack([chosen, rejected], dim=1).cpu())  # (b, 2)
     return torch.cat(rows) if rows else torch.empty(0, 2)  # no pairs: a process with no share of them
 

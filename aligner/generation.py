@@ -1,11 +1,14 @@
 """Answering prompts with a base model, with or without an adapter: batched, greedy or sampled, chat-formatted.
 
-Decoding is Hugging Face's `generate` on `model.original_model`, whose modules the bridge has replaced by its
-own components, so every bridge hook (the aligner's included) fires at every step, with the KV cache.
-Checked numerically: greedy answers equal an argmax loop over the bridge's full-sequence logits, and a
+Decoding is Hugging Face's `generate` on the plain transformers model under the bridge, with an aligner
+attached through its attention interface (`aligner.adapter.attached_to_run`), at the model's own speed. Where the
+bridge's hooks are in play (an adapter that needs them, a user's hooks, a gate scale) it runs on
+`model.original_model` with the bridge's components in place, so every bridge hook fires at every step, with the
+KV cache. Checked numerically: greedy answers equal an argmax loop over the bridge's full-sequence logits, and a
 left-padded batch equals each prompt alone (tests/test_generation.py; on SmolLM2 too, with an aligner).
-The cache needs transformers < 5.24: from 5.24 attention receives it as `cache=`, which transformer-lens 4.3's
-attention bridge does not read (each cached step then attends to itself alone); pyproject.toml pins it.
+On the bridge the cache needs transformers < 5.24: from 5.24 attention receives it as `cache=`, which
+transformer-lens 4.3's attention bridge does not read (each cached step then attends to itself alone);
+pyproject.toml pins it.
 The decoding options are given in full (`GenerationConfig`), so no checkpoint default (top-k 50, a repetition
 penalty) slips in. An aligner's prefix keys and values are computed once per batch of prompts and kept beside
 the KV cache (`fixed_prefix`); `aligners=` answers each prompt with its own aligner, all in one batch (bank.py).
@@ -25,7 +28,7 @@ from tqdm import tqdm
 from transformer_lens.hook_points import HookPoint
 from transformers import GenerationConfig
 
-from aligner.adapter import Adapter
+from aligner.adapter import Adapter, attached_to_run
 from aligner.bank import AlignerBank
 from aligner.chat import ENDED, end_of_turn_id, prompt_ids, stop_ids
 from aligner.lens import transformers_model
@@ -127,8 +130,9 @@ def generate(
     adapter = aligner if bank is None else bank
     starts = range(0, len(ids), batch_size)
     with contextlib.ExitStack() as stack:
-        if adapter is not None and adapter.attached_to is not model:
-            stack.enter_context(adapter.attached(model))
+        # The plain transformers model where the adapter runs on it (`attached_to_run`); the bridge where the adapter
+        # is attached to it already, or its gates are scaled through its hook points.
+        runner = stack.enter_context(attached_to_run(model, adapter, plain=gate_scale == 1.0))
         if gate_scale != 1.0:
             gate_hooks = [(lambda name: name.endswith("aligner.hook_gate"), scaled(gate_scale))]  # every adapted layer
             stack.enter_context(model.hooks(fwd_hooks=gate_hooks))
@@ -143,7 +147,7 @@ def generate(
                     batch_stack.enter_context(bank.selected(rows[start : start + batch_size]))
                 if adapter is not None:  # the prefix depends on no token: computed at the prompt, kept for the answer
                     batch_stack.enter_context(adapter.fixed_prefix())
-                answers += generate_batch(model, ids[start : start + batch_size], decoding)
+                answers += generate_batch(runner, ids[start : start + batch_size], decoding)
     stops = set(decoding.eos_token_id)
     ended = [bool(row) and row[-1] in stops for row in answers]
     texts = tokenizer.batch_decode([row[:-1] if end else row for row, end in zip(answers, ended)], skip_special_tokens=True)

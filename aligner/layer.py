@@ -47,6 +47,9 @@ tests/test_performance_correctness.py:
 - Hook points are called only where something is hooked (`through`).
 - A bank of aligners (bank.py) gives each row b of the batch its own P and g: the same equations with a leading
   batch axis on P, K_p, V_p and g.
+- On a plain transformers model (training and generation: `model.prefix_attention`) the queries and z are not
+  read at hook points but handed over by transformers' attention interface, z from the model's own kernel
+  (SDPA, flash): the same `add_attention` on them, with every shortcut above; the bridge's hook points are not there.
 """
 
 from __future__ import annotations

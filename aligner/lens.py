@@ -2,17 +2,20 @@
 
 The adapters change a `TransformerBridge` through its public hook points where they can. Some things have no
 public call: adding hook points to a bridge after it is built (its name registry), telling whether a hook point
-has anything hooked (torch's hook dictionaries), removing a permanent hook, and reaching or swapping the
-transformers module that a bridge component wraps. They live here, so that a change in either library is mended
-in one file.
+has anything hooked (torch's hook dictionaries), removing a permanent hook, reaching or swapping the
+transformers module that a bridge component wraps (`swap_projection`), and putting the transformers model's own modules back in place
+of the bridge's components for a while (`plain_model`). They live here, so that a change in either library is
+mended in one file.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 from torch import nn
 from transformer_lens.hook_points import HookPoint, LensHandle
+from transformers import PreTrainedModel
 
 Handle = tuple[HookPoint, LensHandle]
 
@@ -68,14 +71,64 @@ def wrapped(component: nn.Module) -> nn.Module:
     return getattr(component, "original_component", component)
 
 
-def rewrap(component: nn.Module, module: nn.Module) -> None:
-    """Make bridge `component` wrap `module` instead (peft's LoRA layer around the base projection, and back)."""
-    component.set_original_component(module)
+def swap_projection(holder: nn.Module, name: str, module: nn.Module) -> None:
+    """Make projection `name` of `holder` compute with `module` (peft's LoRA layer around the base projection, and
+    back): the bridge component there wraps it instead, or, on a transformers module, the attribute is it."""
+    child = getattr(holder, name)
+    if wrapped(child) is not child:
+        child.set_original_component(module)
+    else:
+        setattr(holder, name, module)
 
 
 def transformers_model(model: nn.Module) -> nn.Module | None:
-    """The transformers model under a bridge; None for a module that is not one."""
+    """The transformers model under a bridge, or the model itself where it is a transformers model; None for a
+    module that is neither."""
+    if isinstance(model, PreTrainedModel):
+        return model
     return getattr(model, "original_model", None)
+
+
+def is_bridge(model: nn.Module) -> bool:
+    """Whether `model` is a TransformerBridge (it wraps a transformers model), not a transformers model itself."""
+    return not isinstance(model, PreTrainedModel) and transformers_model(model) is not None
+
+
+def any_hooked(model: nn.Module) -> bool:
+    """Whether anything is hooked at any of bridge `model`'s hook points (a user's hooks, or an adapter attached
+    through them): a run of the plain model would leave them out."""
+    return any(hooked(hook_point) for hook_point in model.hook_dict.values())
+
+
+@contextlib.contextmanager
+def plain_model(model: nn.Module) -> Iterator[nn.Module]:
+    """The transformers model under bridge `model`, its own modules back where the bridge put its components
+    (each component wraps the very module it replaced, so the weights are the same tensors); on exit the
+    components go back. Inside, the model runs as transformers wrote it, at its speed, and no bridge hook fires:
+    calling the bridge then runs this plain model. A transformers model is yielded as it is."""
+    if not is_bridge(model):
+        yield model
+        return
+    hf = transformers_model(model)
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child's name, the bridge component there)
+
+    def unwrap(module: nn.Module) -> None:
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            original = getattr(child, "original_component", None)
+            if original is not None and original is not child:
+                swapped.append((module, name, child))
+                module._modules[name] = original
+                child = original
+            unwrap(child)
+
+    try:
+        unwrap(hf)
+        yield hf
+    finally:
+        for parent, name, component in reversed(swapped):
+            parent._modules[name] = component
 
 
 def submodule(component: nn.Module, name: str) -> nn.Module | None:

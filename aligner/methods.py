@@ -2,7 +2,8 @@
 `aligner.adapter.Adapter` with the same attach, files and training:
 
     LoRA            W + (alpha / r) B A on chosen projections (q and v, as in the LoRA and Aligner papers),
-                    peft's LoRA layer swapped into the bridge's linear components while attached
+                    peft's LoRA layer swapped into the bridge's linear components (or the plain model's
+                    projections) while attached
     PromptTuning    N learned input embeddings, peft's prompt embedding, in front of the user's turn
     ZBias           z[l, h] <- z[l, h] + b[l, h], a learned constant on each head's output of each adapted layer
     SteeringVector  resid[l] <- resid[l] + m v, a fixed vector on one layer's residual input (nothing trained:
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,8 +28,8 @@ from transformers import PreTrainedTokenizerBase
 from aligner.adapter import Adapter, TensorShapes, saved_kind, shape_of
 from aligner.chat import prompt_ids
 from aligner.config import ModelShape
-from aligner.lens import rewrap, wrapped
-from aligner.model import Aligner, projection
+from aligner.lens import is_bridge, swap_projection, wrapped
+from aligner.model import Aligner, decoder_attentions, projection
 
 # ---- LoRA (through peft) ----
 
@@ -56,18 +57,20 @@ class LoRAConfig:
 class LoRA(Adapter):
     """Low-rank updates W + (alpha / r) B A of chosen attention projections (Hu et al. 2021), each computed by
     peft's `lora.Linear`. The A and B matrices are this module's; while attached, each target's
-    `LinearBridge` wraps a peft layer around the base projection, holding these A and B, and afterwards the base
-    projection alone again, so the same frozen model serves every adapter. Initialised as peft does: A
-    Kaiming-uniform, B zero (an untrained LoRA changes nothing)."""
+    `LinearBridge` (on a plain transformers model: the projection's place in its attention module) holds a peft
+    layer around the base projection, holding these A and B, and afterwards the base projection alone again, so
+    the same frozen model serves every adapter. Initialised as peft does: A Kaiming-uniform, B zero (an untrained
+    LoRA changes nothing)."""
 
     kind = "lora"
     config_type = LoRAConfig
+    runs_on_plain_model: ClassVar[bool] = True  # peft's layer in place of the projection itself
 
     def __init__(self, config: LoRAConfig, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
         super().__init__(config, shape, base_model)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self._wrapped: list[tuple[nn.Module, nn.Module]] = []  # (linear bridge, its base projection)
+        self._wrapped: list[tuple[nn.Module, str, nn.Module]] = []  # (holder, projection's name, base projection)
 
     @classmethod
     def tensor_shapes(cls, config: LoRAConfig, shape: ModelShape) -> TensorShapes:
@@ -93,16 +96,23 @@ class LoRA(Adapter):
         return lora
 
     def initialise(self, model: nn.Module) -> None:
-        for key, bridge in self._targets(model):
-            base = wrapped(bridge)
+        for key, holder, name in self._targets(model):
+            base = wrapped(getattr(holder, name))
             self.lora_A[key] = nn.Linear(base.in_features, self.config.r, bias=False)  # Kaiming-uniform, as peft
             self.lora_B[key] = nn.Linear(self.config.r, base.out_features, bias=False)
             nn.init.zeros_(self.lora_B[key].weight)
 
-    def _targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    def _targets(self, model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+        """(key, holder, name) of each adapted projection: on a bridge, block l's attention component and its
+        linear component (q, k, v, o); on a transformers model, layer l's attention module and its projection
+        (q_proj, ...)."""
+        if is_bridge(model):
+            attentions = [(model.blocks[layer].attn, "{}") for layer in range(self.shape.n_layers)]
+        else:
+            attentions = [(attn, "{}_proj") for _, attn in decoder_attentions(model)]
         return [
-            (f"{layer}_{target}", getattr(model.blocks[layer].attn, target))
-            for layer in range(self.shape.n_layers)
+            (f"{layer}_{target}", attn, name.format(target))
+            for layer, (attn, name) in enumerate(attentions)
             for target in self.config.targets
         ]
 
@@ -111,8 +121,8 @@ class LoRA(Adapter):
         from peft.tuners.lora import Linear as PeftLoraLinear
 
         targets = self._targets(model)
-        for key, bridge in targets:  # every width checked before any projection is wrapped
-            base = wrapped(bridge)
+        for key, holder, name in targets:  # every width checked before any projection is wrapped
+            base = wrapped(getattr(holder, name))
             have = (self.lora_A[key].in_features, self.lora_B[key].out_features)
             if have != (base.in_features, base.out_features):
                 raise ValueError(
@@ -120,18 +130,18 @@ class LoRA(Adapter):
                     f"the model's projection maps {base.in_features} to {base.out_features}"
                 )
         peft_config = LoraConfig(r=self.config.r, lora_alpha=self.config.alpha, target_modules=list(self.config.targets))
-        for key, bridge in targets:
-            base = wrapped(bridge)
+        for key, holder, name in targets:
+            base = wrapped(getattr(holder, name))
             with torch.random.fork_rng(devices=[]):  # peft initialises A and B, which are replaced at once
                 wrapper = PeftLoraLinear(base, "default", config=peft_config, r=self.config.r, lora_alpha=self.config.alpha)
             wrapper.lora_A["default"] = self.lora_A[key]
             wrapper.lora_B["default"] = self.lora_B[key]
-            rewrap(bridge, wrapper)
-            self._wrapped.append((bridge, base))
+            swap_projection(holder, name, wrapper)
+            self._wrapped.append((holder, name, base))
 
     def unhook(self, model: nn.Module) -> None:
-        for bridge, base in self._wrapped:
-            rewrap(bridge, base)
+        for holder, name, base in self._wrapped:
+            swap_projection(holder, name, base)
         self._wrapped = []
 
 

@@ -1,4 +1,4 @@
-"""The `Aligner`: its parameters, and how it attaches to a TransformerLens bridge.
+"""The `Aligner`: its parameters, and how it attaches to a TransformerLens bridge or to a plain transformers model.
 
 The math is in `layer.py`. Here the prefix tokens and gates are held, and each adapted layer's `AlignerLayer`
 is hooked into the bridge through the layer's own hook points (`blocks.{l}.attn.hook_rot_q` is read,
@@ -8,19 +8,31 @@ bridge's under `aligner.hook_tokens` and `blocks.{l}.aligner.hook_*`, so that `r
 `run_with_hooks` and `hooks()` reach them like any other. That machinery (`AlignerHooks`) is shared with a bank
 of aligners (`bank.py`). An aligner with one token can instead be folded into the model's output biases for
 inference (`merge_into`), as a LoRA is merged into its weights.
+
+On a plain transformers model (`attached(hf_model)`, the same call) nothing is hooked: transformers hands every
+attention to the function its config names (`config._attn_implementation`, looked up in its
+`AttentionInterface`), with the layer's rotary queries, keys and values and the module itself. Attached, the
+config names `prefix_attention`, which runs the model's own kernel (SDPA, eager, flash: whatever it had) and adds
+the prefix's attention from the same `AlignerHooks.add_prefix_attention`; each attention module carries its own
+`AttentionSlot`, so two models in one process do not meet. Detached, the config names its kernel again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from aligner.adapter import Adapter, TensorShapes, check_fits, saved_kind
 from aligner.config import AlignerConfig, ModelShape
@@ -33,6 +45,7 @@ from aligner.layer import (
     stacks,
 )
 from aligner.lens import (
+    is_bridge,
     register_hook_point,
     set_submodule,
     submodule,
@@ -80,6 +93,8 @@ class AlignerHooks(Adapter):
         self._gates_this_forward: tuple[torch.Tensor, ...] = ()
         self._keep_prefix = False  # inside fixed_prefix()
         self._prefix: dict[int, Prefix] = {}  # K_p (None: one slot) and g V_p, kept by fixed_prefix()
+        # Attached to a plain transformers model: its config, the kernel it named, and its attention modules.
+        object.__setattr__(self, "_plain", None)
 
     @property
     def layer_indices(self) -> range:
@@ -103,6 +118,9 @@ class AlignerHooks(Adapter):
     # ---- attaching to a model ----
 
     def hook_into(self, model: nn.Module) -> None:
+        if not is_bridge(model):
+            self._hook_into_transformers(model)
+            return
         if isinstance(getattr(model, "aligner", None), AlignerHooks):
             raise RuntimeError("the model already has an aligner attached; detach that one first")
         set_submodule(model, "aligner", self)
@@ -123,12 +141,48 @@ class AlignerHooks(Adapter):
         projections = [p for parts in self._attention for p in (parts.k_proj, parts.v_proj)]
         self._stacked = self.config.shared and stacks(projections)
 
+    def _hook_into_transformers(self, model: nn.Module) -> None:
+        """Attach to a plain transformers model: every decoder layer's attention module gets its `AttentionSlot`,
+        and the config names `prefix_attention` in place of the model's kernel. Every layer is read (and refused,
+        if it must be) before anything changes."""
+        config = model.config
+        implementation = config._attn_implementation
+        if implementation.startswith(PREFIX_ATTENTION):
+            raise RuntimeError("the model already has an aligner attached; detach that one first")
+        if not getattr(model, "_supports_attention_backend", False):
+            raise NotImplementedError(
+                f"{type(model).__name__}: its attention does not go through transformers' attention interface "
+                "(_supports_attention_backend is not set), where the aligner joins a plain model; attach it to a "
+                "TransformerBridge of the model (aligner.from_hf)"
+            )
+        modules = decoder_attentions(model)
+        slots = []
+        for layer_index, (name, attn) in enumerate(modules):
+            kernel = model_kernel(attn, implementation, name)
+            i = layer_index - self.config.start_layer
+            if i >= 0:
+                self._attention.append(attention_parts(attn, attn.head_dim, name))
+            slots.append((attn, AttentionSlot(kernel, self if i >= 0 else None, i)))
+        for attn, slot in slots:
+            attn.aligner_slot = slot
+        object.__setattr__(self, "_plain", (config, implementation, [attn for attn, _ in slots]))
+        config._attn_implementation = registered_prefix_attention(implementation)
+        projections = [p for parts in self._attention for p in (parts.k_proj, parts.v_proj)]
+        self._stacked = self.config.shared and stacks(projections)
+
     def unhook(self, model: nn.Module) -> None:
+        if self._plain is not None:
+            config, implementation, modules = self._plain
+            for attn in modules:
+                del attn.aligner_slot
+            config._attn_implementation = implementation
+            object.__setattr__(self, "_plain", None)
         for name in self._hook_names:
             unregister_hook_point(model, name)
-        for layer_index in self.layer_indices:
-            set_submodule(model.blocks[layer_index], "aligner", None)
-        set_submodule(model, "aligner", None)
+        if is_bridge(model):
+            for layer_index in self.layer_indices:
+                set_submodule(model.blocks[layer_index], "aligner", None)
+            set_submodule(model, "aligner", None)
         self._hook_names, self._attention = [], []
         self._queries.clear()
         self._formed.clear()
@@ -159,6 +213,11 @@ class AlignerHooks(Adapter):
         self._queries[i] = q
 
     def _add_prefix_attention(self, i: int, z: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        return self.add_prefix_attention(i, z, self._queries.pop(i, None))
+
+    def add_prefix_attention(self, i: int, z: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+        """z (B, T, H, d_head) of adapted layer i plus its prefix attention, given the layer's rotary queries q
+        (B, T, H, d_head; None with one slot): `AlignerLayer.add_attention` on this forward's prefix."""
         # The first adapted layer runs first: tokens and gates are read there, once per forward, and cast once
         # for all layers (the tokens to the projections' dtype, the gates to z's); a layer that forms its own prefix
         # takes its share of the gates from one unbind, which autograd undoes with one stack, not a scatter per layer.
@@ -190,7 +249,7 @@ class AlignerHooks(Adapter):
             prefix = layer.prefix(*k_v, gate, z.shape[2], key_norm=parts.key_norm)
         if self._keep_prefix and not torch.is_grad_enabled():  # a graph is used once: never kept
             self._prefix[i] = prefix
-        return layer.add_attention(z, self._queries.pop(i, None), *prefix, scale=parts.scale)
+        return layer.add_attention(z, q, *prefix, scale=parts.scale)
 
 
 @saved_kind
@@ -199,6 +258,7 @@ class Aligner(AlignerHooks):
     and head."""
 
     can_merge: ClassVar[bool] = True  # with one token: `merge_into`
+    runs_on_plain_model: ClassVar[bool] = True  # through transformers' attention interface: `prefix_attention`
 
     def __init__(self, config: AlignerConfig, shape: ModelShape, base_model: dict[str, Any] | None = None) -> None:
         super().__init__(config, shape, base_model)
@@ -298,23 +358,39 @@ class Aligner(AlignerHooks):
 
 
 def attention_parts(attn: nn.Module, d_head: int, name: str) -> AttentionParts:
-    """The key/value projections, key norm and attention scale of bridge attention component `name`
-    (`blocks.{l}.attn`), read from the transformers module it wraps, as the bridge's own forward reads them
-    (layer.py says how each enters the math). A layer whose attention the math does not follow is refused,
-    naming what it has: scores soft-capped (Gemma 2), queries normed after rotary (so `hook_rot_q` holds
-    un-normed ones), or a key norm over neither one head nor all key heads."""
+    """The key/value projections, key norm and attention scale of attention `name`: a bridge component
+    (`blocks.{l}.attn`), read from the transformers module it wraps as the bridge's own forward reads them, or
+    that transformers module itself (`model.layers.{l}.self_attn`) (layer.py says how each enters the math). A
+    layer whose attention the math does not follow is refused, naming what it has: scores soft-capped (Gemma 2),
+    queries normed after rotary (so the queries read are not the ones attended with), or a key norm over neither
+    one head nor all key heads."""
     hf_attn = wrapped(attn)
+    bridge = hf_attn is not attn
     if getattr(hf_attn, "attn_logit_softcapping", None) is not None:
         raise NotImplementedError(
             f"{name}: attention scores soft-capped (attn_logit_softcapping={hf_attn.attn_logit_softcapping}); "
             "the aligner's prefix attention does not follow that"
         )
-    if getattr(getattr(attn, "config", None), "qk_norm_after_rope", False):
+    # A plain module's norms besides q_norm and k_norm (HunYuan's query_layernorm, after rotary): the bridge's
+    # architecture adapter says the same with qk_norm_after_rope.
+    other_norms = [
+        child for child, module in hf_attn.named_children()
+        if child not in ("q_norm", "k_norm") and "norm" in type(wrapped(module)).__name__.lower()
+    ]
+    if getattr(getattr(attn, "config", None), "qk_norm_after_rope", False) or (not bridge and other_norms):
         raise NotImplementedError(
-            f"{name}: queries and keys are normed after rotary, so hook_rot_q holds un-normed queries; "
-            "the aligner reads them there"
+            f"{name}: queries and keys are normed after rotary ({', '.join(other_norms) or 'qk_norm_after_rope'}), "
+            "so the rotary queries the aligner reads are not the ones the layer attends with"
         )
-    k_proj, v_proj = projection(attn.k), projection(attn.v)
+    if bridge:
+        k_proj, v_proj = projection(attn.k), projection(attn.v)
+    else:
+        if not all(isinstance(getattr(hf_attn, p, None), nn.Module) for p in ("k_proj", "v_proj")):
+            raise NotImplementedError(
+                f"{name}: {type(hf_attn).__name__} has no k_proj and v_proj; the aligner applies a layer's own "
+                "key and value projections to its tokens"
+            )
+        k_proj, v_proj = projection(hf_attn.k_proj), projection(hf_attn.v_proj)
     key_norm = None
     # The bridge declares the layer's key norm wherever the model has one, and wraps the model's module.
     norm_component = submodule(attn, "k_norm")
@@ -352,3 +428,88 @@ def projection(component: nn.Module) -> nn.Linear:
             f"nn.Linear; this model has {type(linear).__name__}"
         )
     return linear
+
+
+# ---- attached to a plain transformers model ----
+
+# What the names registered in transformers' attention and mask interfaces start with: "aligner_sdpa" runs SDPA
+# and adds the prefix's attention. The rest of the name is the model's own kernel's, whose mask it takes, and which
+# transformers' checks by name (flash attention's) still read.
+PREFIX_ATTENTION = "aligner_"
+
+
+@dataclass(frozen=True)
+class AttentionSlot:
+    """What `prefix_attention` reads of one attention module of a model an aligner is attached to."""
+
+    kernel: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]  # the model's own attention function
+    aligner: AlignerHooks | None  # None: a layer below start_layer, which the kernel alone computes
+    index: int  # the adapted layer's index in the aligner
+
+
+def prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, H, T, d_head) rotary queries, as the layer attends with them
+    key: torch.Tensor,  # (B, H_kv, T_kv, d_head), the KV cache's included
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' attention function while an aligner is attached: the layer's own kernel for the causal
+    attention, then the prefix's added to its output (B, T, H, d_head) before the output projection, from the
+    queries the layer computed (none computed again). The module's own `AttentionSlot` says which kernel and
+    which aligner."""
+    slot: AttentionSlot | None = getattr(module, "aligner_slot", None)
+    if slot is None:  # a copy of an attached model, or another model sharing its config
+        raise RuntimeError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}): its config names "
+            f"{module.config._attn_implementation!r}, an aligner's, but no aligner is attached to this module; "
+            "attach one to this model (or copy the model before attaching)"
+        )
+    z, weights = slot.kernel(module, query, key, value, attention_mask, **kwargs)
+    if slot.aligner is not None:
+        z = slot.aligner.add_prefix_attention(slot.index, z, query.transpose(1, 2))
+    return z, weights
+
+
+def registered_prefix_attention(implementation: str) -> str:
+    """The name under which `prefix_attention` stands in for kernel `implementation`, registered with transformers'
+    attention interface (and its mask interface, with the kernel's own mask) at the first use."""
+    name = PREFIX_ATTENTION + implementation
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, prefix_attention)
+        if implementation in ALL_MASK_ATTENTION_FUNCTIONS:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    return name
+
+
+def model_kernel(attn: nn.Module, implementation: str, name: str) -> Callable[..., Any]:
+    """The attention function module `attn` runs under `implementation`: the registered one, or, for "eager", the
+    one its modelling file defines (Gemma's soft-caps, for one)."""
+    if implementation != "eager":
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    kernel = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+    if kernel is None:
+        raise NotImplementedError(f"{name}: {type(attn).__module__} defines no eager_attention_forward")
+    return kernel
+
+
+def decoder_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the self-attention of each decoder layer of transformers model `model`, in order; the
+    bridge's own components, which compute the attention themselves, are refused."""
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise NotImplementedError(f"{type(model).__name__}: its decoder has no `layers`, where the aligner looks for them")
+    attentions = []
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:
+            raise NotImplementedError(f"{names[id(layer)]}: a decoder layer with no self_attn; the aligner adapts that")
+        if wrapped(attn) is not attn:
+            raise ValueError(
+                f"{names[id(attn)]}: a TransformerBridge component, which computes the attention itself; attach to "
+                "the bridge, or to the model inside `aligner.lens.plain_model(bridge)`"
+            )
+        attentions.append((names[id(attn)], attn))
+    return attentions

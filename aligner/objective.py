@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from aligner.chat import example_ids
 from aligner.data import Example
-from aligner.lens import transformers_model
+from aligner.lens import is_bridge, transformers_model
 
 IGNORE_INDEX = -100  # label of a position that takes no loss (prompt and padding), as in HF and PyTorch
 Tokenized = tuple[list[int], int]  # (token ids, number of prompt tokens)
@@ -130,7 +130,7 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.T
     labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
     first = max(int(labelled[0]) - 1, 0) if len(labelled) else 0  # the position that predicts the first label
     keep = {"logits_to_keep": labels.shape[1] - first} if reads_logits_to_keep(model) else {}
-    logits = model(input_ids, **keep)  # (B, T', vocab): the last T' positions
+    logits = forward_logits(model, input_ids, **keep)  # (B, T', vocab): the last T' positions
     labels = labels[:, labels.shape[1] - logits.shape[1] :]
     token_losses = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
@@ -138,9 +138,17 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.T
     return -token_losses.view(labels.shape[0], -1).sum(dim=1)
 
 
+def forward_logits(model: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The logits of a bridge, or of a transformers model (`aligner.adapter.attached_to_run`), which returns them in
+    its output and keeps no KV cache for a forward that is not decoding."""
+    if is_bridge(model):
+        return model(input_ids, **kwargs)
+    return model(input_ids=input_ids, use_cache=False, **kwargs).logits
+
+
 def reads_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the Hugging Face model under the bridge computes logits for the last positions only when asked
-    (`logits_to_keep`, which the bridge passes on): most causal LMs of transformers do."""
+    """Whether the Hugging Face model (under the bridge, which passes it on) computes logits for the last positions
+    only when asked (`logits_to_keep`): most causal LMs of transformers do."""
     hf = transformers_model(model)
     return hf is not None and "logits_to_keep" in inspect.signature(hf.forward).parameters
 

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from aligner.adapter import Adapter, adapter_files, load_adapter
+from aligner.adapter import Adapter, adapter_files, attached_to_run, load_adapter
 from aligner.checkpoint import (
     METRICS_FILE,
     RunState,
@@ -139,7 +139,7 @@ def train_sft(
         def sft_gradients(step: Step) -> tuple[dict[str, float], int]:
             n_targets = count_targets([sequences[i] for i in step.items])  # the whole step's, on every process
             batch = [sequences[i] for i in step.mine]
-            loss = accumulate_gradients(model, batch, config.batch_size, pad_id, n_targets, step.autocast)
+            loss = accumulate_gradients(step.model, batch, config.batch_size, pad_id, n_targets, step.autocast)
             return {"loss": loss}, sum(len(ids) for ids, _ in batch)
 
         data_sha256 = examples_sha256(examples)
@@ -164,6 +164,7 @@ class Step:
     items: list[int]  # positions of the step's items (examples, pairs) in the seeded stream, over every process
     mine: list[int]  # the share of `items` this process computes: a contiguous slice; all of them on one process
     autocast: Callable[[], ContextManager]  # entered around each forward pass: the accelerator's mixed precision
+    model: nn.Module  # what each forward pass runs, the adapter attached: the plain transformers model or the bridge
 
 
 def optimize(
@@ -219,7 +220,9 @@ def optimize(
     started = time.perf_counter() - run.elapsed_s
     logged_at, logged_tokens = time.perf_counter(), 0
     bar = tqdm(total=config.steps, initial=run.step, desc="train", unit="step", disable=not main)
-    with adapter.attached(model), checkpointing(model, config.gradient_checkpointing), bar:
+    # The plain transformers model where the adapter can run on it (`attached_to_run`); the bridge stays whole
+    # around it, and `on_step`'s calls of the bridge run the plain model with the adapter.
+    with attached_to_run(model, adapter) as runner, checkpointing(runner, config.gradient_checkpointing), bar:
         while run.step < config.steps:
             lr = learning_rate(run.step + 1, config)
             for group in optimizer.param_groups:
@@ -227,7 +230,7 @@ def optimize(
             optimizer.zero_grad(set_to_none=True)
             items = stream_order(n_items, config.seed, run.position, per_step)
             with accelerator.split_between_processes(items) as mine:
-                metrics, n_tokens = gradients(Step(items, mine, accelerator.autocast))
+                metrics, n_tokens = gradients(Step(items, mine, accelerator.autocast, runner))
             metrics, n_tokens = _sum_over_processes(accelerator, adapter, metrics, n_tokens)
             loss = metrics["loss"]
             if not math.isfinite(loss):

@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def json_option(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="also write the tables as data, with the command, commit and device, to this file "
         "(benchmarks/results/DEVICE-BENCHMARK-SHAPE.json, which `python -m benchmarks.report` renders)",
     )
+    parser.add_argument("--note", help="what else the numbers depend on, printed with them (the machine's load)")
     return parser
 
 
@@ -197,12 +199,14 @@ def write_json(args: argparse.Namespace, benchmark: str, tables: dict[str, list[
         "shape": args.shape,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
         "commit": commit(),
-        "command": " ".join(["python -m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]]),
+        "command": f"python -m benchmarks.{Path(sys.argv[0]).stem} {shlex.join(sys.argv[1:])}",
         "machine": machine(args.device),
         "model": model_line(args),
         "measured": datetime.datetime.now().isoformat(timespec="seconds"),
         "tables": _rounded(tables),
     }
+    if args.note:
+        result["note"] = args.note
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json}")

@@ -51,6 +51,7 @@ def throughput(table: str, variant: str, field: str = "vs_bridge") -> Cell:
 
 
 ALIGNER = ("bridge + aligner N=1", "bridge + aligner N=10")
+PLAIN = ("raw HF + aligner N=1", "raw HF + aligner N=10")  # through transformers' attention interface
 BRIDGE_LORA = "bridge + peft LoRA r=8 q,v"
 RAW_LORA, RAW_PROMPT = "raw HF + peft LoRA r=8 q,v", "raw HF + peft AdaptionPrompt len 10"
 
@@ -75,6 +76,8 @@ ROWS: dict[str, tuple[str, Cell, Callable[[float], str]]] = {
     "train_bridge": ("training, bridge: tokens/s", throughput("training", TRAIN_BRIDGE, "tokens_per_s"), RATE),
     "train_1": ("training: aligner N=1", throughput("training", ALIGNER[0]), RATIO),
     "train_10": ("training: aligner N=10", throughput("training", ALIGNER[1]), RATIO),
+    "train_plain_1": ("training: aligner N=1 on the raw model", throughput("training", PLAIN[0], "vs_raw"), RATIO),
+    "train_plain_10": ("training: aligner N=10 on the raw model", throughput("training", PLAIN[1], "vs_raw"), RATIO),
     "train_lora": ("training: peft LoRA in the bridge", throughput("training", BRIDGE_LORA), RATIO),
     "train_raw_lora": ("training: raw peft LoRA", throughput("training", RAW_LORA, "vs_raw"), RATIO),
     "train_raw_prompt": ("training: raw peft AdaptionPrompt", throughput("training", RAW_PROMPT, "vs_raw"), RATIO),
@@ -82,6 +85,8 @@ ROWS: dict[str, tuple[str, Cell, Callable[[float], str]]] = {
     "fwd_bridge": ("forward, bridge: tokens/s", throughput("forward", "bridge", "tokens_per_s"), RATE),
     "fwd_1": ("forward: aligner N=1, attached", throughput("forward", "bridge + aligner N=1, attached"), RATIO),
     "fwd_10": ("forward: aligner N=10, attached", throughput("forward", "bridge + aligner N=10, attached"), RATIO),
+    "fwd_plain_1": ("forward: aligner N=1 on the raw model", throughput("forward", f"{PLAIN[0]}, attached", "vs_raw"), RATIO),
+    "fwd_plain_10": ("forward: aligner N=10 on the raw model", throughput("forward", f"{PLAIN[1]}, attached", "vs_raw"), RATIO),
     "fwd_kept_1": ("forward: aligner N=1, prefix kept", throughput("forward", FORWARD_KEPT.format(1)), RATIO),
     "fwd_kept_10": ("forward: aligner N=10, prefix kept", throughput("forward", FORWARD_KEPT.format(10)), RATIO),
     "fwd_merged": ("forward: aligner N=1, merged", throughput("forward", MERGED), RATIO),
@@ -115,6 +120,8 @@ TARGETS = [
     Target("training, N=10, 7B: >= 0.97", "llama2-7b", 0.97, ("train_10",)),
     Target("training, N=1, SmolLM2: >= 0.95", "smollm2", 0.95, ("train_1",)),
     Target("training, N=10, SmolLM2: >= 0.90", "smollm2", 0.90, ("train_10",)),
+    Target("training on the raw model, N=1 and 10, 7B: >= 0.97", "llama2-7b", 0.97, ("train_plain_1", "train_plain_10")),
+    Target("training on the raw model, N=1 and 10, SmolLM2: >= 0.97", "smollm2", 0.97, ("train_plain_1", "train_plain_10")),
     Target("forward, N=1 merged, 7B: >= 0.99", "llama2-7b", 0.99, ("fwd_merged",)),
     Target("forward, N=1 merged, SmolLM2: >= 0.99", "smollm2", 0.99, ("fwd_merged",)),
     Target("forward, N=10 attached, 7B: >= 0.97", "llama2-7b", 0.97, ("fwd_10",)),

@@ -1,13 +1,15 @@
 """Training and forward throughput of the aligner beside the frozen model and peft's LoRA and AdaptionPrompt,
-measured side by side in one run; peak training memory and bytes per aligner.
+measured side by side in one run; peak memory of training and of a forward, and bytes per aligner.
 
     python -m benchmarks.throughput --device cpu --shape smollm2 --batch 2 --seq 64
     python -m benchmarks.throughput --device cuda --shape llama2-7b
 
-The aligner runs on the TransformerBridge, whose attention is TransformerLens's own re-implementation (eager:
-the (T, T) pattern is formed for its hook points); peft runs on the raw transformers model (SDPA attention), and
-its LoRA layer also inside the bridge (the suite's `aligner.methods.LoRA`). So each table gives two floors, the
-raw model's and the bridge's; a method's own cost is its ratio to the floor of the model it runs on.
+The aligner runs on the raw transformers model (through its attention interface, SDPA: what training and
+generation run) and on the TransformerBridge, whose attention is TransformerLens's own re-implementation (eager:
+the (T, T) pattern is formed for its hook points); peft runs on the raw model, and its LoRA layer also inside the
+bridge (the suite's `aligner.methods.LoRA`). So each table gives two floors, the raw model's and the bridge's; a
+method's own cost is its ratio to the floor of the model it runs on. The raw model's forwards keep no KV cache,
+as in training.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def main() -> None:
     n = args.batch * args.seq
 
     def hf_logits(model):
-        return lambda: model(input_ids=ids).logits
+        return lambda: model(input_ids=ids, use_cache=False).logits
 
     def bridge_logits():
         return bridge(ids)
@@ -84,6 +86,15 @@ def main() -> None:
         Variant("raw HF, frozen, input gradients", train_step(hf_logits(hf), ids, []), lambda: input_gradients(hf), n),
         Variant(
             "bridge, frozen, input gradients", train_step(bridge_logits, ids, []), lambda: input_gradients(bridge), n
+        ),
+        *(
+            Variant(
+                f"raw HF + aligner N={k}",
+                train_step(hf_logits(hf), ids, list(al.parameters())),
+                lambda al=al: al.attached(hf),
+                n,
+            )
+            for k, al in aligners.items()
         ),
         *(
             Variant(
@@ -117,6 +128,10 @@ def main() -> None:
     forward = [
         Variant("raw HF", no_grad(hf_logits(hf)), tokens=n),
         Variant("bridge", no_grad(bridge_logits), tokens=n),
+        *(
+            Variant(f"raw HF + aligner N={k}, attached", no_grad(hf_logits(hf)), lambda al=al: al.attached(hf), n)
+            for k, al in aligners.items()
+        ),
         *(
             Variant(f"bridge + aligner N={k}, attached", no_grad(bridge_logits), lambda al=al: al.attached(bridge), n)
             for k, al in aligners.items()
@@ -195,10 +210,13 @@ def main() -> None:
     ]
     print(table(rows, ["adapter", "parameters", "bytes in memory", "bytes on disk"]))
 
-    if args.device == "cuda" and "training" in tables:
-        data["peak_gib"] = [{"variant": v.name, "peak_gib": peak_gib(v)} for v in training]
-        print("\nPeak GPU memory of one training step (weights included):\n")
-        print(table([[r["variant"], f"{r['peak_gib']:.2f}"] for r in data["peak_gib"]], ["variant", "peak GiB"]))
+    if args.device == "cuda":  # torch keeps no peak of the CPU's allocations
+        for name in (name for name in TABLES if name in tables):
+            title, variants = titled[name]
+            data[f"peak_gib_{name}"] = [{"variant": v.name, "peak_gib": peak_gib(v)} for v in variants]
+            print(f"\nPeak GPU memory of one call, {name} (weights included):\n")
+            rows = [[r["variant"], f"{r['peak_gib']:.2f}"] for r in data[f"peak_gib_{name}"]]
+            print(table(rows, ["variant", "peak GiB"]))
     write_json(args, "throughput", data)
 
 
