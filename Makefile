@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml Makefile
 app: install
 	$(VENV)/bin/streamlit run app.py
 
+# One test process per core (pytest-xdist), each with one torch thread: the tests are many and mostly small, so the
+# processes, not torch's threads, keep the cores busy. A file's tests stay in one process, which builds its
+# module's fixtures once.
+PYTEST := OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n auto --dist loadfile
 test: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
-# The unit tier: the markers in pyproject.toml name what it leaves to `make test`. One process per core, each with
-# one torch thread: its tests are many and small, so the processes, not torch's threads, keep the cores busy.
+# The unit tier: the markers in pyproject.toml name what it leaves to `make test`.
 test-fast: install
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -n auto -m "not (slow or subprocess or browser or notebooks or integration)" $(PYTEST_ARGS)
+	$(PYTEST) -m "not (slow or subprocess or browser or notebooks or integration)" $(PYTEST_ARGS)
 
 # The README's screenshots and timings of the app: SmolLM2 and the committed runs in headless Chromium
 # (docs/screenshots/).

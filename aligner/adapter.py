@@ -252,6 +252,8 @@ def attached_to_run(model: nn.Module, adapter: Adapter | None, plain: bool = Tru
     if adapter is not None and adapter.attached_to is model:
         yield model
         return
+    if adapter is not None:
+        check_fits(adapter, model)  # here, so that a misfit names the model as the user knows it, not its plain one
     if (
         plain
         and is_bridge(model)
