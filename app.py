@@ -82,6 +82,9 @@ TRAINABLE_TASKS = [name for name in TASK_NAMES if not get_task(name).raw_prompts
 VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Mechanism", "Efficiency", "Train")
 ANALYSES = ("Logit lens", "Token readout", "Layer dissociation", "Token shift")  # the Mechanism tab's
 PRESELECTED = 2  # runs chosen on a tab's first visit: each tab's first computation stays short
+# Subjects of the probing data by default: collecting activations is the arithmetic of a forward per prompt and
+# condition (about 20 s per condition for 180 prompts of SmolLM2 on 2 cores), so the first visit scales with it.
+APP_SUBJECTS = 60
 RunKey = tuple[str, str]  # (run path, files' version): what a cached analysis of a run is keyed on
 LOG = logging.getLogger(__name__)
 
@@ -689,7 +692,11 @@ def sidebar() -> tuple[str, Path, Path | None, Path, str, int]:
         results_dir = st.text_input("Suite results directory", DEFAULTS["results"])
         st.caption("Probing data (Embeddings, Probes, Geometry, ablations)")
         knowledge = st.selectbox("Knowledge set", sorted(KNOWLEDGE_SETS), index=sorted(KNOWLEDGE_SETS).index("capitals"))
-        n_subjects = st.number_input("Subjects", 10, 300, 90, step=10, help="each asked with both question templates")
+        n_subjects = st.number_input(
+            "Subjects", 10, 300, APP_SUBJECTS, step=10,
+            help=f"each asked with two question templates; {APP_SUBJECTS} by default so that a tab's first visit stays "
+            "within a minute on a 2-core CPU (`probe report` reads 90)",
+        )
     papers = Path(papers_dir) if papers_dir.strip() else None
     return model_name, Path(runs_dir), papers, Path(results_dir), knowledge, int(n_subjects)
 
