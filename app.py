@@ -83,7 +83,7 @@ VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Mechanism", "
 ANALYSES = ("Logit lens", "Token readout", "Layer dissociation", "Token shift")  # the Mechanism tab's
 PRESELECTED = 2  # runs chosen on a tab's first visit: each tab's first computation stays short
 # Subjects of the probing data by default: collecting activations is the arithmetic of a forward per prompt and
-# condition (about 20 s per condition for 180 prompts of SmolLM2 on 2 cores), so the first visit scales with it.
+# condition, so a tab's first visit grows with them.
 APP_SUBJECTS = 60
 RunKey = tuple[str, str]  # (run path, files' version): what a cached analysis of a run is keyed on
 LOG = logging.getLogger(__name__)
