@@ -11,14 +11,21 @@ OUT=${OUT:-results/next}
 sweep() { .venv/bin/aligner sweep --out "$OUT" "$@"; }
 
 core=base,prompting,fewshot,steering,aligner-1,lora-8,aligner-1:tokens=random,aligner-1:data=own
+# Injection's step budget: at 200 steps its rate search's best rate was still improving at the last step.
+inject_steps=600
 (
+  # First the first seed of the runs the probe report and the app read (`make suite-runs`).
+  sweep --tasks json --methods lora-8 --seeds 0
+  sweep --tasks frame --methods aligner-1 --seeds 0
   sweep --tasks json,frame --methods "$core"
   sweep --tasks json,frame --methods aligner-10,zbias,lora-8:data=own
   sweep --tasks caps,terse,bracket,lead --methods base,prompting,fewshot,aligner-1,lora-8
 ) &
 (
   # Injection of invented facts; aligner-28 is as large as adapter-1 (one token per adapted layer), shared.
-  sweep --tasks inject --methods base,aligner-1,aligner-10,aligner-28,adapter-1,zbias,lora-8
+  sweep --tasks inject --methods aligner-1 --seeds 0 --steps "$inject_steps"
+  sweep --tasks json --methods zbias --seeds 0
+  sweep --tasks inject --methods base,aligner-1,aligner-10,aligner-28,adapter-1,zbias,lora-8 --steps "$inject_steps"
   sweep --tasks value --methods base,prompting,fewshot,aligner-1,aligner-10,adapter-1,lora-8
 ) &
 wait
