@@ -54,8 +54,9 @@ notebooks: install
 
 # The suite's fitted methods that the probe report reads: the first seed of each cell named (TASK/METHOD), trained
 # under the suite's protocol (rate chosen on validation, early stopping), copied from CELLS into runs/suite-TASK-METHOD.
+# The z-bias is the one-token aligner without its sharing across layers: the token shift compares the two.
 CELLS ?= results/next/cells/smollm2-135m-instruct
-SUITE_RUNS ?= json/aligner-1 frame/aligner-1 inject/aligner-1 json/lora-8
+SUITE_RUNS ?= json/aligner-1 frame/aligner-1 inject/aligner-1 json/lora-8 json/zbias
 .PHONY: suite-runs
 suite-runs:
 	for cell in $(SUITE_RUNS); do \

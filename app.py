@@ -6,8 +6,8 @@ files' versions, analyses in `st.cache_data` (in memory only, keyed by the base 
 Streamlit persists to disk with pickle, which would run whatever a planted file holds), and activations in the
 probe's own disk cache (plain `.npy` arrays), so that changing a widget recomputes only what depends on it. Only
 the open tab runs (`st.tabs(on_change="rerun")`). Environment variables set the sidebar's defaults:
-ALIGNER_APP_MODEL, ALIGNER_APP_RUNS, ALIGNER_APP_PAPERS, ALIGNER_APP_RESULTS (the tests point them at the tiny
-model and temporary directories).
+ALIGNER_APP_MODEL, ALIGNER_APP_RUNS, ALIGNER_APP_PAPERS, ALIGNER_APP_RESULTS, ALIGNER_APP_KNOWN_ONLY (the tests
+point them at the tiny model, which knows no fact, and temporary directories).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from torch import nn
 
 import aligner
 from aligner.adapter import Adapter, load_adapter
+from aligner.audit import audit
 from aligner.generation import answer
 from aligner.loading import open_model
-from aligner.methods import LoRA
 from aligner.model import Aligner
 from aligner.registry import FAMILIES, default_lr
 from aligner.runs import RunInfo, list_runs, task_examples, train_run
@@ -77,6 +77,7 @@ DEFAULTS = {
     "runs": os.environ.get("ALIGNER_APP_RUNS", str(ROOT / "runs")),
     "papers": os.environ.get("ALIGNER_APP_PAPERS", str(PAPERS) if PAPERS.is_dir() else ""),
     "results": os.environ.get("ALIGNER_APP_RESULTS", str(ROOT / "results")),
+    "known_only": os.environ.get("ALIGNER_APP_KNOWN_ONLY", "1") != "0",  # 0: any fact, for a random model
 }
 TRAINABLE_TASKS = [name for name in TASK_NAMES if not get_task(name).raw_prompts]  # runs answer in the model's format
 VIEWS = ("Generate", "Gates", "Embeddings", "Probes", "Geometry", "Mechanism", "Efficiency", "Train")
@@ -112,6 +113,7 @@ class Workbench:
     results_dir: Path
     knowledge: str
     n_subjects: int
+    known_only: bool  # the held-out facts of the Gates and Mechanism tabs: those the base model knows, else any
 
     @property
     def model(self) -> nn.Module | None:
@@ -209,6 +211,16 @@ def dataset_for(knowledge: str, n_subjects: int) -> ProbeDataset:
     return knowledge_dataset(knowledge, n_subjects)
 
 
+@st.cache_data(show_spinner="Auditing what the base model knows (kept on disk after the first time)…")
+def known_subjects(_base: Base, cache_key: str, knowledge: str, known_only: bool) -> frozenset[str] | None:
+    """The subjects of `knowledge` the base model answers right (the suite's audit), the facts `probe report`
+    holds out; None (any subject) unless `known_only`."""
+    if not known_only:
+        return None
+    with _base.lock:
+        return audit(_base.model, KNOWLEDGE_SETS[knowledge], cache_key).known
+
+
 @st.cache_resource(show_spinner="Collecting activations (kept on disk after the first time)…")
 def activations_for(_base: Base, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int) -> Activations:
     with _base.lock:
@@ -242,10 +254,14 @@ def held_out_answers(
 
 
 @st.cache_data(show_spinner="Switching gates off, layer by layer…")
-def gate_curves(_base: Base, cache_key: str, run: RunKey, form: str, knowledge: str, n_subjects: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def gate_curves(
+    _base: Base, cache_key: str, run: RunKey, form: str, knowledge: str, n_subjects: int, known_only: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     al = load_run(*run)
+    known = known_subjects(_base, cache_key, knowledge, known_only)
+    evaluation = evaluation_set(dataset_for(knowledge, n_subjects), {run[0]: al}, known=known)
     with _base.lock:
-        scale, ablation = analyses.gate_curves(_base.model, evaluation_set(dataset_for(knowledge, n_subjects), {run[0]: al}), al, form)
+        scale, ablation = analyses.gate_curves(_base.model, evaluation, al, form)
     return scale.drop(columns="outputs"), ablation
 
 
@@ -279,9 +295,13 @@ def prefix_map(_base: Base, cache_key: str, runs: tuple[RunKey, ...], names: tup
         return prefix_frame(_base.model, adapters, method)
 
 
-def mechanism_evaluation(runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int) -> ProbeDataset:
-    """The held-out prompts of the Mechanism tab: about subjects none of `runs` was trained on."""
-    return evaluation_set(dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs}, n_items)
+def mechanism_evaluation(
+    _base: Base, cache_key: str, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, known_only: bool, n_items: int
+) -> ProbeDataset:
+    """The held-out prompts of the Mechanism tab: about subjects none of `runs` was trained on (and, with
+    `known_only`, that the base model knows)."""
+    known = known_subjects(_base, cache_key, knowledge, known_only)
+    return evaluation_set(dataset_for(knowledge, n_subjects), {path: load_run(path, v) for path, v in runs}, n_items, known)
 
 
 # The Mechanism tab's analyses of one run on its form's items, by name.
@@ -290,10 +310,18 @@ RUN_ANALYSES = {"Logit lens": logit_lens, "Token readout": token_readout, "Layer
 
 @st.cache_data(show_spinner="Reading the model with the run…")
 def run_analysis(
-    _base: Base, cache_key: str, analysis: str, run: RunKey, runs: tuple[RunKey, ...], knowledge: str, n_subjects: int, n_items: int
+    _base: Base,
+    cache_key: str,
+    analysis: str,
+    run: RunKey,
+    runs: tuple[RunKey, ...],
+    knowledge: str,
+    n_subjects: int,
+    known_only: bool,
+    n_items: int,
 ) -> pd.DataFrame:
     """`analysis` (RUN_ANALYSES) of `run` on the held-out prompts of `runs`, in its form's frame."""
-    evaluation = mechanism_evaluation(runs, knowledge, n_subjects, n_items)
+    evaluation = mechanism_evaluation(_base, cache_key, runs, knowledge, n_subjects, known_only, n_items)
     items = form_items(evaluation, trained_form(run))
     with _base.lock:
         return RUN_ANALYSES[analysis](_base.model, load_run(*run), items, system=evaluation.system)
@@ -301,9 +329,17 @@ def run_analysis(
 
 @st.cache_data(show_spinner="Answering and ranking under the base model…")
 def shift_table(
-    _base: Base, cache_key: str, runs: tuple[RunKey, ...], names: tuple[str, ...], knowledge: str, n_subjects: int, n_items: int, max_new_tokens: int
+    _base: Base,
+    cache_key: str,
+    runs: tuple[RunKey, ...],
+    names: tuple[str, ...],
+    knowledge: str,
+    n_subjects: int,
+    known_only: bool,
+    n_items: int,
+    max_new_tokens: int,
 ) -> pd.DataFrame:
-    evaluation = mechanism_evaluation(runs, knowledge, n_subjects, n_items)
+    evaluation = mechanism_evaluation(_base, cache_key, runs, knowledge, n_subjects, known_only, n_items)
     adapters = {"base": None, **{name: load_run(*run) for name, run in zip(names, runs)}}
     with _base.lock:
         return token_shift(_base.model, adapters, evaluation.prompts, evaluation.system, max_new_tokens, batch_size=len(evaluation))
@@ -452,7 +488,7 @@ def gates_view(bench: Workbench) -> None:
         return
     if not st.toggle("Compute the gate-scale and ablation curves (minutes on a CPU the first time, then cached)", key="ablation_on"):
         return
-    scale, ablation = gate_curves(bench.base, bench.cache_key, run_key(run), form, bench.knowledge, bench.n_subjects)
+    scale, ablation = gate_curves(bench.base, bench.cache_key, run_key(run), form, bench.knowledge, bench.n_subjects, bench.known_only)
     left, right = st.columns(2)
     with left:
         show_figure(gate_scale_figure(scale, f"{name}: every gate × s ({form} form)"), "scale_curve", scale)
@@ -577,9 +613,9 @@ def mechanism_view(bench: Workbench) -> None:
     adapters = {name: load_run(*run_key(run)) for name, run in chosen.items()}
     if not st.toggle("Compute (a minute or more per run on a CPU the first time, then cached)", key="mechanism_on"):
         return
-    options = (keys, bench.knowledge, bench.n_subjects, n_items)
+    options = (keys, bench.knowledge, bench.n_subjects, bench.known_only, n_items)
     if analysis == "Token shift":
-        table = shift_table(bench.base, bench.cache_key, keys, tuple(chosen), bench.knowledge, bench.n_subjects, n_items, 24)
+        table = shift_table(bench.base, bench.cache_key, keys, tuple(chosen), *options[1:], 24)
         show_figure(token_shift_figure(table, "The share of each run's tokens the base model would write"), "token_shift", table)
         st.dataframe(shift_shares(table), hide_index=True)
         st.dataframe(most_shifted(table), hide_index=True)
@@ -602,8 +638,8 @@ def mechanism_view(bench: Workbench) -> None:
             show_figure(token_readout_figure(readout, f"{name}: what each adapted layer's prefix writes ({frame} frame)"), f"readout:{name}", readout)
             st.dataframe(analyses.readout_top(readout), hide_index=True)
         else:
-            if not (adapters[name].has_gates or isinstance(adapters[name], LoRA)):
-                st.info(f"{name}: a {run.kind} run has no layers to switch; the dissociation is an aligner's or a LoRA's.")
+            if not adapters[name].switchable_layers:
+                st.info(f"{name}: a {run.kind} run has no layers to switch off one by one.")
                 continue
             table = run_analysis(bench.base, bench.cache_key, analysis, run_key(run), *options)
             show_figure(layer_dissociation_figure(table, f"{name}: form and knowledge, one layer off or on alone ({frame} frame)"), f"dissociation:{name}", table)
@@ -684,7 +720,7 @@ def train_view(bench: Workbench) -> None:
     st.rerun()
 
 
-def sidebar() -> tuple[str, Path, Path | None, Path, str, int]:
+def sidebar() -> tuple[str, Path, Path | None, Path, str, int, bool]:
     with st.sidebar:
         model_name = st.text_input("Base model", DEFAULTS["model"], help=f"{aligner.DEFAULT_MODEL} (packaged), a Hugging Face id, a path, or 'tiny'")
         runs_dir = st.text_input("Runs directory", DEFAULTS["runs"])
@@ -697,8 +733,13 @@ def sidebar() -> tuple[str, Path, Path | None, Path, str, int]:
             help=f"each asked with two question templates; {APP_SUBJECTS} by default so that a tab's first visit stays "
             "within a minute on a 2-core CPU (`probe report` reads 90)",
         )
+        known_only = st.checkbox(
+            "Held out: only facts the base model knows", DEFAULTS["known_only"],
+            help="the Gates and Mechanism tabs' held-out facts, as `probe report` picks them (the suite's audit); "
+            "off for a random model, which knows none",
+        )
     papers = Path(papers_dir) if papers_dir.strip() else None
-    return model_name, Path(runs_dir), papers, Path(results_dir), knowledge, int(n_subjects)
+    return model_name, Path(runs_dir), papers, Path(results_dir), knowledge, int(n_subjects), known_only
 
 
 def run_list(runs_dir: Path, fingerprint: str | None) -> dict[str, RunInfo]:
@@ -725,7 +766,7 @@ def run_list(runs_dir: Path, fingerprint: str | None) -> dict[str, RunInfo]:
 def main() -> None:
     st.set_page_config(page_title="Aligner workbench", layout="wide")
     st.title("Aligner workbench")
-    model_name, runs_dir, papers_dir, results_dir, knowledge, n_subjects = sidebar()
+    model_name, runs_dir, papers_dir, results_dir, knowledge, n_subjects, known_only = sidebar()
     base = None
     try:
         base = load_base(model_name)
@@ -737,7 +778,7 @@ def main() -> None:
         st.error(f"The paper's checkpoints: {papers_dir} is not a directory. Point the sidebar at ../shared/paper_aligners or clear it.")
         papers_dir = None
     fingerprint = None if base is None else base.fingerprint
-    bench = Workbench(model_name, base, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects)
+    bench = Workbench(model_name, base, run_list(runs_dir, fingerprint), runs_dir, papers_dir, results_dir, knowledge, n_subjects, known_only)
     views = dict(
         zip(VIEWS, (generate_view, gates_view, embeddings_view, probes_view, geometry_view, mechanism_view, efficiency_view, train_view))
     )

@@ -26,7 +26,7 @@ import struct
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Collection, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -187,6 +187,16 @@ class Adapter(nn.Module):
     def add_hook(self, hook_point: HookPoint, fn: Callable[..., Any], prepend: bool = False) -> None:
         """A hook that stays through a user's `reset_hooks()` and goes on `detach`."""
         self._handles.append(add_permanent_hook(hook_point, fn, prepend))
+
+    @property
+    def switchable_layers(self) -> list[int]:
+        """The model layers whose write `switched_off` can take away one by one; none by default."""
+        return []
+
+    def switched_off(self, layers: Collection[int]) -> contextlib.AbstractContextManager[None]:
+        """Inside, this adapter, attached to a bridge, writes nothing at `layers` (of `switchable_layers`) and
+        exactly what it writes otherwise at the others: for analyses that take a method apart layer by layer."""
+        raise ValueError(f"a {self.kind} cannot be switched off layer by layer")
 
     # ---- files ----
 

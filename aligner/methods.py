@@ -16,9 +16,10 @@ through the one token P. `one_token_aligner_as_bias` writes that out (tests chec
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Collection, Iterator
 
 import torch
 from torch import nn
@@ -143,6 +144,24 @@ class LoRA(Adapter):
         for holder, name, base in self._wrapped:
             swap_projection(holder, name, base)
         self._wrapped = []
+
+    @property
+    def switchable_layers(self) -> list[int]:
+        return list(range(self.shape.n_layers))
+
+    @contextlib.contextmanager
+    def switched_off(self, layers: Collection[int]) -> Iterator[None]:
+        """What its B matrices of `layers` add is zero: peft computes W x + (alpha / r) B A x, so the update is
+        exactly gone there and the base projection is left."""
+        def zero(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(out)
+
+        handles = [self.lora_B[f"{layer}_{target}"].register_forward_hook(zero) for layer in layers for target in self.config.targets]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 # ---- prompt tuning (through peft) ----
@@ -306,6 +325,7 @@ class ZBias(Adapter):
         shapes = self.tensor_shapes(config, shape)["bias"]
         # A file without d_head gives its width (`empty`); d_model / H is the width of most models, not all.
         self.bias = nn.Parameter(torch.zeros(*shapes[:2], shapes[2] or shape.d_model // shape.n_heads))
+        self._off: frozenset[int] = frozenset()  # the adapted layers (0: the first) switched off (`switched_off`)
 
     @classmethod
     def tensor_shapes(cls, config: ZBiasConfig, shape: ModelShape) -> TensorShapes:
@@ -321,8 +341,21 @@ class ZBias(Adapter):
     def hook_into(self, model: nn.Module) -> None:
         if self.bias.shape[-1] != model.cfg.d_head:
             raise ValueError(f"z-bias of {self.bias.shape[-1]} numbers per head, model has d_head {model.cfg.d_head}")
-        for i, layer in enumerate(range(self.config.start_layer, self.shape.n_layers)):
-            self.add_hook(model.blocks[layer].attn.hook_z, lambda z, hook, i=i: z + self.bias[i].to(z.dtype))
+        for i, layer in enumerate(self.switchable_layers):
+            self.add_hook(model.blocks[layer].attn.hook_z, lambda z, hook, i=i: z if i in self._off else z + self.bias[i].to(z.dtype))
+
+    @property
+    def switchable_layers(self) -> list[int]:
+        return list(range(self.config.start_layer, self.shape.n_layers))
+
+    @contextlib.contextmanager
+    def switched_off(self, layers: Collection[int]) -> Iterator[None]:
+        """Its bias at `layers` is not added."""
+        self._off = frozenset(self.switchable_layers.index(layer) for layer in layers)
+        try:
+            yield
+        finally:
+            self._off = frozenset()
 
 
 def one_token_aligner_as_bias(aligner: Aligner, model: nn.Module) -> ZBias:

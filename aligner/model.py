@@ -24,7 +24,7 @@ import math
 import sys
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Collection, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,19 @@ from aligner.lens import (
     unregister_hook_point,
     wrapped,
 )
+
+
+def gates_off(layers: Collection[int], heads: Sequence[int] | None = None) -> list[tuple[str, Callable[..., torch.Tensor]]]:
+    """`model.hooks` hooks that zero the gates of `layers` (all heads, or only `heads`)."""
+
+    def zero(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        if heads is None:
+            return torch.zeros_like(gate)
+        mask = torch.ones_like(gate)
+        mask[..., list(heads)] = 0
+        return gate * mask
+
+    return [(f"blocks.{layer}.aligner.hook_gate", zero) for layer in layers]
 
 
 class AlignerHooks(Adapter):
@@ -104,6 +117,14 @@ class AlignerHooks(Adapter):
     @property
     def family(self) -> str:
         return "aligner" if self.config.shared else "adapter"
+
+    @property
+    def switchable_layers(self) -> list[int]:
+        return list(self.layer_indices)
+
+    def switched_off(self, layers: Collection[int]) -> contextlib.AbstractContextManager[None]:
+        """Its gates at `layers` read as zero (`gates_off`): the prefix adds nothing there."""
+        return self.attached_to.hooks(fwd_hooks=gates_off(layers))
 
     def describe(self) -> str:
         kind = "Aligner" if self.config.shared else "LLaMA-Adapter"

@@ -122,6 +122,8 @@ TARGETS = [
     Target("training, N=10, SmolLM2: >= 0.90", "smollm2", 0.90, ("train_10",)),
     Target("training on the raw model, N=1 and 10, 7B: >= 0.97", "llama2-7b", 0.97, ("train_plain_1", "train_plain_10")),
     Target("training on the raw model, N=1 and 10, SmolLM2: >= 0.97", "smollm2", 0.97, ("train_plain_1", "train_plain_10")),
+    Target("forward on the raw model, N=1 and 10, 7B: >= 0.97", "llama2-7b", 0.97, ("fwd_plain_1", "fwd_plain_10")),
+    Target("forward on the raw model, N=1 and 10, SmolLM2: >= 0.97", "smollm2", 0.97, ("fwd_plain_1", "fwd_plain_10")),
     Target("forward, N=1 merged, 7B: >= 0.99", "llama2-7b", 0.99, ("fwd_merged",)),
     Target("forward, N=1 merged, SmolLM2: >= 0.99", "smollm2", 0.99, ("fwd_merged",)),
     Target("forward, N=10 attached, 7B: >= 0.97", "llama2-7b", 0.97, ("fwd_10",)),

@@ -5,16 +5,14 @@ and on one layer at a time with every other off, scored under teacher forcing in
     knowledge  log p(answer | prompt, frame)          the gold answer's tokens after the form's frame, summed
                1[answer's first token is the top-1]   (`aligner.recall`'s answer_logprob and answer_rank1)
 
-Both come from one forward of prompt + frame + answer. An aligner's layer is switched off by zeroing its gates at
-`blocks.{l}.aligner.hook_gate`; a LoRA's by zeroing what its B matrices of that layer add (peft computes
-W x + (alpha / r) B A x, so the update is exactly gone and the base projection is left). Is there a set of layers
-that carries the form without the content loss?
+Both come from one forward of prompt + frame + answer. A layer's write is switched off as the adapter says
+(`Adapter.switched_off`): an aligner's gates there read as zero, a LoRA's B matrices there add zero, a z-bias's
+bias there is not added. Is there a set of layers that carries the form without the content loss?
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,43 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from aligner.adapter import Adapter
-from aligner.methods import LoRA
 from aligner.objective import pad_token_id, prompts_for, reads_logits_to_keep
 from aligner.tasks import Item, frame_of
-from probe.gates import gates_off
 from probe.lens import FramedRow, answer_in_form, device_of, framed_rows, padded
 from probe.progress import steps
 
 MEASURES = ("form_logprob", "answer_logprob", "answer_rank1")
-
-
-def adapted_layers(adapter: Adapter) -> list[int]:
-    """The model layers whose write `switched_off` can switch off: an aligner's adapted layers, a LoRA's all."""
-    if adapter.has_gates:
-        return list(adapter.layer_indices)
-    if isinstance(adapter, LoRA):
-        return list(range(adapter.shape.n_layers))
-    raise ValueError(f"layer_dissociation switches an aligner's or a LoRA's layers; a {adapter.kind} has neither")
-
-
-@contextlib.contextmanager
-def switched_off(model: nn.Module, adapter: Adapter, layers: Collection[int]) -> Iterator[None]:
-    """Inside, `adapter` (attached to `model`) writes nothing at `layers`: an aligner's gates there are zero, a
-    LoRA's updates of those layers add zero."""
-    if adapter.has_gates:
-        with model.hooks(fwd_hooks=gates_off(list(layers))):
-            yield
-        return
-    handles = [
-        adapter.lora_B[f"{layer}_{target}"].register_forward_hook(lambda module, args, out: torch.zeros_like(out))
-        for layer in layers
-        for target in adapter.config.targets
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def scored_rows(model: nn.Module, rows: Sequence[FramedRow], form_tokens: int, batch_size: int) -> dict[str, np.ndarray]:
@@ -101,7 +68,9 @@ def layer_dissociation(
     ("all") and the base model ("none"), layer <NA>. The form is the log-probability of the first `form_tokens`
     tokens of each item's trained response (no further than its frame, so never the answer's). Columns: mode,
     layer, n_items, form_logprob, answer_logprob, answer_rank1, and their standard errors over items (*_se)."""
-    layers = adapted_layers(adapter)
+    layers = adapter.switchable_layers
+    if not layers:
+        raise ValueError(f"layer_dissociation switches an adapter's layers one by one; a {adapter.kind} has none to switch")
     answers = [answer_in_form(item) for item in items]
     frames = [frame_of(item) for item in items]
     base_rows = framed_rows(model.tokenizer, [item.prompt for item in items], frames, answers, system)
@@ -112,7 +81,7 @@ def layer_dissociation(
     table = [{"mode": "none", "layer": pd.NA, **summary(scored_rows(model, base_rows, form_tokens, batch_size))}]
     with adapter.attached(model):
         for mode, layer, off in steps(plans, "layer dissociation", unit="condition"):
-            with switched_off(model, adapter, off):
+            with adapter.switched_off(off):
                 table.append({"mode": mode, "layer": layer, **summary(scored_rows(model, rows, form_tokens, batch_size))})
     return pd.DataFrame(table).astype({"layer": "Int64"})
 

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from transformer_lens.hook_points import HookPoint
 
 from aligner import Aligner, generate
 from aligner.adapter import Adapter
+from aligner.model import gates_off
 from aligner.chat import prompt_ids
 from aligner.data import Example
 from aligner.objective import (
@@ -74,19 +74,6 @@ def head_activity(activations: Activations, condition: str) -> pd.DataFrame:
         for head in range(norm.shape[1])
     ]
     return pd.DataFrame(rows, columns=["layer", "head", "norm", "share", "slot_entropy"])
-
-
-def gates_off(layers: Sequence[int], heads: Sequence[int] | None = None) -> list[tuple[str, object]]:
-    """`model.hooks` hooks that zero the gates of `layers` (all heads, or only `heads`)."""
-
-    def zero(gate: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        if heads is None:
-            return torch.zeros_like(gate)
-        mask = torch.ones_like(gate)
-        mask[..., list(heads)] = 0
-        return gate * mask
-
-    return [(f"blocks.{layer}.aligner.hook_gate", zero) for layer in layers]
 
 
 def answers(

@@ -16,7 +16,6 @@ import pandas as pd
 from torch import nn
 
 from aligner.adapter import Adapter
-from aligner.methods import LoRA
 from aligner.model import Aligner
 from aligner.tasks import Item
 from probe.analyses import dissociation_summary, lens_layers, lens_readable, readout_top
@@ -51,7 +50,7 @@ def mechanism_sections(
     report.metrics["logit_lens"] = logit_lens_section(report, model, runs, frames, items, where, evaluation.system)
     aligners = {name: run for name, run in runs.items() if isinstance(run, Aligner)}
     report.metrics["token_readout"] = token_readout_section(report, model, aligners, frames, items, where, evaluation.system)
-    switchable = {name: run for name, run in runs.items() if run.has_gates or isinstance(run, LoRA)}
+    switchable = {name: run for name, run in runs.items() if run.switchable_layers}
     few = {frame: framed[:n_dissociation] for frame, framed in items.items()}
     where_few = f"the first {len(next(iter(few.values())))} of those prompts"
     report.metrics["layer_dissociation"] = dissociation_section(report, model, switchable, frames, few, where_few, evaluation.system)
@@ -136,7 +135,7 @@ def dissociation_section(
     section.text(
         f"On {where}, under teacher forcing in each run's frame: the run's write switched off at one layer ('off'), "
         "and on at one layer alone with every other off ('only'); an aligner's layer by its gates, a LoRA's by its "
-        "update. Form: the log-probability of the first two tokens of the trained response (never the answer's). "
+        "update, a z-bias's by its bias. Form: the log-probability of the first two tokens of the trained response (never the answer's). "
         "Knowledge: the gold answer's log-probability after the frame, and the share of items where its first token "
         "is the top one. Dashed: the whole run and the base model. A layer whose 'only' point reaches the run's form "
         "while keeping the base model's knowledge would carry the form without the content loss."

@@ -48,6 +48,7 @@ def recording_task(adapter, path: Path, task: str = "json") -> None:
 @pytest.fixture()
 def app(runs, monkeypatch, tmp_path):
     monkeypatch.setenv("ALIGNER_APP_MODEL", "tiny")
+    monkeypatch.setenv("ALIGNER_APP_KNOWN_ONLY", "0")  # a random model knows no fact
     monkeypatch.setenv("ALIGNER_APP_RUNS", str(runs))
     monkeypatch.setenv("ALIGNER_APP_PAPERS", str(PAPER_ALIGNERS) if PAPER_ALIGNERS.is_dir() else "")
     monkeypatch.setenv("ALIGNER_APP_RESULTS", str(ROOT / "results"))
@@ -195,6 +196,7 @@ def test_bad_runs_checkpoints_and_models_are_errors_that_hide_nothing_else(runs,
     papers.mkdir()
     (papers / "broken-llama2-7b-1token.pth").write_bytes(b"not a checkpoint")
     monkeypatch.setenv("ALIGNER_APP_MODEL", "tiny")
+    monkeypatch.setenv("ALIGNER_APP_KNOWN_ONLY", "0")  # a random model knows no fact
     monkeypatch.setenv("ALIGNER_APP_RUNS", str(bad))
     monkeypatch.setenv("ALIGNER_APP_PAPERS", str(papers))
     monkeypatch.setenv("ALIGNER_APP_RESULTS", str(tmp_path / "no-results"))

@@ -52,6 +52,7 @@ def env(tmp_path_factory):
         train_run(model, examples, runs / name, kind, 1, config)
     return {
         "ALIGNER_APP_MODEL": "tiny",
+        "ALIGNER_APP_KNOWN_ONLY": "0",  # a random model knows no fact
         "ALIGNER_APP_RUNS": str(runs),
         "ALIGNER_APP_PAPERS": str(PAPER_ALIGNERS) if PAPER_ALIGNERS.is_dir() else "",
         "ALIGNER_APP_RESULTS": str(ROOT / "results"),

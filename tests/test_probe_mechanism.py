@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import aligner
 from aligner.chat import example_ids
-from aligner.methods import LoRA, LoRAConfig
+from aligner.methods import LoRA, LoRAConfig, SteeringConfig, SteeringVector, ZBias, ZBiasConfig
 from aligner.model import projection
 from aligner.recall import Framed, answer_scores, answer_span
 from aligner.tasks import Sizes, frame_of, get_task, own_frame_of
@@ -177,6 +177,20 @@ def test_switching_off_the_one_layer_a_lora_updates_restores_the_base_model(mode
         lora.lora_B["1_q"].weight.normal_(std=0.5)
     table = layer_dissociation(model, lora, items, batch_size=2)
     check_one_layer_writes(table, 1, range(model.cfg.n_layers))
+
+
+def test_switching_off_the_one_layer_a_z_bias_writes_at_restores_the_base_model(model, items):
+    zbias = ZBias.for_model(model, ZBiasConfig(start_layer=1))
+    with torch.no_grad():
+        zbias.bias[zbias.switchable_layers.index(3)].normal_(std=2.0)
+    table = layer_dissociation(model, zbias, items, batch_size=2)
+    check_one_layer_writes(table, 3, zbias.switchable_layers)
+
+
+def test_an_adapter_without_layers_to_switch_is_refused_by_kind(model, items):
+    steering = SteeringVector.for_model(model, SteeringConfig(layer=1))
+    with pytest.raises(ValueError, match="steering has none to switch"):
+        layer_dissociation(model, steering, items)
 
 
 def test_the_base_model_against_itself_is_all_unshifted_and_a_strong_aligner_is_not(model, items):
