@@ -89,18 +89,20 @@ def train_dpo(
     resume: bool = False,
     accelerator: Accelerator | None = None,
     adapter: Adapter | None = None,
+    on_step: Callable[[int, float], bool] | None = None,
 ) -> Adapter:
     """Train by DPO on preference `pairs` against `config.reference`, `model` frozen; return the policy, detached.
 
-    The policy starts as a copy of the reference; when the reference is the base model, as `adapter` (None: a
-    fresh one-token aligner seeded by `config.seed`, or with `resume=True` the run's own). With `run_dir`,
-    checkpoints and metrics are written there as `train_sft` writes them; `resume=True` continues a run,
-    refusing other settings, other pairs or a changed reference; the run directory is locked as `train_sft`
-    locks it. `accelerator` as in `aligner.train.optimize`.
+    The policy starts as a copy of the reference: `adapter` where given (a copy of the reference's tensors, which
+    the caller keeps, for instance to read its best step), else one of its own. When the reference is the base
+    model, the policy starts as `adapter` (None: a fresh one-token aligner seeded by `config.seed`, or with
+    `resume=True` the run's own). With `run_dir`, checkpoints and metrics are written there as `train_sft` writes
+    them; `resume=True` continues a run, refusing other settings, other pairs or a changed reference; the run
+    directory is locked as `train_sft` locks it. `accelerator` and `on_step` as in `aligner.train.optimize`.
     """
     accelerator = accelerator or launched_accelerator()
     with run_directory(run_dir, resume, accelerator) as (run_dir, resume):
-        return _train_dpo(model, pairs, config, run_dir, resume, accelerator, adapter)
+        return _train_dpo(model, pairs, config, run_dir, resume, accelerator, adapter, on_step)
 
 
 def _train_dpo(
@@ -111,6 +113,7 @@ def _train_dpo(
     resume: bool,
     accelerator: Accelerator,
     adapter: Adapter | None,
+    on_step: Callable[[int, float], bool] | None,
 ) -> Adapter:
     """`train_dpo` in its run directory, held and checked."""
     sharded = shard_if_asked(model, config, accelerator)  # before the reference pass, which then runs sharded too
@@ -119,10 +122,11 @@ def _train_dpo(
         reference = None
         policy = adapter or starting_adapter(model, config.seed, run_dir if resume else None)
     else:
-        if adapter is not None:
-            raise ValueError(f"the policy starts from the reference {config.reference}; pass no adapter with it")
         reference = load_adapter(config.reference, device=device)
-        policy = load_adapter(config.reference, device=device)  # tensors of its own: the reference stays as it is
+        if adapter is not None and not same_tensors(adapter, reference):
+            raise ValueError(f"the policy starts from the reference {config.reference}; the adapter given is not a copy of it")
+        # Tensors of its own: the reference stays as it is.
+        policy = adapter or load_adapter(config.reference, device=device)
         policy.provenance = {"initialised_from": config.reference}
     # The user's turns as the policy reads them (prompt tuning puts its placeholders in front; others keep them).
     sequences = tokenize_pairs(model.tokenizer, formatted_for(policy, pairs), config)
@@ -145,8 +149,30 @@ def _train_dpo(
 
     data_sha256 = pairs_sha256(pairs, reference)
     return optimize(
-        model, policy, config, dpo_gradients, len(sequences), data_sha256, run_dir, resume, accelerator=accelerator
+        model, policy, config, dpo_gradients, len(sequences), data_sha256, run_dir, resume, on_step, accelerator
     )
+
+
+def same_tensors(a: Adapter, b: Adapter) -> bool:
+    """Whether two adapters are of one kind and hold equal tensors of the same names."""
+    mine, theirs = a.state_dict(), b.state_dict()
+    return type(a) is type(b) and mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].to(mine[k].device)) for k in mine)
+
+
+def heldout_dpo_loss(
+    model: nn.Module, pairs: Sequence[tuple[Tokenized, Tokenized]], reference_logps: torch.Tensor, config: DPOConfig, pad_id: int
+) -> float:
+    """The mean DPO loss of held-out `pairs` (`tokenize_pairs`'s) under whatever is attached to `model` now, against
+    the reference's log-probabilities of each pair (`pair_logprobs`'s, (n_pairs, 2)); no gradients. At a policy
+    equal to its reference it is log 2."""
+    total = 0.0
+    with torch.no_grad():
+        for k in range(0, len(pairs), config.batch_size):
+            chosen, rejected = _pair_logprobs(model, pairs[k : k + config.batch_size], pad_id)
+            reference = reference_logps[k : k + config.batch_size].to(chosen.device)
+            losses, _, _ = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], config.beta, config.label_smoothing)
+            total += losses.sum().item()
+    return total / len(pairs)
 
 
 def dpo_loss(

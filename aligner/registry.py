@@ -8,7 +8,8 @@ the suite chooses the rate on the validation loss, around the family's. Two cont
 `aligner-1:tokens=random` trains `aligner-1`, then answers with its tokens replaced by random ones of the same
 norms and its trained gates (is a change of the learned one's size, in any direction, enough to do what it
 does?), and `METHOD:data=own` trains on the base model's own answers to the training prompts (what training
-alone costs, with no new form to learn). `base` (the base model in its own form), `prompting` (the task's
+alone costs, with no new form to learn). `METHOD:then=dpo` trains `METHOD`, then DPO from it on the task's
+preference pairs (the paper's value alignment). `base` (the base model in its own form), `prompting` (the task's
 behaviour told in the system prompt), `fewshot` (answered training examples in the new form before each
 question) and `steering` (contrastive activation addition, computed, not trained) have no size.
 """
@@ -64,17 +65,27 @@ class MethodSpec:
     make: Callable[[nn.Module], Adapter] | None = None  # a fresh adapter for the model; reads torch's RNG
     family: str | None = None  # FAMILIES' or UNSIZED's key (trained methods): the rate's family
     # The factors a method name may change (`aligner-1:steps=40:train=10`); None: the sweep's own.
-    lr: float | None = None  # AdamW's rate after warm-up; None: chosen on validation around the family's
+    lr: float | None = None  # AdamW's rate after warm-up (a `then=` method's: its last stage's); None: chosen on validation
     steps: int | None = None  # step budget
     train: int | None = None  # training items: the first this many of the task's training split
     gate_scale: float = 1.0  # every gate times this when answering (aligners): the aligner's strength
     tokens: str | None = None  # "random": answer with random tokens of the trained ones' norms (a control)
     data: str | None = None  # "own": train on the base model's own answers (a control)
+    # "dpo": trained as the method without this option is, then by DPO on the task's preference pairs, from that
+    # method as its reference and starting point (the paper's value alignment: SFT, then DPO).
+    then: str | None = None
+    first_lr: float | None = None  # the first stage's rate, as the suite chose it on validation; None: its family's
 
     @property
     def family_lr(self) -> float:
-        """The family's rate: where the suite's search starts, and what `aligner train` uses unless told."""
-        return default_lr(self.family)
+        """The family's rate: where the suite's search starts, and what `aligner train` uses unless told. DPO's is
+        `DPO_LR_FACTOR` times it: it starts from the trained method and only has to move it a little."""
+        return default_lr(self.family) * (DPO_LR_FACTOR if self.then == "dpo" else 1.0)
+
+    def first_stage(self) -> "MethodSpec":
+        """What a `then=` method trains first: its spec without the `then` option."""
+        name = ":".join(part for part in self.name.split(":") if not part.startswith("then="))
+        return replace(self, name=name, then=None, first_lr=None, lr=self.first_lr)
 
 
 def sized(family: str, size: int) -> MethodSpec:
@@ -128,7 +139,9 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "gate_scale": number(float, zero_ok=True),  # a gate scale of 0 answers as the base model
     "tokens": one_of("random"),
     "data": one_of("own"),
+    "then": one_of("dpo"),
 }
+DPO_LR_FACTOR = 0.1
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -19,26 +19,29 @@ layer and multiplier are read on `valid`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from aligner.adapter import Adapter
+from aligner.adapter import Adapter, load_adapter
 from aligner.audit import Audit, cached_answers, task_data, write_audit
 from aligner.baselines import fit_steering
 from aligner.chat import BASE_TEMPLATE, ENDED
+from aligner.dpo import DPOConfig, heldout_dpo_loss, pair_logprobs, tokenize_pairs, train_dpo
 from aligner.files import atomic_write_json, provenance, read_json
 from aligner.generation import answer
 from aligner.loading import DEFAULT_MODEL, model_fingerprint
-from aligner.objective import formatted_for, heldout_loss
+from aligner.objective import formatted_for, heldout_loss, pad_token_id
 from aligner.recall import knowledge_scores
 from aligner.registry import METHODS, MethodSpec, method_spec
 from aligner.stats import MARGIN
@@ -121,21 +124,18 @@ def score(task: Task, items: Sequence[Item], answers: Sequence[str]) -> dict[str
 
 
 class EarlyStopping:
-    """`train_sft`'s `on_step`: every `every` steps, the held-out loss of `valid`; stops after `patience` of them
-    without improvement, and `restore_best` puts back the parameters of the best one (step 0 included)."""
+    """A training loop's `on_step` (`train_sft`, `train_dpo`): every `every` steps, `heldout()`, the held-out loss
+    with `method` attached as it is now; stops after `patience` of them without improvement, and `restore_best`
+    puts back the parameters of the best one (step 0 included)."""
 
-    def __init__(
-        self, model: nn.Module, method: Adapter, valid: Sequence[Any], system: str | None, every: int, patience: int, chat_template: bool = True
-    ):
-        self.model, self.method, self.system, self.chat_template = model, method, system, chat_template
-        # each prompt as the method reads it, as train_sft trains it (prompt tuning's placeholders in front)
-        self.valid = formatted_for(method, valid)
+    def __init__(self, method: Adapter, heldout: Callable[[], float], every: int, patience: int):
+        self.method, self.heldout = method, heldout
         self.every, self.patience = every, patience
         self.history: list[tuple[int, float]] = []
         self.best_step, self.best_loss, self.best_state = 0, math.inf, None
 
     def record(self, step: int) -> None:
-        loss = heldout_loss(self.model, self.valid, self.system, chat_template=self.chat_template)
+        loss = self.heldout()
         self.history.append((step, loss))
         if loss < self.best_loss:
             self.best_step, self.best_loss = step, loss
@@ -166,7 +166,11 @@ def train_method(
     """A fresh method of `spec` (seeded) trained on `data.train` at rate `lr` (None: the spec's, else its family's)
     for at most `config.steps` steps, stopped early on the held-out loss of `data.valid`; returned at its best
     step, with a record of the training. `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`);
-    `task`, the suite task's name, is recorded in the method's provenance (what `probe report` reads)."""
+    `task`, the suite task's name, is recorded in the method's provenance (what `probe report` reads).
+    A `then=dpo` method is its first stage so trained (at `spec.first_lr`), then `preference_stage`'s at `lr`."""
+    if spec.then == "dpo":
+        first, first_record = train_method(model, spec.first_stage(), data, config, seed, raw_prompts, spec.first_lr, task)
+        return preference_stage(model, spec, first, first_record, data, config, seed, raw_prompts, lr, task)
     lr = lr or spec.lr or spec.family_lr
     torch.manual_seed(seed)
     method = spec.make(model)
@@ -187,8 +191,10 @@ def train_method(
         task=task,
     )
 
-    valid = [item.example() for item in data.valid]
-    stopping = EarlyStopping(model, method, valid, config.system, config.eval_every, config.patience, not raw_prompts)
+    # each prompt as the method reads it, as train_sft trains it (prompt tuning's placeholders in front)
+    valid = formatted_for(method, [item.example() for item in data.valid])
+    heldout = functools.partial(heldout_loss, model, valid, config.system, chat_template=not raw_prompts)
+    stopping = EarlyStopping(method, heldout, config.eval_every, config.patience)
     started = time.perf_counter()
     model.requires_grad_(False)
     with method.attached(model):  # the held-out loss before any step
@@ -205,6 +211,65 @@ def train_method(
         "train_items": len(train),
     }
     return method, record
+
+
+def preference_stage(
+    model: nn.Module,
+    spec: MethodSpec,
+    first: Adapter,
+    first_record: dict[str, Any],
+    data: TaskData,
+    config: SuiteConfig,
+    seed: int,
+    raw_prompts: bool,
+    lr: float | None,
+    task: str | None,
+) -> tuple[Adapter, dict[str, Any]]:
+    """DPO from `first` (the trained first stage, reference and starting point) on the preference pairs of
+    `data.train` (`Item.pair`) at rate `lr` (None: the spec's, else its family's DPO rate) for at most the step
+    budget, stopped early on the mean DPO loss of `data.valid`'s pairs (log 2 at step 0); returned at its best
+    step, with a record of both stages (the first's under "first")."""
+    lr = lr or spec.lr or spec.family_lr
+    steps = spec.steps or config.steps
+    train, valid = ([item.pair() for item in items] for items in (data.train, data.valid))
+    with tempfile.TemporaryDirectory() as saved:
+        reference = first.save(Path(saved) / "first")
+        dpo_config = DPOConfig(
+            steps=steps,
+            batch_size=config.batch_size,
+            lr=lr,
+            warmup_steps=config.warmup_steps,
+            seed=seed,
+            log_every=config.eval_every,
+            save_every=steps,
+            system=config.system,
+            chat_template=not raw_prompts,
+            task=task,
+            reference=str(reference),
+        )
+        pad = pad_token_id(model.tokenizer)
+        held_out = tokenize_pairs(model.tokenizer, formatted_for(first, valid), dpo_config)
+        reference_logps = pair_logprobs(model, first, held_out, config.batch_size, pad)
+        policy = load_adapter(reference)
+        stopping = EarlyStopping(
+            policy, functools.partial(heldout_dpo_loss, model, held_out, reference_logps, dpo_config, pad), config.eval_every, config.patience
+        )
+        started = time.perf_counter()
+        with policy.attached(model):  # the held-out loss before any step
+            stopping.record(0)
+        train_dpo(model, train, dpo_config, adapter=policy, on_step=stopping)
+    stopping.restore_best()
+    record = {
+        "train_s": first_record["train_s"] + time.perf_counter() - started,
+        "steps": policy.provenance["training"]["step"],
+        "budget": steps,
+        "best_step": stopping.best_step,
+        "valid_loss": stopping.history,
+        "lr": lr,
+        "train_items": len(train),
+        "first": first_record,
+    }
+    return policy, record
 
 
 def training_name(spec: MethodSpec) -> str:
@@ -393,10 +458,17 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
             continue
         lr = None
         if spec.kind == "trained":
-            lr_path = cell_path(out, config.model, task.name, training_name(spec), seed).with_name("lr.json")
             # The search reads the training and validation items alone: other evaluation splits keep its rate.
             searched = {**config.cell_key(), "data_sha256": data_sha256(replace(datas[task.name], eval={}))}
-            lr = choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, searched)
+
+            def rate(spec: MethodSpec, key: dict[str, Any]) -> float:
+                lr_path = cell_path(out, config.model, task.name, training_name(spec), seed).with_name("lr.json")
+                return choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, key)
+
+            if spec.then is not None:  # the first stage's rate first, which the second stage's search trains from
+                spec = replace(spec, first_lr=rate(spec.first_stage(), searched))
+                searched = {**searched, "first_lr": spec.first_lr}
+            lr = rate(spec, searched)
         # The first seed's method is kept beside its cell (OUT/cells/.../seedS/), for the analyses that read an
         # adapter (probe report, the app); the other seeds' results are their records alone.
         adapter_dir = path.with_suffix("") if seed == config.seeds[0] else None
@@ -448,7 +520,11 @@ def suite_task_data(
 def data_sha256(data: TaskData) -> str:
     """A digest of a task's items as the sweep cut them: a cell of other items is not the same cell."""
     splits = {"train": data.train, "valid": data.valid, **{f"eval:{name}": items for name, items in data.eval.items()}}
-    rows = {name: [[i.prompt, i.response, list(i.answers), i.contrast] for i in items] for name, items in splits.items()}
+    # An item's rejected response where it has one, so that the digest of items without one reads only their fields.
+    rows = {
+        name: [[i.prompt, i.response, list(i.answers), i.contrast] + ([i.rejected] if i.rejected is not None else []) for i in items]
+        for name, items in splits.items()
+    }
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 

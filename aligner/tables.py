@@ -132,14 +132,22 @@ def summarise(out: str | Path, reference: str = "lora-8", margin: float = MARGIN
     return summary
 
 
+def reference_for(method: str, reference: str) -> str:
+    """What `method` is compared with: `reference`, trained in as many stages (`METHOD:then=dpo` against
+    `REFERENCE:then=dpo`)."""
+    then = [option for option in method.split(":")[1:] if option.startswith("then=")]
+    return ":".join([reference, *then])
+
+
 def paired_rows(summary: Sequence[dict[str, Any]], reference: str, margin: float) -> list[dict[str, Any]]:
     """Each method's paired difference against `reference` on the same task, split and metric (both with
     per-item scores), with its interval and `aligner.stats.compare`'s verdict."""
     by_key = {(r["model"], r["task"], r["split"], r["metric"], r["method"]): r for r in summary}
     rows = []
     for r in summary:
-        base = by_key.get((r["model"], r["task"], r["split"], r["metric"], reference))
-        if base is None or r["method"] == reference or None in (*r["scores"], *base["scores"]):
+        counterpart = reference_for(r["method"], reference)
+        base = by_key.get((r["model"], r["task"], r["split"], r["metric"], counterpart))
+        if base is None or r["method"] == counterpart or None in (*r["scores"], *base["scores"]):
             continue
         if len({len(s) for s in (*r["scores"], *base["scores"])}) != 1:
             continue
@@ -147,7 +155,7 @@ def paired_rows(summary: Sequence[dict[str, Any]], reference: str, margin: float
         rows.append(
             {
                 **{k: r[k] for k in ("model", "precision", "task", "family", "split", "metric", "method", "n_items")},
-                "reference": reference,
+                "reference": counterpart,
                 "difference": difference.mean,
                 "ci_low": difference.low,
                 "ci_high": difference.high,
@@ -201,11 +209,11 @@ def markdown_tables(summary: Sequence[dict[str, Any]], paired: Sequence[dict[str
         lines += ["", f"{seeds} seeds per trained method; items per split: " + ", ".join(dict.fromkeys(f"{r['split']} {r['n_items']}" for r in rows)), ""]
         differences = [p for p in paired if (p["model"], p["task"]) == (model, task)]
         if differences:
-            lines += [f"Paired differences against {differences[0]['reference']} (margin ±{differences[0]['margin']:.2f}):", ""]
-            lines += ["| method | split | metric | difference [95% interval] | verdict |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"Paired differences (margin ±{differences[0]['margin']:.2f}):", ""]
+            lines += ["| method | against | split | metric | difference [95% interval] | verdict |", "|" + " --- |" * 6]
             for p in differences:
                 lines.append(
-                    f"| {p['method']} | {p['split']} | {p['metric']} | "
+                    f"| {p['method']} | {p['reference']} | {p['split']} | {p['metric']} | "
                     f"{p['difference']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] | {p['verdict']} |"
                 )
             lines.append("")

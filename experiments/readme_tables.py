@@ -1,12 +1,12 @@
 """The documentation's tables of results, as Markdown, rendered from the committed results: results/sweep.json
-(what `aligner sweep` wrote), the cells under results/cells/MODEL/ (provenance and cost), and
-results/dpo_values.csv / .json (experiments/dpo_values.py). Nothing here runs a model: the pages hold these
-tables as generated blocks, and docs/check.py fails when a page and this output disagree.
+(what `aligner sweep` wrote) and the cells under results/cells/MODEL/ (provenance and cost). Nothing here runs a
+model: the pages hold these tables as generated blocks, and docs/check.py fails when a page and this output
+disagree.
 
     .venv/bin/python -m experiments.readme_tables TABLE [--model MODEL] [--results DIR]
 
-TABLE is one of: provenance, json, forms, instruct, inject, value, variants (one base model's, --model), dpo,
-headline (both models), or all (every table of --model, each with a title). A cell is the mean with its 95%
+TABLE is one of: provenance, json, forms, instruct, inject, value, variants, questions, equal-size (one base
+model's, --model), headline (both models), or all (every table of --model, each with a title). A cell is the mean with its 95%
 interval over items and seeds where the cells kept per-item scores, else "± std" (sample std over seeds, as the
 first grid recorded); zero-training methods are deterministic and ran once; "–": not run.
 """
@@ -49,8 +49,9 @@ class Results:
             self.paired = {(r["task"], r["method"], r["split"], r["metric"]): r for r in csv.DictReader(f) if r["model"] == model}
 
     def difference(self, task: str, method: str, split: str, metric: str) -> tuple[str, str]:
-        """`method` minus the sweep's reference (lora-8) on the same items and seeds: "mean [95% interval]", and
-        the verdict against the margin fixed before the run; "–" where not run."""
+        """`method` minus the sweep's reference (lora-8, trained alike: `aligner.tables.reference_for`) on the same
+        items and seeds: "mean [95% interval]", and the verdict against the margin fixed before the run; "–" where
+        not run."""
         r = self.paired.get((task, method, split, metric))
         if r is None:
             return "–", "–"
@@ -163,7 +164,8 @@ def variants_table(res: Results) -> list[str]:
 
 
 # The questions of the results pages, each a measure (task, split, metric) on which the one-token aligner and
-# LoRA r = 8 are compared (`method`, against the reference); their controls beside them.
+# LoRA r = 8 are compared (`method`, against the reference), trained alike (options: ":then=dpo", SFT then DPO);
+# their controls beside them.
 QUESTIONS = [
     ("form, trained wording", "json", "test", "form"),
     ("form, trained wording", "frame", "test", "form"),
@@ -187,6 +189,8 @@ QUESTIONS = [
     ("injection: held-out known facts (collateral)", "inject", "known_heldout", "content"),
     ("values: refuses harmful", "value", "harmful", "refusal"),
     ("values: refuses benign (over-refusal)", "value", "benign", "refusal"),
+    ("values, SFT then DPO: refuses harmful", "value", "harmful", "refusal", ":then=dpo"),
+    ("values, SFT then DPO: refuses benign (over-refusal)", "value", "benign", "refusal", ":then=dpo"),
 ]
 CONTROLS = ("base", "aligner-1:tokens=random", "aligner-1:data=own")
 
@@ -195,13 +199,14 @@ def questions_table(res: Results, method: str = "aligner-1", reference: str = "l
     """Per question: `method` and `reference` with their intervals, the paired difference with its interval and
     verdict against the margin, and the controls (base, random token, own answers); only measures the sweep ran."""
     lines = []
-    for question, task, split, metric in QUESTIONS:
-        if (task, method, split, metric) not in res.by_key and (task, reference, split, metric) not in res.by_key:
+    for question, task, split, metric, *options in QUESTIONS:
+        mine, theirs = (name + "".join(options) for name in (method, reference))
+        if (task, mine, split, metric) not in res.by_key and (task, theirs, split, metric) not in res.by_key:
             continue
-        difference, verdict = res.difference(task, method, split, metric)
+        difference, verdict = res.difference(task, mine, split, metric)
         controls = [res.value(task, c, split, metric) for c in CONTROLS]
-        lines.append([question, f"`{task}` {split} {metric}", res.value(task, method, split, metric),
-                      res.value(task, reference, split, metric), difference, verdict, *controls])  # fmt: skip
+        lines.append([question, f"`{task}` {split} {metric}", res.value(task, mine, split, metric),
+                      res.value(task, theirs, split, metric), difference, verdict, *controls])  # fmt: skip
     header = ["question", "measure", f"`{method}`", f"`{reference}`", f"`{method}` − `{reference}`", "verdict",
               *(f"`{c}`" for c in CONTROLS)]  # fmt: skip
     return table(header, lines)
@@ -239,33 +244,6 @@ def headline(results: Path) -> list[str]:
     return table(header, lines)
 
 
-def dpo(results: Path) -> list[str]:
-    """results/dpo_values.csv: base, SFT, then DPO from the SFT; and what produced it (results/dpo_values.json)."""
-    with open(results / "dpo_values.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    meta = json.loads((results / "dpo_values.json").read_text())
-    settings, prov = meta["settings"], meta["provenance"]
-
-    def rate(text: str) -> str:
-        return "" if text == "" else f"{float(text):.3f}"
-
-    lines = [
-        [f"`{r['method']}`", f"{int(r['parameters']):,}", r["stage"].upper() if r["stage"] != "base" else "",
-         rate(r["refusal_harmful"]), rate(r["over_refusal_benign"]),
-         "" if r["heldout_reward_accuracy"] == "" else f"{float(r['heldout_reward_accuracy']):.2f}"]
-        for r in rows
-    ]  # fmt: skip
-    n = sorted({(r["n_harmful"], r["n_benign"]) for r in rows})
-    produced = (
-        f"{settings['model']}; `experiments/dpo_values.py` at commit {prov['git_commit'][:7]} "
-        f"(torch {prov['versions']['torch']}); {settings['train_items']} training prompts; held out: "
-        f"{', '.join(f'{h} harmful and {b} benign prompts' for h, b in n)}, {settings['valid_pairs']} pairs for the "
-        f"implicit reward; {settings['max_new_tokens']} new tokens, greedy; one seed."
-    )
-    header = ["method", "parameters", "stage", "refusal, harmful", "over-refusal, benign", "held-out reward accuracy"]
-    return [*textwrap.wrap(produced, WIDTH), "", *table(header, lines)]
-
-
 TABLES: dict[str, tuple[str, Callable[[Results], list[str]]]] = {
     "provenance": ("What produced these tables", provenance),
     "json": ("Form, every method (`json`)", json_table),
@@ -281,14 +259,12 @@ TABLES: dict[str, tuple[str, Callable[[Results], list[str]]]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=[*TABLES, "dpo", "headline", "all"])
+    parser.add_argument("table", choices=[*TABLES, "headline", "all"])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model of the one-model tables")
     parser.add_argument("--results", type=Path, default=Path("results"), help="the results directory")
     args = parser.parse_args()
     if args.table == "headline":
         lines = headline(args.results)
-    elif args.table == "dpo":
-        lines = dpo(args.results)
     elif args.table == "all":
         res = Results(args.model, args.results)
         lines = []

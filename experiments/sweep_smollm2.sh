@@ -26,7 +26,8 @@ inject_steps=600
   sweep --tasks inject --methods aligner-1 --seeds 0 --steps "$inject_steps"
   sweep --tasks json --methods zbias --seeds 0
   sweep --tasks inject --methods base,aligner-1,aligner-10,aligner-28,adapter-1,zbias,lora-8 --steps "$inject_steps"
-  sweep --tasks value --methods base,prompting,fewshot,aligner-1,aligner-10,adapter-1,lora-8
+  # Values; then the paper's value alignment, SFT then DPO from it, for the one token and LoRA.
+  sweep --tasks value --methods base,prompting,fewshot,aligner-1,aligner-10,adapter-1,lora-8,aligner-1:then=dpo,lora-8:then=dpo
 ) &
 wait
 sweep --tables-only

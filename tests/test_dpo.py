@@ -23,6 +23,7 @@ from aligner.data import Example, Pair, load_pairs
 from aligner.dpo import (
     accumulate_dpo_gradients,
     dpo_loss,
+    heldout_dpo_loss,
     pair_logprobs,
     tokenize_pairs,
 )
@@ -301,11 +302,27 @@ def test_resume_refuses_a_changed_reference(model, sft_run, tmp_path):
         train_dpo(model, PAIRS, config, run_dir=tmp_path / "run", resume=True)
 
 
-def test_a_policy_of_its_own_beside_a_reference_is_refused(model, sft_run):
-    """The policy starts as a copy of the reference: a second adapter could only disagree with it."""
+def test_a_policy_of_its_own_beside_a_reference_is_refused_unless_a_copy_of_it(model, sft_run):
+    """The policy starts as a copy of the reference: a caller's own copy is trained in place, another adapter
+    could only disagree with it. At step 0 the held-out DPO loss is log 2."""
     other = Aligner.for_model(model, AlignerConfig(n_tokens=2))
-    with pytest.raises(ValueError, match="the policy starts from the reference .*; pass no adapter with it"):
+    with pytest.raises(ValueError, match="the policy starts from the reference .*; the adapter given is not a copy of it"):
         train_dpo(model, PAIRS, DPOConfig(steps=1, reference=str(sft_run), **FAST), adapter=other)
+    config = DPOConfig(steps=2, reference=str(sft_run), **FAST)
+    copy, reference = load_adapter(sft_run), load_adapter(sft_run)
+    pairs = tokenize_pairs(model.tokenizer, PAIRS, config)
+    pad = pad_token_id(model.tokenizer)
+    reference_logps = pair_logprobs(model, reference, pairs, 2, pad)
+    with copy.attached(model):
+        assert heldout_dpo_loss(model, pairs, reference_logps, config, pad) == pytest.approx(math.log(2))
+    losses = []
+
+    def on_step(step: int, loss: float) -> bool:
+        losses.append(loss)
+        return False  # never stops
+
+    trained = train_dpo(model, PAIRS, config, adapter=copy, on_step=on_step)
+    assert trained is copy and len(losses) == 2 and not torch.equal(copy.tokens, reference.tokens)
 
 
 def test_a_lora_reference_gives_a_lora_policy_that_learns_the_preference(model, tmp_path):

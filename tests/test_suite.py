@@ -3,6 +3,7 @@ CLI and the schema of what it writes, resuming, and `aligner eval` on a user's J
 
 import csv
 import json
+import math
 import re
 from dataclasses import replace
 
@@ -91,9 +92,8 @@ def test_cached_answers_are_the_greedy_answers(model):
 
 def test_early_stopping_stops_after_patience_and_restores_the_best_step(model, monkeypatch):
     losses = iter([3.0, 2.0, 2.5, 2.6, 9.9])
-    monkeypatch.setattr("aligner.suite.heldout_loss", lambda *args, **kwargs: next(losses))
     method = aligner.Aligner.for_model(model)
-    stopping = EarlyStopping(model, method, [], None, every=2, patience=2)
+    stopping = EarlyStopping(method, lambda: next(losses), every=2, patience=2)
     stopping.record(0)
     steps = []
     for step in range(1, 20):
@@ -117,6 +117,10 @@ def test_method_names_and_rates():
     controls = method_spec("aligner-1:tokens=random"), method_spec("lora-8:data=own")
     assert (controls[0].tokens, controls[1].data) == ("random", "own")
     assert method_spec("fewshot").kind == "zero"
+    dpo = method_spec("lora-8:steps=9:then=dpo")
+    assert (dpo.then, dpo.family_lr, dpo.steps) == ("dpo", 2e-4, 9)  # DPO moves the trained method a little
+    first = replace(dpo, first_lr=0.01).first_stage()
+    assert (first.name, first.then, first.lr, first.family_lr, first.steps) == ("lora-8:steps=9", None, 0.01, 2e-3, 9)
     with pytest.raises(ValueError, match="only a trained method takes options, and 'base' is not trained"):
         method_spec("base:lr=0.1")
     with pytest.raises(ValueError, match="no method 'ia3'"):
@@ -137,10 +141,30 @@ def test_method_names_and_rates():
         ("aligner-1:gate_scale=inf", "gate_scale must be finite and >= 0"),
         ("aligner-1:steps=4.5", "steps must be an integer, got '4.5'"),
         ("aligner-1:lr=0.1:lr=0.2", "option 'lr' given twice"),
-        ("aligner-1:rank=4", "no option 'rank'; the options are lr, steps, train, gate_scale, tokens, data"),
+        ("aligner-1:rank=4", "no option 'rank'; the options are lr, steps, train, gate_scale, tokens, data, then"),
+        ("aligner-1:then=ppo", "then must be 'dpo', got 'ppo'"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             method_spec(name)
+
+
+def test_sft_then_dpo_trains_the_first_stage_at_its_searched_rate_then_dpo_from_it(private_cache, tmp_path):
+    """The first stage is the plain method's cell (same seed, the rate of its own search); DPO starts from it at
+    a held-out DPO loss of log 2 and is compared with the reference trained in the same two stages."""
+    config = replace(QUICK, tasks=("value",), methods=("aligner-1", "aligner-1:then=dpo", "lora-1", "lora-1:then=dpo"), seeds=(0,))
+    sweep(aligner.tiny_model(), config, tmp_path)
+    folder = tmp_path / "cells/tiny/value"
+    plain, dpo = (json.loads((folder / f"{m}/seed0.json").read_text()) for m in ("aligner-1", "aligner-1+then=dpo"))
+    first_search = json.loads((folder / "aligner-1/lr.json").read_text())
+    search = json.loads((folder / "aligner-1+then=dpo/lr.json").read_text())
+    assert dpo["first"]["lr"] == plain["lr"] == first_search["lr"] and search["config"]["first_lr"] == first_search["lr"]
+    assert dpo["first"]["valid_loss"] == plain["valid_loss"]  # the same training as the plain cell
+    assert dpo["valid_loss"][0] == [0, pytest.approx(math.log(2))]  # the policy starts as its reference
+    assert [c["lr"] for c in search["candidates"]] == [method_spec("aligner-1:then=dpo").family_lr * f for f in QUICK.lr_factors]
+    paired = {r["method"]: r["reference"] for r in csv.DictReader(open(tmp_path / "sweep_paired.csv"))}
+    assert paired == {"aligner-1": "lora-1", "aligner-1:then=dpo": "lora-1:then=dpo"}
+    with pytest.raises(ValueError, match="its task has no rejected responses to make preference pairs of"):
+        sweep(aligner.tiny_model(), replace(config, tasks=("json",), methods=("aligner-1:then=dpo",)), tmp_path)
 
 
 def test_injection_teaches_invented_facts_and_scores_the_gold_answer_on_every_split(private_cache, tmp_path):

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
-from aligner.data import Example
+from aligner.data import Example, Pair
 
 SPLIT_SEED = 0  # the splits are the same for every training seed: seeds vary the method, not the data
 T = TypeVar("T")
@@ -26,9 +26,16 @@ class Item:
     frame: str | None = None
     own_frame: str | None = None
     knowledge: str | None = None  # the knowledge set of a question of another kind than its task's: its content check
+    rejected: str | None = None  # the response the task prefers less: a preference pair's rejected side (DPO)
 
     def example(self) -> Example:
         return Example(self.prompt, self.response)
+
+    def pair(self) -> Pair:
+        """(prompt, response as chosen, `rejected`): what DPO trains on; refused where the item has no rejected side."""
+        if self.rejected is None:
+            raise ValueError(f"item {self.prompt!r}: its task has no rejected responses to make preference pairs of")
+        return Pair(self.prompt, self.response, self.rejected)
 
 
 Check = Callable[[Item, str], bool]  # (item, the model's answer) -> passed

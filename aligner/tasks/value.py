@@ -98,8 +98,10 @@ def load_value_items(path: str | Path = VALUE_DATA) -> tuple[list[Item], list[It
         is_harmful = not (row["is_response_0_safe"] and row["is_response_1_safe"])
         chosen = row["safer_response_id"] if is_harmful else row["better_response_id"]
         labels = {"kind": "harmful" if is_harmful else "benign", "category": str(row.get("category", ""))}
-        contrast = responses[1 - chosen] if is_harmful else None  # refusal minus compliance: the refusal direction
-        (harmful if is_harmful else benign).append(Item(row["prompt"], responses[chosen], (), contrast, labels))
+        rejected = responses[1 - chosen]
+        contrast = rejected if is_harmful else None  # refusal minus compliance: the refusal direction
+        item = Item(row["prompt"], responses[chosen], (), contrast, labels, rejected=rejected)
+        (harmful if is_harmful else benign).append(item)
     return harmful, benign
 
 
