@@ -13,7 +13,8 @@ sweep() { .venv/bin/aligner sweep --model gemma-3-270m --out "$OUT" --seeds 0,1,
 
 (
   sweep --tasks json --methods base,prompting,fewshot,aligner-1,aligner-10,lora-8
-  sweep --tasks inject --audit-shots 3 --methods base,aligner-1,aligner-10,lora-8
+  # Injection's step budget as SmolLM2's (sweep_smollm2.sh): invented facts take more passes than a form.
+  sweep --tasks inject --audit-shots 3 --steps 600 --methods base,aligner-1,aligner-10,lora-8
 ) &
 (
   # Instruction following, the paper's first task.
