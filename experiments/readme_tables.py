@@ -95,7 +95,7 @@ def provenance(res: Results) -> list[str]:
     families = sorted(rates, key=method_order)
     lrs = ", ".join(f"{family} {'/'.join(f'{lr:g}' for lr in sorted(rates[family]))}" for family in families)
     return textwrap.wrap(
-        f"{len(cells)} cells ({len(trained)} trained) in `results/cells/{model_folder(res.model)}/`, written by "
+        f"{len(cells)} cells ({len(trained)} trained) in `{res.results.as_posix()}/cells/{model_folder(res.model)}/`, written by "
         f"`aligner sweep` at commit {', '.join(commits)} (torch {', '.join(torches)}); step budgets "
         f"{', '.join(map(str, budgets))}; {', '.join(map(str, items))} held-out items per split; training seeds "
         f"{', '.join(map(str, seeds))}; learning rates {lrs}; {hours:.1f} h of cell time (training and answering).",
