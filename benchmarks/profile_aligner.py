@@ -1,12 +1,14 @@
-"""Where the aligner's time goes: torch.profiler over a forward and a training step of the bridge with and
-without an attached aligner (the operators whose call count the aligner changes, with the host time those calls
-take, and on a GPU their device time), and the wall time spent inside the aligner's two hooks (its Python and its
-forward operators, launched or run). On a host-bound model the host time per operator, not the device's, says what
-to cut.
+"""Where the aligner's time goes: torch.profiler over a forward and a training step of the bridge (or, with
+`--raw`, the raw transformers model, as training and generation run it) with and without an attached aligner
+(the operators whose call count the aligner changes, with the host time those calls take, and on a GPU their
+device time), and on the bridge the wall time spent inside the aligner's two hooks (its Python and its forward
+operators, launched or run). On a host-bound model the host time per operator, not the device's, says what to
+cut.
 
     python -m benchmarks.profile_aligner --device cpu --shape smollm2 --batch 2 --seq 64 --n-tokens 10
+    python -m benchmarks.profile_aligner --device cpu --shape smollm2 --batch 2 --seq 64 --n-tokens 1 --raw
 
-The training step of the bridge alone asks for input gradients (benchmarks/throughput.py's floor).
+The training step of the model alone asks for input gradients (benchmarks/throughput.py's floor).
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ HOOKS = ("_keep_queries", "_add_prefix_attention")  # what the aligner runs at e
 def main() -> None:
     parser = arguments(__doc__, batch=2, seq=64, rounds=3, iters=2)
     parser.add_argument("--n-tokens", type=int, default=10)
+    parser.add_argument("--raw", action="store_true", help="the raw transformers model instead of the bridge")
     args = finish(parser.parse_args())
     hf, tokenizer = hf_model(args)
-    bridge = bridge_of(hf, tokenizer, name=args.shape)
-    al = random_aligner(bridge, args.n_tokens)
+    model = hf if args.raw else bridge_of(hf, tokenizer, name=args.shape)
+    al = random_aligner(model, args.n_tokens)
     in_hooks = [0.0]
     for name in HOOKS:  # patched on the class before attaching, which binds them
 
@@ -57,7 +60,10 @@ def main() -> None:
     ids = torch.randint(0, hf.config.vocab_size, (args.batch, args.seq), device=args.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
 
-    forward = no_grad(lambda: bridge(ids))
+    def logits() -> torch.Tensor:
+        return model(ids).logits if args.raw else model(ids)
+
+    forward = no_grad(logits)
 
     def timed_calls(call) -> float:
         synchronize(args.device)
@@ -94,19 +100,20 @@ def main() -> None:
         return count[0]
 
     print(header(args))
-    print(f"aligner: N={args.n_tokens}, start layer {al.config.start_layer}; times per call, in ms\n")
-    for name, call in (("forward", forward), ("training step", train_step(lambda: bridge(ids), ids, []))):
+    where = "the raw model" if args.raw else "the bridge"
+    print(f"aligner: N={args.n_tokens}, start layer {al.config.start_layer}, on {where}; times per call, in ms\n")
+    for name, call in (("forward", forward), ("training step", train_step(logits, ids, []))):
         walls, hook_ms = {"base": [], "aligned": []}, []
-        with input_gradients(bridge):
+        with input_gradients(model):
             call()
             base, base_lookups = operators(call), attribute_lookups(call)
-        with al.attached(bridge):
+        with al.attached(model):
             call()
             aligned, aligned_lookups = operators(call), attribute_lookups(call)
         for _ in range(args.rounds):  # interleaved, medians
-            with input_gradients(bridge):
+            with input_gradients(model):
                 walls["base"].append(timed_calls(call))
-            with al.attached(bridge):
+            with al.attached(model):
                 in_hooks[0] = 0.0
                 walls["aligned"].append(timed_calls(call))
                 hook_ms.append(in_hooks[0] / args.iters * 1e3)
@@ -131,10 +138,11 @@ def main() -> None:
         # Every operator call counts, views too: on a host-bound model each costs its dispatch.
         added = sum(calls for op, (calls, _, _) in added_by_op.items() if op.startswith("aten::"))
         host_ms = sum(calls * host_per_call for calls, host_per_call, _ in added_by_op.values())
+        hooks = "" if args.raw else f"{statistics.median(hook_ms):.2f} ms inside the aligner's hooks ({len(al.layers)} layers); "
         print(
-            f"{name}: {base_ms:.1f} ms base, {aligned_ms:.1f} ms aligned; {statistics.median(hook_ms):.2f} ms inside "
-            f"the aligner's hooks ({len(al.layers)} layers); {added / len(al.layers):.1f} aten operator calls added "
-            f"per adapted layer; nn.Module.__getattr__ called {base_lookups:,} times base, {aligned_lookups:,} aligned"
+            f"{name}: {base_ms:.1f} ms base, {aligned_ms:.1f} ms aligned; {hooks}{added / len(al.layers):.1f} aten "
+            f"operator calls added per adapted layer; nn.Module.__getattr__ called {base_lookups:,} times base, "
+            f"{aligned_lookups:,} aligned"
         )
         print(f"the calls added, net of those removed, cost the host {host_ms:.2f} ms in the operators themselves "
               "(their self time under the profiler)")
