@@ -63,6 +63,13 @@ suite-runs:
 		run=runs/suite-$$(echo $$cell | tr / -); rm -rf $$run; cp -r $(CELLS)/$$cell/seed0 $$run; \
 	done
 
+# The running grid's tables and the pages generated from them (docs/results-*.md), from the cells in results/next:
+# run before committing the cells that have landed.
+.PHONY: results-next
+results-next: install
+	$(VENV)/bin/aligner sweep --out results/next --tables-only
+	$(PY) docs/check.py --write
+
 # The committed probe reports: SmolLM2 with the suite's runs (make suite-runs first), and the paper's released
 # checkpoints (no base model needed).
 REPORT_RUNS ?= $(foreach cell,$(SUITE_RUNS),suite-$(subst /,-,$(cell)))
