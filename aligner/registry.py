@@ -173,6 +173,8 @@ def method_spec(name: str) -> MethodSpec:
     for key in ("gate_scale", "tokens"):
         if key in changes and family not in ("aligner", "adapter"):
             raise ValueError(f"{name!r}: {key} changes an aligner's gates or tokens; {base!r} has neither")
+    if "then" in changes and "data" in changes:
+        raise ValueError(f"{name!r}: data=own is a control of one training stage; a then= method has two")
     return replace(spec, name=name, **changes)
 
 

@@ -162,15 +162,17 @@ def train_method(
     raw_prompts: bool = False,
     lr: float | None = None,
     task: str | None = None,
+    first: tuple[Adapter, dict[str, Any]] | None = None,
 ) -> tuple[Adapter, dict[str, Any]]:
     """A fresh method of `spec` (seeded) trained on `data.train` at rate `lr` (None: the spec's, else its family's)
     for at most `config.steps` steps, stopped early on the held-out loss of `data.valid`; returned at its best
     step, with a record of the training. `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`);
     `task`, the suite task's name, is recorded in the method's provenance (what `probe report` reads).
-    A `then=dpo` method is its first stage so trained (at `spec.first_lr`), then `preference_stage`'s at `lr`."""
+    A `then=dpo` method is its first stage so trained (at `spec.first_lr`; or `first`, that stage trained with
+    this seed already, and its record), then `preference_stage`'s at `lr`."""
     if spec.then == "dpo":
-        first, first_record = train_method(model, spec.first_stage(), data, config, seed, raw_prompts, spec.first_lr, task)
-        return preference_stage(model, spec, first, first_record, data, config, seed, raw_prompts, lr, task)
+        first = first or train_method(model, spec.first_stage(), data, config, seed, raw_prompts, spec.first_lr, task)
+        return preference_stage(model, spec, *first, data, config, seed, raw_prompts, lr, task)
     lr = lr or spec.lr or spec.family_lr
     torch.manual_seed(seed)
     method = spec.make(model)
@@ -286,10 +288,12 @@ def choose_lr(
     raw_prompts: bool,
     path: Path,
     key: dict[str, Any] | None = None,
+    first: tuple[Adapter, dict[str, Any]] | None = None,
 ) -> float:
     """The rate `spec` trains at on this task: the one given in its name, else, of the family's rate times each
-    of `config.lr_factors`, the one whose best held-out loss is lowest, trained with the first seed. The search is
-    kept in `path` (JSON), and read from there while its settings, `key` (default: the config's), are the same."""
+    of `config.lr_factors`, the one whose best held-out loss is lowest, trained with the first seed (a `then=`
+    method from `first`, its first stage so trained, where given). The search is kept in `path` (JSON), and read
+    from there while its settings, `key` (default: the config's), are the same."""
     if spec.lr is not None:
         return spec.lr
     key = json.loads(json.dumps(key or config.cell_key()))
@@ -303,7 +307,7 @@ def choose_lr(
     candidates = saved.get("candidates", [])
     entry = {"method": training_name(spec), "lr": None, "candidates": candidates, "config": key}
     for factor in config.lr_factors[len(candidates) :]:
-        _, record = train_method(model, spec, data, config, config.seeds[0], raw_prompts, spec.family_lr * factor)
+        _, record = train_method(model, spec, data, config, config.seeds[0], raw_prompts, spec.family_lr * factor, first=first)
         best = min(loss for _, loss in record["valid_loss"])
         candidates.append({"lr": record["lr"], "valid_loss": best, "best_step": record["best_step"], "steps": record["steps"]})
         atomic_write_json(path, {**entry, "provenance": provenance()})
@@ -353,6 +357,7 @@ def run_cell(
     config: SuiteConfig,
     lr: float | None = None,
     adapter_dir: Path | None = None,
+    first: tuple[Adapter, dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """One method on one task with one seed, trained at `lr` (`choose_lr`'s): the record that `sweep` writes, with
     every item's score (None where the method does not apply: prompting without an instruction, few-shot
@@ -380,7 +385,7 @@ def run_cell(
         if spec.data == "own":
             own = {name: own_answers(model, fingerprint, task, getattr(data, name), config) for name in ("train", "valid")}
             data = replace(data, **own)
-        method, training = train_method(model, spec, data, config, seed, task.raw_prompts, lr, task.name)
+        method, training = train_method(model, spec, data, config, seed, task.raw_prompts, lr, task.name, first)
         if spec.tokens == "random":
             randomise_tokens(method, seed)
         record.update(params=method.num_parameters(), **training)
@@ -456,23 +461,27 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
         path = cell_path(out, config.model, task.name, spec.name, seed)
         if path.is_file() and read_json(path).get("config") == json.loads(json.dumps(key)):
             continue
-        lr = None
+        lr, first = None, None
         if spec.kind == "trained":
             # The search reads the training and validation items alone: other evaluation splits keep its rate.
             searched = {**config.cell_key(), "data_sha256": data_sha256(replace(datas[task.name], eval={}))}
 
-            def rate(spec: MethodSpec, key: dict[str, Any]) -> float:
+            def rate(spec: MethodSpec, key: dict[str, Any], first: tuple[Adapter, dict[str, Any]] | None = None) -> float:
                 lr_path = cell_path(out, config.model, task.name, training_name(spec), seed).with_name("lr.json")
-                return choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, key)
+                return choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, key, first)
 
-            if spec.then is not None:  # the first stage's rate first, which the second stage's search trains from
+            if spec.then is not None:
+                # The first stage: its rate, then trained once with this seed, for the second stage's rate search
+                # (which trains with the first seed) and its cell.
                 spec = replace(spec, first_lr=rate(spec.first_stage(), searched))
                 searched = {**searched, "first_lr": spec.first_lr}
-            lr = rate(spec, searched)
+                first_spec = spec.first_stage()
+                first = train_method(model, first_spec, datas[task.name], config, seed, task.raw_prompts, first_spec.lr, task.name)
+            lr = rate(spec, searched, first if seed == config.seeds[0] else None)
         # The first seed's method is kept beside its cell (OUT/cells/.../seedS/), for the analyses that read an
         # adapter (probe report, the app); the other seeds' results are their records alone.
         adapter_dir = path.with_suffix("") if seed == config.seeds[0] else None
-        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, lr, adapter_dir)
+        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, lr, adapter_dir, first)
         if record is not None:
             atomic_write_json(path, {**record, "config": key, "provenance": provenance()})
             ran += 1

@@ -143,16 +143,21 @@ def test_method_names_and_rates():
         ("aligner-1:lr=0.1:lr=0.2", "option 'lr' given twice"),
         ("aligner-1:rank=4", "no option 'rank'; the options are lr, steps, train, gate_scale, tokens, data, then"),
         ("aligner-1:then=ppo", "then must be 'dpo', got 'ppo'"),
+        ("aligner-1:data=own:then=dpo", "data=own is a control of one training stage; a then= method has two"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             method_spec(name)
 
 
-def test_sft_then_dpo_trains_the_first_stage_at_its_searched_rate_then_dpo_from_it(private_cache, tmp_path):
-    """The first stage is the plain method's cell (same seed, the rate of its own search); DPO starts from it at
-    a held-out DPO loss of log 2 and is compared with the reference trained in the same two stages."""
+def test_sft_then_dpo_trains_the_first_stage_at_its_searched_rate_then_dpo_from_it(private_cache, tmp_path, monkeypatch):
+    """The first stage is the plain method's cell (same seed, the rate of its own search), trained once for the
+    second stage's search and cell; DPO starts from it at a held-out DPO loss of log 2 and is compared with the
+    reference trained in the same two stages."""
     config = replace(QUICK, tasks=("value",), methods=("aligner-1", "aligner-1:then=dpo", "lora-1", "lora-1:then=dpo"), seeds=(0,))
+    trainings, train_sft = [], aligner.suite.train_sft
+    monkeypatch.setattr("aligner.suite.train_sft", lambda *args, **kwargs: trainings.append(1) or train_sft(*args, **kwargs))
     sweep(aligner.tiny_model(), config, tmp_path)
+    assert len(trainings) == 2 * (len(QUICK.lr_factors) + 1 + 1)  # each family: its search, its cell, its first stage
     folder = tmp_path / "cells/tiny/value"
     plain, dpo = (json.loads((folder / f"{m}/seed0.json").read_text()) for m in ("aligner-1", "aligner-1+then=dpo"))
     first_search = json.loads((folder / "aligner-1/lr.json").read_text())
