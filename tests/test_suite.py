@@ -360,7 +360,7 @@ def test_an_interrupted_rate_search_resumes_at_the_next_rate(tmp_path, monkeypat
     config = replace(QUICK, lr_factors=(0.5, 1.0, 2.0))
     trained = []
 
-    def train_method(model, spec, data, config, seed, raw_prompts, lr):
+    def train_method(model, spec, data, config, seed, raw_prompts, lr, first=None):
         if len(trained) == 2 and lr == spec.family_lr * 2.0 and not interrupted:
             interrupted.append(lr)
             raise KeyboardInterrupt
