@@ -6,7 +6,7 @@ disagree.
     .venv/bin/python -m experiments.readme_tables TABLE [--model MODEL] [--results DIR]
 
 TABLE is one of: provenance, json, forms, instruct, inject, value, variants, questions, equal-size (one base
-model's, --model), headline (both models), or all (every table of --model, each with a title). A cell is the mean with its 95%
+model's, --model), headline and verdicts (both models), or all (every table of --model, each with a title). A cell is the mean with its 95%
 interval over items and seeds where the cells kept per-item scores, else "± std" (sample std over seeds, as the
 first grid recorded); zero-training methods are deterministic and ran once; "–": not run.
 """
@@ -224,6 +224,34 @@ def equal_size_table(res: Results) -> list[str]:
     return table(["split", "method", "parameters", "content", "− `lora-8`", "verdict"], lines)
 
 
+# One measure per question, for the README: (question, task, split, metric[, options]).
+VERDICTS = [
+    ("form, trained wording", "json", "test", "form"),
+    ("form, new wording", "json", "test_template", "form"),
+    ("form, question kind never trained", "json", "test_elements", "form"),
+    ("knowledge kept: answered right in the form", "json", "test", "content"),
+    ("knowledge kept: gold answer top-1 in the frame", "json", "test", "answer_rank1"),
+    ("instruction following: all three", "instruct", "test", "all"),
+    ("injection: taught facts", "inject", "taught", "content"),
+    ("injection: held-out known facts (collateral)", "inject", "known_heldout", "content"),
+    ("values: refuses harmful", "value", "harmful", "refusal"),
+    ("values: refuses benign (over-refusal)", "value", "benign", "refusal"),
+    ("values, SFT then DPO: refuses harmful", "value", "harmful", "refusal", ":then=dpo"),
+]
+
+
+def verdicts(results: Path, models: dict[str, str] = MODELS) -> list[str]:
+    """Per question, each base model's paired difference aligner-1 − lora-8 (trained alike) with its interval and
+    verdict against the margin; "–" where not run."""
+    by_model = {name: Results(model, results) for model, name in models.items()}
+    lines = []
+    for question, task, split, metric, *options in VERDICTS:
+        cells = [" ".join(res.difference(task, "aligner-1" + "".join(options), split, metric)) for res in by_model.values()]
+        if any(cell != "– –" for cell in cells):
+            lines.append([question, f"`{task}` {split} {metric}", *(("–" if c == "– –" else c) for c in cells)])
+    return table(["question", "measure", *(f"{name}: `aligner-1` − `lora-8`" for name in by_model)], lines)
+
+
 def headline(results: Path) -> list[str]:
     """Both models' base model, one token and LoRA r = 8 on one measure of each task family."""
     measures = [
@@ -259,12 +287,14 @@ TABLES: dict[str, tuple[str, Callable[[Results], list[str]]]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=[*TABLES, "headline", "all"])
+    parser.add_argument("table", choices=[*TABLES, "headline", "verdicts", "all"])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model of the one-model tables")
     parser.add_argument("--results", type=Path, default=Path("results"), help="the results directory")
     args = parser.parse_args()
     if args.table == "headline":
         lines = headline(args.results)
+    elif args.table == "verdicts":
+        lines = verdicts(args.results)
     elif args.table == "all":
         res = Results(args.model, args.results)
         lines = []
