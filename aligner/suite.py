@@ -261,6 +261,10 @@ def preference_stage(
             stopping.record(0)
         train_dpo(model, train, dpo_config, adapter=policy, on_step=stopping)
     stopping.restore_best()
+    # The reference was a file of this call's alone: the provenance names the stage it was instead.
+    first_stage = f"{spec.first_stage().name}, seed {seed}, the suite's first stage of {spec.name}"
+    policy.provenance["initialised_from"] = first_stage
+    policy.provenance["training"]["config"]["reference"] = first_stage
     record = {
         "train_s": first_record["train_s"] + time.perf_counter() - started,
         "steps": policy.provenance["training"]["step"],

@@ -165,6 +165,8 @@ def test_sft_then_dpo_trains_the_first_stage_at_its_searched_rate_then_dpo_from_
     assert dpo["first"]["lr"] == plain["lr"] == first_search["lr"] and search["config"]["first_lr"] == first_search["lr"]
     assert dpo["first"]["valid_loss"] == plain["valid_loss"]  # the same training as the plain cell
     assert dpo["valid_loss"][0] == [0, pytest.approx(math.log(2))]  # the policy starts as its reference
+    policy = aligner.load_adapter(folder / "aligner-1+then=dpo/seed0")
+    assert policy.provenance["initialised_from"] == "aligner-1, seed 0, the suite's first stage of aligner-1:then=dpo"
     assert [c["lr"] for c in search["candidates"]] == [method_spec("aligner-1:then=dpo").family_lr * f for f in QUICK.lr_factors]
     paired = {r["method"]: r["reference"] for r in csv.DictReader(open(tmp_path / "sweep_paired.csv"))}
     assert paired == {"aligner-1": "lora-1", "aligner-1:then=dpo": "lora-1:then=dpo"}
