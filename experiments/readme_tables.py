@@ -5,7 +5,7 @@ disagree.
 
     .venv/bin/python -m experiments.readme_tables TABLE [--model MODEL] [--results DIR]
 
-TABLE is one of: provenance, json, forms, instruct, inject, value, variants, questions, equal-size (one base
+TABLE is one of: provenance, rates, json, forms, instruct, inject, value, variants, questions, equal-size (one base
 model's, --model), headline and verdicts (both models), or all (every table of --model, each with a title). A cell is the mean with its 95%
 interval over items and seeds where the cells kept per-item scores, else "± std" (sample std over seeds, as the
 first grid recorded); zero-training methods are deterministic and ran once; "–": not run.
@@ -44,6 +44,7 @@ class Results:
         self.tasks = {r["task"] for r in self.rows}
         folder = results / "cells" / model_folder(model)
         self.cells = [json.loads(path.read_text()) for path in sorted(folder.glob("*/*/seed*.json"))]
+        self.searches = {(path.parts[-3], path.parts[-2].replace("+", ":")): json.loads(path.read_text()) for path in sorted(folder.glob("*/*/lr.json"))}
         paired = results / "sweep_paired.csv"
         with open(paired, newline="", encoding="utf-8") if paired.is_file() else contextlib.nullcontext([]) as f:
             self.paired = {(r["task"], r["method"], r["split"], r["metric"]): r for r in csv.DictReader(f) if r["model"] == model}
@@ -101,6 +102,23 @@ def provenance(res: Results) -> list[str]:
         f"{', '.join(map(str, seeds))}; learning rates {lrs}; {hours:.1f} h of cell time (training and answering).",
         WIDTH,
     )
+
+
+def rates_table(res: Results) -> list[str]:
+    """Each rate search: every rate tried with its best held-out loss and step, the rate chosen, and whether it lies
+    at an end of the rates tried (where a rate beyond them might have done better)."""
+    lines = []
+    for (task, method), search in sorted(res.searches.items(), key=lambda item: (item[0][0], method_order(item[0][1]))):
+        candidates = search["candidates"]
+        tried = "; ".join(f"{c['lr']:.2g}: {c['valid_loss']:.3f} (step {c['best_step']} of {c['steps']})" for c in candidates)
+        rates = sorted(c["lr"] for c in candidates)
+        chosen = search["lr"]
+        if chosen is None:
+            where = f"searching ({len(candidates)} of {len(search['config']['lr_factors'])} tried)"
+        else:
+            where = "lowest tried" if chosen == rates[0] else "highest tried" if chosen == rates[-1] else "inside"
+        lines.append([f"`{task}`", f"`{method}`", tried, "–" if chosen is None else f"{chosen:.2g}", where])
+    return table(["task", "method", "rate: best held-out loss (its step of the steps run)", "chosen", "where"], lines)
 
 
 def json_table(res: Results) -> list[str]:
@@ -274,6 +292,7 @@ def headline(results: Path) -> list[str]:
 
 TABLES: dict[str, tuple[str, Callable[[Results], list[str]]]] = {
     "provenance": ("What produced these tables", provenance),
+    "rates": ("The rate searches (on validation)", rates_table),
     "json": ("Form, every method (`json`)", json_table),
     "forms": ("The forms: zero training, one token, LoRA r = 8", forms_table),
     "instruct": ("Instruction following in the Alpaca format (`instruct`)", instruct_table),
