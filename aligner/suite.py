@@ -112,6 +112,7 @@ QUICK = SuiteConfig(
     reference="lora-1",
 )
 STEERING_REACH = 4  # how many times the steering grid may go on past an end where its best lies
+RATE_REACH = 2  # how many rates a rate search may try past an end of `lr_factors` where its best lies
 RANDOM_TOKENS_STREAM = 104_729  # added to a seed for the random-token control's draws (torch keeps 32 bits of a seed)
 
 
@@ -292,32 +293,53 @@ def choose_lr(
     raw_prompts: bool,
     path: Path,
     key: dict[str, Any] | None = None,
-    first: tuple[Adapter, dict[str, Any]] | None = None,
+    first: Callable[[], tuple[Adapter, dict[str, Any]]] | None = None,
 ) -> float:
     """The rate `spec` trains at on this task: the one given in its name, else, of the family's rate times each
-    of `config.lr_factors`, the one whose best held-out loss is lowest, trained with the first seed (a `then=`
-    method from `first`, its first stage so trained, where given). The search is kept in `path` (JSON), and read
-    from there while its settings, `key` (default: the config's), are the same."""
+    of `config.lr_factors` and on past an end of them where the best lies (`rate_past_an_end`), the one whose best
+    held-out loss is lowest, trained with the first seed (a `then=` method from `first()`, its first stage so
+    trained, where given). The search is kept in `path` (JSON), and read from there while its settings, `key`
+    (default: the config's), are the same."""
     if spec.lr is not None:
         return spec.lr
     key = json.loads(json.dumps(key or config.cell_key()))
     saved = read_json(path) if path.is_file() else {}
     if saved.get("config") != key:
         saved = {}
-    if saved.get("lr") is not None:
-        return saved["lr"]
     # Each candidate is written as it finishes (with "lr": null until the last), so that a search interrupted
     # between two trainings resumes at the next rate rather than from the first.
     candidates = saved.get("candidates", [])
     entry = {"method": training_name(spec), "lr": None, "candidates": candidates, "config": key}
-    for factor in config.lr_factors[len(candidates) :]:
-        _, record = train_method(model, spec, data, config, config.seeds[0], raw_prompts, spec.family_lr * factor, first=first)
+
+    def trial(lr: float) -> None:
+        _, record = train_method(model, spec, data, config, config.seeds[0], raw_prompts, lr, first=first and first())
         best = min(loss for _, loss in record["valid_loss"])
         candidates.append({"lr": record["lr"], "valid_loss": best, "best_step": record["best_step"], "steps": record["steps"]})
         atomic_write_json(path, {**entry, "provenance": provenance()})
+
+    for factor in config.lr_factors[len(candidates) :]:
+        trial(spec.family_lr * factor)
+    while (rate := rate_past_an_end(candidates, len(config.lr_factors) + RATE_REACH)) is not None:
+        trial(rate)
     entry["lr"] = min(candidates, key=lambda c: c["valid_loss"])["lr"]
-    atomic_write_json(path, {**entry, "provenance": provenance()})
+    if saved.get("lr") != entry["lr"]:
+        atomic_write_json(path, {**entry, "provenance": provenance()})
     return entry["lr"]
+
+
+def rate_past_an_end(candidates: Sequence[dict[str, Any]], most: int) -> float | None:
+    """The next rate to try where the best of `candidates` lies at an end of the rates tried (where a rate beyond
+    might do better): one step further, at the ratio of the two rates nearest that end; None where the best lies
+    inside, or `most` rates have been tried."""
+    if len(candidates) >= most or len(candidates) < 2:
+        return None
+    rates = sorted(c["lr"] for c in candidates)
+    best = min(candidates, key=lambda c: c["valid_loss"])["lr"]
+    if best == rates[-1]:
+        return rates[-1] * rates[-1] / rates[-2]
+    if best == rates[0]:
+        return rates[0] * rates[0] / rates[1]
+    return None
 
 
 def own_answers(model: nn.Module, fingerprint: str, task: Task, items: Sequence[Item], config: SuiteConfig) -> list[Item]:
@@ -463,14 +485,17 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
             datas[task.name] = suite_task_data(model, fingerprint, task, config, audits)
         key = {**config.cell_key(), "data_sha256": data_sha256(datas[task.name])}  # other items: another cell
         path = cell_path(out, config.model, task.name, spec.name, seed)
-        if path.is_file() and read_json(path).get("config") == json.loads(json.dumps(key)):
+        done = read_json(path) if path.is_file() else {}
+        if done.get("config") != json.loads(json.dumps(key)):
+            done = {}
+        if done and spec.kind != "trained":
             continue
         lr, first = None, None
         if spec.kind == "trained":
             # The search reads the training and validation items alone: other evaluation splits keep its rate.
             searched = {**config.cell_key(), "data_sha256": data_sha256(replace(datas[task.name], eval={}))}
 
-            def rate(spec: MethodSpec, key: dict[str, Any], first: tuple[Adapter, dict[str, Any]] | None = None) -> float:
+            def rate(spec: MethodSpec, key: dict[str, Any], first: Callable[[], tuple[Adapter, dict[str, Any]]] | None = None) -> float:
                 lr_path = cell_path(out, config.model, task.name, training_name(spec), seed).with_name("lr.json")
                 return choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, key, first)
 
@@ -480,12 +505,15 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
                 spec = replace(spec, first_lr=rate(spec.first_stage(), searched))
                 searched = {**searched, "first_lr": spec.first_lr}
                 first_spec = spec.first_stage()
-                first = train_method(model, first_spec, datas[task.name], config, seed, task.raw_prompts, first_spec.lr, task.name)
+                data = datas[task.name]
+                first = functools.cache(lambda: train_method(model, first_spec, data, config, seed, task.raw_prompts, first_spec.lr, task.name))
             lr = rate(spec, searched, first if seed == config.seeds[0] else None)
+            if done and done.get("lr") == lr:  # trained at the rate its search chose: a search gone on has another
+                continue
         # The first seed's method is kept beside its cell (OUT/cells/.../seedS/), for the analyses that read an
         # adapter (probe report, the app); the other seeds' results are their records alone.
         adapter_dir = path.with_suffix("") if seed == config.seeds[0] else None
-        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, lr, adapter_dir, first)
+        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, lr, adapter_dir, first and first())
         if record is not None:
             atomic_write_json(path, {**record, "config": key, "provenance": provenance()})
             ran += 1

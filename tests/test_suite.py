@@ -17,7 +17,7 @@ import aligner.objective
 from aligner.audit import audit, cached_answers, demonstrations
 from aligner.cli import app
 from aligner.registry import method_order, method_spec
-from aligner.suite import QUICK, EarlyStopping, cell_path, sweep
+from aligner.suite import QUICK, RATE_REACH, EarlyStopping, cell_path, sweep
 from aligner.tables import RUN_COLUMNS, SUMMARY_COLUMNS, summarise
 from aligner.tasks import KNOWLEDGE_SETS
 
@@ -157,7 +157,8 @@ def test_sft_then_dpo_trains_the_first_stage_at_its_searched_rate_then_dpo_from_
     trainings, train_sft = [], aligner.suite.train_sft
     monkeypatch.setattr("aligner.suite.train_sft", lambda *args, **kwargs: trainings.append(1) or train_sft(*args, **kwargs))
     sweep(aligner.tiny_model(), config, tmp_path)
-    assert len(trainings) == 2 * (len(QUICK.lr_factors) + 1 + 1)  # each family: its search, its cell, its first stage
+    searched = sum(len(json.loads(path.read_text())["candidates"]) for path in (tmp_path / "cells/tiny/value").glob("*/lr.json") if "then" not in path.parent.name)
+    assert len(trainings) == searched + 2 * (1 + 1)  # each family: its search, its cell, its first stage
     folder = tmp_path / "cells/tiny/value"
     plain, dpo = (json.loads((folder / f"{m}/seed0.json").read_text()) for m in ("aligner-1", "aligner-1+then=dpo"))
     first_search = json.loads((folder / "aligner-1/lr.json").read_text())
@@ -167,7 +168,8 @@ def test_sft_then_dpo_trains_the_first_stage_at_its_searched_rate_then_dpo_from_
     assert dpo["valid_loss"][0] == [0, pytest.approx(math.log(2))]  # the policy starts as its reference
     policy = aligner.load_adapter(folder / "aligner-1+then=dpo/seed0")
     assert policy.provenance["initialised_from"] == "aligner-1, seed 0, the suite's first stage of aligner-1:then=dpo"
-    assert [c["lr"] for c in search["candidates"]] == [method_spec("aligner-1:then=dpo").family_lr * f for f in QUICK.lr_factors]
+    tried = [c["lr"] for c in search["candidates"]][: len(QUICK.lr_factors)]
+    assert tried == [method_spec("aligner-1:then=dpo").family_lr * f for f in QUICK.lr_factors]
     paired = {r["method"]: r["reference"] for r in csv.DictReader(open(tmp_path / "sweep_paired.csv"))}
     assert paired == {"aligner-1": "lora-1", "aligner-1:then=dpo": "lora-1:then=dpo"}
     with pytest.raises(ValueError, match="its task has no rejected responses to make preference pairs of"):
@@ -269,7 +271,9 @@ def test_quick_sweep_writes_every_cell_and_the_tidy_tables(quick_sweep):
     trainings = ("aligner-1", "aligner-1+data=own", "lora-1")
     assert searches == {f"cells/tiny/{t}/{m}/lr.json" for t in QUICK.tasks for m in trainings}
     search = json.loads((out / "cells/tiny/json/aligner-1/lr.json").read_text())
-    assert [c["lr"] for c in search["candidates"]] == [method_spec("aligner-1").family_lr * f for f in QUICK.lr_factors]
+    tried = [c["lr"] for c in search["candidates"]]  # the grid, then past an end of it where its best lay there
+    assert tried[: len(QUICK.lr_factors)] == [method_spec("aligner-1").family_lr * f for f in QUICK.lr_factors]
+    assert len(tried) <= len(QUICK.lr_factors) + RATE_REACH
     assert search["lr"] == min(search["candidates"], key=lambda c: c["valid_loss"])["lr"]
     for seed in QUICK.seeds:
         for method in ("aligner-1", "aligner-1+tokens=random"):
@@ -367,7 +371,7 @@ def test_an_interrupted_rate_search_resumes_at_the_next_rate(tmp_path, monkeypat
             interrupted.append(lr)
             raise KeyboardInterrupt
         trained.append(lr)
-        return None, {"lr": lr, "valid_loss": [[0, 3.0 - lr]], "best_step": 0, "steps": 1}
+        return None, {"lr": lr, "valid_loss": [[0, 3.0 + abs(lr - spec.family_lr)]], "best_step": 0, "steps": 1}
 
     interrupted: list[float] = []
     monkeypatch.setattr(suite, "train_method", train_method)
@@ -375,9 +379,48 @@ def test_an_interrupted_rate_search_resumes_at_the_next_rate(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         suite.choose_lr(None, spec, None, config, False, path)
     assert json.loads(path.read_text())["lr"] is None and len(json.loads(path.read_text())["candidates"]) == 2
-    assert suite.choose_lr(None, spec, None, config, False, path) == spec.family_lr * 2.0
+    assert suite.choose_lr(None, spec, None, config, False, path) == spec.family_lr
     assert trained == [spec.family_lr * f for f in config.lr_factors]  # each rate trained once
-    assert suite.choose_lr(None, spec, None, config, False, path) == spec.family_lr * 2.0 and len(trained) == 3
+    assert suite.choose_lr(None, spec, None, config, False, path) == spec.family_lr and len(trained) == 3
+
+
+def test_a_cell_trained_at_another_rate_than_its_search_chose_is_rerun(private_cache, tmp_path):
+    """A search that went on past an end of its grid may choose another rate than the cells already trained."""
+    config = replace(QUICK, tasks=("json",), methods=("aligner-1",), seeds=(0,))
+    model = aligner.tiny_model()
+    sweep(model, config, tmp_path)
+    path = tmp_path / "cells/tiny/json/aligner-1/seed0.json"
+    chosen = json.loads((tmp_path / "cells/tiny/json/aligner-1/lr.json").read_text())["lr"]
+    assert json.loads(path.read_text())["lr"] == chosen
+    path.write_text(json.dumps({**json.loads(path.read_text()), "lr": chosen * 10}))
+    sweep(model, config, tmp_path)
+    assert json.loads(path.read_text())["lr"] == chosen
+
+
+def test_a_rate_search_whose_best_lies_at_an_end_goes_on_past_it(tmp_path, monkeypatch):
+    """Past the top of the rates where the best lies there, at the ratio of the last two, at most RATE_REACH
+    times; the other way at the bottom; a finished search trains nothing more."""
+    import aligner.suite as suite
+
+    config = replace(QUICK, lr_factors=(0.5, 1.0, 2.0))
+    spec, trained = method_spec("aligner-1"), []
+
+    def train_method(model, spec, data, config, seed, raw_prompts, lr, first=None):
+        trained.append(lr / spec.family_lr)
+        return None, {"lr": lr, "valid_loss": [[0, loss(lr / spec.family_lr)]], "best_step": 0, "steps": 1}
+
+    monkeypatch.setattr(suite, "train_method", train_method)
+    for loss, tried, chosen in [
+        (lambda f: -f, [0.5, 1.0, 2.0, 4.0, 8.0], 8.0),  # ever better upwards: RATE_REACH steps past the top
+        (lambda f: abs(f - 4.0), [0.5, 1.0, 2.0, 4.0, 8.0], 4.0),  # best one step past the top
+        (lambda f: abs(f - 0.2), [0.5, 1.0, 2.0, 0.25, 0.125], 0.25),  # past the bottom
+    ]:
+        trained.clear()
+        path = tmp_path / f"{chosen}.json"
+        assert suite.choose_lr(None, spec, None, config, False, path) == pytest.approx(spec.family_lr * chosen)
+        assert trained == pytest.approx(tried) and suite.RATE_REACH == 2
+        assert suite.choose_lr(None, spec, None, config, False, path) == pytest.approx(spec.family_lr * chosen)
+        assert len(trained) == len(tried)
 
 
 def test_an_interval_of_the_tables_is_the_bootstrap_of_the_cells_scores(quick_sweep):
