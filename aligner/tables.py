@@ -132,6 +132,21 @@ def summarise(out: str | Path, reference: str = "lora-8", margin: float = MARGIN
     return summary
 
 
+ZERO_SPACING = 4.0  # the methods with no parameters, drawn at 1, 4, 16, ...: apart, so that their labels do not overlap
+
+
+def drawn_at(params: Sequence[int]) -> tuple[list[float], list[str]]:
+    """Each point's x, its trainable parameters, the ones with none (in order) at 1, ZERO_SPACING, ...; and where
+    its label goes: above, and for every other one of those with none below, as their values are often equal."""
+    zeros = iter(range(len(params)))
+    xs, positions = [], []
+    for p in params:
+        i = None if p > 0 else next(zeros)
+        xs.append(float(p) if i is None else ZERO_SPACING**i)
+        positions.append("bottom center" if i is not None and i % 2 else "top center")
+    return xs, positions
+
+
 def reference_for(method: str, reference: str) -> str:
     """What `method` is compared with: `reference`, trained in as many stages (`METHOD:then=dpo` against
     `REFERENCE:then=dpo`)."""
@@ -265,9 +280,10 @@ def figure(summary: Sequence[dict[str, Any]]) -> Any:
         for task in sorted({series(r) for r in selected}):
             points = sorted((r for r in selected if series(r) == task), key=lambda r: r["params"])
             colour = colours.setdefault(task, len(colours))
+            xs, positions = drawn_at([r["params"] for r in points])
             fig.add_trace(
                 go.Scatter(
-                    x=[max(r["params"], 1) for r in points],
+                    x=xs,
                     y=[r["mean"] for r in points],
                     error_y=dict(
                         type="data",
@@ -277,19 +293,20 @@ def figure(summary: Sequence[dict[str, Any]]) -> Any:
                     ),
                     mode="markers+text",
                     text=[r["method"] for r in points],
-                    textposition="top center",
+                    textposition=positions,
                     textfont=dict(size=9),
                     name=task,
                     legendgroup=task,
                     showlegend=task not in {t.name for t in fig.data},
                     marker=dict(size=8, color=f"hsl({colour * 67 % 360}, 65%, 45%)"),
-                    hovertemplate="%{text}<br>params %{x:,}<br>%{y:.2f}<extra>" + task + "</extra>",
+                    customdata=[r["params"] for r in points],
+                    hovertemplate="%{text}<br>params %{customdata:,}<br>%{y:.2f}<extra>" + task + "</extra>",
                 ),
                 row=row,
                 col=col,
             )
-        fig.update_xaxes(type="log", title_text="trainable parameters (none: drawn at 1)", row=row, col=col)
-        fig.update_yaxes(range=[-0.06, 1.14], row=row, col=col)  # room for the labels above 1
+        fig.update_xaxes(type="log", title_text="trainable parameters (none: drawn at 1, 4, 16, ... apart)", row=row, col=col)
+        fig.update_yaxes(range=[-0.14, 1.14], row=row, col=col)  # room for the labels above 1 and below 0
     precisions = "; ".join(sorted({model_precision(r["model"]) for r in summary}))
     fig.update_layout(height=360 * rows, width=1200, title=f"Form vs knowledge: methods on the same frozen model ({precisions})")
     return fig

@@ -18,7 +18,7 @@ from aligner.audit import audit, cached_answers, demonstrations
 from aligner.cli import app
 from aligner.registry import method_order, method_spec
 from aligner.suite import QUICK, RATE_REACH, EarlyStopping, cell_path, sweep
-from aligner.tables import RUN_COLUMNS, SUMMARY_COLUMNS, summarise
+from aligner.tables import RUN_COLUMNS, SUMMARY_COLUMNS, drawn_at, summarise
 from aligner.tasks import KNOWLEDGE_SETS
 
 runner = CliRunner()
@@ -105,6 +105,11 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_step(model, m
     assert steps[-1] == 6 and stopping.best_step == 2 and [s for s, _ in stopping.history] == [0, 2, 4, 6]
     stopping.restore_best()
     assert torch.all(method.gates == 2)
+
+
+def test_the_figure_draws_the_methods_with_no_parameters_apart_labels_alternating():
+    xs, positions = drawn_at([0, 828, 0, 0])
+    assert xs == [1.0, 828.0, 4.0, 16.0] and positions == ["top center", "top center", "bottom center", "top center"]
 
 
 def test_method_names_and_rates():
