@@ -181,7 +181,24 @@ def train_method(
         raise ValueError(f"{spec.name}: train={spec.train}, but the task's training split has {len(data.train)} items")
     steps = spec.steps or config.steps
     train = data.train[: spec.train] if spec.train else data.train
-    train_config = TrainConfig(
+    train_config = TrainConfig(**stage_settings(config, steps, lr, seed, raw_prompts, task))
+
+    # each prompt as the method reads it, as train_sft trains it (prompt tuning's placeholders in front)
+    valid = formatted_for(method, [item.example() for item in data.valid])
+    heldout = functools.partial(heldout_loss, model, valid, config.system, chat_template=not raw_prompts)
+    stopping = EarlyStopping(method, heldout, config.eval_every, config.patience)
+    started = time.perf_counter()
+    model.requires_grad_(False)
+    with method.attached(model):  # the held-out loss before any step
+        stopping.record(0)
+    train_sft(model, [item.example() for item in train], train_config, adapter=method, on_step=stopping)
+    stopping.restore_best()
+    return method, stage_record(method, stopping, time.perf_counter() - started, steps, lr, len(train))
+
+
+def stage_settings(config: SuiteConfig, steps: int, lr: float, seed: int, raw_prompts: bool, task: str | None) -> dict[str, Any]:
+    """The training settings every stage of a suite method reads (`TrainConfig`'s, which `DPOConfig` extends)."""
+    return dict(
         steps=steps,
         batch_size=config.batch_size,
         lr=lr,
@@ -194,26 +211,18 @@ def train_method(
         task=task,
     )
 
-    # each prompt as the method reads it, as train_sft trains it (prompt tuning's placeholders in front)
-    valid = formatted_for(method, [item.example() for item in data.valid])
-    heldout = functools.partial(heldout_loss, model, valid, config.system, chat_template=not raw_prompts)
-    stopping = EarlyStopping(method, heldout, config.eval_every, config.patience)
-    started = time.perf_counter()
-    model.requires_grad_(False)
-    with method.attached(model):  # the held-out loss before any step
-        stopping.record(0)
-    train_sft(model, [item.example() for item in train], train_config, adapter=method, on_step=stopping)
-    stopping.restore_best()
-    record = {
-        "train_s": time.perf_counter() - started,
+
+def stage_record(method: Adapter, stopping: EarlyStopping, train_s: float, budget: int, lr: float, n_items: int) -> dict[str, Any]:
+    """What a cell records of a trained stage, early-stopped by `stopping` and put back at its best step."""
+    return {
+        "train_s": train_s,
         "steps": method.provenance["training"]["step"],
-        "budget": steps,
+        "budget": budget,
         "best_step": stopping.best_step,
         "valid_loss": stopping.history,
         "lr": lr,
-        "train_items": len(train),
+        "train_items": n_items,
     }
-    return method, record
 
 
 def preference_stage(
@@ -237,19 +246,7 @@ def preference_stage(
     train, valid = ([item.pair() for item in items] for items in (data.train, data.valid))
     with tempfile.TemporaryDirectory() as saved:
         reference = first.save(Path(saved) / "first")
-        dpo_config = DPOConfig(
-            steps=steps,
-            batch_size=config.batch_size,
-            lr=lr,
-            warmup_steps=config.warmup_steps,
-            seed=seed,
-            log_every=config.eval_every,
-            save_every=steps,
-            system=config.system,
-            chat_template=not raw_prompts,
-            task=task,
-            reference=str(reference),
-        )
+        dpo_config = DPOConfig(**stage_settings(config, steps, lr, seed, raw_prompts, task), reference=str(reference))
         pad = pad_token_id(model.tokenizer)
         held_out = tokenize_pairs(model.tokenizer, formatted_for(first, valid), dpo_config)
         reference_logps = pair_logprobs(model, first, held_out, config.batch_size, pad)
@@ -266,17 +263,8 @@ def preference_stage(
     first_stage = f"{spec.first_stage().name}, seed {seed}, the suite's first stage of {spec.name}"
     policy.provenance["initialised_from"] = first_stage
     policy.provenance["training"]["config"]["reference"] = first_stage
-    record = {
-        "train_s": first_record["train_s"] + time.perf_counter() - started,
-        "steps": policy.provenance["training"]["step"],
-        "budget": steps,
-        "best_step": stopping.best_step,
-        "valid_loss": stopping.history,
-        "lr": lr,
-        "train_items": len(train),
-        "first": first_record,
-    }
-    return policy, record
+    train_s = first_record["train_s"] + time.perf_counter() - started
+    return policy, {**stage_record(policy, stopping, train_s, steps, lr, len(train)), "first": first_record}
 
 
 def training_name(spec: MethodSpec) -> str:
