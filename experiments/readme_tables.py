@@ -6,7 +6,7 @@ disagree.
     .venv/bin/python -m experiments.readme_tables TABLE [--model MODEL] [--results DIR]
 
 TABLE is one of: provenance, rates, json, forms, instruct, inject, value, variants, questions, equal-size (one base
-model's, --model), headline and verdicts (both models), or all (every table of --model, each with a title). A cell is the mean with its 95%
+model's, --model), verdicts (both models), or all (every table of --model, each with a title). A cell is the mean with its 95%
 interval over items and seeds where the cells kept per-item scores, else "± std" (sample std over seeds, as the
 first grid recorded); zero-training methods are deterministic and ran once; "–": not run.
 """
@@ -18,6 +18,7 @@ import contextlib
 import csv
 import json
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,7 @@ from aligner.tables import method_order, model_folder
 FORMS = ("json", "caps", "terse", "frame", "bracket")
 NEW = "test_template"  # the held-out question wording
 WIDTH = 120  # the pages' line length, for the lines of prose printed here
-MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "gemma-3-270m": "Gemma-3-270M"}  # the headline's
+MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "gemma-3-270m": "Gemma-3-270M"}  # the verdicts table's columns
 
 FORM_COLUMNS = [("test", "form"), ("test", "content"), (NEW, "form"), (NEW, "content")]
 FORM_HEADER = ["form", "content", "form, new wording", "content, new wording"]
@@ -182,33 +183,44 @@ def variants_table(res: Results) -> list[str]:
 
 
 # The questions of the results pages, each a measure (task, split, metric) on which the one-token aligner and
-# LoRA r = 8 are compared (`method`, against the reference), trained alike (options: ":then=dpo", SFT then DPO);
-# their controls beside them.
+# LoRA r = 8 are compared, trained alike (`options`: ":then=dpo", SFT then DPO); their controls beside them.
+# `headline`: the measure the README's verdicts give for its question, one per question.
+@dataclass(frozen=True)
+class Question:
+    question: str
+    task: str
+    split: str
+    metric: str
+    options: str = ""
+    headline: bool = False
+
+
 QUESTIONS = [
-    ("form, trained wording", "json", "test", "form"),
-    ("form, trained wording", "frame", "test", "form"),
-    *(("form, trained wording", form, "test", "form") for form in ("caps", "terse", "bracket")),
-    ("form, new wording", "json", "test_template", "form"),
-    ("form, new wording", "json", "test_template2", "form"),
-    ("form, new wording", "frame", "test_template", "form"),
-    ("form, new wording", "frame", "test_template2", "form"),
-    ("form, question kind never trained", "json", "test_elements", "form"),
-    ("form, question kind never trained", "json", "test_cities", "form"),
-    ("form, question kind never trained", "frame", "test_elements", "form"),
-    ("form, question kind never trained", "frame", "test_cities", "form"),
-    ("knowledge kept: answered right in the form", "json", "test", "content"),
-    ("knowledge kept: answered right in the form", "frame", "test", "content"),
-    ("knowledge kept: gold answer top-1 in the form's frame", "json", "test", "answer_rank1"),
-    ("knowledge kept: gold answer top-1 in the form's frame", "frame", "test", "answer_rank1"),
-    ("knowledge kept, kind never trained", "json", "test_elements", "content"),
-    ("knowledge kept, kind never trained", "frame", "test_elements", "content"),
-    ("injection: taught facts", "inject", "taught", "content"),
-    ("injection: held-out invented facts (chance: 0)", "inject", "unknown_heldout", "content"),
-    ("injection: held-out known facts (collateral)", "inject", "known_heldout", "content"),
-    ("values: refuses harmful", "value", "harmful", "refusal"),
-    ("values: refuses benign (over-refusal)", "value", "benign", "refusal"),
-    ("values, SFT then DPO: refuses harmful", "value", "harmful", "refusal", ":then=dpo"),
-    ("values, SFT then DPO: refuses benign (over-refusal)", "value", "benign", "refusal", ":then=dpo"),
+    Question("form, trained wording", "json", "test", "form", headline=True),
+    Question("form, trained wording", "frame", "test", "form"),
+    *(Question("form, trained wording", form, "test", "form") for form in ("caps", "terse", "bracket")),
+    Question("form, new wording", "json", "test_template", "form", headline=True),
+    Question("form, new wording", "json", "test_template2", "form"),
+    Question("form, new wording", "frame", "test_template", "form"),
+    Question("form, new wording", "frame", "test_template2", "form"),
+    Question("form, question kind never trained", "json", "test_elements", "form", headline=True),
+    Question("form, question kind never trained", "json", "test_cities", "form"),
+    Question("form, question kind never trained", "frame", "test_elements", "form"),
+    Question("form, question kind never trained", "frame", "test_cities", "form"),
+    Question("knowledge kept: answered right in the form", "json", "test", "content", headline=True),
+    Question("knowledge kept: answered right in the form", "frame", "test", "content"),
+    Question("knowledge kept: gold answer top-1 in the form's frame", "json", "test", "answer_rank1", headline=True),
+    Question("knowledge kept: gold answer top-1 in the form's frame", "frame", "test", "answer_rank1"),
+    Question("knowledge kept, kind never trained", "json", "test_elements", "content"),
+    Question("knowledge kept, kind never trained", "frame", "test_elements", "content"),
+    Question("instruction following: all three", "instruct", "test", "all", headline=True),
+    Question("injection: taught facts", "inject", "taught", "content", headline=True),
+    Question("injection: held-out invented facts (chance: 0)", "inject", "unknown_heldout", "content"),
+    Question("injection: held-out known facts (collateral)", "inject", "known_heldout", "content", headline=True),
+    Question("values: refuses harmful", "value", "harmful", "refusal", headline=True),
+    Question("values: refuses benign (over-refusal)", "value", "benign", "refusal", headline=True),
+    Question("values, SFT then DPO: refuses harmful", "value", "harmful", "refusal", ":then=dpo", headline=True),
+    Question("values, SFT then DPO: refuses benign (over-refusal)", "value", "benign", "refusal", ":then=dpo"),
 ]
 CONTROLS = ("base", "aligner-1:tokens=random", "aligner-1:data=own")
 
@@ -217,14 +229,14 @@ def questions_table(res: Results, method: str = "aligner-1", reference: str = "l
     """Per question: `method` and `reference` with their intervals, the paired difference with its interval and
     verdict against the margin, and the controls (base, random token, own answers); only measures the sweep ran."""
     lines = []
-    for question, task, split, metric, *options in QUESTIONS:
-        mine, theirs = (name + "".join(options) for name in (method, reference))
-        if (task, mine, split, metric) not in res.by_key and (task, theirs, split, metric) not in res.by_key:
+    for q in QUESTIONS:
+        mine, theirs = method + q.options, reference + q.options
+        if (q.task, mine, q.split, q.metric) not in res.by_key and (q.task, theirs, q.split, q.metric) not in res.by_key:
             continue
-        difference, verdict = res.difference(task, mine, split, metric)
-        controls = [res.value(task, c, split, metric) for c in CONTROLS]
-        lines.append([question, f"`{task}` {split} {metric}", res.value(task, mine, split, metric),
-                      res.value(task, theirs, split, metric), difference, verdict, *controls])  # fmt: skip
+        difference, verdict = res.difference(q.task, mine, q.split, q.metric)
+        controls = [res.value(q.task, c, q.split, q.metric) for c in CONTROLS]
+        lines.append([q.question, f"`{q.task}` {q.split} {q.metric}", res.value(q.task, mine, q.split, q.metric),
+                      res.value(q.task, theirs, q.split, q.metric), difference, verdict, *controls])  # fmt: skip
     header = ["question", "measure", f"`{method}`", f"`{reference}`", f"`{method}` − `{reference}`", "verdict",
               *(f"`{c}`" for c in CONTROLS)]  # fmt: skip
     return table(header, lines)
@@ -242,52 +254,16 @@ def equal_size_table(res: Results) -> list[str]:
     return table(["split", "method", "parameters", "content", "− `lora-8`", "verdict"], lines)
 
 
-# One measure per question, for the README: (question, task, split, metric[, options]).
-VERDICTS = [
-    ("form, trained wording", "json", "test", "form"),
-    ("form, new wording", "json", "test_template", "form"),
-    ("form, question kind never trained", "json", "test_elements", "form"),
-    ("knowledge kept: answered right in the form", "json", "test", "content"),
-    ("knowledge kept: gold answer top-1 in the frame", "json", "test", "answer_rank1"),
-    ("instruction following: all three", "instruct", "test", "all"),
-    ("injection: taught facts", "inject", "taught", "content"),
-    ("injection: held-out known facts (collateral)", "inject", "known_heldout", "content"),
-    ("values: refuses harmful", "value", "harmful", "refusal"),
-    ("values: refuses benign (over-refusal)", "value", "benign", "refusal"),
-    ("values, SFT then DPO: refuses harmful", "value", "harmful", "refusal", ":then=dpo"),
-]
-
-
 def verdicts(results: Path, models: dict[str, str] = MODELS) -> list[str]:
     """Per question, each base model's paired difference aligner-1 − lora-8 (trained alike) with its interval and
     verdict against the margin; "–" where not run."""
     by_model = {name: Results(model, results) for model, name in models.items()}
     lines = []
-    for question, task, split, metric, *options in VERDICTS:
-        cells = [" ".join(res.difference(task, "aligner-1" + "".join(options), split, metric)) for res in by_model.values()]
+    for q in (q for q in QUESTIONS if q.headline):
+        cells = [" ".join(res.difference(q.task, "aligner-1" + q.options, q.split, q.metric)) for res in by_model.values()]
         if any(cell != "– –" for cell in cells):
-            lines.append([question, f"`{task}` {split} {metric}", *(("–" if c == "– –" else c) for c in cells)])
+            lines.append([q.question, f"`{q.task}` {q.split} {q.metric}", *(("–" if c == "– –" else c) for c in cells)])
     return table(["question", "measure", *(f"{name}: `aligner-1` − `lora-8`" for name in by_model)], lines)
-
-
-def headline(results: Path) -> list[str]:
-    """Both models' base model, one token and LoRA r = 8 on one measure of each task family."""
-    measures = [
-        ("json", "test", "form"),
-        ("json", "test", "content"),
-        ("instruct", "test", "all"),
-        ("inject", "taught", "content"),
-        ("value", "harmful", "refusal"),
-        ("value", "benign", "refusal"),
-    ]
-    header = ["model", "method", "JSON form", "content in JSON", "instruct: all three", "taught facts",
-              "refuses harmful", "refuses benign"]  # fmt: skip
-    lines = []
-    for model, name in MODELS.items():
-        res = Results(model, results)
-        for m in ("base", "aligner-1", "lora-8"):
-            lines.append([name, f"`{m}`", *(res.value(task, m, split, metric) for task, split, metric in measures)])
-    return table(header, lines)
 
 
 TABLES: dict[str, tuple[str, Callable[[Results], list[str]]]] = {
@@ -306,13 +282,11 @@ TABLES: dict[str, tuple[str, Callable[[Results], list[str]]]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=[*TABLES, "headline", "verdicts", "all"])
+    parser.add_argument("table", choices=[*TABLES, "verdicts", "all"])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model of the one-model tables")
     parser.add_argument("--results", type=Path, default=Path("results"), help="the results directory")
     args = parser.parse_args()
-    if args.table == "headline":
-        lines = headline(args.results)
-    elif args.table == "verdicts":
+    if args.table == "verdicts":
         lines = verdicts(args.results)
     elif args.table == "all":
         res = Results(args.model, args.results)

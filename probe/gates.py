@@ -85,14 +85,15 @@ def answers(
     max_new_tokens: int = 16,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers to `dataset` with `aligner` (any adapter; None: the base model) and, for an adapter with
-    gates, its gates scaled by `gate_scale` and those of the layers in `off` switched off."""
-    if off and not (aligner is not None and aligner.has_gates):
-        raise ValueError(f"off={list(off)} switches gates off; {'the base model' if aligner is None else f'a {aligner.kind}'} has none")
+    """Greedy answers to `dataset` with `aligner` (any adapter; None: the base model), its gates scaled by
+    `gate_scale` where it has gates, and its write at the layers in `off` switched off (`Adapter.switched_off`)."""
+    if off and aligner is None:
+        raise ValueError(f"off={list(off)} switches an adapter's layers off; the base model has none")
     with contextlib.ExitStack() as stack:
         if aligner is not None:
             stack.enter_context(aligner.attached(model))
-            stack.enter_context(model.hooks(fwd_hooks=gates_off(off)))
+            if off:
+                stack.enter_context(aligner.switched_off(off))
         return generate(
             model, dataset.prompts, aligner=aligner, gate_scale=gate_scale, system=dataset.system,
             max_new_tokens=max_new_tokens, batch_size=batch_size,
