@@ -65,7 +65,9 @@ class SuiteConfig:
     methods: tuple[str, ...] = tuple(METHODS)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # trained methods run once per seed; the others, deterministic, once
     sizes: Sizes = field(default_factory=lambda: Sizes(train=32, valid=8, eval=40))
-    steps: int = 200  # the most steps of a trained method: early stopping ends it sooner, at convergence
+    # A trained method's step budget: early stopping ends it sooner, at convergence; one still improving there goes
+    # on to convergence, up to `STEP_REACH` budgets (`EarlyStopping`).
+    steps: int = 200
     batch_size: int = 8  # examples per step
     warmup_steps: int = 5
     eval_every: int = 10  # steps between held-out losses
@@ -113,6 +115,7 @@ QUICK = SuiteConfig(
 )
 STEERING_REACH = 4  # how many times the steering grid may go on past an end where its best lies
 RATE_REACH = 2  # how many rates a rate search may try past an end of `lr_factors` where its best lies
+STEP_REACH = 3  # how many step budgets a training still improving at its budget may run (`EarlyStopping`)
 RANDOM_TOKENS_STREAM = 104_729  # added to a seed for the random-token control's draws (torch keeps 32 bits of a seed)
 
 
@@ -127,11 +130,13 @@ def score(task: Task, items: Sequence[Item], answers: Sequence[str]) -> dict[str
 class EarlyStopping:
     """A training loop's `on_step` (`train_sft`, `train_dpo`): every `every` steps, `heldout()`, the held-out loss
     with `method` attached as it is now; stops after `patience` of them without improvement, and `restore_best`
-    puts back the parameters of the best one (step 0 included)."""
+    puts back the parameters of the best one (step 0 included). At the first of them at or past `budget` it stops
+    unless that one improved: a training still improving at its budget goes on until it converges (the loop's
+    own step count, `STEP_REACH` budgets in the suite, is the most it runs)."""
 
-    def __init__(self, method: Adapter, heldout: Callable[[], float], every: int, patience: int):
+    def __init__(self, method: Adapter, heldout: Callable[[], float], every: int, patience: int, budget: int):
         self.method, self.heldout = method, heldout
-        self.every, self.patience = every, patience
+        self.every, self.patience, self.budget = every, patience, budget
         self.history: list[tuple[int, float]] = []
         self.best_step, self.best_loss, self.best_state = 0, math.inf, None
 
@@ -146,6 +151,8 @@ class EarlyStopping:
         if step % self.every:
             return False
         self.record(step)
+        if self.budget <= step < self.budget + self.every and self.best_step < step:
+            return True
         return step - self.best_step >= self.patience * self.every
 
     def restore_best(self) -> None:
@@ -166,8 +173,8 @@ def train_method(
     first: tuple[Adapter, dict[str, Any]] | None = None,
 ) -> tuple[Adapter, dict[str, Any]]:
     """A fresh method of `spec` (seeded) trained on `data.train` at rate `lr` (None: the spec's, else its family's)
-    for at most `config.steps` steps, stopped early on the held-out loss of `data.valid`; returned at its best
-    step, with a record of the training. `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`);
+    for its step budget (`steps`), stopped early on the held-out loss of `data.valid`; returned at its best step,
+    with a record of the training. `raw_prompts`: the prompts carry their own format (`Task.raw_prompts`);
     `task`, the suite task's name, is recorded in the method's provenance (what `probe report` reads).
     A `then=dpo` method is its first stage so trained (at `spec.first_lr`; or `first`, that stage trained with
     this seed already, and its record), then `preference_stage`'s at `lr`."""
@@ -179,21 +186,30 @@ def train_method(
     method = spec.make(model)
     if spec.train and spec.train > len(data.train):
         raise ValueError(f"{spec.name}: train={spec.train}, but the task's training split has {len(data.train)} items")
-    steps = spec.steps or config.steps
+    budget, most = step_budget(spec, config)
     train = data.train[: spec.train] if spec.train else data.train
-    train_config = TrainConfig(**stage_settings(config, steps, lr, seed, raw_prompts, task))
+    train_config = TrainConfig(**stage_settings(config, most, lr, seed, raw_prompts, task))
 
     # each prompt as the method reads it, as train_sft trains it (prompt tuning's placeholders in front)
     valid = formatted_for(method, [item.example() for item in data.valid])
     heldout = functools.partial(heldout_loss, model, valid, config.system, chat_template=not raw_prompts)
-    stopping = EarlyStopping(method, heldout, config.eval_every, config.patience)
+    stopping = EarlyStopping(method, heldout, config.eval_every, config.patience, budget)
     started = time.perf_counter()
     model.requires_grad_(False)
     with method.attached(model):  # the held-out loss before any step
         stopping.record(0)
     train_sft(model, [item.example() for item in train], train_config, adapter=method, on_step=stopping)
     stopping.restore_best()
-    return method, stage_record(method, stopping, time.perf_counter() - started, steps, lr, len(train))
+    return method, stage_record(method, stopping, time.perf_counter() - started, (budget, most), lr, len(train))
+
+
+def step_budget(spec: MethodSpec, config: SuiteConfig) -> tuple[int, int]:
+    """A training stage's step budget and the most steps it may run: the config's budget, and `STEP_REACH` of
+    them for a training still improving there (`EarlyStopping`); a method that names its steps (`:steps=20`)
+    runs that many at most."""
+    if spec.steps:
+        return spec.steps, spec.steps
+    return config.steps, config.steps * STEP_REACH
 
 
 def stage_settings(config: SuiteConfig, steps: int, lr: float, seed: int, raw_prompts: bool, task: str | None) -> dict[str, Any]:
@@ -212,12 +228,16 @@ def stage_settings(config: SuiteConfig, steps: int, lr: float, seed: int, raw_pr
     )
 
 
-def stage_record(method: Adapter, stopping: EarlyStopping, train_s: float, budget: int, lr: float, n_items: int) -> dict[str, Any]:
-    """What a cell records of a trained stage, early-stopped by `stopping` and put back at its best step."""
+def stage_record(
+    method: Adapter, stopping: EarlyStopping, train_s: float, budget: tuple[int, int], lr: float, n_items: int
+) -> dict[str, Any]:
+    """What a cell records of a trained stage, early-stopped by `stopping` and put back at its best step; `budget`:
+    its step budget and the most steps it could run (`step_budget`)."""
     return {
         "train_s": train_s,
         "steps": method.provenance["training"]["step"],
-        "budget": budget,
+        "budget": budget[0],
+        "most_steps": budget[1],
         "best_step": stopping.best_step,
         "valid_loss": stopping.history,
         "lr": lr,
@@ -242,17 +262,21 @@ def preference_stage(
     budget, stopped early on the mean DPO loss of `data.valid`'s pairs (log 2 at step 0); returned at its best
     step, with a record of both stages (the first's under "first")."""
     lr = lr or spec.lr or spec.family_lr
-    steps = spec.steps or config.steps
+    budget, most = step_budget(spec, config)
     train, valid = ([item.pair() for item in items] for items in (data.train, data.valid))
     with tempfile.TemporaryDirectory() as saved:
         reference = first.save(Path(saved) / "first")
-        dpo_config = DPOConfig(**stage_settings(config, steps, lr, seed, raw_prompts, task), reference=str(reference))
+        dpo_config = DPOConfig(**stage_settings(config, most, lr, seed, raw_prompts, task), reference=str(reference))
         pad = pad_token_id(model.tokenizer)
         held_out = tokenize_pairs(model.tokenizer, formatted_for(first, valid), dpo_config)
         reference_logps = pair_logprobs(model, first, held_out, config.batch_size, pad)
         policy = load_adapter(reference)
         stopping = EarlyStopping(
-            policy, functools.partial(heldout_dpo_loss, model, held_out, reference_logps, dpo_config, pad), config.eval_every, config.patience
+            policy,
+            functools.partial(heldout_dpo_loss, model, held_out, reference_logps, dpo_config, pad),
+            config.eval_every,
+            config.patience,
+            budget,
         )
         started = time.perf_counter()
         with policy.attached(model):  # the held-out loss before any step
@@ -264,7 +288,7 @@ def preference_stage(
     policy.provenance["initialised_from"] = first_stage
     policy.provenance["training"]["config"]["reference"] = first_stage
     train_s = first_record["train_s"] + time.perf_counter() - started
-    return policy, {**stage_record(policy, stopping, train_s, steps, lr, len(train)), "first": first_record}
+    return policy, {**stage_record(policy, stopping, train_s, (budget, most), lr, len(train)), "first": first_record}
 
 
 def training_name(spec: MethodSpec) -> str:

@@ -67,6 +67,8 @@ def run_rows(out: str | Path) -> list[dict[str, Any]]:
             for metric, value in metrics.items():
                 keys = ("method", "kind", "params", "task", "family", "seed", "lr", "steps", "best_step", "budget", "train_s", "eval_s")
                 row = {key: cell.get(key) for key in keys}
+                # The most steps it could run (a cell trained before a training could go on past its budget: that).
+                row["most_steps"] = cell.get("most_steps", cell.get("budget"))
                 row["model"] = cell["config"]["model"]
                 scores = cell.get("scores", {}).get(split, {}).get(metric)
                 rows.append({**row, "split": split, "metric": metric, "value": value, "n": cell["n"][split], "scores": scores})
@@ -98,7 +100,7 @@ def summarise(out: str | Path, reference: str = "lora-8", margin: float = MARGIN
         estimate = interval(rows)
         times = [r["train_s"] for r in rows if r["train_s"] is not None]
         best = [r["best_step"] for r in rows if r["best_step"] is not None]
-        at_budget = [r["steps"] == r["budget"] and r["best_step"] == r["steps"] for r in rows if r["budget"] is not None]
+        at_budget = [r["best_step"] == r["steps"] == r["most_steps"] for r in rows if r["most_steps"] is not None]
         summary.append(
             {
                 **dict(zip(GROUP, key)),
@@ -112,7 +114,7 @@ def summarise(out: str | Path, reference: str = "lora-8", margin: float = MARGIN
                 "std": statistics.stdev(r["value"] for r in rows) if len(rows) > 1 else None,
                 "lr": rows[0]["lr"],
                 "best_step": statistics.fmean(best) if best else None,
-                "at_budget": sum(at_budget) if at_budget else None,  # seeds whose best step was the last allowed
+                "at_budget": sum(at_budget) if at_budget else None,  # seeds whose best step was the last they could run
                 "train_s": statistics.fmean(times) if times else None,
                 "scores": [r["scores"] for r in rows],
             }

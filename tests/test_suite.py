@@ -17,7 +17,7 @@ import aligner.objective
 from aligner.audit import audit, cached_answers, demonstrations
 from aligner.cli import app
 from aligner.registry import method_order, method_spec
-from aligner.suite import QUICK, RATE_REACH, EarlyStopping, cell_path, sweep
+from aligner.suite import QUICK, RATE_REACH, STEP_REACH, EarlyStopping, SuiteConfig, cell_path, step_budget, sweep
 from aligner.tables import RUN_COLUMNS, SUMMARY_COLUMNS, drawn_at, summarise
 from aligner.tasks import KNOWLEDGE_SETS
 
@@ -93,7 +93,7 @@ def test_cached_answers_are_the_greedy_answers(model):
 def test_early_stopping_stops_after_patience_and_restores_the_best_step(model, monkeypatch):
     losses = iter([3.0, 2.0, 2.5, 2.6, 9.9])
     method = aligner.Aligner.for_model(model)
-    stopping = EarlyStopping(method, lambda: next(losses), every=2, patience=2)
+    stopping = EarlyStopping(method, lambda: next(losses), every=2, patience=2, budget=100)
     stopping.record(0)
     steps = []
     for step in range(1, 20):
@@ -105,6 +105,28 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_step(model, m
     assert steps[-1] == 6 and stopping.best_step == 2 and [s for s, _ in stopping.history] == [0, 2, 4, 6]
     stopping.restore_best()
     assert torch.all(method.gates == 2)
+
+
+def stopped_at(losses: list[float], budget: int) -> int:
+    """The step at which early stopping (every 2 steps, patience 2) ends a training whose held-out losses are
+    `losses` (at step 0, 2, 4, ...), with step budget `budget`."""
+    stream = iter(losses)
+    stopping = EarlyStopping(aligner.Aligner.for_model(aligner.tiny_model()), lambda: next(stream), every=2, patience=2, budget=budget)
+    stopping.record(0)
+    return next(step for step in range(1, 2 * len(losses)) if stopping(step, loss=0.0))
+
+
+def test_a_training_still_improving_at_its_budget_goes_on_until_it_converges():
+    assert stopped_at([5, 4, 3, 3.5, 9, 9, 9], budget=4) == 8  # improved at the budget: patience decides
+    assert stopped_at([5, 4, 3, 2, 1, 0.5, 0.6, 0.7, 9], budget=4) == 14
+    assert stopped_at([5, 4, 4.5, 3, 2, 1], budget=4) == 4  # not improving at the budget: it ends there
+    assert stopped_at([5, 4, 3, 3.2, 1, 0.5], budget=5) == 6  # the first evaluation past a budget between two
+
+
+def test_the_step_budget_reaches_past_itself_unless_a_method_names_its_steps():
+    config = SuiteConfig(steps=200)
+    assert step_budget(method_spec("aligner-1"), config) == (200, 200 * STEP_REACH)
+    assert step_budget(method_spec("aligner-1:steps=20"), config) == (20, 20)
 
 
 def test_the_figure_draws_the_methods_with_no_parameters_apart_labels_alternating():
@@ -344,7 +366,8 @@ def test_quick_sweep_cells_record_training_and_answers(quick_sweep):
     out, _ = quick_sweep
     cell = json.loads((out / "cells/tiny/json/aligner-1/seed1.json").read_text())
     assert cell["params"] == 64 + 2 * 4  # the tiny model: one token of 64, gates of layers 2-3 x 4 heads
-    assert cell["steps"] <= QUICK.steps and 0 <= cell["best_step"] <= cell["steps"]
+    assert cell["steps"] <= cell["most_steps"] == QUICK.steps * STEP_REACH and 0 <= cell["best_step"] <= cell["steps"]
+    assert cell["budget"] == QUICK.steps
     assert cell["valid_loss"][0][0] == 0  # the loss before the first step
     assert set(cell["outputs"]) == set(JSON_SPLITS) and len(cell["outputs"]["test"]) == QUICK.sizes.eval
     steering = json.loads((out / "cells/tiny/value/steering/seed0.json").read_text())["steering"]
