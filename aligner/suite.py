@@ -2,11 +2,12 @@
 convergence at a rate chosen on validation; scored per item by the tasks' checkers and by the gold answer's
 log-probability under teacher forcing (aligner/recall.py), with intervals over items and seeds (aligner/stats.py).
 
-    run_cell    one method (aligner.registry's names) on one task with one seed: train (early stopping on the
-                held-out loss), answer, score every item
+    train_method  one method trained with one seed, early-stopped on the held-out loss, back at its best step
     choose_lr   a trained method's rate on one task: each of the family's rate times `lr_factors`, trained with
                 the first seed, the one whose best held-out loss is lowest; kept as OUT/cells/.../lr.json, each
                 candidate as it finishes
+    Trainings   what one sweep has trained, for the cells that would train the same again
+    run_cell    one method (aligner.registry's names) on one task with one seed: answer, score every item
     sweep       methods x tasks x seeds; each cell is a JSON file under OUT/cells/MODEL, skipped when it exists
                 with the same settings, and the first seed's fitted method an adapter directory beside it; then
                 the tables and the figure (aligner/tables.py)
@@ -298,20 +299,12 @@ def training_name(spec: MethodSpec) -> str:
 
 
 def choose_lr(
-    model: nn.Module,
-    spec: MethodSpec,
-    data: TaskData,
-    config: SuiteConfig,
-    raw_prompts: bool,
-    path: Path,
-    key: dict[str, Any] | None = None,
-    first: Callable[[], tuple[Adapter, dict[str, Any]]] | None = None,
+    spec: MethodSpec, config: SuiteConfig, path: Path, train: Callable[[float], dict[str, Any]], key: dict[str, Any] | None = None
 ) -> float:
     """The rate `spec` trains at on this task: the one given in its name, else, of the family's rate times each
     of `config.lr_factors` and on past an end of them where the best lies (`rate_past_an_end`), the one whose best
-    held-out loss is lowest, trained with the first seed (a `then=` method from `first()`, its first stage so
-    trained, where given). The search is kept in `path` (JSON), and read from there while its settings, `key`
-    (default: the config's), are the same."""
+    held-out loss is lowest; `train(lr)` trains it with the first seed and returns its record. The search is kept
+    in `path` (JSON), and read from there while its settings, `key` (default: the config's), are the same."""
     if spec.lr is not None:
         return spec.lr
     key = json.loads(json.dumps(key or config.cell_key()))
@@ -324,7 +317,7 @@ def choose_lr(
     entry = {"method": training_name(spec), "lr": None, "candidates": candidates, "config": key}
 
     def trial(lr: float) -> None:
-        _, record = train_method(model, spec, data, config, config.seeds[0], raw_prompts, lr, first=first and first())
+        record = train(lr)
         best = min(loss for _, loss in record["valid_loss"])
         candidates.append({"lr": record["lr"], "valid_loss": best, "best_step": record["best_step"], "steps": record["steps"]})
         atomic_write_json(path, {**entry, "provenance": provenance()})
@@ -337,6 +330,32 @@ def choose_lr(
     if saved.get("lr") != entry["lr"]:
         atomic_write_json(path, {**entry, "provenance": provenance()})
     return entry["lr"]
+
+
+class Trainings:
+    """The methods one sweep has trained, each kept (its files, in a temporary directory) for a cell that would
+    train the same again: the rate search's trial with the first seed at the rate it chose is that seed's cell's
+    training, the random-token control's is its method's, a `then=` method's first stage is that method's own.
+    Training is seeded, so the copy is what training again would give. Each call returns a fresh copy, which the
+    caller may change (the random-token control replaces its tokens)."""
+
+    def __init__(self, model: nn.Module, config: SuiteConfig) -> None:
+        self.model, self.config = model, config
+        self._kept: dict[tuple[Any, ...], tuple[Path, dict[str, Any]]] = {}
+        self._files = tempfile.TemporaryDirectory(prefix="aligner-sweep-")
+
+    def __call__(self, task: Task, data: TaskData, spec: MethodSpec, seed: int, lr: float) -> tuple[Adapter, dict[str, Any]]:
+        """`spec` trained on `data` (the items it trains on: `training_data`) with `seed` at rate `lr`."""
+        key = (task.name, training_name(spec), spec.first_lr, seed, lr)
+        if key in self._kept:
+            path, record = self._kept[key]
+            return load_adapter(path), json.loads(json.dumps(record))
+        first = self(task, data, spec.first_stage(), seed, spec.first_lr) if spec.then is not None else None
+        method, record = train_method(self.model, spec, data, self.config, seed, task.raw_prompts, lr, task.name, first)
+        path = Path(self._files.name) / str(len(self._kept))
+        method.save(path)
+        self._kept[key] = (path, record)
+        return method, record
 
 
 def rate_past_an_end(candidates: Sequence[dict[str, Any]], most: int) -> float | None:
@@ -352,6 +371,14 @@ def rate_past_an_end(candidates: Sequence[dict[str, Any]], most: int) -> float |
     if best == rates[0]:
         return rates[0] * rates[0] / rates[1]
     return None
+
+
+def training_data(model: nn.Module, fingerprint: str, task: Task, data: TaskData, spec: MethodSpec, config: SuiteConfig) -> TaskData:
+    """The items `spec` trains and is validated on: the task's, or for the own-answers control (`data=own`) the
+    same prompts answered by the base model itself (`own_answers`), its rate chosen on those too."""
+    if spec.data != "own":
+        return data
+    return replace(data, **{name: own_answers(model, fingerprint, task, getattr(data, name), config) for name in ("train", "valid")})
 
 
 def own_answers(model: nn.Module, fingerprint: str, task: Task, items: Sequence[Item], config: SuiteConfig) -> list[Item]:
@@ -393,13 +420,13 @@ def run_cell(
     spec: MethodSpec,
     seed: int,
     config: SuiteConfig,
-    lr: float | None = None,
+    trained: tuple[Adapter, dict[str, Any]] | None = None,
     adapter_dir: Path | None = None,
-    first: tuple[Adapter, dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
-    """One method on one task with one seed, trained at `lr` (`choose_lr`'s): the record that `sweep` writes, with
-    every item's score (None where the method does not apply: prompting without an instruction, few-shot
-    without training items, steering without contrasts). A fitted method is saved in `adapter_dir` where given."""
+    """One method on one task with one seed: the record that `sweep` writes, with every item's score (None where
+    the method does not apply: prompting without an instruction, few-shot without training items, steering
+    without contrasts). A trained method comes in `trained` (`Trainings`: the method and its training's record).
+    A fitted method is saved in `adapter_dir` where given."""
     max_new_tokens = config.max_new_tokens or task.max_new_tokens
     batch = config.generate_batch_size
     record: dict[str, Any] = {"task": task.name, "family": task.family, "method": spec.name, "kind": spec.kind, "seed": seed}
@@ -420,10 +447,7 @@ def run_cell(
         method, losses = fit_steering(model, data.train, data.valid, layers, config.steering_multipliers, system, STEERING_REACH)
         record.update(params=0, steering={**asdict(method.config), "valid_loss": losses})
     elif spec.kind == "trained":
-        if spec.data == "own":
-            own = {name: own_answers(model, fingerprint, task, getattr(data, name), config) for name in ("train", "valid")}
-            data = replace(data, **own)
-        method, training = train_method(model, spec, data, config, seed, task.raw_prompts, lr, task.name, first)
+        method, training = trained
         if spec.tokens == "random":
             randomise_tokens(method, seed)
         record.update(params=method.num_parameters(), **training)
@@ -488,6 +512,7 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
     tasks = [get_task(name, config.checker if name.endswith((".jsonl", ".json")) else None) for name in config.tasks]
     audits: dict[str, Audit] = {}
     datas: dict[str, TaskData] = {}
+    trainings = Trainings(model, config)
     cells = [(seed, task, spec) for seed in config.seeds for task in tasks for spec in specs]
     ran = 0
     for seed, task, spec in tqdm(cells, desc="sweep", unit="cell"):
@@ -502,30 +527,27 @@ def sweep(model: nn.Module, config: SuiteConfig, out: str | Path) -> list[dict[s
             done = {}
         if done and spec.kind != "trained":
             continue
-        lr, first = None, None
+        trained = None
         if spec.kind == "trained":
+            data = training_data(model, fingerprint, task, datas[task.name], spec, config)
             # The search reads the training and validation items alone: other evaluation splits keep its rate.
-            searched = {**config.cell_key(), "data_sha256": data_sha256(replace(datas[task.name], eval={}))}
+            searched = {**config.cell_key(), "data_sha256": data_sha256(replace(data, eval={}))}
 
-            def rate(spec: MethodSpec, key: dict[str, Any], first: Callable[[], tuple[Adapter, dict[str, Any]]] | None = None) -> float:
+            def rate(spec: MethodSpec, key: dict[str, Any]) -> float:
                 lr_path = cell_path(out, config.model, task.name, training_name(spec), seed).with_name("lr.json")
-                return choose_lr(model, spec, datas[task.name], config, task.raw_prompts, lr_path, key, first)
+                return choose_lr(spec, config, lr_path, lambda lr: trainings(task, data, spec, config.seeds[0], lr)[1], key)
 
-            if spec.then is not None:
-                # The first stage: its rate, then trained once with this seed, for the second stage's rate search
-                # (which trains with the first seed) and its cell.
+            if spec.then is not None:  # the first stage's rate, from its own search, before the second stage's
                 spec = replace(spec, first_lr=rate(spec.first_stage(), searched))
                 searched = {**searched, "first_lr": spec.first_lr}
-                first_spec = spec.first_stage()
-                data = datas[task.name]
-                first = functools.cache(lambda: train_method(model, first_spec, data, config, seed, task.raw_prompts, first_spec.lr, task.name))
-            lr = rate(spec, searched, first if seed == config.seeds[0] else None)
+            lr = rate(spec, searched)
             if done and done.get("lr") == lr:  # trained at the rate its search chose: a search gone on has another
                 continue
+            trained = trainings(task, data, spec, seed, lr)
         # The first seed's method is kept beside its cell (OUT/cells/.../seedS/), for the analyses that read an
         # adapter (probe report, the app); the other seeds' results are their records alone.
         adapter_dir = path.with_suffix("") if seed == config.seeds[0] else None
-        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, lr, adapter_dir, first and first())
+        record = run_cell(model, fingerprint, task, datas[task.name], spec, seed, config, trained, adapter_dir)
         if record is not None:
             atomic_write_json(path, {**record, "config": key, "provenance": provenance()})
             ran += 1

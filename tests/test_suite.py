@@ -177,15 +177,15 @@ def test_method_names_and_rates():
 
 
 def test_sft_then_dpo_trains_the_first_stage_at_its_searched_rate_then_dpo_from_it(private_cache, tmp_path, monkeypatch):
-    """The first stage is the plain method's cell (same seed, the rate of its own search), trained once for the
-    second stage's search and cell; DPO starts from it at a held-out DPO loss of log 2 and is compared with the
-    reference trained in the same two stages."""
+    """The first stage is the plain method's cell (same seed, the rate of its own search): its search's trial at
+    that rate, trained once for the plain cell, the second stage's search and its cell; DPO starts from it at a
+    held-out DPO loss of log 2 and is compared with the reference trained in the same two stages."""
     config = replace(QUICK, tasks=("value",), methods=("aligner-1", "aligner-1:then=dpo", "lora-1", "lora-1:then=dpo"), seeds=(0,))
     trainings, train_sft = [], aligner.suite.train_sft
     monkeypatch.setattr("aligner.suite.train_sft", lambda *args, **kwargs: trainings.append(1) or train_sft(*args, **kwargs))
     sweep(aligner.tiny_model(), config, tmp_path)
     searched = sum(len(json.loads(path.read_text())["candidates"]) for path in (tmp_path / "cells/tiny/value").glob("*/lr.json") if "then" not in path.parent.name)
-    assert len(trainings) == searched + 2 * (1 + 1)  # each family: its search, its cell, its first stage
+    assert len(trainings) == searched  # the cells and first stages are the searches' trials at their rates
     folder = tmp_path / "cells/tiny/value"
     plain, dpo = (json.loads((folder / f"{m}/seed0.json").read_text()) for m in ("aligner-1", "aligner-1+then=dpo"))
     first_search = json.loads((folder / "aligner-1/lr.json").read_text())
@@ -201,6 +201,30 @@ def test_sft_then_dpo_trains_the_first_stage_at_its_searched_rate_then_dpo_from_
     assert paired == {"aligner-1": "lora-1", "aligner-1:then=dpo": "lora-1:then=dpo"}
     with pytest.raises(ValueError, match="its task has no rejected responses to make preference pairs of"):
         sweep(aligner.tiny_model(), replace(config, tasks=("json",), methods=("aligner-1:then=dpo",)), tmp_path)
+
+
+def test_a_sweep_trains_each_method_once_per_seed_and_rate_and_the_own_answers_control_searches_on_its_own(
+    private_cache, tmp_path, monkeypatch
+):
+    """Seed 0's cell is its search's trial at the chosen rate and the random-token control is its method's
+    training, both copies; the own-answers control chooses its rate on the base model's answers."""
+    config = replace(QUICK, tasks=("json",), methods=("aligner-1", "aligner-1:tokens=random", "aligner-1:data=own"))
+    trainings, train_sft = [], aligner.suite.train_sft
+    monkeypatch.setattr("aligner.suite.train_sft", lambda *args, **kwargs: trainings.append(1) or train_sft(*args, **kwargs))
+    sweep(aligner.tiny_model(), config, tmp_path)
+    folder = tmp_path / "cells/tiny/json"
+    searches = {m: json.loads((folder / m / "lr.json").read_text()) for m in ("aligner-1", "aligner-1+data=own")}
+    searched = sum(len(search["candidates"]) for search in searches.values())
+    assert len(trainings) == searched + 2 * (len(config.seeds) - 1)  # the other seeds of the two trained
+    cells = {(m, s): json.loads((folder / f"{m}/seed{s}.json").read_text()) for m in ("aligner-1", "aligner-1+tokens=random") for s in config.seeds}
+    for seed in config.seeds:
+        assert cells["aligner-1", seed]["valid_loss"] == cells["aligner-1+tokens=random", seed]["valid_loss"]
+    chosen = next(c for c in searches["aligner-1"]["candidates"] if c["lr"] == searches["aligner-1"]["lr"])
+    assert cells["aligner-1", 0]["best_step"] == chosen["best_step"]
+    own, plain = (search["candidates"][0]["valid_loss"] for search in (searches["aligner-1+data=own"], searches["aligner-1"]))
+    assert own != plain  # other items, other losses
+    trained, randomised = (aligner.load_adapter(folder / f"{m}/seed0") for m in ("aligner-1", "aligner-1+tokens=random"))
+    assert not torch.equal(trained.tokens, randomised.tokens) and torch.equal(trained.gates, randomised.gates)
 
 
 def test_injection_teaches_invented_facts_and_scores_the_gold_answer_on_every_split(private_cache, tmp_path):
@@ -388,28 +412,27 @@ def test_the_first_seeds_fitted_methods_are_kept_beside_their_cells(quick_sweep)
     assert adapter.provenance["training"]["config"]["task"] == "json"  # the form `probe report` reads
 
 
-def test_an_interrupted_rate_search_resumes_at_the_next_rate(tmp_path, monkeypatch):
+def test_an_interrupted_rate_search_resumes_at_the_next_rate(tmp_path):
     import aligner.suite as suite
 
     config = replace(QUICK, lr_factors=(0.5, 1.0, 2.0))
-    trained = []
+    spec, path = method_spec("aligner-1"), tmp_path / "lr.json"
+    trained: list[float] = []
+    interrupted: list[float] = []
 
-    def train_method(model, spec, data, config, seed, raw_prompts, lr, first=None):
+    def train(lr):
         if len(trained) == 2 and lr == spec.family_lr * 2.0 and not interrupted:
             interrupted.append(lr)
             raise KeyboardInterrupt
         trained.append(lr)
-        return None, {"lr": lr, "valid_loss": [[0, 3.0 + abs(lr - spec.family_lr)]], "best_step": 0, "steps": 1}
+        return {"lr": lr, "valid_loss": [[0, 3.0 + abs(lr - spec.family_lr)]], "best_step": 0, "steps": 1}
 
-    interrupted: list[float] = []
-    monkeypatch.setattr(suite, "train_method", train_method)
-    spec, path = method_spec("aligner-1"), tmp_path / "lr.json"
     with pytest.raises(KeyboardInterrupt):
-        suite.choose_lr(None, spec, None, config, False, path)
+        suite.choose_lr(spec, config, path, train)
     assert json.loads(path.read_text())["lr"] is None and len(json.loads(path.read_text())["candidates"]) == 2
-    assert suite.choose_lr(None, spec, None, config, False, path) == spec.family_lr
+    assert suite.choose_lr(spec, config, path, train) == spec.family_lr
     assert trained == [spec.family_lr * f for f in config.lr_factors]  # each rate trained once
-    assert suite.choose_lr(None, spec, None, config, False, path) == spec.family_lr and len(trained) == 3
+    assert suite.choose_lr(spec, config, path, train) == spec.family_lr and len(trained) == 3
 
 
 def test_a_cell_trained_at_another_rate_than_its_search_chose_is_rerun(private_cache, tmp_path):
@@ -425,7 +448,7 @@ def test_a_cell_trained_at_another_rate_than_its_search_chose_is_rerun(private_c
     assert json.loads(path.read_text())["lr"] == chosen
 
 
-def test_a_rate_search_whose_best_lies_at_an_end_goes_on_past_it(tmp_path, monkeypatch):
+def test_a_rate_search_whose_best_lies_at_an_end_goes_on_past_it(tmp_path):
     """Past the top of the rates where the best lies there, at the ratio of the last two, at most RATE_REACH
     times; the other way at the bottom; a finished search trains nothing more."""
     import aligner.suite as suite
@@ -433,11 +456,10 @@ def test_a_rate_search_whose_best_lies_at_an_end_goes_on_past_it(tmp_path, monke
     config = replace(QUICK, lr_factors=(0.5, 1.0, 2.0))
     spec, trained = method_spec("aligner-1"), []
 
-    def train_method(model, spec, data, config, seed, raw_prompts, lr, first=None):
+    def train(lr):
         trained.append(lr / spec.family_lr)
-        return None, {"lr": lr, "valid_loss": [[0, loss(lr / spec.family_lr)]], "best_step": 0, "steps": 1}
+        return {"lr": lr, "valid_loss": [[0, loss(lr / spec.family_lr)]], "best_step": 0, "steps": 1}
 
-    monkeypatch.setattr(suite, "train_method", train_method)
     for loss, tried, chosen in [
         (lambda f: -f, [0.5, 1.0, 2.0, 4.0, 8.0], 8.0),  # ever better upwards: RATE_REACH steps past the top
         (lambda f: abs(f - 4.0), [0.5, 1.0, 2.0, 4.0, 8.0], 4.0),  # best one step past the top
@@ -445,9 +467,9 @@ def test_a_rate_search_whose_best_lies_at_an_end_goes_on_past_it(tmp_path, monke
     ]:
         trained.clear()
         path = tmp_path / f"{chosen}.json"
-        assert suite.choose_lr(None, spec, None, config, False, path) == pytest.approx(spec.family_lr * chosen)
+        assert suite.choose_lr(spec, config, path, train) == pytest.approx(spec.family_lr * chosen)
         assert trained == pytest.approx(tried) and suite.RATE_REACH == 2
-        assert suite.choose_lr(None, spec, None, config, False, path) == pytest.approx(spec.family_lr * chosen)
+        assert suite.choose_lr(spec, config, path, train) == pytest.approx(spec.family_lr * chosen)
         assert len(trained) == len(tried)
 
 
