@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from aligner.loading import DEFAULT_MODEL
+from aligner.suite import RATE_REACH
 from aligner.tables import method_order, model_folder
 
 FORMS = ("json", "caps", "terse", "frame", "bracket")
@@ -115,7 +116,8 @@ def rates_table(res: Results) -> list[str]:
         rates = sorted(c["lr"] for c in candidates)
         chosen = search["lr"]
         if chosen is None:
-            where = f"searching ({len(candidates)} of {len(search['config']['lr_factors'])} tried)"
+            grid = len(search["config"]["lr_factors"])
+            where = f"searching ({len(candidates)} tried of {grid} to {grid + RATE_REACH})"
         else:
             where = "lowest tried" if chosen == rates[0] else "highest tried" if chosen == rates[-1] else "inside"
         lines.append([f"`{task}`", f"`{method}`", tried, "–" if chosen is None else f"{chosen:.2g}", where])
