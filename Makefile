@@ -40,17 +40,20 @@ screenshots: install
 # The notebooks run for real (SmolLM2), each from notebooks/ as Jupyter runs it: executed copies in build/notebooks/,
 # HTML (plotly.js inside, opens offline) in reports/notebooks/. 01 and 02 train into runs/notebooks/, emptied first,
 # so that the HTML shows a real training.
-notebook = $(VENV)/bin/papermill --cwd notebooks $(2) notebooks/$(1).ipynb $(CURDIR)/build/notebooks/$(1).ipynb && \
-	$(VENV)/bin/jupyter nbconvert --to html --CoalesceStreamsPreprocessor.enabled=True --output-dir reports/notebooks \
-	build/notebooks/$(1).ipynb
+# `make notebook-04_mechanism` runs one of them.
+NOTEBOOKS = 01_train_an_aligner 02_form_vs_knowledge 03_paper_checkpoints 04_mechanism
+NOTEBOOK_PARAMS_01_train_an_aligner = -p RUN_DIR runs/notebooks/01-json-1tok
+NOTEBOOK_PARAMS_02_form_vs_knowledge = -p RUNS runs/notebooks/02 -p SUITE_OUT runs/notebooks/02-suite
 
 notebooks: install
 	rm -rf runs/notebooks
+	$(MAKE) $(addprefix notebook-,$(NOTEBOOKS))
+
+notebook-%: install
 	mkdir -p build/notebooks reports/notebooks
-	$(call notebook,01_train_an_aligner,-p RUN_DIR runs/notebooks/01-json-1tok)
-	$(call notebook,02_form_vs_knowledge,-p RUNS runs/notebooks/02 -p SUITE_OUT runs/notebooks/02-suite)
-	$(call notebook,03_paper_checkpoints,)
-	$(call notebook,04_mechanism,)
+	$(VENV)/bin/papermill --cwd notebooks $(NOTEBOOK_PARAMS_$*) notebooks/$*.ipynb $(CURDIR)/build/notebooks/$*.ipynb
+	$(VENV)/bin/jupyter nbconvert --to html --CoalesceStreamsPreprocessor.enabled=True --output-dir reports/notebooks \
+		build/notebooks/$*.ipynb
 
 # The suite's fitted methods that the probe report reads: the first seed of each cell named (TASK/METHOD), trained
 # under the suite's protocol (rate chosen on validation, early stopping), copied from CELLS into runs/suite-TASK-METHOD.
