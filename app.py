@@ -648,8 +648,9 @@ def mechanism_view(bench: Workbench) -> None:
             "Logit lens": "The residual stream after each block at the answer position, read through the final norm and the unembedding: "
             "the gold answer's rank and log-probability, for the run in its form's frame, the base model in the same frame, and the base "
             "model in its own sentence. A run without a suite form is read in the base model's own sentence.",
-            "Token readout": "Each adapted layer's gated prefix through W_O, the final norm and the unembedding at the answer position "
-            "(direct logit attribution), centred over the vocabulary: the tokens it promotes and suppresses, against the gold answers.",
+            "Token readout": "Each adapted layer's gated prefix through W_O, the final norm and the unembedding (direct logit attribution), "
+            "centred over the vocabulary, at the response's start and at the answer position: the tokens it promotes and suppresses, "
+            "against the form's first token there and the gold answers here.",
             "Layer dissociation": "The run's write switched off at one layer, and on at one layer alone: the form's first tokens and the "
             "gold answer's log-probability under teacher forcing in its frame; dashed, the whole run and the base model.",
         }[analysis]

@@ -178,22 +178,26 @@ def form_probe_curves(activations: Activations, conditions: Sequence[str], folds
 def knowledge_probe_curves(
     activations: Activations, label: str, conditions: Sequence[str], folds: int = 5, seed: int = 0
 ) -> pd.DataFrame:
-    """Accuracy per layer of probes for the knowledge label `label`, trained on the base model's activations and
-    scored on held-out prompts: on base ("base"), on each aligned condition ("NAME") and on it centred on the
-    base mean ("NAME (centred)": a constant shift taken out); the control task on base. `conditions` are
-    aligned conditions of `activations`."""
+    """Accuracy per layer of probes for the knowledge label `label` on held-out prompts: trained on the base model's
+    activations and scored on base ("base"), on each aligned condition ("NAME") and on it centred on the base mean
+    ("NAME (centred)": a constant shift taken out); and trained and scored on each aligned condition's own
+    activations ("NAME (retrained)": whether the label is still linearly readable there, wherever it has moved).
+    The control task on base and on each retrained condition. `conditions` are aligned conditions of
+    `activations`."""
     base = np.asarray(activations.resid("base"))
+    dataset = activations.dataset
+    y, entities = dataset.labels[label], dataset.entities
     transfer = {}
+    retrained = []
     for condition in conditions:
         aligned = np.asarray(activations.resid(condition))
         transfer[condition] = aligned
         transfer[f"{condition} (centred)"] = aligned - aligned.mean(axis=0) + base.mean(axis=0)  # per layer and feature
-    dataset = activations.dataset
-    results = evaluate_probe(
-        base, dataset.labels[label], dataset.entities, transfer=transfer, folds=folds, seed=seed, desc=f"{label} probe"
-    )
+        own = evaluate_probe(aligned, y, entities, folds=folds, seed=seed, desc=f"{label} probe on {condition}")
+        retrained.append(own.assign(scored_on=f"{condition} (retrained)"))
+    results = evaluate_probe(base, y, entities, transfer=transfer, folds=folds, seed=seed, desc=f"{label} probe")
     results["scored_on"] = results["scored_on"].replace({"self": "base"})
-    return results
+    return pd.concat([results, *retrained], ignore_index=True)
 
 
 def probe_curves(activations: Activations, label: str, conditions: Sequence[str], folds: int = 5, seed: int = 0) -> pd.DataFrame:
@@ -222,15 +226,17 @@ def geometry_table(
 
 
 def transfer_losses(knowledge: Mapping[str, pd.DataFrame], condition: str, layers: Sequence[int]) -> dict[str, float]:
-    """The accuracy that base-trained knowledge probes lose on `condition`'s activations, as they are ("raw") and
-    centred on the base mean ("centred"): per label the mean over `layers` of base minus transferred task
-    accuracy, then the mean over labels (`knowledge`: label -> `knowledge_probe_curves`)."""
-    losses: dict[str, list[float]] = {"raw": [], "centred": []}
+    """The accuracy that knowledge probes lose on `condition`'s activations against base probes on base: base-trained
+    probes on them as they are ("raw") and centred on the base mean ("centred"), and probes retrained on them
+    ("retrained"): per label the mean over `layers` of base minus that task accuracy, then the mean over labels
+    (`knowledge`: label -> `knowledge_probe_curves`)."""
+    columns = {"raw": condition, "centred": f"{condition} (centred)", "retrained": f"{condition} (retrained)"}
+    losses: dict[str, list[float]] = {kind: [] for kind in columns}
     for results in knowledge.values():
         task = results[(results.target == "task") & results.layer.isin(list(layers))]
         accuracy = task.pivot(index="layer", columns="scored_on", values="accuracy")
-        losses["raw"].append(float((accuracy["base"] - accuracy[condition]).mean()))
-        losses["centred"].append(float((accuracy["base"] - accuracy[f"{condition} (centred)"]).mean()))
+        for kind, column in columns.items():
+            losses[kind].append(float((accuracy["base"] - accuracy[column]).mean()))
     return {kind: float(np.mean(values)) for kind, values in losses.items()}
 
 
@@ -355,16 +361,18 @@ def lens_readable(lens: pd.DataFrame) -> pd.DataFrame:
 
 
 def readout_top(readout: pd.DataFrame, k: int = 5) -> pd.DataFrame:
-    """One row per adapted layer of a `probe.lens.token_readout` table: its `k` most promoted and most suppressed
-    tokens (with the logit each writes), and what it writes on the items' gold answers (mean value, mean rank)."""
+    """One row per position read and adapted layer of a `probe.lens.token_readout` table: its `k` most promoted and
+    most suppressed tokens (with the logit each writes), and what it writes on the token the position predicts
+    (the form's first at the response start, the gold answer's first at the answer; mean value, mean rank)."""
     rows = []
-    for layer, group in readout[readout["kind"] != "nearest"].groupby("layer"):
+    written = readout[readout["kind"] != "nearest"]
+    for (position, layer), group in written.groupby(["position", "layer"], sort=False):
         listed = {
             kind: ", ".join(f"{token} ({value:+.2f})" for token, value in group[(group["kind"] == kind) & (group["rank"] <= k)][["token", "value"]].itertuples(index=False))
             for kind in ("promoted", "suppressed")
         }
-        gold = group[group["kind"] == "gold"].iloc[0]
-        rows.append({"layer": int(layer), **listed, "gold_value": float(gold["value"]), "gold_rank": float(gold["rank"])})
+        target = group[group["kind"] == "target"].iloc[0]
+        rows.append({"position": position, "layer": int(layer), **listed, "target_value": float(target["value"]), "target_rank": float(target["rank"])})
     return pd.DataFrame(rows)
 
 

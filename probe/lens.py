@@ -1,19 +1,20 @@
 """Where the answer is readable, and what the prefix writes: the logit lens of the gold answer and the direct logit
 attribution of each adapted layer's gated prefix.
 
-Both read the model at the *answer position*: the last token of the frame ('{"answer": "' in the JSON form, "The
-capital of Chad is " in the base model's own sentence), whose next-token prediction is the gold answer's first
-token as it is tokenised in the whole response (`aligner.recall.answer_span`). Every prompt goes through the
-chat template, as `aligner.generate` sends it.
+Both read the model at the *answer position* (the token readout also at the response's start): the last token of
+the frame ('{"answer": "' in the JSON form, "The capital of Chad is " in the base model's own sentence), whose
+next-token prediction is the gold answer's first token as it is tokenised in the whole response
+(`aligner.recall.answer_span`). Every prompt goes through the chat template, as `aligner.generate` sends it.
 
     logit_lens     log softmax(W_U LN_f(x^l))[gold]   x^l: the residual stream after block l, read through the
                    final norm (with its own scale) and the unembedding, at every layer (nostalgebraist 2020), for
                    the aligned run in the form's frame, the base model in the same frame and the base model in
                    its own sentence
     token_readout  W_U (w_f / s_f(x^L)) W_O^l (g A V_p)^l     each adapted layer's gated prefix contribution at
-                   the answer position, through the output projection and the unembedding, with the final norm's
-                   scale s_f frozen at the run's own final residual x^L (direct logit attribution); and the
-                   vocabulary tokens whose embeddings are nearest to the tokens P themselves
+                   the answer position and at the response's start (where the form's first token is written),
+                   through the output projection and the unembedding, with the final norm's scale s_f frozen at
+                   the run's own final residual x^L (direct logit attribution); and the vocabulary tokens whose
+                   embeddings are nearest to the tokens P themselves
 """
 
 from __future__ import annotations
@@ -213,30 +214,72 @@ def frozen_final_scale(model: nn.Module, scale: torch.Tensor) -> Iterator[None]:
             yield
 
 
+# Where `token_readout` reads, and the token each position predicts in the trained response: the response's start
+# predicts its first token (the form's, `{"` in JSON), the answer position the gold answer's first.
+READOUT_POSITIONS: dict[str, Callable[[FramedRow], int]] = {
+    "response start": lambda row: row.n_prompt - 1,
+    "answer": lambda row: row.position,
+}
+
+
 @torch.no_grad()
 def token_readout(
     model: nn.Module, aligner: Aligner, items: Sequence[Item], k: int = 10, system: str | None = None, batch_size: int = 8
 ) -> pd.DataFrame:
-    """DLA^l = W_U (w_f / s_f(x^L)) W_O^l (g A V_p)^l: what adapted layer l's gated prefix writes onto the logits at
-    the answer position of the aligned run in the form's frame, centred on its mean over the vocabulary (softmax
-    ignores a shift common to every token), averaged over `items`.
+    """DLA^l = W_U (w_f / s_f(x^L)) W_O^l (g A V_p)^l: what adapted layer l's gated prefix writes onto the logits,
+    centred on its mean over the vocabulary (softmax ignores a shift common to every token) and averaged over
+    `items`, at two positions of the aligned run's teacher-forced response (`READOUT_POSITIONS`): the response's
+    start, where the form is written, and the answer position in the form's frame, where the gold answer is.
 
-    Rows (`kind`): per adapted layer, the `k` tokens it promotes most ("promoted") and suppresses most
-    ("suppressed"), and "gold": the mean over items of what it writes on each item's own gold first token (value)
+    Rows (`kind`): per position and adapted layer, the `k` tokens it promotes most ("promoted") and suppresses most
+    ("suppressed"), and "target": the mean over items of what it writes on the token the position predicts in each
+    item's response (the form's first token at the response start, the gold answer's first at the answer; value)
     and that token's mean rank among what the layer writes (rank; 1: promoted most); and the `k` vocabulary tokens
-    nearest in cosine to each prefix token P[slot] among the input embeddings ("nearest"; layer <NA> where the
-    tokens are shared by every layer). Columns: kind, layer, slot, rank, token, token_id, value."""
+    nearest in cosine to each prefix token P[slot] among the input embeddings ("nearest"; position and layer <NA>,
+    layer also where the tokens are shared by every layer). Columns: position, kind, layer, slot, rank, token,
+    token_id, value."""
     tokenizer = model.tokenizer
     prompts = prompts_for(aligner, [item.prompt for item in items])
     rows = framed_rows(tokenizer, prompts, [frame_of(i) for i in items], [answer_in_form(i) for i in items], system)
+    table = []
+    for position, at in READOUT_POSITIONS.items():
+        written, target_value, target_rank = prefix_logits(model, aligner, rows, at, batch_size, f"token readout ({position})")
+        for i, layer in enumerate(aligner.layer_indices):
+            for kind, sign in (("promoted", 1.0), ("suppressed", -1.0)):
+                values, tokens = (sign * written[i]).topk(k)
+                table += [
+                    {"position": position, "kind": kind, "layer": layer, "slot": pd.NA, "rank": r + 1, "token_id": int(t), "value": sign * float(v)}
+                    for r, (v, t) in enumerate(zip(values, tokens))
+                ]
+            table.append(
+                {"position": position, "kind": "target", "layer": layer, "slot": pd.NA, "rank": float(target_rank[i]),
+                 "token_id": pd.NA, "value": float(target_value[i])}
+            )
+    table += [{"position": pd.NA, **row} for row in nearest_tokens(model, aligner, k)]
+    frame = pd.DataFrame(table, columns=["position", "kind", "layer", "slot", "rank", "token", "token_id", "value"])
+    frame["token"] = [
+        readable_token(tokenizer.decode([int(t)])) if not pd.isna(t)
+        else "(each item's form token)" if position == "response start" else "(each item's gold)"
+        for t, position in zip(frame["token_id"], frame["position"])
+    ]
+    return frame.astype({"layer": "Int64", "slot": "Int64", "token_id": "Int64"})
+
+
+@torch.no_grad()
+def prefix_logits(
+    model: nn.Module, aligner: Aligner, rows: Sequence[FramedRow], at: Callable[[FramedRow], int], batch_size: int, desc: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What each adapted layer's gated prefix writes onto the logits at position `at(row)` of each row, centred over
+    the vocabulary: its mean over the rows (n_layers, vocab), and the mean value and rank (n_layers,) of what it
+    writes on the token that position predicts, row.ids[at(row) + 1]."""
     layers = list(aligner.layer_indices)
-    pad, device = pad_token_id(tokenizer), device_of(model)
+    pad, device = pad_token_id(model.tokenizer), device_of(model)
     unembedding = model.W_U  # (d_model, vocab), without the unembedding's bias: a contribution carries none
     total = torch.zeros(len(layers), unembedding.shape[1], device=device)
-    gold_value, gold_rank_sum = torch.zeros(len(layers), device=device), torch.zeros(len(layers), device=device)
+    target_value, target_rank = torch.zeros(len(layers), device=device), torch.zeros(len(layers), device=device)
     with aligner.attached(model):
-        for batch in batches(rows, batch_size, "token readout"):
-            positions = torch.tensor([row.position for row in batch], device=device)
+        for batch in batches(rows, batch_size, desc):
+            positions = torch.tensor([at(row) for row in batch], device=device)
             written: list[torch.Tensor] = []
             final: list[torch.Tensor] = []
             hooks = [(f"blocks.{layer}.aligner.hook_z", at_positions(written, positions)) for layer in layers]
@@ -247,35 +290,17 @@ def token_readout(
             out = torch.stack(
                 [F.linear(z.flatten(-2), projection(model.blocks[layer].attn.o).weight) for z, layer in zip(written, layers)]
             )
-            scale = final[0]  # (B, 1): the final norm's scale at the answer position
+            scale = final[0]  # (B, 1): the final norm's scale at the position read
             with frozen_final_scale(model, scale):
                 normed = model.ln_final(out) - model.ln_final(torch.zeros_like(out))
             logits = (normed.float() @ unembedding.float()).float()  # (n_active, B, vocab)
             logits = logits - logits.mean(-1, keepdim=True)
             total += logits.sum(1)
-            gold = torch.tensor([row.ids[row.first] for row in batch], device=device)
-            rank, value = gold_rank(logits, gold.expand(len(layers), -1))  # rank 1: promoted most
-            gold_rank_sum += rank.sum(1).float()
-            gold_value += value.sum(1)
-    mean = total / len(rows)
-    table = []
-    for i, layer in enumerate(layers):
-        for kind, sign in (("promoted", 1.0), ("suppressed", -1.0)):
-            values, tokens = (sign * mean[i]).topk(k)
-            table += [
-                {"kind": kind, "layer": layer, "slot": pd.NA, "rank": r + 1, "token_id": int(t), "value": sign * float(v)}
-                for r, (v, t) in enumerate(zip(values, tokens))
-            ]
-        table.append(
-            {"kind": "gold", "layer": layer, "slot": pd.NA, "rank": float(gold_rank_sum[i]) / len(rows), "token_id": pd.NA,
-             "value": float(gold_value[i]) / len(rows)}
-        )
-    table += nearest_tokens(model, aligner, k)
-    frame = pd.DataFrame(table, columns=["kind", "layer", "slot", "rank", "token", "token_id", "value"])
-    frame["token"] = [
-        "(each item's gold)" if pd.isna(t) else readable_token(tokenizer.decode([int(t)])) for t in frame["token_id"]
-    ]
-    return frame.astype({"layer": "Int64", "slot": "Int64", "token_id": "Int64"})
+            target = torch.tensor([row.ids[at(row) + 1] for row in batch], device=device)
+            rank, value = gold_rank(logits, target.expand(len(layers), -1))  # rank 1: promoted most
+            target_rank += rank.sum(1).float()
+            target_value += value.sum(1)
+    return total / len(rows), target_value / len(rows), target_rank / len(rows)
 
 
 def nearest_tokens(model: nn.Module, aligner: Aligner, k: int) -> list[dict]:

@@ -33,16 +33,22 @@ def logit_lens_figure(lens: pd.DataFrame, title: str) -> go.Figure:
 
 
 def token_readout_figure(readout: pd.DataFrame, title: str) -> go.Figure:
-    """What each adapted layer's gated prefix writes onto the logits (`probe.lens.token_readout`): its promoted and
-    suppressed tokens, labelled, against the mean of what it writes on the items' gold answers."""
+    """What each adapted layer's gated prefix writes onto the logits (`probe.lens.token_readout`), one panel per
+    position read: its promoted and suppressed tokens, labelled, against the mean of what it writes on the token
+    the position predicts (the form's first at the response start, the gold answer's first at the answer)."""
     written = readout[readout["kind"].isin(["promoted", "suppressed"])]
-    gold = readout[readout["kind"] == "gold"]
+    positions = list(dict.fromkeys(written["position"]))
     figure = px.scatter(
         written, x="layer", y="value", color="kind", text="token", hover_data=["rank", "token_id"], title=title,
-        labels={"value": "logit written (centred)"},
+        facet_col="position", category_orders={"position": positions}, labels={"value": "logit written (centred)"},
     )
     figure.update_traces(textposition="middle right", textfont_size=9)
-    figure.add_trace(go.Scatter(x=gold["layer"], y=gold["value"], mode="lines+markers", name="gold answers (mean)"))
+    for column, position in enumerate(positions, start=1):
+        target = readout[(readout["kind"] == "target") & (readout["position"] == position)]
+        figure.add_trace(
+            go.Scatter(x=target["layer"], y=target["value"], mode="lines+markers", name=f"{target['token'].iloc[0][1:-1]}: mean"),
+            row=1, col=column,
+        )
     return figure
 
 

@@ -103,22 +103,28 @@ def token_readout_section(
 ) -> dict[str, Any]:
     section = report.section("token_readout", "Token readout: what each layer's prefix writes onto the logits")
     section.text(
-        f"On {where}, at the answer position of each aligner in its frame: each adapted layer's gated prefix "
-        "contribution through the output projection, the final norm (its scale frozen at the run's own final "
-        "residual) and the unembedding (direct logit attribution), centred over the vocabulary and averaged over the "
-        "items. The tokens it promotes and suppresses most, against what it writes on each item's own gold answer "
-        "(its value, and its mean rank among the tokens the layer promotes); and the vocabulary tokens whose input "
-        "embeddings are nearest in cosine to the prefix tokens P themselves."
+        f"On {where}, at two positions of each aligner's teacher-forced response in its frame: the response's start, "
+        "which predicts the form's first token, and the answer position, which predicts the gold answer's first. "
+        "Each adapted layer's gated prefix contribution through the output projection, the final norm (its scale "
+        "frozen at the run's own final residual) and the unembedding (direct logit attribution), centred over the "
+        "vocabulary and averaged over the items: the tokens it promotes and suppresses most, against what it writes "
+        "on the token the position predicts in each item's response (its value, and its mean rank among the tokens "
+        "the layer promotes); and the vocabulary tokens whose input embeddings are nearest in cosine to the prefix "
+        "tokens P themselves."
     )
     metrics = {}
     for name, al in aligners.items():
         readout = token_readout(model, al, items[frames[name]], system=system)
         section.figure(token_readout_figure(readout, f"{name}: what each adapted layer's prefix writes ({frames[name]} frame)"))
         top = readout_top(readout)
-        section.table(top, f"{name}: per adapted layer, the five tokens promoted and suppressed most (logit written), and the gold answers' mean value and rank.")
+        section.table(
+            top,
+            f"{name}: per position and adapted layer, the five tokens promoted and suppressed most (logit written), and "
+            "the mean value and rank of what it writes on the token the position predicts.",
+        )
         nearest = readout[readout["kind"] == "nearest"]
         section.table(nearest[["layer", "slot", "rank", "token", "value"]].head(20), f"{name}: the vocabulary tokens nearest to its prefix tokens (cosine).")
-        metrics[name] = {"per_layer": top, "nearest": nearest.drop(columns=["kind"])}
+        metrics[name] = {"per_layer": top, "nearest": nearest.drop(columns=["kind", "position"])}
     return metrics
 
 

@@ -300,7 +300,9 @@ def probes_section(report: Report, activations: Activations, names: dict[str, st
         "it too; selectivity = task - control. Transfer: the probes trained on base activations, scored on the "
         "aligned activations of the same held-out prompts; 'centred': those activations moved by the difference of "
         "the two conditions' means first, so that a constant shift (which moves every probe's bias) is taken out and "
-        "what is left is whether the classes still lie where the probe looks. The form probe's folds keep each "
+        "what is left is whether the classes still lie where the probe looks. 'Retrained': probes trained and "
+        "scored on the aligned activations themselves (the same folds), whether the label is still linearly "
+        "readable there wherever it has moved. The form probe's folds keep each "
         "prompt's rows under every condition together, so that it never scores a prompt it saw under another "
         "condition: before an aligner's first layer those rows are identical, and there it is at chance."
     )
@@ -435,7 +437,8 @@ def model_summary(report: Report) -> str:
         lines.append(
             f"- Transfer ({ref('probes')}): base-trained knowledge probes lose {v['transfer_loss']:+.1%} accuracy on "
             f"its activations as they are and {v['centred_transfer_loss']:+.1%} once they are centred on the base mean, "
-            f"on average over the adapted layers and labels (threshold {TRANSFER_TOLERANCE:.0%}, centred)."
+            f"on average over the adapted layers and labels (threshold {TRANSFER_TOLERANCE:.0%}, centred); probes "
+            f"retrained on its activations lose {v['retrained_loss']:+.1%}."
         )
         lines.append(
             f"- Geometry ({ref('geometry')}): mean overlap of Δ with the knowledge subspace {v['mean_overlap']:.3f} "
@@ -466,10 +469,15 @@ def mechanism_lines(m: dict[str, Any], name: str, ref: Any) -> list[str]:
     readout = m["token_readout"].get(name)
     if readout is not None:
         per_layer = readout["per_layer"]
-        most = per_layer.loc[per_layer["gold_value"].abs().idxmax()]
+        start, answer = (per_layer[per_layer["position"] == p] for p in ("response start", "answer"))
+        form = start.loc[start["target_value"].idxmax()]
+        gold = answer.loc[answer["target_value"].abs().idxmax()]
         lines.append(
-            f"- Token readout ({ref('token_readout')}): the layer writing most on the gold answers is {int(most.layer)} "
-            f"({most.gold_value:+.2f}, mean rank {most.gold_rank:.0f}); it promotes {most.promoted.split(', ')[0]} most."
+            f"- Token readout ({ref('token_readout')}): at the response's start, layer {int(form.layer)} writes most "
+            f"for the form's first token ({form.target_value:+.2f}, mean rank {form.target_rank:.0f}; it promotes "
+            f"{form.promoted.split(', ')[0]} most); at the answer, the layer writing most on the gold answers is "
+            f"{int(gold.layer)} ({gold.target_value:+.2f}, mean rank {gold.target_rank:.0f}; it promotes "
+            f"{gold.promoted.split(', ')[0]} most)."
         )
     dissociation = m["layer_dissociation"].get(name)
     if dissociation is not None:
@@ -481,8 +489,12 @@ def mechanism_lines(m: dict[str, Any], name: str, ref: Any) -> list[str]:
             f"writes the most form ({d['best_only_form_logprob']:.2f}, gold {d['best_only_answer_logprob']:.2f})."
         )
     shares = m["token_shift"]["shares"].set_index("run")
+    shifted = m["token_shift"]["most_shifted"]
+    shifted = shifted[shifted["run"] == name].head(3)
     lines.append(
         f"- Token shift ({ref('token_shift')}): {shares.shifted[name]:.1%} of its {shares.n[name]} tokens shifted, "
-        f"{shares.marginal[name]:.1%} marginal, {shares.unshifted[name]:.1%} unshifted."
+        f"{shares.marginal[name]:.1%} marginal, {shares.unshifted[name]:.1%} unshifted; most often shifted: "
+        + (", ".join(f"{row.token} ({row.count}x, where the base model writes {row.base_instead})" for row in shifted.itertuples()) or "none")
+        + "."
     )
     return lines

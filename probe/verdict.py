@@ -82,6 +82,7 @@ def verdict(metrics: dict[str, Any], name: str, form: str | None, condition: str
     tests: dict[str, Any] = {
         "transfer_loss": losses["raw"],
         "centred_transfer_loss": losses["centred"],
+        "retrained_loss": losses["retrained"],
         **geometry_summary(geometry),
     }
     control = metrics.get("geometry_control", {})

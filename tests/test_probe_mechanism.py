@@ -108,21 +108,48 @@ def test_a_prefix_that_writes_one_tokens_unembedding_promotes_that_token(model, 
         direction = full.W_U[:, target]
         al.tokens[0] = torch.linalg.solve(w_o @ w_v, 5 * direction)
     readout = token_readout(full, al, items, k=3, batch_size=2)
-    promoted = readout[(readout["kind"] == "promoted") & (readout["layer"] == last)]
-    assert promoted.iloc[0]["token_id"] == target
-    # The layer writes c = 5 u_target; read with the final norm's scale s at each item's answer position (its
-    # weight is ones at initialisation), that is 5 u_j . u_target / s on token j, centred over the vocabulary.
-    written = 5 * (full.W_U.T @ direction)
-    expected = []
+    # The layer writes c = 5 u_target wherever it is read (one prefix token: attention 1 on it); read with the final
+    # norm's scale s at each item's position (its weight is ones at initialisation), that is 5 u_j . u_target / s on
+    # token j, centred over the vocabulary: at the answer position and at the response's start.
+    written = 5 * (full.W_U.T @ direction).detach()
+    scales = {"answer": [], "response start": []}
     with al.attached(full), torch.no_grad():
         for item in items:
             ids, position = answer_position(full, item.prompt, frame_of(item), answer_in_form(item))
+            _, n_prompt = example_ids(full.tokenizer, item.prompt, item.response[: len(frame_of(item))] + answer_in_form(item))
             _, cache = full.run_with_cache(torch.tensor([ids]), names_filter="ln_final.hook_scale")
-            expected.append(float(written[target] - written.mean()) / float(cache["ln_final.hook_scale"][0, position]))
-    assert promoted.iloc[0]["value"] == pytest.approx(np.mean(expected), rel=1e-4)
+            scales["answer"].append(float(cache["ln_final.hook_scale"][0, position]))
+            scales["response start"].append(float(cache["ln_final.hook_scale"][0, n_prompt - 1]))
+    for position, scale in scales.items():
+        promoted = readout[(readout["kind"] == "promoted") & (readout["layer"] == last) & (readout["position"] == position)]
+        assert promoted.iloc[0]["token_id"] == target
+        expected = np.mean([float(written[target] - written.mean()) / s for s in scale])
+        assert promoted.iloc[0]["value"] == pytest.approx(expected, rel=1e-4)
     silent = readout[readout["kind"].isin(["promoted", "suppressed"]) & (readout["layer"] == last - 1)]
     assert silent["value"].abs().max() < 1e-5
-    assert set(readout["kind"]) == {"promoted", "suppressed", "gold", "nearest"}
+    assert set(readout["kind"]) == {"promoted", "suppressed", "target", "nearest"}
+
+
+def test_the_token_readout_at_the_responses_start_scores_the_forms_first_token(model, items):
+    # An aligner that writes the form's first token's unembedding direction: at the response's start that token is
+    # the target the layer writes most on; at the answer position the target is the gold answer's first token.
+    full = aligner.tiny_model(n_kv_heads=4)
+    last = full.cfg.n_layers - 1
+    al = aligner.Aligner.for_model(full, aligner.AlignerConfig(n_tokens=1, start_layer=last))
+    form_token = example_ids(full.tokenizer, items[0].prompt, items[0].response)
+    form_token = form_token[0][form_token[1]]
+    with torch.no_grad():
+        al.gates[0] = 1.0
+        w_o = projection(full.blocks[last].attn.o).weight
+        w_v = projection(full.blocks[last].attn.v).weight
+        al.tokens[0] = torch.linalg.solve(w_o @ w_v, 5 * full.W_U[:, form_token])
+    readout = token_readout(full, al, items[:1], k=3)
+    target = readout[readout["kind"] == "target"].set_index("position")
+    promoted = readout[(readout["kind"] == "promoted") & (readout["position"] == "response start")]
+    assert target.loc["response start", "rank"] == 1 and promoted.iloc[0]["token_id"] == form_token
+    assert target.loc["response start", "value"] == pytest.approx(promoted.iloc[0]["value"])
+    assert target.loc["response start", "token"] == "(each item's form token)"
+    assert target.loc["answer", "token"] == "(each item's gold)"
 
 
 def test_the_nearest_vocabulary_token_to_a_prefix_copied_from_an_embedding_is_that_token(model, items):

@@ -4,7 +4,9 @@ released checkpoints (no model)."""
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import PAPER_ALIGNERS
@@ -82,7 +84,7 @@ def report_metrics(form_gain: float, content_change: float, transfer_loss: float
     geometry = pd.DataFrame(
         {"layer": layers, "overlap": [0.1] * within_null + [0.9] * (10 - within_null), "covariance_q95": 0.5, "covariance_q50": 0.2}
     )
-    accuracy = {"base": 0.8, "run": 0.8 - transfer_loss, "run (centred)": 0.8 - transfer_loss}
+    accuracy = {"base": 0.8, "run": 0.8 - transfer_loss, "run (centred)": 0.8 - transfer_loss, "run (retrained)": 0.8}
     probes = pd.DataFrame(
         [{"layer": layer, "target": "task", "scored_on": on, "accuracy": a} for layer in layers for on, a in accuracy.items()]
     )
@@ -122,6 +124,23 @@ def test_a_geometry_control_within_the_null_makes_the_orthogonality_test_cannot_
     detected = metrics["geometry"]["run"].assign(overlap=0.9)  # an injection run that leaves the null: the test stands
     metrics["geometry_control"] = geometry_control({"inject": detected}, ["inject"])
     assert verdict(metrics, "run", "json")["passed"]["orthogonal"] is True
+
+
+def test_probes_retrained_on_activations_like_the_bases_score_as_the_bases_and_a_shuffled_copy_at_chance():
+    rng = np.random.default_rng(0)
+    entities = np.repeat(np.arange(30), 2)  # each subject asked two ways: its rows share a fold
+    label = entities % 3
+    base = rng.normal(size=(60, 2, 8))
+    base[:, 1, 0] += 5 * label  # the label is linearly readable at layer 1
+    dataset = SimpleNamespace(labels={"region": label}, entities=entities)
+    arrays = {"base": base, "same": base.copy(), "scrambled": rng.permutation(base)}  # rows no longer match labels
+    activations = SimpleNamespace(dataset=dataset, resid=lambda condition: arrays[condition])
+    results = probe.analyses.knowledge_probe_curves(activations, "region", ["same", "scrambled"])
+    task = results[results.target == "task"].pivot(index="layer", columns="scored_on", values="accuracy")
+    assert task["same (retrained)"].tolist() == task["base"].tolist() and task.loc[1, "base"] > 0.9
+    assert task.loc[1, "scrambled (retrained)"] < 0.6
+    assert set(results[results.target == "control"].scored_on) == {"base", "same (retrained)", "scrambled (retrained)"}
+    assert probe.analyses.transfer_losses({"region": results}, "same", [1])["retrained"] == 0.0
 
 
 @pytest.mark.skipif(not PAPER_ALIGNERS.is_dir(), reason="../shared/paper_aligners is not here")
