@@ -220,6 +220,8 @@ READOUT_POSITIONS: dict[str, Callable[[FramedRow], int]] = {
     "response start": lambda row: row.n_prompt - 1,
     "answer": lambda row: row.position,
 }
+# What the "target" rows of each position stand for, in their token column and the figure's legend.
+READOUT_TARGETS = {"response start": "each item's form token", "answer": "each item's gold"}
 
 
 @torch.no_grad()
@@ -258,8 +260,7 @@ def token_readout(
     table += [{"position": pd.NA, **row} for row in nearest_tokens(model, aligner, k)]
     frame = pd.DataFrame(table, columns=["position", "kind", "layer", "slot", "rank", "token", "token_id", "value"])
     frame["token"] = [
-        readable_token(tokenizer.decode([int(t)])) if not pd.isna(t)
-        else "(each item's form token)" if position == "response start" else "(each item's gold)"
+        f"({READOUT_TARGETS[position]})" if pd.isna(t) else readable_token(tokenizer.decode([int(t)]))
         for t, position in zip(frame["token_id"], frame["position"])
     ]
     return frame.astype({"layer": "Int64", "slot": "Int64", "token_id": "Int64"})

@@ -9,6 +9,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from probe.lens import READOUT_TARGETS
 from probe.shift import SHIFTS, shift_shares
 
 SHIFT_COLOURS = {"unshifted": "#4c78a8", "marginal": "#f2cf5b", "shifted": "#e45756"}
@@ -46,7 +47,7 @@ def token_readout_figure(readout: pd.DataFrame, title: str) -> go.Figure:
     for column, position in enumerate(positions, start=1):
         target = readout[(readout["kind"] == "target") & (readout["position"] == position)]
         figure.add_trace(
-            go.Scatter(x=target["layer"], y=target["value"], mode="lines+markers", name=f"{target['token'].iloc[0][1:-1]}: mean"),
+            go.Scatter(x=target["layer"], y=target["value"], mode="lines+markers", name=f"{READOUT_TARGETS[position]}: mean"),
             row=1, col=column,
         )
     return figure

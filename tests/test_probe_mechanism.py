@@ -116,7 +116,7 @@ def test_a_prefix_that_writes_one_tokens_unembedding_promotes_that_token(model, 
     with al.attached(full), torch.no_grad():
         for item in items:
             ids, position = answer_position(full, item.prompt, frame_of(item), answer_in_form(item))
-            _, n_prompt = example_ids(full.tokenizer, item.prompt, item.response[: len(frame_of(item))] + answer_in_form(item))
+            _, n_prompt = example_ids(full.tokenizer, item.prompt, frame_of(item) + answer_in_form(item))
             _, cache = full.run_with_cache(torch.tensor([ids]), names_filter="ln_final.hook_scale")
             scales["answer"].append(float(cache["ln_final.hook_scale"][0, position]))
             scales["response start"].append(float(cache["ln_final.hook_scale"][0, n_prompt - 1]))
