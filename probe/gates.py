@@ -12,12 +12,15 @@ was trained for, `aligner.tasks.FORMS`) and content accuracy (a gold answer in t
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from aligner import Aligner, generate
 from aligner.adapter import Adapter
@@ -183,7 +186,7 @@ def prefix_attention(model: nn.Module, aligner: Aligner, prompt: str, system: st
     gated prefix contribution's norm and its ratio to the head's own output (share = |g A V_p| / |z_context|).
     Tokens are as text, whitespace and control characters escaped ("\\n", not the tokenizer's "Ċ")."""
     ids = prompt_ids(model.tokenizer, prompt, system=system)
-    tokens = [readable_token(model.tokenizer.decode([i])) for i in ids]
+    tokens = [token_text(model.tokenizer, i) for i in ids]
     layers = list(aligner.layer_indices)
     names = {f"blocks.{layer}.{hook}" for layer in layers for hook in ("aligner.hook_pattern", "aligner.hook_z", "attn.hook_z")}
     with aligner.attached(model), torch.no_grad():
@@ -212,6 +215,27 @@ def readable_token(text: str) -> str:
     """A token's text as one visible line: newlines, tabs and other control characters escaped, spaces shown."""
     visible = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     return visible.replace(" ", "␣")
+
+
+BYTE_LEVEL = {char: byte for byte, char in bytes_to_unicode().items()}  # GPT-2's byte-level alphabet, inverted
+SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """Token `token_id` as `readable_token` shows it. A piece of a multi-byte character decodes to U+FFFD alone, so
+    such a token shows its bytes instead ("␣\\xe5\\x88"), from its byte-level (GPT-2) or byte-fallback
+    (sentencepiece, "<0xE5>") piece, so that tokens that differ stay apart in tables and legends."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return readable_token(text)
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if byte := SENTENCEPIECE_BYTE.fullmatch(piece):
+        raw = bytes([int(byte[1], 16)])
+    elif all(char in BYTE_LEVEL for char in piece):
+        raw = bytes(BYTE_LEVEL[char] for char in piece)
+    else:  # the vocabulary's own U+FFFD
+        return readable_token(text)
+    return readable_token(raw.decode("utf-8", errors="backslashreplace"))
 
 
 def gate_range(aligners: Mapping[str, Aligner]) -> float:

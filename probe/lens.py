@@ -39,7 +39,7 @@ from aligner.model import Aligner, projection
 from aligner.objective import pad_token_id, prompts_for
 from aligner.recall import answer_span
 from aligner.tasks import Item, frame_of, own_frame_of
-from probe.gates import readable_token
+from probe.gates import token_text
 from probe.progress import steps
 
 T = TypeVar("T")
@@ -167,7 +167,7 @@ def logit_lens(
         with adapter.attached(model) if attached else contextlib.nullcontext():
             lens = lens_of_rows(model, rows, batch_size, f"logit lens: {condition}")
         n_items, n_layers = lens["rank"].shape
-        top = [readable_token(tokenizer.decode([token])) for token in lens["top"].ravel()]
+        top = [token_text(tokenizer, int(token)) for token in lens["top"].ravel()]
         tables.append(
             pd.DataFrame(
                 {
@@ -260,7 +260,7 @@ def token_readout(
     table += [{"position": pd.NA, **row} for row in nearest_tokens(model, aligner, k)]
     frame = pd.DataFrame(table, columns=["position", "kind", "layer", "slot", "rank", "token", "token_id", "value"])
     frame["token"] = [
-        f"({READOUT_TARGETS[position]})" if pd.isna(t) else readable_token(tokenizer.decode([int(t)]))
+        f"({READOUT_TARGETS[position]})" if pd.isna(t) else token_text(tokenizer, int(t))
         for t, position in zip(frame["token_id"], frame["position"])
     ]
     return frame.astype({"layer": "Int64", "slot": "Int64", "token_id": "Int64"})

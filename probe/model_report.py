@@ -66,7 +66,7 @@ from probe.mechanism_report import mechanism_sections
 from probe.probes import selectivity
 from probe.report import Report
 from probe.verdict import (
-    TRANSFER_TOLERANCE,
+    PROBE_TOLERANCE,
     WITHIN_NULL,
     control_sentence,
     geometry_control,
@@ -435,10 +435,10 @@ def model_summary(report: Report) -> str:
                 f"Spearman {b['head_estimate_spearman']:.2f} against switching them off."
             )
         lines.append(
-            f"- Transfer ({ref('probes')}): base-trained knowledge probes lose {v['transfer_loss']:+.1%} accuracy on "
-            f"its activations as they are and {v['centred_transfer_loss']:+.1%} once they are centred on the base mean, "
-            f"on average over the adapted layers and labels (threshold {TRANSFER_TOLERANCE:.0%}, centred); probes "
-            f"retrained on its activations lose {v['retrained_loss']:+.1%}."
+            f"- Knowledge probes ({ref('probes')}, on average over the adapted layers and labels, threshold "
+            f"{PROBE_TOLERANCE:.0%} each): retrained on its activations they lose {v['retrained_loss']:+.1%} accuracy "
+            f"(readable); trained on the base model's they lose {v['centred_transfer_loss']:+.1%} once its activations "
+            f"are centred on the base mean (in place), {v['transfer_loss']:+.1%} as they are."
         )
         lines.append(
             f"- Geometry ({ref('geometry')}): mean overlap of Δ with the knowledge subspace {v['mean_overlap']:.3f} "

@@ -28,7 +28,7 @@ from aligner.adapter import Adapter
 from aligner.chat import end_of_turn_id, prompt_ids, stop_ids
 from aligner.generation import generate_batch
 from aligner.objective import pad_token_id, prompts_for
-from probe.gates import readable_token
+from probe.gates import token_text
 from probe.lens import FramedRow, batches, device_of, gold_rank, padded
 
 SHIFTS = ("unshifted", "marginal", "shifted")
@@ -103,7 +103,7 @@ def token_shift(
         table = pd.DataFrame(records, columns=["run", "item", "position", "token_id", "base_rank", "base_logprob", "base_top"])
         tables.append(table)
     table = pd.concat(tables, ignore_index=True)
-    decoded = {i: readable_token(tokenizer.decode([i])) for i in set(table["token_id"]) | set(table["base_top"])}
+    decoded = {i: token_text(tokenizer, i) for i in set(table["token_id"]) | set(table["base_top"])}
     table["token"] = table["token_id"].map(decoded)
     table["base_top"] = table["base_top"].map(decoded)
     table["shift"] = [shift_of(rank) for rank in table["base_rank"]]

@@ -1,14 +1,18 @@
 """The model report's verdict on one aligner: does it change the form of the answers and leave the model's
-knowledge alone? Four tests, each a threshold on numbers that `probe.analyses` computes:
+knowledge alone? Five tests, each a threshold on numbers that `probe.analyses` computes:
 
     form_learned         form compliance gained over the base model        >= FORM_LEARNED
     content_kept         content accuracy lost against the base model      <= CONTENT_TOLERANCE
-    knowledge_readable   accuracy lost by base-trained knowledge probes on
-                         the aligned activations, centred on the base mean <= TRANSFER_TOLERANCE
+    knowledge_readable   accuracy lost by knowledge probes retrained on
+                         the aligned activations                           <= PROBE_TOLERANCE
+    knowledge_in_place   accuracy lost by base-trained knowledge probes on
+                         the aligned activations, centred on the base mean <= PROBE_TOLERANCE
     orthogonal           share of adapted layers whose overlap with the
                          knowledge subspace is within the covariance null  >= WITHIN_NULL
 
-Supported: all four pass; partly supported: the form learned and one other test failing; not supported: else.
+The two probe tests tell apart an aligner that erases knowledge (retrained probes cannot read it) from one that
+moves it (they can, but the base model's probes cannot): the paper's orthogonality asks for neither.
+Supported: all five pass; partly supported: the form learned and one other test failing; not supported: else.
 The thresholds are read against the report's default sizes: 48 held-out answers, 90 subjects asked two ways.
 
 The geometry test has a positive control: a run that injects facts (the suite's inject task) writes knowledge,
@@ -33,10 +37,10 @@ FORM_LEARNED = 0.5
 # 90-100%, about +-8 points over 48 answers), while a loss beyond it is knowledge the aligner hides.
 CONTENT_TOLERANCE = 0.1
 # Below one probe's own uncertainty (a 95% Wilson interval of +-7 points at 50% accuracy over 180 prompts), on a
-# loss averaged over every adapted layer and label: a mean loss past it is a change in where the classes lie, not
-# fold noise. It reads the centred activations, since a constant shift (which moves every probe's bias) is the
-# geometry test's business; the raw loss is reported beside it.
-TRANSFER_TOLERANCE = 0.05
+# loss averaged over every adapted layer and label: a mean loss past it is knowledge lost or moved, not fold noise.
+# The transferred probes read the centred activations, since a constant shift (which moves every probe's bias) is
+# the geometry test's business; their raw loss is reported beside it.
+PROBE_TOLERANCE = 0.05
 # Each layer is held to the covariance null's 95% quantile, which one layer in twenty exceeds by chance: asking it
 # of every layer would fail aligners on chance alone, while more than a fifth of the layers beyond it would be a
 # rare event under the null (for 30 layers tested apart, p < 0.001).
@@ -73,7 +77,7 @@ def control_sentence(control: dict[str, Any]) -> str:
 
 
 def verdict(metrics: dict[str, Any], name: str, form: str | None, condition: str | None = None) -> dict[str, Any]:
-    """The four tests on aligner `name` (trained for `form`; `condition`: its name in the probes' tables, if not
+    """The five tests on aligner `name` (trained for `form`; `condition`: its name in the probes' tables, if not
     `name`) from a report's `metrics` (its behaviour, probes and geometry sections): the numbers they read, which
     passed, and the outcome (one of OUTCOMES). Without a known form there is no behaviour to test, and the outcome
     is untested."""
@@ -88,7 +92,8 @@ def verdict(metrics: dict[str, Any], name: str, form: str | None, condition: str
     control = metrics.get("geometry_control", {})
     undecided = control.get("passed") is False and name not in control.get("runs", ())
     passed: dict[str, bool | None] = {
-        "knowledge_readable": tests["centred_transfer_loss"] <= TRANSFER_TOLERANCE,
+        "knowledge_readable": tests["retrained_loss"] <= PROBE_TOLERANCE,
+        "knowledge_in_place": tests["centred_transfer_loss"] <= PROBE_TOLERANCE,
         "orthogonal": None if undecided else tests["within_null_share"] >= WITHIN_NULL,
     }
     behaviour = metrics["behaviour"].get(name)
@@ -131,8 +136,8 @@ def passed_text(ok: bool | None) -> str:
 def rule() -> str:
     """The verdict's rule in one sentence, with its thresholds: the caption of the report's verdict table."""
     return (
-        f"Supported: all four tests pass (form gain >= {FORM_LEARNED:.0%}, content loss <= {CONTENT_TOLERANCE:.0%}, "
-        f"centred transfer loss <= {TRANSFER_TOLERANCE:.0%}, a share >= {WITHIN_NULL:.0%} of adapted layers within the "
-        "covariance null); partly: the form learned and one other test failing; cannot tell: the geometry's positive "
+        f"Supported: all five tests pass (form gain >= {FORM_LEARNED:.0%}, content loss <= {CONTENT_TOLERANCE:.0%}, "
+        f"loss of retrained and of centred base-trained knowledge probes each <= {PROBE_TOLERANCE:.0%}, a share >= "
+        f"{WITHIN_NULL:.0%} of adapted layers within the covariance null); partly: the form learned and one other test failing; cannot tell: the geometry's positive "
         "control (a run that injects facts) passes the orthogonality test, and the outcome hangs on that test."
     )

@@ -1,6 +1,6 @@
 """The figures compare: gate heatmaps on one colour scale, PCA axes that say how much variance they explain, a
 log loss axis labelled at 1-2-5, the suite's points faceted by task family with its intervals as error bars, and
-prompt tokens shown as text."""
+prompt tokens shown as text, a piece of a character as its bytes."""
 
 from types import SimpleNamespace
 
@@ -11,7 +11,7 @@ import torch
 from probe.embeddings import embedding_frame
 from probe.explore import efficiency_frame
 from probe.figures import efficiency_figure, layer_head_heatmap, loss_figure, scatter
-from probe.gates import gate_range, readable_token
+from probe.gates import gate_range, readable_token, token_text
 
 
 def test_heatmaps_given_the_runs_gate_range_share_one_colour_scale():
@@ -54,3 +54,13 @@ def test_the_suites_points_are_faceted_by_panel_coloured_by_method_family_with_i
 
 def test_prompt_tokens_are_shown_as_text():
     assert [readable_token(t) for t in ("\n", " Paris", "é")] == ["\\n", "␣Paris", "é"]
+
+
+def test_a_token_that_is_a_piece_of_a_character_shows_its_bytes():
+    byte_level = SimpleNamespace(decode=lambda ids: "\ufffd", convert_ids_to_tokens=lambda i: "ĠåĪ")  # GPT-2's alphabet
+    byte_fallback = SimpleNamespace(decode=lambda ids: "\ufffd", convert_ids_to_tokens=lambda i: "<0xE5>")  # sentencepiece
+    replacement = SimpleNamespace(decode=lambda ids: "\ufffd", convert_ids_to_tokens=lambda i: "\ufffd")  # a token of its own
+    whole = SimpleNamespace(decode=lambda ids: " Paris", convert_ids_to_tokens=lambda i: "ĠParis")
+    assert [token_text(t, 0) for t in (byte_level, byte_fallback, replacement, whole)] == [
+        "␣\\xe5\\x88", "\\xe5", "\ufffd", "␣Paris"
+    ]

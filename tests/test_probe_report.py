@@ -22,7 +22,7 @@ from probe.model_report import build_model_report
 from probe.verdict import (
     CONTENT_TOLERANCE,
     FORM_LEARNED,
-    TRANSFER_TOLERANCE,
+    PROBE_TOLERANCE,
     WITHIN_NULL,
     geometry_control,
     verdict,
@@ -77,14 +77,17 @@ def test_model_report_builds_end_to_end_on_the_tiny_model(tmp_path, monkeypatch)
     assert len(heads) == 2 * 4 and sum(row["exact"] is not None for row in heads) == 8  # 2 adapted layers x 4 heads
 
 
-def report_metrics(form_gain: float, content_change: float, transfer_loss: float, within_null: int) -> dict:
+def report_metrics(
+    form_gain: float, content_change: float, transfer_loss: float, within_null: int, retrained_loss: float = 0.0
+) -> dict:
     """The metrics `verdict` reads for one aligner "run" (json form) over 10 adapted layers, `within_null` of
-    them inside the covariance null, its knowledge probes losing `transfer_loss` once centred."""
+    them inside the covariance null, its base-trained knowledge probes losing `transfer_loss` once centred and
+    those retrained on its activations `retrained_loss`."""
     layers = range(10)
     geometry = pd.DataFrame(
         {"layer": layers, "overlap": [0.1] * within_null + [0.9] * (10 - within_null), "covariance_q95": 0.5, "covariance_q50": 0.2}
     )
-    accuracy = {"base": 0.8, "run": 0.8 - transfer_loss, "run (centred)": 0.8 - transfer_loss, "run (retrained)": 0.8}
+    accuracy = {"base": 0.8, "run": 0.8 - transfer_loss, "run (centred)": 0.8 - transfer_loss, "run (retrained)": 0.8 - retrained_loss}
     probes = pd.DataFrame(
         [{"layer": layer, "target": "task", "scored_on": on, "accuracy": a} for layer in layers for on, a in accuracy.items()]
     )
@@ -98,7 +101,9 @@ def report_metrics(form_gain: float, content_change: float, transfer_loss: float
     [
         ((FORM_LEARNED, 0.0, 0.0, 10), "supported"),
         ((FORM_LEARNED, -CONTENT_TOLERANCE - 0.05, 0.0, 10), "partly supported"),
-        ((FORM_LEARNED, 0.0, TRANSFER_TOLERANCE + 0.05, round(10 * WITHIN_NULL) - 1), "not supported"),
+        ((FORM_LEARNED, 0.0, PROBE_TOLERANCE + 0.05, round(10 * WITHIN_NULL) - 1), "not supported"),
+        ((FORM_LEARNED, 0.0, PROBE_TOLERANCE + 0.05, 10), "partly supported"),  # moved: readable, not in place
+        ((FORM_LEARNED, 0.0, PROBE_TOLERANCE + 0.05, 10, PROBE_TOLERANCE + 0.05), "not supported"),  # erased
         ((FORM_LEARNED - 0.1, 0.0, 0.0, 10), "not supported (no form learned)"),
     ],
 )
@@ -106,12 +111,19 @@ def test_verdict_supports_the_claim_only_when_the_form_is_learned_and_knowledge_
     assert verdict(report_metrics(*changes), "run", "json")["outcome"] == outcome
 
 
+def test_the_probe_tests_tell_knowledge_moved_from_knowledge_erased():
+    moved = verdict(report_metrics(FORM_LEARNED, 0.0, 0.2, 10, retrained_loss=0.01), "run", "json")["passed"]
+    erased = verdict(report_metrics(FORM_LEARNED, 0.0, 0.2, 10, retrained_loss=0.2), "run", "json")["passed"]
+    assert (moved["knowledge_readable"], moved["knowledge_in_place"]) == (True, False)
+    assert (erased["knowledge_readable"], erased["knowledge_in_place"]) == (False, False)
+
+
 @pytest.mark.parametrize(
     ("changes", "outcome"),
     [
         ((FORM_LEARNED, 0.0, 0.0, 10), "cannot tell"),  # supported or partly: the geometry decides
         ((FORM_LEARNED, -CONTENT_TOLERANCE - 0.05, 0.0, 10), "cannot tell"),  # partly or not supported
-        ((FORM_LEARNED, -CONTENT_TOLERANCE - 0.05, TRANSFER_TOLERANCE + 0.05, 10), "not supported"),  # whatever it says
+        ((FORM_LEARNED, -CONTENT_TOLERANCE - 0.05, PROBE_TOLERANCE + 0.05, 10), "not supported"),  # whatever it says
     ],
 )
 def test_a_geometry_control_within_the_null_makes_the_orthogonality_test_cannot_tell(changes, outcome):
