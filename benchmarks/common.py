@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -374,6 +375,20 @@ def rate(variant: Variant) -> float:
 def ratio(variant: Variant, reference: Variant) -> float:
     """Median over rounds of (variant's rate / reference's rate), each pair measured in the same round."""
     return statistics.median(ref / mine for mine, ref in zip(variant.seconds, reference.seconds))
+
+
+def ratio_interval(variant: Variant, reference: Variant, level: float = 0.95) -> list[float] | None:
+    """A percentile bootstrap interval of `ratio` over the rounds, [low, high]; None with fewer than 3 rounds.
+    A target is met where the interval's low end reaches it: on a shared machine the rounds scatter by more than
+    the few per cent a target is about."""
+    ratios = [ref / mine for mine, ref in zip(variant.seconds, reference.seconds)]
+    if len(ratios) < 3:
+        return None
+    found = scipy.stats.bootstrap(
+        (ratios,), statistics.median, confidence_level=level, method="percentile", n_resamples=2000, rng=0,
+        vectorized=False,
+    ).confidence_interval
+    return [float(found.low), float(found.high)]
 
 
 def table(rows: list[list[str]], columns: list[str]) -> str:

@@ -36,14 +36,24 @@ class Cell:
     variant: str  # a regular expression that must match the whole variant name
     field: str
 
-    def value(self, results: list[dict], shape: str) -> Optional[float]:
+    def row(self, results: list[dict], shape: str) -> Optional[dict]:
+        """The first row that holds this number."""
         for result in results:
             if result["benchmark"] != self.benchmark or result["shape"] != shape:
                 continue
             for row in result["tables"].get(self.table, []):
                 if re.fullmatch(self.variant, row.get("variant", "")) and row.get(self.field) is not None:
-                    return row[self.field]
+                    return row
         return None
+
+    def value(self, results: list[dict], shape: str) -> Optional[float]:
+        row = self.row(results, shape)
+        return None if row is None else row[self.field]
+
+    def interval(self, results: list[dict], shape: str) -> Optional[list[float]]:
+        """The number's bootstrap interval over the rounds ([low, high]), where its run measured one."""
+        row = self.row(results, shape)
+        return None if row is None else row.get(f"{self.field}_interval")
 
 
 def throughput(table: str, variant: str, field: str = "vs_bridge") -> Cell:
@@ -58,6 +68,13 @@ RAW_LORA, RAW_PROMPT = "raw HF + peft LoRA r=8 q,v", "raw HF + peft AdaptionProm
 # A device table's rows, by key: label, the cell, how to print it. Tokens/s are the floors' alone; every other
 # number is a ratio to the floor of the model the variant runs on ("raw peft": peft on the raw model, to its floor).
 RATE, RATIO = "{:,.0f}".format, "{:.3f}".format
+
+
+def ratio_text(row: dict, field: str) -> str:
+    """Ratio `field` of a result row as the tables print it, with its interval where the run measured one
+    (`benchmarks.common.ratio_interval`): "0.937 [0.902, 0.981]"."""
+    interval = row.get(f"{field}_interval")
+    return RATIO(row[field]) + ("" if interval is None else f" [{RATIO(interval[0])}, {RATIO(interval[1])}]")
 FORWARD_KEPT = "bridge + aligner N={}, attached, prefix kept (fixed_prefix)"
 TRAIN_RAW, TRAIN_BRIDGE = "raw HF, frozen, input gradients", "bridge, frozen, input gradients"
 MERGED = "bridge + aligner N=1, merged into the biases"
@@ -157,6 +174,13 @@ def provenance(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cell_text(row: Optional[dict], field: str, show: Callable[[float], str]) -> str:
+    """A device table's cell: blank where the device has no such number, a ratio with its interval."""
+    if row is None:
+        return ""
+    return ratio_text(row, field) if show is RATIO else show(row[field])
+
+
 def device_table(device: str, folder: Path = RESULTS) -> str:
     results = load(device, folder)
     if not results:
@@ -165,18 +189,27 @@ def device_table(device: str, folder: Path = RESULTS) -> str:
     shapes = [shape for shape in SHAPES if shape in found] + [shape for shape in found if shape not in SHAPES]
     rows = []
     for label, cell, show in ROWS.values():
-        values = [cell.value(results, shape) for shape in shapes]
-        if any(v is not None for v in values):
-            rows.append([label, *("" if v is None else show(v) for v in values)])
+        found = [cell.row(results, shape) for shape in shapes]
+        if any(row is not None for row in found):
+            rows.append([label, *(cell_text(row, cell.field, show) for row in found)])
     return provenance(results) + "\n\n" + markdown(rows, ["/ floor", *(SHAPES.get(s, s) for s in shapes)])
 
 
 def target_cell(target: Target, results: list[dict], gpu: bool) -> str:
-    values = [ROWS[key][1].value(results, target.shape) for key in target.rows]
-    if any(v is None for v in values):
+    """The target's numbers on one device, and on a GPU whether it is met: by every number, or, where the run
+    measured intervals, by their low ends ("no" where a high end falls short; else "cannot tell")."""
+    cells = [ROWS[key][1] for key in target.rows]
+    found = [cell.row(results, target.shape) for cell in cells]
+    if any(row is None for row in found):
         return ""
-    text = ", ".join(RATIO(v) for v in values)
-    return f"{text} {'yes' if min(values) >= target.at_least else 'no'}" if gpu else text
+    text = ", ".join(ratio_text(row, cell.field) for row, cell in zip(found, cells))
+    if not gpu:
+        return text
+    intervals = [row.get(f"{cell.field}_interval") or [row[cell.field]] * 2 for row, cell in zip(found, cells)]
+    met = "yes" if min(low for low, _ in intervals) >= target.at_least else (
+        "no" if any(high < target.at_least for _, high in intervals) else "cannot tell"
+    )
+    return f"{text} {met}"
 
 
 def ahead_cell(results: list[dict], shape: str, gpu: bool) -> str:

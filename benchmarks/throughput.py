@@ -37,12 +37,14 @@ from benchmarks.common import (
     random_bridge_lora,
     rate,
     ratio,
+    ratio_interval,
     run_interleaved,
     sharing_copy,
     table,
     train_step,
     write_json,
 )
+from benchmarks.report import ratio_text
 
 START_LAYER = 2  # the aligner's default, and AdaptionPrompt's adapted layers are the same top ones
 TABLES = ("training", "forward")  # what --tables may name, in the order they are measured
@@ -168,10 +170,17 @@ def main() -> None:
         title, variants = titled[name]
         run_interleaved(variants, args.rounds, args.iters, args.device)
         raw, bridged = variants[0], variants[1]
-        rows = [[v.name, f"{rate(v):,.0f}", f"{ratio(v, raw):.3f}", f"{ratio(v, bridged):.3f}"] for v in variants]
         data[name] = [
-            {"variant": v.name, "tokens_per_s": rate(v), "vs_raw": ratio(v, raw), "vs_bridge": ratio(v, bridged)}
+            {
+                "variant": v.name, "tokens_per_s": rate(v),
+                "vs_raw": ratio(v, raw), "vs_raw_interval": ratio_interval(v, raw),
+                "vs_bridge": ratio(v, bridged), "vs_bridge_interval": ratio_interval(v, bridged),
+            }
             for v in variants
+        ]  # fmt: skip
+        rows = [
+            [row["variant"], f"{row['tokens_per_s']:,.0f}", *(ratio_text(row, f) for f in ("vs_raw", "vs_bridge"))]
+            for row in data[name]
         ]
         print(f"\n{title}, tokens/s and ratios to the two floors:\n")
         print(table(rows, ["variant", "tokens/s", "/ raw HF", "/ bridge"]))

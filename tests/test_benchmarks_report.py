@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report
+from benchmarks.common import Variant, ratio, ratio_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"benchmark", "shape", "device", "commit", "command", "machine", "model", "tables"}
@@ -58,6 +59,30 @@ def test_targets_mark_gpus_alone(tmp_path):
     assert rows["| training, N=10, SmolLM2: >= 0.90"].endswith("| 0.890 no | 0.890 |")
     ahead = rows["| training ahead of peft, SmolLM2-135M: lower aligner vs best peft"]
     assert ahead.endswith("| 0.890 vs 0.935 no | 0.890 vs 0.935 |")
+
+
+def test_intervals_are_printed_and_a_gpu_target_they_straddle_cannot_be_told(tmp_path):
+    path = result(tmp_path, "h200-throughput-smollm2.json", device="NVIDIA H200")
+    data = json.loads(path.read_text())
+    data["tables"]["training"][1]["vs_bridge_interval"] = [0.94, 1.08]  # N=1 against >= 0.95: straddles
+    data["tables"]["training"][2]["vs_bridge_interval"] = [0.91, 0.95]  # N=10 against >= 0.90: met
+    path.write_text(json.dumps(data))
+    assert "| training: aligner N=1 | 1.030 [0.940, 1.080] |" in report.device_table("h200", tmp_path)
+    rows = {line.split(" | ")[0]: line for line in report.targets_table(tmp_path).splitlines()}
+    assert rows["| training, N=1, SmolLM2: >= 0.95"].endswith("| 1.030 [0.940, 1.080] cannot tell |")
+    assert rows["| training, N=10, SmolLM2: >= 0.90"].endswith("| 0.890 [0.910, 0.950] yes |")
+    data["tables"]["training"][2]["vs_bridge_interval"] = [0.85, 0.89]
+    path.write_text(json.dumps(data))
+    rows = {line.split(" | ")[0]: line for line in report.targets_table(tmp_path).splitlines()}
+    assert rows["| training, N=10, SmolLM2: >= 0.90"].endswith("| 0.890 [0.850, 0.890] no |")
+
+
+def test_a_ratios_interval_spans_the_rounds_median():
+    reference = Variant("floor", call=lambda: None, seconds=[1.0] * 7)
+    variant = Variant("method", call=lambda: None, seconds=[1.0, 1.02, 0.98, 1.05, 1.01, 0.97, 1.03])
+    low, high = ratio_interval(variant, reference)
+    assert low <= ratio(variant, reference) <= high and 1 / 1.05 <= low and high <= 1 / 0.97
+    assert ratio_interval(Variant("two rounds", call=lambda: None, seconds=[1.0, 1.1]), reference) is None
 
 
 def test_compare_flags_a_ratio_beyond_the_tolerance(tmp_path):
