@@ -50,11 +50,6 @@ class Cell:
         row = self.row(results, shape)
         return None if row is None else row[self.field]
 
-    def interval(self, results: list[dict], shape: str) -> Optional[list[float]]:
-        """The number's bootstrap interval over the rounds ([low, high]), where its run measured one."""
-        row = self.row(results, shape)
-        return None if row is None else row.get(f"{self.field}_interval")
-
 
 def throughput(table: str, variant: str, field: str = "vs_bridge") -> Cell:
     return Cell("throughput", table, re.escape(variant), field)
@@ -68,6 +63,9 @@ RAW_LORA, RAW_PROMPT = "raw HF + peft LoRA r=8 q,v", "raw HF + peft AdaptionProm
 # A device table's rows, by key: label, the cell, how to print it. Tokens/s are the floors' alone; every other
 # number is a ratio to the floor of the model the variant runs on ("raw peft": peft on the raw model, to its floor).
 RATE, RATIO = "{:,.0f}".format, "{:.3f}".format
+FORWARD_KEPT = "bridge + aligner N={}, attached, prefix kept (fixed_prefix)"
+TRAIN_RAW, TRAIN_BRIDGE = "raw HF, frozen, input gradients", "bridge, frozen, input gradients"
+MERGED = "bridge + aligner N=1, merged into the biases"
 
 
 def ratio_text(row: dict, field: str) -> str:
@@ -75,9 +73,6 @@ def ratio_text(row: dict, field: str) -> str:
     (`benchmarks.common.ratio_interval`): "0.937 [0.902, 0.981]"."""
     interval = row.get(f"{field}_interval")
     return RATIO(row[field]) + ("" if interval is None else f" [{RATIO(interval[0])}, {RATIO(interval[1])}]")
-FORWARD_KEPT = "bridge + aligner N={}, attached, prefix kept (fixed_prefix)"
-TRAIN_RAW, TRAIN_BRIDGE = "raw HF, frozen, input gradients", "bridge, frozen, input gradients"
-MERGED = "bridge + aligner N=1, merged into the biases"
 
 
 def bank(variant: str) -> Cell:
