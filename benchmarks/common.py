@@ -372,16 +372,21 @@ def rate(variant: Variant) -> float:
     return variant.tokens / statistics.median(variant.seconds)
 
 
+def round_ratios(variant: Variant, reference: Variant) -> list[float]:
+    """Variant's rate / reference's rate in each round, the two measured in the same round."""
+    return [ref / mine for mine, ref in zip(variant.seconds, reference.seconds)]
+
+
 def ratio(variant: Variant, reference: Variant) -> float:
-    """Median over rounds of (variant's rate / reference's rate), each pair measured in the same round."""
-    return statistics.median(ref / mine for mine, ref in zip(variant.seconds, reference.seconds))
+    """Median over rounds of `round_ratios`."""
+    return statistics.median(round_ratios(variant, reference))
 
 
 def ratio_interval(variant: Variant, reference: Variant, level: float = 0.95) -> list[float] | None:
     """A percentile bootstrap interval of `ratio` over the rounds, [low, high]; None with fewer than 3 rounds.
     A target is met where the interval's low end reaches it: on a shared machine the rounds scatter by more than
     the few per cent a target is about."""
-    ratios = [ref / mine for mine, ref in zip(variant.seconds, reference.seconds)]
+    ratios = round_ratios(variant, reference)
     if len(ratios) < 3:
         return None
     found = scipy.stats.bootstrap(

@@ -138,6 +138,7 @@ def rule() -> str:
     return (
         f"Supported: all five tests pass (form gain >= {FORM_LEARNED:.0%}, content loss <= {CONTENT_TOLERANCE:.0%}, "
         f"loss of retrained and of centred base-trained knowledge probes each <= {PROBE_TOLERANCE:.0%}, a share >= "
-        f"{WITHIN_NULL:.0%} of adapted layers within the covariance null); partly: the form learned and one other test failing; cannot tell: the geometry's positive "
-        "control (a run that injects facts) passes the orthogonality test, and the outcome hangs on that test."
+        f"{WITHIN_NULL:.0%} of adapted layers within the covariance null); partly: the form learned and one other test "
+        "failing; cannot tell: the geometry's positive control (a run that injects facts) passes the orthogonality "
+        "test, and the outcome hangs on that test."
     )
